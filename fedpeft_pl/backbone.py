@@ -1,0 +1,166 @@
+"""The frozen vision transformer that every client shares.
+
+The architecture is built at once (random weights, no download) so that parameter and byte
+counts are available without network; :meth:`Backbone.load_weights` fills in pre-trained
+weights later, through timm's own pretrained-loading path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import timm
+from timm.models import VisionTransformer
+
+from fedpeft_pl.errors import ConfigError
+
+
+@dataclass
+class Backbone:
+    """Which timm ViT to build and where its weights come from.
+
+    Args:
+        name: a timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``.
+        pretrained: load the weights that ``name`` points to on the Hugging Face hub.
+        weights_file: a local ``.safetensors`` or ``.pth`` state dict for this architecture. It is
+            loaded through timm's pretrained path, so a classifier of another size is dropped and
+            position embeddings are resized to ``img_size``. Takes precedence over ``pretrained``.
+        img_size: input resolution; defaults to the architecture's own.
+        kwargs: further ``timm.create_model`` arguments, e.g. ``depth`` or ``embed_dim``.
+
+    Example::
+
+        Backbone("vit_tiny_patch16_224", img_size=32, kwargs={"patch_size": 4, "depth": 2})
+    """
+
+    name: str = "vit_base_patch16_224.augreg_in21k"
+    pretrained: bool = False
+    weights_file: Optional[str] = None
+    img_size: Optional[int] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.pretrained or self.weights_file is not None
+
+    def _create_kwargs(self, num_classes: int) -> dict[str, Any]:
+        kwargs = dict(self.kwargs, num_classes=num_classes)
+        if self.img_size is not None:
+            kwargs["img_size"] = self.img_size
+        return kwargs
+
+    def build(self, num_classes: int) -> VisionTransformer:
+        """The architecture with random weights; nothing is downloaded."""
+        try:
+            model = timm.create_model(self.name, pretrained=False, **self._create_kwargs(num_classes))
+        except RuntimeError as err:  # timm's "Unknown model" error
+            raise ConfigError(
+                f"timm has no model named {self.name!r}; pick one from timm.list_models('vit_*')"
+            ) from err
+        except TypeError as err:
+            raise ConfigError(f"model.backbone.kwargs do not fit {self.name!r}: {err}") from err
+        if not isinstance(model, VisionTransformer):
+            raise ConfigError(
+                f"{self.name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+                "pick a model from timm.list_models('vit_*')"
+            )
+        return model
+
+    def load_weights(self, model: VisionTransformer) -> None:
+        """Copy pre-trained weights into ``model`` by parameter name.
+
+        PEFT methods keep the backbone's parameter names (they add tensors, never rename), so
+        the weights can be loaded after a method is attached. Tensors the weights do not have
+        (the PEFT tensors) keep their initialisation.
+        """
+        if not self.loads_weights:
+            return
+        num_classes = model.num_classes
+        reference = self._load_reference(num_classes)
+        result = model.load_state_dict(reference.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise ConfigError(
+                f"the weights for {self.name!r} hold tensors this architecture lacks "
+                f"({', '.join(result.unexpected_keys[:3])}); check model.backbone.name and kwargs"
+            )
+
+    def _load_reference(self, num_classes: int) -> VisionTransformer:
+        kwargs = self._create_kwargs(num_classes)
+        if self.weights_file is not None:
+            path = os.fspath(self.weights_file)
+            if not os.path.isfile(path):
+                raise ConfigError(
+                    f"model.backbone.weights_file {path!r} does not exist; give the path of a "
+                    ".safetensors or .pth state dict"
+                )
+            _check_file_fits(path, self.build(num_classes))
+            try:
+                return timm.create_model(
+                    self.name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs
+                )
+            except RuntimeError as err:  # size mismatches from load_state_dict
+                first = str(err).strip().splitlines()
+                detail = next((line.strip() for line in first if "size mismatch" in line), first[-1])
+                raise ConfigError(
+                    f"model.backbone.weights_file {path!r} does not fit {self.name!r} "
+                    f"({detail}); check model.backbone.name and kwargs"
+                ) from err
+        try:
+            return timm.create_model(self.name, pretrained=True, **kwargs)
+        except Exception as err:  # hub and network errors come in many types
+            raise ConfigError(
+                f"could not fetch pre-trained weights for {self.name!r} from the Hugging Face hub "
+                f"({type(err).__name__}); without network, download the weights elsewhere and set "
+                "model.backbone.weights_file: path/to/weights.safetensors"
+            ) from err
+
+
+def _check_file_fits(path: str, model: VisionTransformer) -> None:
+    """Refuse a weights file whose tensor names are not this architecture's.
+
+    timm loads non-strictly once it drops a classifier, which would silently leave tensors of
+    another architecture unused, or leave this one's at random; this check makes both errors.
+    """
+    keys = _weight_names(path)
+    classifier = model.default_cfg.get("classifier", "head")
+    head = {f"{classifier}.{p}" for p in ("weight", "bias")}
+    expected = [k for k in model.state_dict() if k not in head]
+    missing = [k for k in expected if k not in keys]
+    extra = sorted(k for k in keys - set(expected) - head if not k.startswith(f"{classifier}."))
+    if len(missing) == len(expected):
+        raise ConfigError(
+            f"model.backbone.weights_file {path!r} is not a state dict of a timm VisionTransformer like "
+            f"{model.default_cfg.get('architecture', '')!r} (none of its tensors is there); check the file"
+        )
+    if missing or extra:
+        example = missing[0] if missing else extra[0]
+        raise ConfigError(
+            f"model.backbone.weights_file {path!r} does not fit {model.default_cfg.get('architecture', '')!r}: "
+            f"{len(missing)} tensors missing, {len(extra)} unexpected (e.g. {example}); check model.backbone.name and kwargs"
+        )
+
+
+def _weight_names(path: str) -> set[str]:
+    try:
+        state = timm.models.load_state_dict(path)
+    except Exception as err:  # unreadable or foreign formats raise many types
+        raise ConfigError(
+            f"model.backbone.weights_file {path!r} could not be read as a state dict "
+            f"({type(err).__name__}); save it with safetensors or torch.save(model.state_dict())"
+        ) from err
+    return set(state)
+
+
+def data_config(model: VisionTransformer) -> dict[str, Any]:
+    """Input size, mean, std and interpolation that the backbone's weights expect."""
+    config = timm.data.resolve_data_config(model=model)
+    height, width = model.patch_embed.img_size
+    return {
+        "input_size": (3, height, width),
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+        "interpolation": config.get("interpolation", "bilinear"),
+    }
+

@@ -1,0 +1,94 @@
+import pytest
+import timm
+import torch
+from helpers import TINY_KWARGS, tiny_backbone
+from safetensors.torch import save_file
+
+from fedpeft_pl import ConfigError, FedPEFTModule
+from fedpeft_pl.backbone import Backbone
+from fedpeft_pl.peft import LoRA
+
+
+def save_tiny(path, num_classes=10, img_size=32, fmt="safetensors", **overrides):
+    torch.manual_seed(1)
+    kwargs = dict(TINY_KWARGS, **overrides)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=img_size, **kwargs)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, str(path))
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_a_local_weights_file_loads_with_new_head_and_resized_position_embeddings(tmp_path, fmt):
+    path = tmp_path / f"weights.{fmt}"
+    saved = save_tiny(path, num_classes=10, img_size=32, fmt=fmt)
+    backbone = tiny_backbone(weights_file=str(path), img_size=48)
+    model = backbone.build(num_classes=5)
+    backbone.load_weights(model)
+    state = model.state_dict()
+    torch.testing.assert_close(state["blocks.1.attn.qkv.weight"], saved["blocks.1.attn.qkv.weight"])
+    torch.testing.assert_close(state["cls_token"], saved["cls_token"])
+    assert state["pos_embed"].shape == (1, 1 + 12 * 12, 48)  # resized from 8x8 to 12x12 patches
+    assert state["head.weight"].shape == (5, 48)
+
+
+def test_module_loads_weights_in_configure_model_and_keeps_peft_init(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    saved = save_tiny(path)
+    torch.manual_seed(0)
+    module = FedPEFTModule(10, tiny_backbone(weights_file=str(path)), LoRA(rank=2))
+    lora_a = module.model.blocks[0].attn.qkv.lora_A.detach().clone()
+    assert not torch.equal(module.model.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])
+    module.configure_model()
+    assert torch.equal(module.model.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])
+    assert torch.equal(module.model.blocks[0].attn.qkv.lora_A, lora_a)
+
+
+@pytest.mark.parametrize("shape", [{"depth": 3}, {"embed_dim": 64}], ids=["deeper", "wider"])
+def test_a_weights_file_of_another_shape_is_refused(tmp_path, shape):
+    path = tmp_path / "other.safetensors"
+    save_tiny(path, **shape)
+    backbone = tiny_backbone(weights_file=str(path))
+    with pytest.raises(ConfigError, match="does not fit"):
+        backbone.load_weights(backbone.build(10))
+
+
+def test_a_weights_file_of_another_family_is_refused(tmp_path):
+    path = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(path))
+    backbone = tiny_backbone(weights_file=str(path))
+    with pytest.raises(ConfigError, match="not a state dict"):
+        backbone.load_weights(backbone.build(10))
+
+
+def test_missing_and_unreadable_weights_files_are_config_errors(tmp_path):
+    backbone = tiny_backbone(weights_file=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        backbone.load_weights(backbone.build(10))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a tensor file")
+    backbone = tiny_backbone(weights_file=str(garbage))
+    with pytest.raises(ConfigError, match="could not be read"):
+        backbone.load_weights(backbone.build(10))
+
+
+def test_hub_weights_without_network_name_the_local_file_option():
+    backbone = tiny_backbone(pretrained=True)
+    with pytest.raises(ConfigError, match="weights_file"):
+        backbone.load_weights(backbone.build(10))
+
+
+def test_building_never_downloads():
+    model = Backbone("vit_base_patch16_224.augreg_in21k", pretrained=True).build(100)
+    assert sum(p.numel() for p in model.parameters()) == 85_875_556
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("vit_nonexistent_model", "no model named"), ("resnet18", "not a timm VisionTransformer")]
+)
+def test_unknown_or_non_vit_models_are_config_errors(name, message):
+    with pytest.raises(ConfigError, match=message):
+        Backbone(name).build(10)
