@@ -1,0 +1,73 @@
+"""The small base class every PEFT method derives from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from timm.models import VisionTransformer
+from torch import nn
+
+from fedpeft_pl.errors import ConfigError
+
+
+class PEFTMethod(ABC):
+    """A parameter-efficient fine-tuning method for a timm ``VisionTransformer``.
+
+    A method attaches itself to the model: it may register new modules and forward hooks,
+    but it never renames or re-implements the backbone, so the backbone's parameter names
+    stay those of timm. It marks what trains with ``requires_grad``. What travels between
+    clients and server is exactly the trainable state (:func:`trainable_state`).
+
+    To add a method, subclass this, implement :meth:`attach`, and name the class by
+    ``class_path`` under ``model.peft`` in YAML.
+
+    Example::
+
+        class NormOnly(PEFTMethod):
+            def attach(self, model):
+                for name, param in model.named_parameters():
+                    param.requires_grad_(".norm" in name or name.startswith("norm."))
+                self.train_head(model)
+    """
+
+    def apply(self, model: VisionTransformer) -> None:
+        """Freeze the whole model, then let the method add and unfreeze its tensors."""
+        model.requires_grad_(False)
+        self.attach(model)
+        if not any(param.requires_grad for param in model.parameters()):
+            raise ConfigError(f"{type(self).__name__} marked no tensor as trainable; nothing would be learned")
+
+    @abstractmethod
+    def attach(self, model: VisionTransformer) -> None:
+        """Add this method's modules to ``model`` and set ``requires_grad`` on what trains."""
+
+    @staticmethod
+    def train_head(model: VisionTransformer) -> None:
+        model.get_classifier().requires_grad_(True)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train, by name: exactly what a client sends."""
+    return {name: param for name, param in module.named_parameters() if param.requires_grad}
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable parameters."""
+    return {name: param.detach().clone() for name, param in trainable_parameters(module).items()}
+
+
+@torch.no_grad()
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the trainable parameters in place (the backbone is never copied)."""
+    params = trainable_parameters(module)
+    if params.keys() != state.keys():
+        missing = sorted(params.keys() - state.keys())
+        extra = sorted(state.keys() - params.keys())
+        raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, param in params.items():
+        param.copy_(state[name])
