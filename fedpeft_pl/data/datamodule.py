@@ -1,0 +1,195 @@
+"""FederatedDataModule: a data set, split among clients, plus the server's global test split."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
+from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
+from fedpeft_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ClientBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of the current client's indices; :meth:`assign` switches client and seed.
+
+    One DataLoader serves every client through this sampler, so worker processes (with
+    ``num_workers > 0``) are started once per run instead of once per client.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.indices = np.empty(0, dtype=np.int64)
+        self.generator = torch.Generator()
+
+    def assign(self, indices: np.ndarray, seed: int) -> None:
+        self.indices = indices
+        self.generator.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices[torch.randperm(len(self.indices), generator=self.generator).numpy()]
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """A data set split among ``num_clients`` clients, and a global test split for the server.
+
+    Transforms follow the backbone's pretrained configuration (input size, mean, std,
+    interpolation), read from the LightningModule's ``data_config``. The per-client label
+    histogram is logged once, to the console, to TensorBoard (``data/label_histogram``) and
+    to ``client_label_histogram.csv`` in the log directory.
+
+    Args:
+        dataset: the data set; scikit-learn's digits (offline) by default.
+        num_clients: N, the number of clients.
+        partition: how samples are split among clients: ``IID``, ``Dirichlet`` or ``Shards``.
+        batch_size: local training batch size.
+        eval_batch_size: batch size of the server's evaluation; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        seed: seeds the partition and any train/test split the data set makes.
+
+    Example::
+
+        FederatedDataModule(CIFAR100(root="data"), num_clients=64, partition=Dirichlet(alpha=0.1))
+    """
+
+    def __init__(
+        self,
+        dataset: Optional[ImageDataset] = None,
+        num_clients: int = 16,
+        partition: Optional[Partitioner] = None,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_clients < 1:
+            raise ConfigError(f"data.num_clients must be >= 1, got {num_clients}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset if dataset is not None else Digits()
+        self.num_clients = num_clients
+        self.partition = partition if partition is not None else IID()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.data_config: Optional[dict[str, Any]] = None
+        self.splits: Optional[Splits] = None
+        self.client_indices: list[np.ndarray] = []
+        self._sampler = ClientBatchSampler(batch_size)
+        self._client_loader: Optional[DataLoader] = None
+
+    def prepare_data(self) -> None:
+        self.dataset.prepare()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits is not None:
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        config = self.data_config or getattr(module, "data_config", None)
+        if config is None:
+            raise ConfigError("set FederatedDataModule.data_config (the backbone's data_config) before setup()")
+        splits = self.dataset.load(image_transform(config), self.seed)
+        model_classes = getattr(module, "num_classes", None)
+        if model_classes is not None and model_classes != splits.num_classes:
+            raise ConfigError(
+                f"{self.dataset!r} has {splits.num_classes} classes but model.num_classes is {model_classes}; "
+                f"set model.num_classes: {splits.num_classes}"
+            )
+        self.client_indices = self.partition(splits.train_targets, self.num_clients, np.random.default_rng(self.seed))
+        self.splits = splits
+        self._report_partition()
+
+    @property
+    def label_histogram(self) -> np.ndarray:
+        """Label counts per client, shape ``(num_clients, num_classes)``."""
+        assert self.splits is not None, "call setup() first"
+        return label_histogram(self.splits.train_targets, self.client_indices, self.splits.num_classes)
+
+    def client_num_samples(self, client: int) -> int:
+        return len(self.client_indices[client])
+
+    def client_num_batches(self, client: int) -> int:
+        return math.ceil(self.client_num_samples(client) / self.batch_size)
+
+    def client_dataloader(self, client: int, seed: int) -> DataLoader:
+        """The loader of ``client``'s split, shuffled by ``seed``; the same loader object for all clients."""
+        assert self.splits is not None, "call setup() first"
+        self._sampler.assign(self.client_indices[client], seed)
+        if self._client_loader is None:
+            self._client_loader = DataLoader(
+                self.splits.train,
+                batch_sampler=self._sampler,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+            )
+        return self._client_loader
+
+    def train_dataloader(self) -> DataLoader:
+        """All clients' data pooled: the centralised baseline when used with a plain Trainer."""
+        assert self.splits is not None, "call setup() first"
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.splits.train, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The global test split, on which the server evaluates the aggregated model each round."""
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(
+            self.splits.test,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _report_partition(self) -> None:
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        histogram = self.label_histogram
+        sizes = histogram.sum(axis=1)
+        classes = (histogram > 0).sum(axis=1)
+        assert self.splits is not None
+        log.info(
+            f"data: {self.dataset!r}, {int(sizes.sum())} training samples over {self.num_clients} clients "
+            f"({self.partition!r}): {sizes.min()}-{sizes.max()} samples per client (median {int(np.median(sizes))}), "
+            f"{classes.min()}-{classes.max()} classes per client (median {int(np.median(classes))}); "
+            f"{len(self.splits.test)} test samples"
+        )
+        if self.trainer is None:
+            return
+        header = "| client | samples | " + " | ".join(str(c) for c in range(histogram.shape[1])) + " |"
+        rule = "|" + "---|" * (histogram.shape[1] + 2)
+        rows = [f"| {i} | {sizes[i]} | " + " | ".join(str(n) for n in row) + " |" for i, row in enumerate(histogram)]
+        for logger in self.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("data/label_histogram", "\n".join([header, rule, *rows]), global_step=0)
+        if self.trainer.log_dir is not None:
+            os.makedirs(self.trainer.log_dir, exist_ok=True)
+            path = os.path.join(self.trainer.log_dir, "client_label_histogram.csv")
+            columns = ",".join(f"class_{c}" for c in range(histogram.shape[1]))
+            np.savetxt(path, histogram, fmt="%d", delimiter=",", header=columns, comments="")

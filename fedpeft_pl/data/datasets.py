@@ -1,0 +1,249 @@
+"""Image classification data sets, one class each; choose one with ``data.dataset.class_path``.
+
+A data set loads a train and a test split with a given transform and reports the training
+labels (for partitioning) and the number of classes. Downloads happen in :meth:`prepare`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision.transforms import InterpolationMode, v2
+
+from fedpeft_pl.errors import ConfigError
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+@dataclass
+class Splits:
+    """A data set's training split (with its labels), its test split and its class count."""
+
+    train: Dataset
+    train_targets: np.ndarray
+    test: Dataset
+    num_classes: int
+
+
+def image_transform(data_config: dict[str, Any]) -> v2.Compose:
+    """PIL image or uint8 tensor -> normalised RGB float tensor at the backbone's input size.
+
+    Resizing happens in uint8, so bicubic overshoot is clamped as in PIL.
+    """
+    _, height, width = data_config["input_size"]
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            v2.Resize((height, width), interpolation=InterpolationMode(data_config["interpolation"]), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(data_config["mean"], data_config["std"]),
+        ]
+    )
+
+
+class ImageDataset(ABC):
+    """Base class: override :meth:`load`, and :meth:`prepare` if the data must be downloaded."""
+
+    def prepare(self) -> None:
+        """Download or check the files; runs once per machine before :meth:`load`."""
+
+    @abstractmethod
+    def load(self, transform: Transform, seed: int) -> Splits:
+        """Both splits with ``transform`` applied; ``seed`` fixes any split this class makes itself."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    indices = np.arange(len(targets))
+    train, test = train_test_split(indices, test_size=test_fraction, stratify=targets, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+def _in_memory(images: torch.Tensor, targets: np.ndarray, transform: Transform) -> TensorDataset:
+    """Apply ``transform`` to all images at once: for small data sets that fit in memory."""
+    return TensorDataset(transform(images), torch.as_tensor(targets, dtype=torch.long))
+
+
+class Digits(ImageDataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), shipped with scikit-learn: offline.
+
+    Args:
+        test_fraction: share of the images held out, stratified and seeded, as the global test split.
+    """
+
+    def __init__(self, test_fraction: float = 0.2) -> None:
+        self.test_fraction = test_fraction
+
+    def load(self, transform: Transform, seed: int) -> Splits:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # 17 grey levels (0..16) as uint8, like every other source
+        images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+        targets = digits.target.astype(np.int64)
+        train, test = _stratified_split(targets, self.test_fraction, seed)
+        return Splits(
+            train=_in_memory(images[train], targets[train], transform),
+            train_targets=targets[train],
+            test=_in_memory(images[test], targets[test], transform),
+            num_classes=10,
+        )
+
+
+class _TorchvisionDataset(ImageDataset):
+    """A torchvision data set with ``train=True/False`` splits and a ``targets`` list."""
+
+    num_classes: int
+    dataset_name: str
+
+    def __init__(self, root: str = "data", download: bool = True) -> None:
+        self.root = root
+        self.download = download
+
+    def _make(self, train: bool, transform: Transform | None, download: bool) -> Any:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self._make(train, None, download=True)
+
+    def load(self, transform: Transform, seed: int) -> Splits:
+        try:
+            train = self._make(True, transform, download=False)
+            test = self._make(False, transform, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise ConfigError(
+                f"{self.dataset_name} not found under data.dataset.root {self.root!r}; set download: true "
+                "or point root at a copy"
+            ) from err
+        return Splits(train, np.asarray(train.targets, dtype=np.int64), test, self.num_classes)
+
+
+class CIFAR10(_TorchvisionDataset):
+    """CIFAR-10 via torchvision (downloaded to ``root`` when ``download`` is true)."""
+
+    num_classes = 10
+    dataset_name = "CIFAR-10"
+
+    def _make(self, train: bool, transform: Transform | None, download: bool) -> Any:
+        from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
+
+        return TorchvisionCIFAR10(self.root, train=train, transform=transform, download=download)
+
+
+class CIFAR100(_TorchvisionDataset):
+    """CIFAR-100 via torchvision (downloaded to ``root`` when ``download`` is true)."""
+
+    num_classes = 100
+    dataset_name = "CIFAR-100"
+
+    def _make(self, train: bool, transform: Transform | None, download: bool) -> Any:
+        from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+
+        return TorchvisionCIFAR100(self.root, train=train, transform=transform, download=download)
+
+
+class PCAM(ImageDataset):
+    """PatchCamelyon (96x96 histopathology patches, 2 classes) via torchvision; needs ``h5py``.
+
+    Args:
+        root: where the ``pcam`` folder lives or is downloaded to.
+        download: fetch it with torchvision (which also needs ``gdown``).
+    """
+
+    num_classes = 2
+
+    def __init__(self, root: str = "data", download: bool = True) -> None:
+        self.root = root
+        self.download = download
+
+    def _make(self, split: str, transform: Transform | None, download: bool) -> Any:
+        try:
+            from torchvision.datasets import PCAM as TorchvisionPCAM
+
+            return TorchvisionPCAM(self.root, split=split, transform=transform, download=download)
+        except (ImportError, RuntimeError) as err:
+            if isinstance(err, ImportError) or "h5py" in str(err) or "gdown" in str(err):
+                raise ConfigError("PCam needs h5py (and gdown to download): pip install h5py gdown") from err
+            raise ConfigError(
+                f"PCam not found under data.dataset.root {self.root!r}; set download: true or point root at a copy"
+            ) from err
+
+    def prepare(self) -> None:
+        if self.download:
+            for split in ("train", "test"):
+                self._make(split, None, download=True)
+
+    def load(self, transform: Transform, seed: int) -> Splits:
+        import h5py
+
+        train = self._make("train", transform, download=False)
+        test = self._make("test", transform, download=False)
+        # torchvision's PCAM keeps labels in a separate HDF5 file; read them without decoding images
+        labels_file = train._base_folder / train._FILES["train"]["targets"][0]
+        with h5py.File(labels_file) as handle:
+            targets = np.asarray(handle["y"][:, 0, 0, 0], dtype=np.int64)
+        return Splits(train, targets, test, self.num_classes)
+
+
+class ImageFolder(ImageDataset):
+    """Any tree of ``class_name/image`` files, e.g. Resisc45 or EuroSAT.
+
+    If ``root`` holds ``train_dir`` and ``test_dir`` subfolders they are the splits; otherwise
+    ``root`` itself is split, stratified and seeded, with ``test_fraction`` held out.
+
+    Args:
+        root: the data set's folder.
+        train_dir: name of the training subfolder, if the data set comes pre-split.
+        test_dir: name of the test subfolder, if the data set comes pre-split.
+        test_fraction: share held out when there are no such subfolders.
+    """
+
+    def __init__(self, root: str, train_dir: str = "train", test_dir: str = "test", test_fraction: float = 0.2) -> None:
+        self.root = root
+        self.train_dir = train_dir
+        self.test_dir = test_dir
+        self.test_fraction = test_fraction
+
+    def prepare(self) -> None:
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"data.dataset.root {self.root!r} is not a directory; point it at the image folder")
+
+    def _folder(self, path: str, transform: Transform) -> Any:
+        from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+        try:
+            return TorchvisionImageFolder(path, transform=transform)
+        except FileNotFoundError as err:
+            raise ConfigError(
+                f"no class folders with images under {path!r}; ImageFolder expects {path}/<class>/<image>"
+            ) from err
+
+    def load(self, transform: Transform, seed: int) -> Splits:
+        self.prepare()
+        train_path = os.path.join(self.root, self.train_dir)
+        test_path = os.path.join(self.root, self.test_dir)
+        if os.path.isdir(train_path) and os.path.isdir(test_path):
+            train, test = self._folder(train_path, transform), self._folder(test_path, transform)
+            if train.classes != test.classes:
+                raise ConfigError(f"the class folders of {train_path!r} and {test_path!r} differ; give both the same classes")
+            return Splits(train, np.asarray(train.targets, dtype=np.int64), test, len(train.classes))
+        full = self._folder(self.root, transform)
+        targets = np.asarray(full.targets, dtype=np.int64)
+        train_idx, test_idx = _stratified_split(targets, self.test_fraction, seed)
+        return Splits(Subset(full, train_idx.tolist()), targets[train_idx], Subset(full, test_idx.tolist()), len(full.classes))
