@@ -1,0 +1,110 @@
+"""The client role: one frozen backbone, one PEFT method, the local training step.
+
+The same module serves the server's evaluation of the global model: the server loads the
+aggregated trainable state into it and runs Lightning's validation loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from fedpeft_pl.backbone import Backbone, data_config
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 and weight decay 1e-4, the paper's optimizer, at lr 0.01."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+class FedPEFTModule(pl.LightningModule):
+    """A timm ViT with a PEFT method attached; only the method's tensors train.
+
+    Args:
+        num_classes: size of the classifier; must equal the data set's number of classes.
+        backbone: which ViT and which weights (loaded in :meth:`configure_model`, so building
+            the module downloads nothing).
+        peft: the fine-tuning method, a :class:`~fedpeft_pl.peft.PEFTMethod`.
+        optimizer: called with the trainable parameters at the start of each client's local
+            training; the default is SGD(lr=0.01, momentum=0.9, weight_decay=1e-4).
+
+    Example::
+
+        module = FedPEFTModule(10, Backbone("vit_tiny_patch16_224", img_size=32), Prompt(num_tokens=5))
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: Optional[Backbone] = None,
+        peft: Optional[PEFTMethod] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"model.num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = backbone if backbone is not None else Backbone()
+        self.peft = peft if peft is not None else Prompt()
+        self.optimizer_factory = optimizer or default_optimizer
+        self.model = self.backbone.build(num_classes)
+        self.peft.apply(self.model)
+        self.data_config = data_config(self.model)
+        self._weights_loaded = not self.backbone.loads_weights
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        # checkpoints and updates hold the trainable tensors only; see on_save_checkpoint
+        self.strict_loading = False
+
+    def configure_model(self) -> None:
+        """Load the backbone's pre-trained weights once, before any checkpoint is restored."""
+        if not self._weights_loaded:
+            self.backbone.load_weights(self.model)
+            self._weights_loaded = True
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(trainable_parameters(self).values())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, logger=False, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "server")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Any, prefix: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), logger=prefix == "test")
+        self.log(f"{prefix}/acc", self.val_acc, prog_bar=True, logger=prefix == "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen backbone is rebuilt from its weights on load; only the trainable state is saved.
+        # Optimizer state is per client and discarded at the end of each client's training.
+        trainable = trainable_parameters(self).keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["optimizer_states"] = []
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(trainable_parameters(self).keys() - checkpoint["state_dict"].keys())
+        if missing:
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} trainable tensors of {self.peft!r} (e.g. {missing[0]}); "
+                "resume with the configuration that wrote it"
+            )

@@ -1,0 +1,41 @@
+"""The federated hooks that :class:`~fedpeft_pl.loop.FederatedLoop` calls, in this order, each round.
+
+::
+
+    on_train_epoch_start                     (Lightning; one epoch is one round)
+    on_round_start(server_round, clients)
+      for each sampled client:
+        on_client_start(client)              the client receives the global state
+        ... Lightning's training batches and their hooks ...
+        on_client_end(client, num_samples)   the client's update is taken
+    on_round_end(server_round)               the server aggregates
+    ... Lightning's validation loop: the global model on the global test split ...
+    on_train_epoch_end                       (Lightning; round metrics are logged, checkpoints written)
+
+``server_round`` counts from 1. A callback gets these hooks by deriving from
+:class:`FederatedCallback`; a LightningModule gets them by defining methods of the same names.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+class FederatedCallback(pl.Callback):
+    """A Lightning callback that may also react to rounds and clients."""
+
+    def on_round_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
+    ) -> None:
+        """A round begins; ``clients`` were sampled for it."""
+
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+        """``client`` is about to train locally."""
+
+    def on_client_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int
+    ) -> None:
+        """``client`` finished local training; it holds ``num_samples`` training samples."""
+
+    def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
+        """Every sampled client has trained; the server combines their updates here."""

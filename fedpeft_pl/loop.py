@@ -1,0 +1,294 @@
+"""FederatedLoop and FederatedTrainer.
+
+This is the ONLY module that touches private Lightning API (``_FitLoop``,
+``_TrainingEpochLoop``, data fetchers, ``call._call_*``, the logger connector). A Lightning
+upgrade that moves those breaks this file and ``tests/test_loop_contract.py``, nothing else.
+
+One Lightning epoch is one communication round, so ``trainer.current_epoch`` counts rounds,
+``on_train_epoch_end`` fires once per round and checkpoints are written at round ends.
+Inside a round every sampled client trains with Lightning's own training-epoch loop (so
+``training_step``, precision, gradient clipping, ``self.log`` and batch hooks behave as in
+plain Lightning), then the server aggregates and the global model is evaluated once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loops import _FitLoop
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.loops.utilities import _select_data_fetcher
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+from fedpeft_pl.aggregation import ServerAggregation, Strategy
+from fedpeft_pl.comm import CommReport, communication_report
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.hooks import FederatedCallback
+from fedpeft_pl.progress import FederatedProgressBar
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. ``(seed, round, client)``; stable across platforms."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
+    """The ``clients_per_round`` clients of round ``server_round``, a function of the seed alone."""
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
+
+
+class _ClientEpochLoop(_TrainingEpochLoop):
+    """One local epoch of one client: Lightning's training epoch without validation inside it.
+
+    The federated loop evaluates the aggregated model once per round, so validation never runs
+    between batches; and it hands over a fresh, already-iterated data fetcher per epoch.
+    """
+
+    def on_run_start(self, data_fetcher: Any) -> None:
+        data_fetcher._start_profiler = self._on_before_fetch
+        data_fetcher._stop_profiler = self._on_after_fetch
+
+    def _should_check_val_fx(self, data_fetcher: Any) -> bool:
+        return False
+
+
+class FederatedLoop(_FitLoop):
+    """A Lightning fit loop in which one iteration is one communication round.
+
+    Each round samples ``clients_per_round`` of the data module's clients (seeded by round),
+    trains each from the global state with a fresh optimizer for ``local_epochs`` epochs over
+    its own split, lets :class:`~fedpeft_pl.aggregation.ServerAggregation` combine the
+    updates, and evaluates the global model once. Client ``c`` of round ``r`` trains under
+    the torch seed ``derive_seed(seed, r, c)``: its result depends on the global state and
+    that seed only, so runs repeat exactly and resume exactly at round boundaries.
+    """
+
+    def __init__(
+        self, trainer: pl.Trainer, num_rounds: int, clients_per_round: int, local_epochs: int, seed: int
+    ) -> None:
+        super().__init__(trainer, min_epochs=0, max_epochs=num_rounds)
+        self.epoch_loop = _ClientEpochLoop(trainer)
+        self.clients_per_round = clients_per_round
+        self.local_epochs = local_epochs
+        self.seed = seed
+        self.round_clients: list[int] = []
+        self.round_batches = 0
+        self.client: Optional[int] = None
+
+    @property
+    def num_rounds(self) -> int:
+        return self.max_epochs
+
+    @property
+    def done(self) -> bool:
+        if self.epoch_progress.current.processed >= self.max_epochs:
+            self.epoch_progress.current.completed = self.epoch_progress.current.processed
+            return True
+        return self.trainer.should_stop
+
+    def run(self) -> None:
+        self._check_setup()
+        if self.done:
+            return
+        self._resume_at_round_boundary()
+        self.on_run_start()
+        while not self.done:
+            try:
+                self.on_advance_start()
+                self.advance()
+                self.on_advance_end()
+            finally:
+                self.on_iteration_done()
+        self.on_run_end()
+
+    def _check_setup(self) -> None:
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                if callback._every_n_train_steps or callback._train_time_interval:
+                    raise ConfigError(
+                        "ModelCheckpoint must save at round ends only; remove every_n_train_steps and train_time_interval"
+                    )
+                callback._save_on_train_epoch_end = True
+
+    def _resume_at_round_boundary(self) -> None:
+        progress = self.epoch_progress
+        if self.restarting:
+            if progress.current.processed != progress.current.started:
+                raise ConfigError(
+                    "this checkpoint was written in the middle of a round; resume from a round-end checkpoint such as last.ckpt"
+                )
+            progress.current.completed = progress.current.processed
+            progress.total.completed = progress.total.processed
+        self.restarting = False
+
+    def on_advance_start(self) -> None:
+        trainer = self.trainer
+        self.epoch_progress.increment_ready()
+        call._call_callback_hooks(trainer, "on_train_epoch_start")
+        call._call_lightning_module_hook(trainer, "on_train_epoch_start")
+        self.epoch_progress.increment_started()
+
+    def advance(self) -> None:
+        """One communication round."""
+        datamodule = self.trainer.datamodule
+        server_round = self.epoch_progress.current.processed + 1
+        clients = sample_clients(self.seed, server_round, datamodule.num_clients, self.clients_per_round)
+        self.round_clients = clients
+        self.round_batches = self.local_epochs * sum(datamodule.client_num_batches(c) for c in clients)
+        self._call_federated_hook("on_round_start", server_round, clients)
+        for client in clients:
+            self.client = client
+            self._call_federated_hook("on_client_start", client)
+            self._train_client(server_round, client)
+            self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
+        self.client = None
+        self._call_federated_hook("on_round_end", server_round)
+        if self._should_evaluate(server_round):
+            self._evaluate()
+
+    def _train_client(self, server_round: int, client: int) -> None:
+        trainer = self.trainer
+        seed = derive_seed(self.seed, server_round, client)
+        loader = trainer.datamodule.client_dataloader(client, seed)
+        trainer.strategy.setup_optimizers(trainer)  # a fresh optimizer for every client
+        device = trainer.strategy.root_device
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            for _ in range(self.local_epochs):
+                fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
+                fetcher.setup(CombinedLoader(loader, "max_size_cycle"))
+                iter(fetcher)
+                self.max_batches = len(loader)
+                self.epoch_loop.run(fetcher)
+                fetcher.teardown()
+
+    def _should_evaluate(self, server_round: int) -> bool:
+        every = self.trainer.check_val_every_n_epoch
+        due = every is None or server_round % every == 0 or server_round == self.num_rounds
+        return due and self.trainer.enable_validation
+
+    def _evaluate(self) -> None:
+        trainer = self.trainer
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.validating = True
+        self.epoch_loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+    def _call_federated_hook(self, name: str, *args: Any) -> None:
+        """Callbacks first, then the LightningModule's method of the same name, if it has one."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        for callback in trainer.callbacks:
+            if isinstance(callback, FederatedCallback):
+                with trainer.profiler.profile(f"[Callback]{callback.state_key}.{name}"):
+                    getattr(callback, name)(trainer, module, *args)
+        hook = getattr(module, name, None)
+        if callable(hook):
+            with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{name}"):
+                hook(*args)
+
+
+
+class FederatedTrainer(pl.Trainer):
+    """A Lightning Trainer that runs federated rounds instead of epochs.
+
+    Args:
+        num_rounds: communication rounds (one Lightning epoch each).
+        clients_per_round: clients sampled each round (m of the data module's N).
+        local_epochs: passes over its own data that each sampled client makes per round.
+        seed: seeds client sampling and every client's local training.
+        aggregation: the server's strategy; FedAvg by default.
+        callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
+            progress bar and a round-end ModelCheckpoint (``last.ckpt``) are added unless given.
+        num_sanity_val_steps: as in Lightning; off by default.
+        **kwargs: any other ``lightning.pytorch.Trainer`` argument except epoch and step limits.
+
+    Example::
+
+        trainer = FederatedTrainer(num_rounds=50, clients_per_round=8, accelerator="gpu")
+        trainer.fit(FedPEFTModule(100, peft=Prompt()), datamodule=FederatedDataModule(CIFAR100(), num_clients=64))
+    """
+
+    def __init__(
+        self,
+        num_rounds: int = 50,
+        clients_per_round: int = 8,
+        local_epochs: int = 1,
+        seed: int = 0,
+        aggregation: Optional[Strategy] = None,
+        callbacks: Optional[list[Callback]] = None,
+        num_sanity_val_steps: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (
+            ("num_rounds", num_rounds),
+            ("clients_per_round", clients_per_round),
+            ("local_epochs", local_epochs),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"trainer.{name} must be a positive integer, got {value!r}")
+        for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
+            if kwargs.get(name) not in (None, -1):
+                raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
+            kwargs.pop(name, None)
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, ServerAggregation) for c in callbacks):
+            callbacks.append(ServerAggregation(aggregation))
+        elif aggregation is not None:
+            raise ConfigError("give the aggregation strategy either as trainer.aggregation or in a ServerAggregation callback, not both")
+        if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(FederatedProgressBar())
+        if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
+        super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
+        self.fit_loop = FederatedLoop(self, num_rounds, clients_per_round, local_epochs, seed)
+
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """Run ``num_rounds`` rounds; ``datamodule`` must be a FederatedDataModule."""
+        if train_dataloaders is not None or val_dataloaders is not None:
+            raise ConfigError("FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of dataloaders")
+        if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
+            raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
+        self._check_clients(datamodule.num_clients)
+        super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+    def _check_clients(self, num_clients: int) -> None:
+        if self.fit_loop.clients_per_round > num_clients:
+            raise ConfigError(
+                f"trainer.clients_per_round ({self.fit_loop.clients_per_round}) exceeds data.num_clients "
+                f"({num_clients}); lower clients_per_round or add clients"
+            )
+
+    @property
+    def aggregation(self) -> ServerAggregation:
+        """The callback that plays the server."""
+        return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
+
+    def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
+        """Print what one client sends per round and the whole run costs, without training or downloading."""
+        num_clients = getattr(datamodule, "num_clients", None)
+        if num_clients is not None:
+            self._check_clients(num_clients)
+        report = communication_report(model, self.fit_loop.clients_per_round, self.fit_loop.num_rounds)
+        print(report.format())
+        return report

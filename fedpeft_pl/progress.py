@@ -1,0 +1,54 @@
+"""A progress bar that counts a round's batches and names the client being trained."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from fedpeft_pl.hooks import FederatedCallback
+
+
+class FederatedProgressBar(TQDMProgressBar, FederatedCallback):
+    """Lightning's TQDM bar, one bar per round: ``Round 3/50 ... client 17 (2/8)``.
+
+    Args:
+        refresh_rate: update the bar every this many batches (0 disables it).
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._clients: list[int] = []
+        self._pending = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        # the round's total is only known once its clients are sampled: see on_round_start
+        pass
+
+    def on_round_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
+    ) -> None:
+        if self.is_disabled:
+            return
+        self._clients = clients
+        self._pending = 0
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.fit_loop.round_batches)
+        bar.initial = 0
+        bar.set_description(f"Round {server_round}/{trainer.max_epochs}")
+
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+        if self.is_disabled:
+            return
+        position = self._clients.index(client) + 1
+        self.train_progress_bar.set_postfix_str(f"client {client} ({position}/{len(self._clients)})")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        if self.is_disabled:
+            return
+        bar = self.train_progress_bar
+        self._pending += 1
+        if self._pending >= self.refresh_rate or bar.n + self._pending >= (bar.total or 0):
+            bar.update(self._pending)
+            self._pending = 0
