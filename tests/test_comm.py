@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedpeft_pl import Backbone, FedPEFTModule, communication_report, payload_bytes
+from fedpeft_pl.cli import main
+from fedpeft_pl.peft import Bias, Full, Prompt
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = ["head", "bias", "adapter", "prompt", "lora", "full"]
+
+
+def test_payload_bytes_counts_elements_times_dtype_size():
+    payload = {
+        "fp32": torch.zeros(10, dtype=torch.float32),
+        "fp16": torch.zeros(3, 4, dtype=torch.float16),
+        "int8": torch.zeros(7, dtype=torch.int8),
+        "fp64": torch.zeros(2, dtype=torch.float64),
+    }
+    assert payload_bytes(payload) == 10 * 4 + 12 * 2 + 7 * 1 + 2 * 8
+
+
+def vit_b16_report(peft):
+    module = FedPEFTModule(100, Backbone("vit_base_patch16_224.augreg_in21k", pretrained=True), peft)
+    return communication_report(module, clients_per_round=8, num_rounds=50)
+
+
+def test_the_papers_vit_b16_communication_figures():
+    bias = vit_b16_report(Bias())
+    assert bias.trainable_params == 179_812
+    assert bias.client_bytes == 179_812 * 4
+    assert round(bias.client_bytes / 2**20, 3) == 0.686
+    assert bias.full_client_bytes == 85_875_556 * 4
+    assert round(bias.full_client_bytes / 2**20, 1) == 327.6
+    assert bias.round_bytes == 2 * 8 * bias.client_bytes
+    assert bias.run_bytes == 50 * bias.round_bytes
+    assert bias.ratio_to_full == pytest.approx(85_875_556 / 179_812)
+    assert vit_b16_report(Full()).ratio_to_full == 1.0
+    assert vit_b16_report(Prompt(num_tokens=10, deep=True)).client_bytes == 169_060 * 4
+
+
+def load(name):
+    return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+
+
+def test_the_paper_configs_differ_only_in_method_learning_rate_and_run_name():
+    configs = {name: load(name) for name in PAPER_CONFIGS}
+    lrs = {name: c["model"]["optimizer"]["init_args"]["lr"] for name, c in configs.items()}
+    assert lrs == {"head": 0.005, "bias": 0.01, "adapter": 0.005, "prompt": 0.01, "lora": 0.01, "full": 0.001}
+    shared = []
+    for name, config in configs.items():
+        config["model"].pop("peft")
+        config["model"]["optimizer"]["init_args"].pop("lr")
+        assert config["trainer"]["logger"]["init_args"].pop("name") == name
+        shared.append(config)
+    assert all(config == shared[0] for config in shared)
+    paper = shared[0]
+    assert paper["trainer"]["num_rounds"] == 50 and paper["trainer"]["clients_per_round"] == 8
+    assert paper["data"]["num_clients"] == 64 and paper["data"]["batch_size"] == 64
+    assert paper["data"]["partition"] == {
+        "class_path": "fedpeft_pl.data.Dirichlet", "init_args": {"alpha": 0.1, "min_samples": 10}
+    }
+    assert paper["model"]["backbone"] == {"name": "vit_base_patch16_224.augreg_in21k", "pretrained": True, "img_size": 224}
+    assert paper["model"]["optimizer"]["init_args"] == {"momentum": 0.9, "weight_decay": 0.0001}
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("head", 76_900), ("bias", 179_812), ("prompt", 169_060), ("full", 85_875_556)],
+)
+def test_comm_on_the_paper_configs(capsys, name, params):
+    main(["comm", "--config", str(REPO / "configs" / f"{name}.yaml")])
+    out = capsys.readouterr().out
+    assert f"trainable parameters" in out and f"{params:,}" in out
+    assert f"{params * 4:,} bytes" in out
+    assert f"{2 * 8 * params * 4:,} bytes" in out
+
+
+@pytest.mark.parametrize("method", ["head", "bias", "adapter", "prompt", "lora"])
+def test_each_quickstart_overlay_selects_its_method_and_sends_30x_less_than_full(capsys, monkeypatch, method):
+    monkeypatch.chdir(REPO)
+    overlay = yaml.safe_load((REPO / "configs" / "quickstart" / f"{method}.yaml").read_text())
+    main(["comm", "--config", "configs/quickstart.yaml", "--config", f"configs/quickstart/{method}.yaml"])
+    out = capsys.readouterr().out
+    class_name = overlay["model"]["peft"]["class_path"].rsplit(".", 1)[-1]
+    method_line = out.splitlines()[0]
+    assert method_line.split(None, 1)[1].startswith(f"{class_name}(")
+    ratio = float(out.split("1/")[1].split()[0].replace(",", ""))
+    assert ratio >= 30
