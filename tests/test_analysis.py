@@ -1,0 +1,75 @@
+import os
+from pathlib import Path
+
+import matplotlib
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from fedpeft_pl.analysis import format_table, load_runs, plot_accuracy, summarize
+from fedpeft_pl.cli import main
+
+matplotlib.use("Agg")
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
+         "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    """Two short real runs of the quickstart task: Prompt and Full."""
+    root = tmp_path_factory.mktemp("runs")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for method, name in (("Prompt", "prompt"), ("Full", "full")):
+            main(["fit", "--config", "configs/quickstart.yaml", *SHORT, "--model.peft", f"fedpeft_pl.peft.{method}",
+                  "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", name])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_runs_are_found_and_read(logs):
+    runs = {run.method: run for run in load_runs(logs)}
+    assert set(runs) == {"Prompt", "Full"}
+    prompt = runs["Prompt"]
+    assert prompt.rounds == 2
+    megabytes, accuracy = prompt.accuracy_vs_megabytes()
+    _, cumulative = prompt.series("comm/cumulative_bytes")
+    assert megabytes == [b / 2**20 for b in cumulative]
+    assert accuracy == prompt.series("server/acc")[1]
+    assert prompt.final_accuracy == accuracy[-1]
+
+
+def test_summary_compares_bytes_with_full(logs):
+    rows = {row["method"]: row for row in summarize(load_runs(logs))}
+    full, prompt = rows["Full"], rows["Prompt"]
+    assert full["x_fewer_bytes_than_Full"] == 1.0
+    assert prompt["x_fewer_bytes_than_Full"] == pytest.approx(full["total_MiB"] / prompt["total_MiB"])
+    assert prompt["x_fewer_bytes_than_Full"] > 30
+    table = format_table(list(rows.values())).splitlines()
+    assert table[0].startswith("| run | method | rounds | final_acc") and len(table) == 4
+
+
+def test_plot_has_one_line_per_run_in_both_panels(logs):
+    figure = plot_accuracy(load_runs(logs))
+    by_bytes, by_round = figure.axes
+    assert len(by_bytes.lines) == len(by_round.lines) == 2
+    assert by_bytes.get_xscale() == "log"
+
+
+def test_missing_logs_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        load_runs(tmp_path)
+
+
+def test_the_notebook_runs_headless_on_real_logs(logs, monkeypatch):
+    monkeypatch.setenv("FEDPEFT_RUNS", str(logs))
+    notebook = nbformat.read(REPO / "notebooks" / "accuracy_vs_communication.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, [(e.ename, e.evalue) for e in errors]
+    assert any("| run | method |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs)
