@@ -85,9 +85,13 @@ class ServerAggregation(FederatedCallback):
     """The server: sends the global state, collects updates, aggregates, and logs each round.
 
     Logged per round (TensorBoard step = round): ``comm/bytes_down``, ``comm/bytes_up``,
-    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss`` and
-    ``round/seconds``; and ``server/acc_vs_cumulative_bytes`` whose step is the cumulative
-    number of bytes sent so far in both directions.
+    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss``,
+    ``round/clients_aggregated`` and ``round/seconds``; and ``server/acc_vs_cumulative_bytes``
+    whose step is the cumulative number of bytes sent so far in both directions. Loggers are
+    flushed every round, before the round's checkpoint is written.
+
+    An update that holds NaN or Inf is left out of the aggregate with a warning naming the
+    client and the tensor.
 
     Args:
         strategy: the aggregation strategy; FedAvg by default.
@@ -102,6 +106,8 @@ class ServerAggregation(FederatedCallback):
         self._bytes = {"down": 0, "up": 0}
         self._eval: dict[str, float] = {}
         self._round_started = 0.0
+        self._aggregated = 0
+        self._sampled = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checkpoints are written only at round ends, when the module holds the global state
@@ -111,6 +117,7 @@ class ServerAggregation(FederatedCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
     ) -> None:
         self._round_started = time.perf_counter()
+        self._sampled = len(clients)
         self._updates = []
         self._bytes = {"down": 0, "up": 0}
         self._eval = {}
@@ -122,12 +129,22 @@ class ServerAggregation(FederatedCallback):
 
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
         state = trainable_state(pl_module)
-        self._updates.append(ClientUpdate(client, num_samples, state))
         self._bytes["up"] += payload_bytes(state)
+        broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            log.warning(
+                f"round {trainer.current_epoch + 1}: client {client} sent NaN or Inf values (in {broken}); "
+                "its update is left out of this round"
+            )
+            return
+        self._updates.append(ClientUpdate(client, num_samples, state))
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
+        self._aggregated = len(self._updates)
         if self._updates:
             self.global_state = self.strategy.aggregate_fit(server_round, self.global_state, self._updates)
+        else:
+            log.warning(f"round {server_round}: no usable update arrived; the global state is unchanged")
         self._updates = []
         load_trainable_state(pl_module, self.global_state)
         self.cumulative_bytes += self._bytes["down"] + self._bytes["up"]
@@ -142,6 +159,7 @@ class ServerAggregation(FederatedCallback):
             "comm/bytes_down": self._bytes["down"],
             "comm/bytes_up": self._bytes["up"],
             "comm/cumulative_bytes": self.cumulative_bytes,
+            "round/clients_aggregated": self._aggregated,
             "round/seconds": time.perf_counter() - self._round_started,
             **self._eval,
         }
@@ -151,8 +169,9 @@ class ServerAggregation(FederatedCallback):
             logger.log_metrics(metrics, step=server_round)
             if "server/acc" in self._eval:
                 logger.log_metrics({"server/acc_vs_cumulative_bytes": self._eval["server/acc"]}, step=self.cumulative_bytes)
+            logger.save()
         if trainer.is_global_zero:
-            log.info(_round_summary(server_round, trainer.max_epochs, metrics))
+            log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
 
     def state_dict(self) -> dict[str, Any]:
         return {"cumulative_bytes": self.cumulative_bytes, "strategy": self.strategy.state_dict()}
@@ -162,8 +181,10 @@ class ServerAggregation(FederatedCallback):
         self.strategy.load_state_dict(state_dict["strategy"])
 
 
-def _round_summary(server_round: int, num_rounds: int, metrics: dict[str, float]) -> str:
+def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:
     parts = [f"round {server_round}/{num_rounds}"]
+    if metrics["round/clients_aggregated"] < sampled:
+        parts.append(f"{metrics['round/clients_aggregated']}/{sampled} clients aggregated")
     if "server/acc" in metrics:
         parts.append(f"server acc {metrics['server/acc']:.4f} loss {metrics['server/loss']:.4f}")
     if "train/loss" in metrics:

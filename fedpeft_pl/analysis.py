@@ -67,7 +67,10 @@ def load_run(path: PathLike, name: Optional[str] = None) -> Run:
     path = Path(path)
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # a resumed run may log a round again; the later value wins, as in TensorBoard
+    scalars = {
+        tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items()) for tag in events.Tags()["scalars"]
+    }
     method = _method_of(path)
     return Run(name=name or _default_name(path, method), path=path, method=method, scalars=scalars)
 

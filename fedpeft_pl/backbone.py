@@ -7,11 +7,13 @@ weights later, through timm's own pretrained-loading path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import timm
+import torch
 from timm.models import VisionTransformer
 
 from fedpeft_pl.errors import ConfigError
@@ -45,7 +47,8 @@ class Backbone:
     def loads_weights(self) -> bool:
         return self.pretrained or self.weights_file is not None
 
-    def _create_kwargs(self, num_classes: int) -> dict[str, Any]:
+    def create_kwargs(self, num_classes: int) -> dict[str, Any]:
+        """The ``timm.create_model`` arguments for this architecture, weights aside."""
         kwargs = dict(self.kwargs, num_classes=num_classes)
         if self.img_size is not None:
             kwargs["img_size"] = self.img_size
@@ -54,7 +57,7 @@ class Backbone:
     def build(self, num_classes: int) -> VisionTransformer:
         """The architecture with random weights; nothing is downloaded."""
         try:
-            model = timm.create_model(self.name, pretrained=False, **self._create_kwargs(num_classes))
+            model = timm.create_model(self.name, pretrained=False, **self.create_kwargs(num_classes))
         except RuntimeError as err:  # timm's "Unknown model" error
             raise ConfigError(
                 f"timm has no model named {self.name!r}; pick one from timm.list_models('vit_*')"
@@ -87,7 +90,7 @@ class Backbone:
             )
 
     def _load_reference(self, num_classes: int) -> VisionTransformer:
-        kwargs = self._create_kwargs(num_classes)
+        kwargs = self.create_kwargs(num_classes)
         if self.weights_file is not None:
             path = os.fspath(self.weights_file)
             if not os.path.isfile(path):
@@ -164,3 +167,19 @@ def data_config(model: VisionTransformer) -> dict[str, Any]:
         "interpolation": config.get("interpolation", "bilinear"),
     }
 
+
+
+def fingerprint(model: VisionTransformer, names: list[str]) -> str:
+    """A short hash of the named tensors' names, shapes and values: the backbone's identity.
+
+    Computed once, right after the weights are loaded and before any training, over the
+    backbone's own tensors without its classifier.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    classifier = model.default_cfg.get("classifier", "head")
+    for name in sorted(n for n in names if not n.startswith(f"{classifier}.")):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -5,6 +5,7 @@
     fedpeft fit --config configs/prompt.yaml          # train
     fedpeft comm --config configs/prompt.yaml         # bytes per client, round and run; no training
     fedpeft fit --config configs/prompt.yaml --ckpt_path last    # resume
+    fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class FedPEFTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "comm": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "comm": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -121,13 +122,22 @@ def _configure_logging() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of the ``fedpeft`` console script. Set FEDPEFT_DEBUG=1 for tracebacks."""
+    """Entry point of the ``fedpeft`` console script.
+
+    A mistake prints one line and exits with status 2; ``--debug`` (or ``FEDPEFT_DEBUG=1``)
+    shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("FEDPEFT_DEBUG"))
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
     _configure_logging()
     try:
         FedPEFTCLI(args=argv)
     except Exception as err:
         cause = _config_error_in(err)
-        if cause is None or os.environ.get("FEDPEFT_DEBUG"):
+        if cause is None or debug:
             raise
         print(f"fedpeft: error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from fedpeft_pl.backbone import Backbone, data_config
+from fedpeft_pl.backbone import Backbone, data_config, fingerprint
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
 
@@ -56,9 +56,11 @@ class FedPEFTModule(pl.LightningModule):
         self.peft = peft if peft is not None else Prompt()
         self.optimizer_factory = optimizer or default_optimizer
         self.model = self.backbone.build(num_classes)
+        self.backbone_names = list(self.model.state_dict())  # timm's names, before PEFT adds any
         self.peft.apply(self.model)
         self.data_config = data_config(self.model)
         self._weights_loaded = not self.backbone.loads_weights
+        self._fingerprint: Optional[str] = None
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         # checkpoints and updates hold the trainable tensors only; see on_save_checkpoint
         self.strict_loading = False
@@ -68,6 +70,15 @@ class FedPEFTModule(pl.LightningModule):
         if not self._weights_loaded:
             self.backbone.load_weights(self.model)
             self._weights_loaded = True
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model, self.backbone_names)
+
+    @property
+    def backbone_fingerprint(self) -> str:
+        """Hash of the backbone's tensors as loaded, before training: its identity in checkpoints."""
+        self.configure_model()
+        assert self._fingerprint is not None
+        return self._fingerprint
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -95,13 +106,24 @@ class FedPEFTModule(pl.LightningModule):
         self.log(f"{prefix}/acc", self.val_acc, prog_bar=True, logger=prefix == "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The frozen backbone is rebuilt from its weights on load; only the trainable state is saved.
-        # Optimizer state is per client and discarded at the end of each client's training.
+        # The frozen backbone is rebuilt from its weights on load; only the trainable state is saved,
+        # with the backbone's identity. Optimizer state is per client and discarded after each client.
         trainable = trainable_parameters(self).keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["optimizer_states"] = []
+        checkpoint["backbone"] = {"name": self.backbone.name, "fingerprint": self.backbone_fingerprint}
+        checkpoint["peft"] = repr(self.peft)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("backbone")
+        if saved is None:
+            raise ConfigError("this checkpoint was not written by fedpeft (it names no backbone); pass a fedpeft checkpoint")
+        if saved["fingerprint"] != self.backbone_fingerprint:
+            raise ConfigError(
+                f"the checkpoint was trained on backbone {saved['name']!r} (fingerprint {saved['fingerprint']}) but this "
+                f"run builds {self.backbone.name!r} (fingerprint {self.backbone_fingerprint}); resume with the "
+                "model.backbone settings and weights that wrote it"
+            )
         missing = sorted(trainable_parameters(self).keys() - checkpoint["state_dict"].keys())
         if missing:
             raise ConfigError(

@@ -8,6 +8,8 @@
         on_client_start(client)              the client receives the global state
         ... Lightning's training batches and their hooks ...
         on_client_end(client, num_samples)   the client's update is taken
+          or, if its local training raised,
+        on_client_failed(client, error)      it is left out of this round
     on_round_end(server_round)               the server aggregates
     ... Lightning's validation loop: the global model on the global test split ...
     on_train_epoch_end                       (Lightning; round metrics are logged, checkpoints written)
@@ -36,6 +38,11 @@ class FederatedCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int
     ) -> None:
         """``client`` finished local training; it holds ``num_samples`` training samples."""
+
+    def on_client_failed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException
+    ) -> None:
+        """``client``'s local training raised ``error``; it sends nothing this round."""
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
         """Every sampled client has trained; the server combines their updates here."""

@@ -14,6 +14,9 @@ plain Lightning), then the server aggregates and the global model is evaluated o
 from __future__ import annotations
 
 import logging
+import os
+import random
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -30,15 +33,13 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from fedpeft_pl.aggregation import ServerAggregation, Strategy
 from fedpeft_pl.comm import CommReport, communication_report
 from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.export import Exported, export_model
 from fedpeft_pl.hooks import FederatedCallback
+from fedpeft_pl.peft import load_trainable_state, trainable_parameters
 from fedpeft_pl.progress import FederatedProgressBar
+from fedpeft_pl.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, e.g. ``(seed, round, client)``; stable across platforms."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
@@ -131,6 +132,16 @@ class FederatedLoop(_FitLoop):
             progress.total.completed = progress.total.processed
         self.restarting = False
 
+    def on_save_checkpoint(self) -> dict:
+        state = super().on_save_checkpoint()
+        state["rng"] = _rng_state()
+        return state
+
+    def on_load_checkpoint(self, state_dict: dict) -> None:
+        super().on_load_checkpoint(state_dict)
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
+
     def on_advance_start(self) -> None:
         trainer = self.trainer
         self.epoch_progress.increment_ready()
@@ -146,12 +157,26 @@ class FederatedLoop(_FitLoop):
         self.round_clients = clients
         self.round_batches = self.local_epochs * sum(datamodule.client_num_batches(c) for c in clients)
         self._call_federated_hook("on_round_start", server_round, clients)
+        failures: list[BaseException] = []
         for client in clients:
             self.client = client
             self._call_federated_hook("on_client_start", client)
-            self._train_client(server_round, client)
-            self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
+            try:
+                self._train_client(server_round, client)
+            except Exception as error:  # one client's failure must not end the run
+                failures.append(error)
+                log.warning(
+                    f"round {server_round}: client {client} failed and is left out of this round: "
+                    f"{type(error).__name__}: {error}"
+                )
+                self._call_federated_hook("on_client_failed", client, error)
+            else:
+                self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
         self.client = None
+        if len(failures) == len(clients):
+            raise RuntimeError(
+                f"all {len(clients)} clients of round {server_round} failed; the first error is above"
+            ) from failures[0]
         self._call_federated_hook("on_round_end", server_round)
         if self._should_evaluate(server_round):
             self._evaluate()
@@ -168,10 +193,12 @@ class FederatedLoop(_FitLoop):
             for _ in range(self.local_epochs):
                 fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
                 fetcher.setup(CombinedLoader(loader, "max_size_cycle"))
-                iter(fetcher)
-                self.max_batches = len(loader)
-                self.epoch_loop.run(fetcher)
-                fetcher.teardown()
+                try:
+                    iter(fetcher)
+                    self.max_batches = len(loader)
+                    self.epoch_loop.run(fetcher)
+                finally:
+                    fetcher.teardown()
 
     def _should_evaluate(self, server_round: int) -> bool:
         every = self.trainer.check_val_every_n_epoch
@@ -199,6 +226,29 @@ class FederatedLoop(_FitLoop):
             with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{name}"):
                 hook(*args)
 
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG's state, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class FederatedTrainer(pl.Trainer):
@@ -270,7 +320,40 @@ class FederatedTrainer(pl.Trainer):
         if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
             raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
         self._check_clients(datamodule.num_clients)
+        if ckpt_path == "last":
+            ckpt_path = self.find_last_checkpoint(continue_logging=True)
+        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+            raise ConfigError(f"ckpt_path {str(ckpt_path)!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
         super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+    def find_last_checkpoint(self, continue_logging: bool = False) -> Optional[str]:
+        """The newest ``last.ckpt`` of an earlier run with this configuration's checkpoint folder or logger name.
+
+        With ``continue_logging``, a logger without an explicit version continues in the version
+        that checkpoint belongs to, so a resumed run's curves stay in one place.
+        """
+        logger = self.logger
+        root = getattr(logger, "root_dir", None)
+        own_dirs = [Path(c.dirpath) for c in self.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if own_dirs:
+            candidates = [p for d in own_dirs for p in d.glob("last*.ckpt")]
+        elif root is not None and getattr(logger, "_version", None) is not None:
+            candidates = list(Path(logger.log_dir, "checkpoints").glob("last*.ckpt"))
+        elif root is not None:
+            candidates = list(Path(root).glob("*/checkpoints/last*.ckpt"))
+        else:
+            candidates = list(Path(self.default_root_dir).glob("checkpoints/last*.ckpt"))
+        if not candidates:
+            log.info("no earlier checkpoint to resume from; training starts at round 1")
+            return None
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        version_dir = newest.parent.parent
+        if continue_logging and not own_dirs and root is not None and logger._version is None and version_dir.parent == Path(root):
+            name = version_dir.name
+            suffix = name.removeprefix("version_")
+            logger._version = int(suffix) if name.startswith("version_") and suffix.isdigit() else name
+        log.info(f"resuming from {newest}")
+        return str(newest)
 
     def _check_clients(self, num_clients: int) -> None:
         if self.fit_loop.clients_per_round > num_clients:
@@ -283,6 +366,32 @@ class FederatedTrainer(pl.Trainer):
     def aggregation(self) -> ServerAggregation:
         """The callback that plays the server."""
         return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        output: str = "model.safetensors",
+        weights_only: Optional[bool] = None,
+    ) -> Exported:
+        """Write the checkpoint's model as one safetensors file that plain timm loads where the method allows.
+
+        Args:
+            ckpt_path: a checkpoint of this configuration, or ``last`` for the newest.
+            output: the file to write.
+        """
+        path = self.find_last_checkpoint() if ckpt_path == "last" else ckpt_path
+        if path is None or not os.path.isfile(path):
+            raise ConfigError(f"ckpt_path {ckpt_path!r} names no checkpoint; give the checkpoint file to export")
+        model.configure_model()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
+        model.on_load_checkpoint(checkpoint)
+        load_trainable_state(model, {k: checkpoint["state_dict"][k] for k in trainable_parameters(model)})
+        exported = export_model(model, output)
+        kind = "plain timm" if exported.plain_timm else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
+        print(f"wrote {exported.path}: {exported.tensors} tensors, {exported.num_bytes:,} bytes, {kind}")
+        return exported
 
     def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
         """Print what one client sends per round and the whole run costs, without training or downloading."""

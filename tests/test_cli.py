@@ -67,42 +67,6 @@ def test_comm_prints_the_papers_figures_without_downloading():
     assert "343,502,224 bytes (327.589 MiB)" in result.stdout
 
 
-def run_main(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    return exit_info.value.code, capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["--trainer.clients_per_round", "17"], "exceeds data.num_clients"),
-        (["--data.partition.alpha", "0"], "alpha must be > 0"),
-        (["--data.partition.alpha", "-0.5"], "alpha must be > 0"),
-        (["--model.num_classes", "100"], "set model.num_classes: 10"),
-        (["--data.dataset", "fedpeft_pl.data.ImageFolder", "--data.dataset.root", "no/such/dir"], "no/such/dir"),
-        (["--trainer.local_epochs", "0"], "local_epochs must be a positive integer"),
-        (["--trainer.num_rounds", "two"], "trainer.num_rounds: expected int"),
-        (["--model.peft", "fedpeft_pl.peft.NoSuchMethod"], "model.peft: class_path"),
-        (["--model.backbone.weights_file", "missing.safetensors"], "does not exist"),
-        (["--model.backbone.weights_file", "null", "--model.backbone.pretrained", "true"], "weights_file"),
-        (["--trainer.max_epochs", "3"], "trainer.num_rounds"),
-    ],
-    ids=["m>N", "alpha=0", "alpha<0", "classes", "missing-dir", "local-epochs", "type", "class-path", "weights-file",
-         "hub-offline", "max-epochs"],
-)
-def test_semantic_mistakes_give_one_line_and_exit_2(capsys, monkeypatch, tmp_path, overrides, message):
-    monkeypatch.chdir(REPO)
-    code, err = run_main(
-        capsys, "fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", *overrides,
-    )
-    errors = [line for line in err.splitlines() if line.startswith("fedpeft: error:")]
-    assert code == 2
-    assert len(errors) == 1 and message in errors[0], err[-2000:]
-    assert "Traceback" not in err
-
-
 def test_the_console_script_exits_2_on_a_mistake(tmp_path):
     result = fedpeft("fit", "--config", QUICKSTART, "--trainer.clients_per_round", "99")
     assert result.returncode == 2

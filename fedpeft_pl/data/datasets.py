@@ -201,6 +201,28 @@ class PCAM(ImageDataset):
         return Splits(train, targets, test, self.num_classes)
 
 
+def _verify_images(files: list[str], root: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(file: str) -> str | None:
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except Exception as err:  # PIL raises many types for damaged files
+            return f"{file} ({type(err).__name__})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        bad = [p for p in pool.map(problem, files) if p is not None]
+    if bad:
+        raise ConfigError(
+            f"{len(bad)} unreadable image(s) under {root!r}, e.g. {bad[0]}; remove or replace them "
+            "(or set data.dataset.verify: false to let clients that meet them fail their round)"
+        )
+
+
 class ImageFolder(ImageDataset):
     """Any tree of ``class_name/image`` files, e.g. Resisc45 or EuroSAT.
 
@@ -212,13 +234,23 @@ class ImageFolder(ImageDataset):
         train_dir: name of the training subfolder, if the data set comes pre-split.
         test_dir: name of the test subfolder, if the data set comes pre-split.
         test_fraction: share held out when there are no such subfolders.
+        verify: open every image once at setup (in parallel) and refuse the data set if any is
+            unreadable. With ``false``, a client that meets such a file fails its round instead.
     """
 
-    def __init__(self, root: str, train_dir: str = "train", test_dir: str = "test", test_fraction: float = 0.2) -> None:
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        test_dir: str = "test",
+        test_fraction: float = 0.2,
+        verify: bool = True,
+    ) -> None:
         self.root = root
         self.train_dir = train_dir
         self.test_dir = test_dir
         self.test_fraction = test_fraction
+        self.verify = verify
 
     def prepare(self) -> None:
         if not os.path.isdir(self.root):
@@ -228,11 +260,14 @@ class ImageFolder(ImageDataset):
         from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
         try:
-            return TorchvisionImageFolder(path, transform=transform)
+            folder = TorchvisionImageFolder(path, transform=transform)
         except FileNotFoundError as err:
             raise ConfigError(
                 f"no class folders with images under {path!r}; ImageFolder expects {path}/<class>/<image>"
             ) from err
+        if self.verify:
+            _verify_images([file for file, _ in folder.samples], path)
+        return folder
 
     def load(self, transform: Transform, seed: int) -> Splits:
         self.prepare()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, Optional
 
 import torch
 from timm.models import VisionTransformer
@@ -41,6 +42,20 @@ class PEFTMethod(ABC):
     @abstractmethod
     def attach(self, model: VisionTransformer) -> None:
         """Add this method's modules to ``model`` and set ``requires_grad`` on what trains."""
+
+    def merge(
+        self, model: VisionTransformer, backbone_names: list[str]
+    ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Plain-timm tensors equivalent to the trained model, and ``timm.create_model`` overrides.
+
+        ``backbone_names`` are the model's own tensor names before the method was attached.
+        Returns None when the method's tensors have no plain-timm equivalent. The default covers
+        methods that only train existing tensors (Head, Bias, Full).
+        """
+        state = model.state_dict()
+        if set(state) - set(backbone_names):
+            return None
+        return {name: state[name].detach().clone() for name in backbone_names}, {}
 
     @staticmethod
     def train_head(model: VisionTransformer) -> None:

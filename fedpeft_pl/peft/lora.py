@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, Optional
 
 import loralib
+import torch
 from timm.models import VisionTransformer
 
 from fedpeft_pl.errors import ConfigError
@@ -63,3 +64,15 @@ class LoRA(PEFTMethod):
             block.attn.qkv = lora_qkv
         loralib.mark_only_lora_as_trainable(model, bias="none")
         self.train_head(model)
+
+    def merge(
+        self, model: VisionTransformer, backbone_names: list[str]
+    ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """The frozen qkv weights plus each block's ``B @ A * alpha / rank``, as plain timm tensors."""
+        state = model.state_dict()
+        merged = {name: state[name].detach().clone() for name in backbone_names}
+        with torch.no_grad():
+            for index, block in enumerate(model.blocks):
+                qkv = block.attn.qkv
+                merged[f"blocks.{index}.attn.qkv.weight"] += qkv.merge_AB() * qkv.scaling
+        return merged, {}

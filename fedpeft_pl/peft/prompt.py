@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Optional
 
 import torch
 from timm.models import VisionTransformer
@@ -74,3 +75,23 @@ class Prompt(PEFTMethod):
             block.register_forward_pre_hook(_prompt_block_input)
         model.norm.register_forward_pre_hook(functools.partial(_drop_prompts, start=start, count=self.num_tokens))
         self.train_head(model)
+
+    def merge(
+        self, model: VisionTransformer, backbone_names: list[str]
+    ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Shallow prompts are timm's register tokens with a zero position embedding; deep ones have no equivalent."""
+        if self.deep or not isinstance(model.norm_pre, nn.Identity) or model.attn_pool is not None:
+            return None
+        state = model.state_dict()
+        merged = {name: state[name].detach().clone() for name in backbone_names}
+        tokens = model.blocks[0].prompt.tokens.detach().unsqueeze(0)
+        start = model.num_prefix_tokens
+        if "reg_token" in merged:
+            merged["reg_token"] = torch.cat([merged["reg_token"], tokens], dim=1)
+        else:
+            merged["reg_token"] = tokens.clone()
+        if not model.no_embed_class:
+            position = merged["pos_embed"]
+            merged["pos_embed"] = torch.cat([position[:, :start], torch.zeros_like(tokens), position[:, start:]], dim=1)
+        registers = merged["reg_token"].shape[1]
+        return merged, {"reg_tokens": registers}

@@ -1,0 +1,89 @@
+"""Export a trained federated model as one safetensors file, for inference without fedpeft.
+
+Methods whose trained state merges into the backbone's own tensors (Head, Bias, Full, LoRA,
+and shallow prompts as timm register tokens) give a *plain timm* file::
+
+    import json, timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open("model.safetensors", "pt") as f:
+        meta = f.metadata()
+    model = timm.create_model(meta["timm_name"], pretrained=False, **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(load_file("model.safetensors"))
+
+Adapters and deep prompts add layers that plain timm does not have; their file also holds the
+PEFT tensors and :func:`load_exported` rebuilds the model with fedpeft_pl.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from fedpeft_pl.client import FedPEFTModule
+
+FORMAT = "fedpeft-export-1"
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    plain_timm: bool
+    tensors: int
+    num_bytes: int
+
+
+def export_model(module: FedPEFTModule, path: Union[str, Path]) -> Exported:
+    """Write ``module``'s model (its current trainable state) to ``path``; see the module docstring."""
+    model = module.model
+    merged = module.peft.merge(model, module.backbone_names)
+    kwargs = module.backbone.create_kwargs(module.num_classes)
+    if merged is not None:
+        state, overrides = merged
+        kwargs.update(overrides)
+    else:
+        state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    peft = module.peft
+    metadata = {
+        "format": FORMAT,
+        "timm_name": module.backbone.name,
+        "timm_kwargs": json.dumps(kwargs),
+        "plain_timm": json.dumps(merged is not None),
+        "peft": json.dumps({"class_path": f"{type(peft).__module__}.{type(peft).__qualname__}", "init_args": _init_args(peft)}),
+        "backbone_fingerprint": module.backbone_fingerprint,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    return Exported(path, merged is not None, len(state), sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def load_exported(path: Union[str, Path]) -> torch.nn.Module:
+    """The exported model in eval mode: plain timm where possible, else timm plus the PEFT method."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fedpeft export")
+    model = timm.create_model(metadata["timm_name"], pretrained=False, **json.loads(metadata["timm_kwargs"]))
+    if not json.loads(metadata["plain_timm"]):
+        spec = json.loads(metadata["peft"])
+        module_name, class_name = spec["class_path"].rsplit(".", 1)
+        method = getattr(importlib.import_module(module_name), class_name)(**spec["init_args"])
+        method.apply(model)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def _init_args(peft: object) -> dict:
+    args = {k: v for k, v in vars(peft).items() if not k.startswith("_")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}

@@ -1,0 +1,21 @@
+"""Explicit randomness: every random draw in a run takes a seed derived from the run's seed.
+
+Streams (keys of different length or tail never collide):
+
+- ``(seed, round)``: which clients are sampled in a round
+- ``(seed, round, client)``: that client's local training (shuffling, dropout, DP noise)
+- ``(seed, round, client, AVAILABILITY)``: whether that client drops out or straggles
+- ``(seed, round, 0, SERVER_NOISE)``: noise the server adds in that round (central DP)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AVAILABILITY = 1
+SERVER_NOISE = 2
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. ``(seed, round, client)``; stable across platforms and runs."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -1,0 +1,121 @@
+"""Every mistake a user can make here gives one line that says what is wrong, exit status 2, no traceback."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from fedpeft_pl.cli import _config_error_in, main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+SHORT = ["--trainer.num_rounds", "1", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
+         "--trainer.enable_progress_bar", "false"]
+
+
+def image_folder(root: Path, corrupt: bool = False) -> str:
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    if corrupt:
+        (root / "b" / "broken.png").write_bytes(b"\x89PNG but not really")
+    return str(root)
+
+
+def wrong_architecture(tmp_path: Path) -> str:
+    import timm
+
+    path = tmp_path / "wide.safetensors"
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def other_backbone_checkpoint(tmp_path: Path) -> str:
+    """A real checkpoint of the quickstart task, trained on a random-init backbone instead of the shipped one."""
+    save_dir = tmp_path / "other"
+    main(["fit", "--config", QUICKSTART, *SHORT, "--model.backbone.weights_file", "null",
+          "--trainer.logger.init_args.save_dir", str(save_dir)])
+    return str(save_dir / "prompt" / "version_0" / "checkpoints" / "last.ckpt")
+
+
+def yaml_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "extra.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "unknown-yaml-key": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_round: 3\n")], "num_round"),
+    "wrong-yaml-type": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: three\n")], "trainer.num_rounds: expected int"),
+    "wrong-cli-type": (lambda t: ["--data.batch_size", "big"], "data.batch_size: expected int"),
+    "m>N": (lambda t: ["--trainer.clients_per_round", "17"], "exceeds data.num_clients (16)"),
+    "alpha=0": (lambda t: ["--data.partition.alpha", "0"], "alpha must be > 0"),
+    "alpha<0": (lambda t: ["--data.partition.alpha", "-1"], "alpha must be > 0"),
+    "local-epochs=0": (lambda t: ["--trainer.local_epochs", "0"], "trainer.local_epochs must be a positive integer"),
+    "rounds=0": (lambda t: ["--trainer.num_rounds", "0"], "trainer.num_rounds must be a positive integer"),
+    "no-clients": (lambda t: ["--data.num_clients", "0"], "data.num_clients must be >= 1"),
+    "classes": (lambda t: ["--model.num_classes", "100"], "set model.num_classes: 10"),
+    "missing-data-dir": (
+        lambda t: ["--data.dataset", "fedpeft_pl.data.ImageFolder", "--data.dataset.root", str(t / "resisc45")],
+        "is not a directory",
+    ),
+    "empty-data-dir": (
+        lambda t: ["--data.dataset", "fedpeft_pl.data.ImageFolder", "--data.dataset.root", str(Path(t, "empty").mkdir() or t / "empty")],
+        "no class folders with images",
+    ),
+    "unreadable-image": (
+        lambda t: ["--data.dataset", "fedpeft_pl.data.ImageFolder", "--data.dataset.root", image_folder(t / "img", corrupt=True),
+                   "--model.num_classes", "2", "--data.num_clients", "2"],
+        "1 unreadable image(s)",
+    ),
+    "peft-class-path": (lambda t: ["--model.peft", "fedpeft_pl.peft.Prefix"], "model.peft: class_path 'fedpeft_pl.peft.Prefix'"),
+    "hub-offline": (
+        lambda t: ["--model.backbone.weights_file", "null", "--model.backbone.pretrained", "true"],
+        "set model.backbone.weights_file",
+    ),
+    "weights-file-missing": (lambda t: ["--model.backbone.weights_file", str(t / "nope.safetensors")], "does not exist"),
+    "weights-file-architecture": (lambda t: ["--model.backbone.weights_file", wrong_architecture(t)], "does not fit"),
+    "checkpoint-other-backbone": (lambda t: ["--ckpt_path", other_backbone_checkpoint(t)], "resume with the model.backbone settings"),
+    "checkpoint-missing": (lambda t: ["--ckpt_path", str(t / "gone.ckpt")], "does not exist"),
+    "epoch-limits": (lambda t: ["--trainer.max_epochs", "5"], "set trainer.num_rounds"),
+    "shards-k": (lambda t: ["--data.partition", "fedpeft_pl.data.Shards", "--data.partition.classes_per_client", "11"], "exceeds"),
+    "missing-config": (lambda t: ["--config", str(t / "nope.yaml")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistake_gives_one_line_and_exit_status_2(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    make_args, message = CASES[case]
+    args = ["fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            *make_args(tmp_path)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fedpeft: error:")]
+    assert exit_info.value.code == 2
+    assert len(errors) == 1, err[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    """With --debug the exception propagates (Python prints its traceback), its cause intact."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(Exception) as info:
+        main(["--debug", "fit", "--config", QUICKSTART, *SHORT, "--data.partition.alpha", "0"])
+    cause = _config_error_in(info.value)
+    assert cause is not None and "alpha must be > 0" in str(cause)
+
+
+def test_a_real_bug_is_not_disguised_as_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: (_ for _ in ()).throw(ZeroDivisionError("bug")))
+    with pytest.raises(ZeroDivisionError):
+        main(["fit", "--config", QUICKSTART, *SHORT])

@@ -1,0 +1,159 @@
+"""Crash and resume, failing clients, small self-identifying checkpoints."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_backbone, tiny_datamodule, tiny_module, tiny_trainer
+from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fedpeft_pl import ConfigError, FedAvg, FederatedCallback, FedPEFTModule
+from fedpeft_pl.peft import Prompt, trainable_state
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--config", "configs/quickstart.yaml", "--trainer.num_rounds", "4", "--trainer.clients_per_round", "3",
+         "--trainer.local_epochs", "1", "--trainer.enable_progress_bar", "false"]
+
+KILLER = '''
+import os, signal
+from lightning.pytorch.callbacks import Callback
+
+class KillAt(Callback):
+    """SIGKILL this process at a batch in the middle of a round."""
+
+    def __init__(self, server_round: int, batch: int):
+        self.server_round, self.batch, self.seen = server_round, batch, 0
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.current_epoch + 1 == self.server_round:
+            self.seen += 1
+            if self.seen == self.batch:
+                os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def fedpeft(*args, env=None):
+    script = Path(sys.executable).with_name("fedpeft")
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([str(script), *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"] if tag != "round/seconds"}
+
+
+def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
+    straight = fedpeft("fit", *QUICK, "--trainer.logger.init_args.save_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    (tmp_path / "kill.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: killer.KillAt\n      init_args: {server_round: 3, batch: 4}\n"
+    )
+    crash_dir = str(tmp_path / "crash")
+    crashed = fedpeft("fit", *QUICK, "--config", str(tmp_path / "kill.yaml"), "--trainer.logger.init_args.save_dir",
+                      crash_dir, env={"PYTHONPATH": str(tmp_path)})
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    assert "round 2/4" in crashed.stderr and "round 3/4" not in crashed.stderr
+
+    resumed = fedpeft("fit", *QUICK, "--trainer.logger.init_args.save_dir", crash_dir, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "round 1/4" not in resumed.stderr and "round 3/4" in resumed.stderr
+
+    run = Path(crash_dir) / "prompt" / "version_0"
+    assert not (Path(crash_dir) / "prompt" / "version_1").exists(), "the resumed run must log into the same version"
+    reference = Path(tmp_path / "straight" / "prompt" / "version_0")
+    final, expected = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, reference))
+    assert final["state_dict"].keys() == expected["state_dict"].keys()
+    assert all(torch.equal(final["state_dict"][k], expected["state_dict"][k]) for k in expected["state_dict"])
+    assert logged(run) == logged(reference)
+    assert sorted(logged(run)["server/acc"]) == [1, 2, 3, 4]
+
+
+def test_checkpoints_are_small_load_weights_only_and_name_their_backbone(tmp_path):
+    module = tiny_module(Prompt(num_tokens=2))
+    trainer = tiny_trainer(tmp_path, num_rounds=1, enable_checkpointing=True)
+    trainer.fit(module, datamodule=tiny_datamodule())
+    checkpoint = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(trainable_state(module))
+    assert checkpoint["optimizer_states"] == []
+    assert checkpoint["backbone"] == {"name": "vit_tiny_patch16_224", "fingerprint": module.backbone_fingerprint}
+    assert {"python", "numpy", "torch"} <= set(checkpoint["loops"]["fit_loop"]["state_dict"]["rng"])
+
+
+def test_resuming_against_another_backbone_is_refused(tmp_path):
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path / "a", num_rounds=1, enable_checkpointing=True)
+    trainer.fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule())
+    other_weights = tmp_path / "other.safetensors"
+    torch.manual_seed(123)
+    save_file({k: v.contiguous() for k, v in tiny_backbone().build(10).state_dict().items()}, str(other_weights))
+    other = FedPEFTModule(10, tiny_backbone(weights_file=str(other_weights)), Prompt(num_tokens=2))
+    with pytest.raises(ConfigError, match="fingerprint"):
+        tiny_trainer(tmp_path / "b", num_rounds=2, enable_checkpointing=True).fit(
+            other, datamodule=tiny_datamodule(), ckpt_path=trainer.checkpoint_callback.last_model_path
+        )
+
+
+class Faulty(FedPEFTModule):
+    """Client 0 raises in its training step; client 1's loss turns NaN."""
+
+    def training_step(self, batch, batch_idx):
+        client = self.trainer.fit_loop.client
+        if client == 0:
+            raise OSError("image file is truncated")
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if client == 1 else loss
+
+
+class Updates(FederatedCallback):
+    def __init__(self):
+        self.updates, self.failed, self.after = {}, [], None
+
+    def on_client_end(self, trainer, pl_module, client, num_samples):
+        self.updates[client] = (num_samples, trainable_state(pl_module))
+
+    def on_client_failed(self, trainer, pl_module, client, error):
+        self.failed.append((client, type(error).__name__))
+
+    def on_validation_start(self, trainer, pl_module):
+        self.after = trainable_state(pl_module)
+
+
+def test_a_failing_client_and_a_nan_update_are_left_out_and_the_run_goes_on(tmp_path, caplog):
+    from helpers import sgd, tiny_backbone
+
+    module = Faulty(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd())
+    recorder = Updates()
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=4, callbacks=[recorder])
+    with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
+        trainer.fit(module, datamodule=tiny_datamodule(num_clients=4))
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "client 0 failed and is left out of this round: OSError: image file is truncated" in messages
+    assert "client 1 sent NaN or Inf values" in messages
+    assert recorder.failed == [(0, "OSError")]
+    healthy = [c for c in (2, 3)]
+    from fedpeft_pl import ClientUpdate
+
+    expected = FedAvg().aggregate_fit(1, {}, [ClientUpdate(c, *recorder.updates[c]) for c in healthy])
+    assert all(torch.equal(recorder.after[k], v) for k, v in expected.items())
+    assert trainer.current_epoch == 1
+
+
+def test_a_round_in_which_every_client_fails_stops_the_run(tmp_path):
+    class AlwaysFails(FedPEFTModule):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("broken everywhere")
+
+    from helpers import tiny_backbone
+
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=2)
+    with pytest.raises(RuntimeError, match="all 2 clients of round 1 failed"):
+        trainer.fit(AlwaysFails(10, tiny_backbone(), Prompt(num_tokens=2)), datamodule=tiny_datamodule())
