@@ -1,84 +1,24 @@
-"""Server aggregation: strategies that combine client updates, and the callback that runs them.
-
-A strategy follows Flower's split: :meth:`Strategy.configure_fit` decides what each client
-receives, :meth:`Strategy.aggregate_fit` turns the clients' results into the next global
-state. :class:`ServerAggregation` is the Lightning callback that holds the global state,
-moves it in and out of the one shared model, counts every byte that travels and logs the
-round's metrics.
+"""The server as a Lightning callback: it holds the global state, moves it in and out of the
+one shared model, applies the strategy and the codecs, counts every byte that travels and logs
+each round. The aggregation algorithms themselves live in :mod:`fedpeft_pl.strategies`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 
 from fedpeft_pl.comm import MIB, payload_bytes
+from fedpeft_pl.compression import Codec
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.strategies import ClientUpdate, FedAvg, State, Strategy
 
 log = logging.getLogger(__name__)
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass
-class ClientUpdate:
-    """What one client sends back after local training."""
-
-    client: int
-    num_samples: int
-    state: State
-
-
-class Strategy:
-    """How the server configures a round and aggregates its results.
-
-    Server-side state (for example a server optimizer's moments) lives in the strategy and is
-    checkpointed through :meth:`state_dict`.
-    """
-
-    def configure_fit(self, server_round: int, global_state: State) -> State:
-        """The payload every sampled client receives; by default the global state itself."""
-        return global_state
-
-    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-
-def weighted_average(updates: list[ClientUpdate]) -> State:
-    """Average of the client states weighted by their sample counts, accumulated in float64."""
-    total = sum(u.num_samples for u in updates)
-    if total <= 0:
-        raise ValueError("cannot average updates that trained on no samples")
-    averaged = {}
-    for name in updates[0].state:
-        acc = torch.zeros_like(updates[0].state[name], dtype=torch.float64)
-        for update in updates:
-            acc.add_(update.state[name].to(torch.float64), alpha=update.num_samples / total)
-        averaged[name] = acc.to(updates[0].state[name].dtype)
-    return averaged
-
-
-class FedAvg(Strategy):
-    """Federated averaging (McMahan et al. 2017): the sample-weighted mean of the client states."""
-
-    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
-        return weighted_average(updates)
 
 
 class ServerAggregation(FederatedCallback):
@@ -86,22 +26,33 @@ class ServerAggregation(FederatedCallback):
 
     Logged per round (TensorBoard step = round): ``comm/bytes_down``, ``comm/bytes_up``,
     ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss``,
-    ``round/clients_aggregated`` and ``round/seconds``; and ``server/acc_vs_cumulative_bytes``
-    whose step is the cumulative number of bytes sent so far in both directions. Loggers are
-    flushed every round, before the round's checkpoint is written.
+    ``round/clients_aggregated``, ``round/clients_dropped``, ``round/clients_failed``,
+    ``round/stragglers``, ``round/seconds`` and any ``round_metrics()`` of the strategy; and
+    ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
+    in both directions. Loggers are flushed every round, before the round's checkpoint.
 
-    An update that holds NaN or Inf is left out of the aggregate with a warning naming the
-    client and the tensor.
+    Every sampled client receives the encoded global state (a dropped client too); a client
+    that finishes sends its encoded update (its state minus the state it received). An update
+    that holds NaN or Inf is left out with a warning naming the client and the tensor. If fewer
+    than ``strategy.min_clients`` updates arrive, the round is skipped and the state stays.
 
     Args:
         strategy: the aggregation strategy; FedAvg by default.
+        upload: codec for the clients' updates; none by default.
+        download: codec for the global state sent to clients; none by default.
     """
 
-    def __init__(self, strategy: Strategy | None = None) -> None:
+    def __init__(self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None) -> None:
         self.strategy = strategy if strategy is not None else FedAvg()
+        self.upload = upload if upload is not None else Codec()
+        self.download = download if download is not None else Codec()
         self.global_state: State = {}
         self.cumulative_bytes = 0
         self._payload: State = {}
+        self._received: State = {}
+        self._config: dict[str, Any] = {}
+        self._dropped = 0
+        self._failed = 0
         self._updates: list[ClientUpdate] = []
         self._bytes = {"down": 0, "up": 0}
         self._eval: dict[str, float] = {}
@@ -112,6 +63,14 @@ class ServerAggregation(FederatedCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checkpoints are written only at round ends, when the module holds the global state
         self.global_state = trainable_state(pl_module)
+        loop = trainer.fit_loop
+        self.strategy.setup(
+            num_clients=trainer.datamodule.num_clients,
+            clients_per_round=loop.clients_per_round,
+            num_rounds=loop.num_rounds,
+            sampling=loop.client_sampling,
+            seed=loop.seed,
+        )
 
     def on_round_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
@@ -121,15 +80,32 @@ class ServerAggregation(FederatedCallback):
         self._updates = []
         self._bytes = {"down": 0, "up": 0}
         self._eval = {}
-        self._payload = self.strategy.configure_fit(server_round, self.global_state)
+        self._dropped = self._failed = 0
+        state, self._config = self.strategy.configure_fit(server_round, self.global_state)
+        self._payload = self.download.encode(state)
+        self._received = self.download.decode(self._payload, like=state)
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
-        load_trainable_state(pl_module, self._payload)
+        load_trainable_state(pl_module, self._received)
+        pl_module.fit_config = dict(self._config)
         self._bytes["down"] += payload_bytes(self._payload)
+
+    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, reason: str) -> None:
+        self._dropped += 1
+
+    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException) -> None:
+        self._failed += 1
 
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
         state = trainable_state(pl_module)
-        self._bytes["up"] += payload_bytes(state)
+        if type(self.upload) is Codec:  # no compression: the state travels exactly as it is
+            payload = state
+        else:
+            delta = {name: state[name] - self._received[name] for name in state}
+            payload = self.upload.encode(delta, client=client)
+            decoded = self.upload.decode(payload, like=delta)
+            state = {name: self._received[name] + decoded[name] for name in state}
+        self._bytes["up"] += payload_bytes(payload)
         broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
         if broken is not None:
             log.warning(
@@ -140,11 +116,16 @@ class ServerAggregation(FederatedCallback):
         self._updates.append(ClientUpdate(client, num_samples, state))
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
-        self._aggregated = len(self._updates)
-        if self._updates:
+        arrived = len(self._updates)
+        if arrived >= self.strategy.min_clients:
             self.global_state = self.strategy.aggregate_fit(server_round, self.global_state, self._updates)
+            self._aggregated = arrived
         else:
-            log.warning(f"round {server_round}: no usable update arrived; the global state is unchanged")
+            log.warning(
+                f"round {server_round}: {arrived} usable update(s) of {self._sampled} sampled clients, fewer than "
+                f"min_clients={self.strategy.min_clients}; the round is skipped and the global state is unchanged"
+            )
+            self._aggregated = 0
         self._updates = []
         load_trainable_state(pl_module, self.global_state)
         self.cumulative_bytes += self._bytes["down"] + self._bytes["up"]
@@ -160,8 +141,12 @@ class ServerAggregation(FederatedCallback):
             "comm/bytes_up": self._bytes["up"],
             "comm/cumulative_bytes": self.cumulative_bytes,
             "round/clients_aggregated": self._aggregated,
+            "round/clients_dropped": self._dropped,
+            "round/clients_failed": self._failed,
+            "round/stragglers": sum(plan.straggler for plan in trainer.fit_loop.round_plans.values()),
             "round/seconds": time.perf_counter() - self._round_started,
             **self._eval,
+            **self.strategy.round_metrics(),
         }
         if "train/loss" in trainer.callback_metrics:
             metrics["train/loss"] = float(trainer.callback_metrics["train/loss"])
@@ -174,17 +159,28 @@ class ServerAggregation(FederatedCallback):
             log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cumulative_bytes": self.cumulative_bytes, "strategy": self.strategy.state_dict()}
+        return {
+            "cumulative_bytes": self.cumulative_bytes,
+            "strategy": self.strategy.state_dict(),
+            "upload": self.upload.state_dict(),
+            "download": self.download.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cumulative_bytes = state_dict["cumulative_bytes"]
         self.strategy.load_state_dict(state_dict["strategy"])
+        self.upload.load_state_dict(state_dict["upload"])
+        self.download.load_state_dict(state_dict["download"])
 
 
 def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:
     parts = [f"round {server_round}/{num_rounds}"]
-    if metrics["round/clients_aggregated"] < sampled:
-        parts.append(f"{metrics['round/clients_aggregated']}/{sampled} clients aggregated")
+    if metrics["round/clients_aggregated"] < sampled or metrics["round/stragglers"]:
+        details = [f"{metrics['round/clients_aggregated']}/{sampled} clients aggregated"]
+        details += [f"{metrics[key]} {word}" for key, word in
+                    (("round/clients_dropped", "dropped"), ("round/clients_failed", "failed"), ("round/stragglers", "straggled"))
+                    if metrics[key]]
+        parts.append(", ".join(details))
     if "server/acc" in metrics:
         parts.append(f"server acc {metrics['server/acc']:.4f} loss {metrics['server/loss']:.4f}")
     if "train/loss" in metrics:

@@ -127,6 +127,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     A mistake prints one line and exits with status 2; ``--debug`` (or ``FEDPEFT_DEBUG=1``)
     shows the traceback instead.
     """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("FEDPEFT_DEBUG"))
     if "--debug" in argv:
@@ -134,7 +135,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         debug = True
     _configure_logging()
     try:
-        FedPEFTCLI(args=argv)
+        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv[1:] = argv
+            FedPEFTCLI()
+        else:
+            FedPEFTCLI(args=argv)
     except Exception as err:
         cause = _config_error_in(err)
         if cause is None or debug:

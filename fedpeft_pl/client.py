@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fedpeft_pl.backbone import Backbone, data_config, fingerprint
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
+from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters, trainable_state
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -61,6 +61,10 @@ class FedPEFTModule(pl.LightningModule):
         self.data_config = data_config(self.model)
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
+        self.fit_config: dict[str, Any] = {}  # what the server sent with this round's state, e.g. proximal_mu
+        self._anchor: dict[str, torch.Tensor] = {}
+        # set by fedpeft_pl.privacy.LocalDP: local steps become DP-SGD steps (manual optimization)
+        self.privacy: Optional[Any] = None
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         # checkpoints and updates hold the trainable tensors only; see on_save_checkpoint
         self.strict_loading = False
@@ -80,17 +84,51 @@ class FedPEFTModule(pl.LightningModule):
         assert self._fingerprint is not None
         return self._fingerprint
 
+    @property
+    def automatic_optimization(self) -> bool:
+        """Lightning's automatic optimization, except under local DP, whose step is taken by hand."""
+        return self.privacy is None and self._automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self._automatic_optimization = value
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(trainable_parameters(self).values())
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def on_client_start(self, client: int) -> None:
+        """Keep the received state when the loss needs it (FedProx's proximal term)."""
+        self._anchor = trainable_state(self) if self.fit_config.get("proximal_mu", 0.0) > 0 else {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.privacy is not None:
+            return self._private_step(batch)
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, logger=False, batch_size=len(labels))
+        if self._anchor:
+            mu = self.fit_config["proximal_mu"]
+            distance = sum((p - self._anchor[n]).pow(2).sum() for n, p in trainable_parameters(self).items())
+            loss = loss + mu / 2 * distance
         return loss
+
+    def _private_step(self, batch: Any) -> None:
+        """One DP-SGD step: the noisy sum of clipped per-sample gradients, then the optimizer."""
+        images, labels = batch
+        gradient, losses = self.privacy.private_gradient(self, images, labels)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for name, param in trainable_parameters(self).items():
+            grad = gradient[name]
+            if self._anchor:  # FedProx's proximal term depends on no record, so it needs no noise
+                grad = grad + self.fit_config["proximal_mu"] * (param.detach() - self._anchor[name])
+            param.grad = grad.to(param.dtype)
+        optimizer.step()
+        if len(losses):
+            self.log("train/loss", losses.mean(), on_step=False, on_epoch=True, logger=False, batch_size=len(losses))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "server")

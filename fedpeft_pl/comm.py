@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from fedpeft_pl.compression import Codec
 from fedpeft_pl.peft import trainable_parameters
 
 if TYPE_CHECKING:
@@ -32,15 +33,17 @@ class CommReport:
 
     method: str
     trainable_params: int
-    client_bytes: int  # one client, one direction, one round
-    full_client_bytes: int  # the same for full fine-tuning of this backbone
+    download_bytes: int  # one client, one round, server to client
+    upload_bytes: int  # one client, one round, client to server
+    full_client_bytes: int  # full fine-tuning of this backbone, uncompressed, one direction
     clients_per_round: int
     num_rounds: int
+    notes: tuple[str, ...] = ()
 
     @property
     def round_bytes(self) -> int:
         """Both directions, all sampled clients, one round."""
-        return 2 * self.clients_per_round * self.client_bytes
+        return self.clients_per_round * (self.download_bytes + self.upload_bytes)
 
     @property
     def run_bytes(self) -> int:
@@ -48,19 +51,22 @@ class CommReport:
 
     @property
     def ratio_to_full(self) -> float:
-        """How many times fewer bytes than full fine-tuning."""
-        return self.full_client_bytes / self.client_bytes
+        """How many times fewer bytes than uncompressed full fine-tuning, both directions."""
+        return 2 * self.full_client_bytes / (self.download_bytes + self.upload_bytes)
 
     def format(self) -> str:
-        rows = [
-            ("method", self.method),
-            ("trainable parameters", f"{self.trainable_params:,}"),
-            ("per client per direction", _size(self.client_bytes)),
+        rows = [("method", self.method), ("trainable parameters", f"{self.trainable_params:,}")]
+        if self.download_bytes == self.upload_bytes:
+            rows.append(("per client per direction", _size(self.download_bytes)))
+        else:
+            rows += [("per client, download", _size(self.download_bytes)), ("per client, upload", _size(self.upload_bytes))]
+        rows += [
             (f"per round ({self.clients_per_round} clients, both directions)", _size(self.round_bytes)),
             (f"whole run ({self.num_rounds} rounds)", _size(self.run_bytes)),
             ("full fine-tuning per client per direction", _size(self.full_client_bytes)),
             ("bytes relative to full fine-tuning", f"1/{self.ratio_to_full:,.1f} ({100 / self.ratio_to_full:.3f}%)"),
         ]
+        rows += [("note", note) for note in self.notes]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -69,18 +75,29 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes:,} bytes ({num_bytes / MIB:,.3f} MiB)"
 
 
-def communication_report(module: FedPEFTModule, clients_per_round: int, num_rounds: int) -> CommReport:
-    """Bytes that ``module``'s PEFT method sends, next to full fine-tuning of the same backbone.
+def communication_report(
+    module: FedPEFTModule,
+    clients_per_round: int,
+    num_rounds: int,
+    upload: Optional[Codec] = None,
+    download: Optional[Codec] = None,
+    notes: tuple[str, ...] = (),
+) -> CommReport:
+    """Bytes that ``module``'s PEFT method sends with the given codecs, next to full fine-tuning.
 
-    Counts come from the built architecture, so no weights are downloaded.
+    Counts come from the built architecture and the codecs' actual payloads, so no weights are
+    downloaded and compressed sizes are exact.
     """
-    trainable = trainable_parameters(module)
+    trainable = {name: p.detach() for name, p in trainable_parameters(module).items()}
     full = dict(module.backbone.build(module.num_classes).named_parameters())
+    upload, download = upload or Codec(), download or Codec()
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
-        client_bytes=payload_bytes(trainable),
+        download_bytes=payload_bytes(download.encode(trainable)),
+        upload_bytes=payload_bytes(upload.encode(trainable)),
         full_client_bytes=payload_bytes(full),
         clients_per_round=clients_per_round,
         num_rounds=num_rounds,
+        notes=notes,
     )

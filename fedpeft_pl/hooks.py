@@ -5,7 +5,9 @@
     on_train_epoch_start                     (Lightning; one epoch is one round)
     on_round_start(server_round, clients)
       for each sampled client:
-        on_client_start(client)              the client receives the global state
+        on_client_start(client)              the client receives the global state; a callback
+                                             may raise ClientDropped here to keep it out
+        (on_client_dropped(client, reason)   it dropped out: it trains and sends nothing)
         ... Lightning's training batches and their hooks ...
         on_client_end(client, num_samples)   the client's update is taken
           or, if its local training raised,
@@ -23,6 +25,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 
+class ClientDropped(Exception):
+    """Raised in ``on_client_start`` to keep a sampled client out of the round; the message says why."""
+
+
 class FederatedCallback(pl.Callback):
     """A Lightning callback that may also react to rounds and clients."""
 
@@ -33,6 +39,9 @@ class FederatedCallback(pl.Callback):
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         """``client`` is about to train locally."""
+
+    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, reason: str) -> None:
+        """``client`` was sampled but dropped out: it returns nothing this round."""
 
     def on_client_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int

@@ -17,7 +17,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -30,21 +30,34 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 
-from fedpeft_pl.aggregation import ServerAggregation, Strategy
+from fedpeft_pl.aggregation import ServerAggregation
+from fedpeft_pl.availability import ClientAvailability, Plan
+from fedpeft_pl.compression import Codec
 from fedpeft_pl.comm import CommReport, communication_report
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.export import Exported, export_model
-from fedpeft_pl.hooks import FederatedCallback
+from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters
+from fedpeft_pl.privacy import LocalDP
 from fedpeft_pl.progress import FederatedProgressBar
 from fedpeft_pl.seeds import derive_seed
+from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
 
-def sample_clients(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
-    """The ``clients_per_round`` clients of round ``server_round``, a function of the seed alone."""
+def sample_clients(
+    seed: int, server_round: int, num_clients: int, clients_per_round: int, sampling: str = "uniform"
+) -> list[int]:
+    """The clients of round ``server_round``, a function of the seed alone.
+
+    ``uniform`` draws exactly ``clients_per_round`` without replacement; ``poisson`` includes each
+    client independently with probability ``clients_per_round / num_clients`` (as central DP's
+    accounting assumes), so the count varies around ``clients_per_round``.
+    """
     rng = np.random.default_rng([seed, server_round])
+    if sampling == "poisson":
+        return [int(c) for c in np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)]
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
 
 
@@ -75,14 +88,24 @@ class FederatedLoop(_FitLoop):
     """
 
     def __init__(
-        self, trainer: pl.Trainer, num_rounds: int, clients_per_round: int, local_epochs: int, seed: int
+        self,
+        trainer: pl.Trainer,
+        num_rounds: int,
+        clients_per_round: int,
+        local_epochs: int,
+        seed: int,
+        client_sampling: str = "uniform",
+        availability: Optional[ClientAvailability] = None,
     ) -> None:
         super().__init__(trainer, min_epochs=0, max_epochs=num_rounds)
         self.epoch_loop = _ClientEpochLoop(trainer)
         self.clients_per_round = clients_per_round
         self.local_epochs = local_epochs
         self.seed = seed
+        self.client_sampling = client_sampling
+        self.availability = availability if availability is not None else ClientAvailability()
         self.round_clients: list[int] = []
+        self.round_plans: dict[int, Plan] = {}
         self.round_batches = 0
         self.client: Optional[int] = None
 
@@ -153,16 +176,28 @@ class FederatedLoop(_FitLoop):
         """One communication round."""
         datamodule = self.trainer.datamodule
         server_round = self.epoch_progress.current.processed + 1
-        clients = sample_clients(self.seed, server_round, datamodule.num_clients, self.clients_per_round)
+        clients = sample_clients(self.seed, server_round, datamodule.num_clients, self.clients_per_round, self.client_sampling)
         self.round_clients = clients
-        self.round_batches = self.local_epochs * sum(datamodule.client_num_batches(c) for c in clients)
+        self.round_plans = {
+            c: self.availability.plan(self.seed, server_round, c, self.local_epochs * datamodule.client_num_batches(c))
+            for c in clients
+        }
+        self.round_batches = sum(plan.batches for plan in self.round_plans.values())
         self._call_federated_hook("on_round_start", server_round, clients)
         failures: list[BaseException] = []
         for client in clients:
             self.client = client
-            self._call_federated_hook("on_client_start", client)
+            plan = self.round_plans[client]
             try:
-                self._train_client(server_round, client)
+                self._call_federated_hook("on_client_start", client)
+            except ClientDropped as reason:
+                self._drop(server_round, client, str(reason))
+                continue
+            if plan.dropped:
+                self._drop(server_round, client, "dropped out (client availability)")
+                continue
+            try:
+                self._train_client(server_round, client, plan.batches)
             except Exception as error:  # one client's failure must not end the run
                 failures.append(error)
                 log.warning(
@@ -173,7 +208,7 @@ class FederatedLoop(_FitLoop):
             else:
                 self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
         self.client = None
-        if len(failures) == len(clients):
+        if failures and len(failures) == len(clients):
             raise RuntimeError(
                 f"all {len(clients)} clients of round {server_round} failed; the first error is above"
             ) from failures[0]
@@ -181,7 +216,12 @@ class FederatedLoop(_FitLoop):
         if self._should_evaluate(server_round):
             self._evaluate()
 
-    def _train_client(self, server_round: int, client: int) -> None:
+    def _drop(self, server_round: int, client: int, reason: str) -> None:
+        log.info(f"round {server_round}: client {client} takes no part: {reason}")
+        self._call_federated_hook("on_client_dropped", client, reason)
+
+    def _train_client(self, server_round: int, client: int, max_batches: int) -> None:
+        """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers)."""
         trainer = self.trainer
         seed = derive_seed(self.seed, server_round, client)
         loader = trainer.datamodule.client_dataloader(client, seed)
@@ -190,15 +230,19 @@ class FederatedLoop(_FitLoop):
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
+            remaining = max_batches
             for _ in range(self.local_epochs):
+                if remaining <= 0:
+                    break
                 fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
                 fetcher.setup(CombinedLoader(loader, "max_size_cycle"))
                 try:
                     iter(fetcher)
-                    self.max_batches = len(loader)
+                    self.max_batches = min(len(loader), remaining)
                     self.epoch_loop.run(fetcher)
                 finally:
                     fetcher.teardown()
+                remaining -= self.max_batches
 
     def _should_evaluate(self, server_round: int) -> bool:
         every = self.trainer.check_val_every_n_epoch
@@ -256,10 +300,18 @@ class FederatedTrainer(pl.Trainer):
 
     Args:
         num_rounds: communication rounds (one Lightning epoch each).
-        clients_per_round: clients sampled each round (m of the data module's N).
+        clients_per_round: clients sampled each round (m of the data module's N); with Poisson
+            sampling, the expected number.
         local_epochs: passes over its own data that each sampled client makes per round.
-        seed: seeds client sampling and every client's local training.
-        aggregation: the server's strategy; FedAvg by default.
+        seed: seeds client sampling, availability and every client's local training.
+        aggregation: the server's strategy (``fedpeft_pl.strategies``); FedAvg by default.
+        client_sampling: ``uniform`` (exactly m, without replacement) or ``poisson`` (each
+            client with probability m/N; what DP-FedAvg's accounting assumes).
+        availability: dropout and stragglers (:class:`~fedpeft_pl.availability.ClientAvailability`).
+        compress_upload: codec for client updates (``fedpeft_pl.compression``), e.g. ``Int8``.
+        compress_download: codec for the global state sent to clients, e.g. ``Float16``.
+        privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
+            client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar and a round-end ModelCheckpoint (``last.ckpt``) are added unless given.
         num_sanity_val_steps: as in Lightning; off by default.
@@ -278,6 +330,11 @@ class FederatedTrainer(pl.Trainer):
         local_epochs: int = 1,
         seed: int = 0,
         aggregation: Optional[Strategy] = None,
+        client_sampling: Literal["uniform", "poisson"] = "uniform",
+        availability: Optional[ClientAvailability] = None,
+        compress_upload: Optional[Codec] = None,
+        compress_download: Optional[Codec] = None,
+        privacy: Optional[LocalDP] = None,
         callbacks: Optional[list[Callback]] = None,
         num_sanity_val_steps: int = 0,
         **kwargs: Any,
@@ -293,17 +350,26 @@ class FederatedTrainer(pl.Trainer):
             if kwargs.get(name) not in (None, -1):
                 raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
             kwargs.pop(name, None)
+        if client_sampling not in ("uniform", "poisson"):
+            raise ConfigError(f"trainer.client_sampling must be 'uniform' or 'poisson', got {client_sampling!r}")
         callbacks = list(callbacks or [])
+        if privacy is not None:
+            # before the server: a client whose budget is spent is dropped before anything is sent to it
+            callbacks.insert(0, privacy)
         if not any(isinstance(c, ServerAggregation) for c in callbacks):
-            callbacks.append(ServerAggregation(aggregation))
-        elif aggregation is not None:
-            raise ConfigError("give the aggregation strategy either as trainer.aggregation or in a ServerAggregation callback, not both")
+            callbacks.append(ServerAggregation(aggregation, upload=compress_upload, download=compress_download))
+        elif aggregation is not None or compress_upload is not None or compress_download is not None:
+            raise ConfigError(
+                "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
+            )
         if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(FederatedProgressBar())
         if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
         super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
-        self.fit_loop = FederatedLoop(self, num_rounds, clients_per_round, local_epochs, seed)
+        self.fit_loop = FederatedLoop(
+            self, num_rounds, clients_per_round, local_epochs, seed, client_sampling=client_sampling, availability=availability
+        )
 
     def fit(
         self,
@@ -320,6 +386,9 @@ class FederatedTrainer(pl.Trainer):
         if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
             raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
         self._check_clients(datamodule.num_clients)
+        privacy = self.privacy
+        if privacy is not None:
+            privacy.attach(model, datamodule)
         if ckpt_path == "last":
             ckpt_path = self.find_last_checkpoint(continue_logging=True)
         elif ckpt_path is not None and not os.path.isfile(ckpt_path):
@@ -363,6 +432,11 @@ class FederatedTrainer(pl.Trainer):
             )
 
     @property
+    def privacy(self) -> Optional[LocalDP]:
+        """The local-DP callback, if the run trains privately."""
+        return next((c for c in self.callbacks if isinstance(c, LocalDP)), None)
+
+    @property
     def aggregation(self) -> ServerAggregation:
         """The callback that plays the server."""
         return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
@@ -398,6 +472,16 @@ class FederatedTrainer(pl.Trainer):
         num_clients = getattr(datamodule, "num_clients", None)
         if num_clients is not None:
             self._check_clients(num_clients)
-        report = communication_report(model, self.fit_loop.clients_per_round, self.fit_loop.num_rounds)
+        server = self.aggregation
+        notes = ["clients are Poisson-sampled: m is the expected number per round"] if self.fit_loop.client_sampling == "poisson" else []
+        if self.fit_loop.availability.dropout or self.fit_loop.availability.stragglers:
+            notes.append(f"{self.fit_loop.availability!r}: dropped clients download but send nothing")
+        notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
+        if type(server.upload) is not Codec or type(server.download) is not Codec:
+            notes.append(f"upload {server.upload!r}, download {server.download!r}")
+        report = communication_report(
+            model, self.fit_loop.clients_per_round, self.fit_loop.num_rounds,
+            upload=server.upload, download=server.download, notes=tuple(notes),
+        )
         print(report.format())
         return report

@@ -30,15 +30,15 @@ def vit_b16_report(peft):
 def test_the_papers_vit_b16_communication_figures():
     bias = vit_b16_report(Bias())
     assert bias.trainable_params == 179_812
-    assert bias.client_bytes == 179_812 * 4
-    assert round(bias.client_bytes / 2**20, 3) == 0.686
+    assert bias.download_bytes == bias.upload_bytes == 179_812 * 4
+    assert round(bias.upload_bytes / 2**20, 3) == 0.686
     assert bias.full_client_bytes == 85_875_556 * 4
     assert round(bias.full_client_bytes / 2**20, 1) == 327.6
-    assert bias.round_bytes == 2 * 8 * bias.client_bytes
+    assert bias.round_bytes == 2 * 8 * bias.upload_bytes
     assert bias.run_bytes == 50 * bias.round_bytes
     assert bias.ratio_to_full == pytest.approx(85_875_556 / 179_812)
     assert vit_b16_report(Full()).ratio_to_full == 1.0
-    assert vit_b16_report(Prompt(num_tokens=10, deep=True)).client_bytes == 169_060 * 4
+    assert vit_b16_report(Prompt(num_tokens=10, deep=True)).upload_bytes == 169_060 * 4
 
 
 def load(name):

@@ -32,3 +32,15 @@ def test_contributing_peft_example_trains(tmp_path, monkeypatch):
     before = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
     tiny_trainer(tmp_path).fit(module, datamodule=tiny_datamodule())
     assert all(not torch.equal(before[k], v) for k, v in trainable_parameters(module).items())
+
+
+def test_readme_strategy_example_is_a_valid_overlay(tmp_path, capsys):
+    from fedpeft_pl.cli import main
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "aggregation:" in b and "availability:" in b)
+    (tmp_path / "overlay.yaml").write_text(example)
+    main(["comm", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(tmp_path / "overlay.yaml")])
+    printed = capsys.readouterr().out
+    assert "per client, upload" in printed and "Int8(error_feedback=True)" in printed
+    assert "ClientAvailability(dropout=0.2" in printed

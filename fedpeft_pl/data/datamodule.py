@@ -11,7 +11,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
 from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
@@ -21,14 +21,19 @@ log = logging.getLogger(__name__)
 
 
 class ClientBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of the current client's indices; :meth:`assign` switches client and seed.
+    """Batches of the current client's indices; :meth:`assign` switches client and seed.
 
     One DataLoader serves every client through this sampler, so worker processes (with
     ``num_workers > 0``) are started once per run instead of once per client.
+
+    By default an epoch is a shuffled pass in batches of ``batch_size``. With ``poisson`` (what
+    DP-SGD's accounting assumes) each of the epoch's ``ceil(n / batch_size)`` batches includes
+    every index independently with probability ``batch_size / n``, so a batch may be empty.
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, poisson: bool = False) -> None:
         self.batch_size = batch_size
+        self.poisson = poisson
         self.indices = np.empty(0, dtype=np.int64)
         self.generator = torch.Generator()
 
@@ -37,6 +42,12 @@ class ClientBatchSampler(Sampler[list[int]]):
         self.generator.manual_seed(seed)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.poisson:
+            rate = min(1.0, self.batch_size / max(1, len(self.indices)))
+            for _ in range(len(self)):
+                mask = torch.rand(len(self.indices), generator=self.generator).numpy() < rate
+                yield self.indices[mask].tolist()
+            return
         order = self.indices[torch.randperm(len(self.indices), generator=self.generator).numpy()]
         for start in range(0, len(order), self.batch_size):
             yield order[start : start + self.batch_size].tolist()
@@ -97,6 +108,15 @@ class FederatedDataModule(pl.LightningDataModule):
         self._sampler = ClientBatchSampler(batch_size)
         self._client_loader: Optional[DataLoader] = None
 
+    @property
+    def poisson_sampling(self) -> bool:
+        """Whether local batches are Poisson samples (set by :class:`~fedpeft_pl.privacy.LocalDP`)."""
+        return self._sampler.poisson
+
+    @poisson_sampling.setter
+    def poisson_sampling(self, value: bool) -> None:
+        self._sampler.poisson = value
+
     def prepare_data(self) -> None:
         self.dataset.prepare()
 
@@ -138,6 +158,7 @@ class FederatedDataModule(pl.LightningDataModule):
             self._client_loader = DataLoader(
                 self.splits.train,
                 batch_sampler=self._sampler,
+                collate_fn=_EmptyBatchCollate(self.splits.train),
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
@@ -193,3 +214,20 @@ class FederatedDataModule(pl.LightningDataModule):
             path = os.path.join(self.trainer.log_dir, "client_label_histogram.csv")
             columns = ",".join(f"class_{c}" for c in range(histogram.shape[1]))
             np.savetxt(path, histogram, fmt="%d", delimiter=",", header=columns, comments="")
+
+
+class _EmptyBatchCollate:
+    """PyTorch's default collate, plus zero-length tensors for the empty batches of Poisson sampling.
+
+    DP-SGD must take its noisy step on an empty batch too (skipping it would reveal that the
+    batch was empty); the default collate cannot stack nothing, so an empty batch is a
+    one-sample batch cut to length zero.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, samples: list) -> Any:
+        if samples:
+            return default_collate(samples)
+        return tuple(t[:0] for t in default_collate([self.dataset[0]]))

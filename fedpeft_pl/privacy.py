@@ -1,0 +1,358 @@
+"""Differential privacy with real accounting: local DP-SGD on each client, and central DP-FedAvg.
+
+Local DP (:class:`LocalDP`) protects each record of a client's data: every local step clips
+each sample's gradient of the trainable tensors to norm ``C``, sums, adds Gaussian noise of
+standard deviation ``sigma * C`` and divides by the expected batch size. Batches are Poisson
+samples with rate ``q = batch_size / n_k``, as the accounting assumes. Per-sample gradients come
+from ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), so they work for every PEFT
+method, hooks included, and for full fine-tuning.
+
+Central DP (:class:`DPFedAvg`, McMahan et al. 2018) protects each client's whole contribution:
+the server clips every update to norm ``S``, averages with a fixed denominator and adds
+Gaussian noise; client sampling is Poisson with rate ``q = m / N``.
+
+Both account with opacus (RDP or PRV accountant) and calibrate ``sigma`` from a target
+``(epsilon, delta)`` with opacus' ``get_noise_multiplier``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.hooks import ClientDropped, FederatedCallback
+from fedpeft_pl.peft import trainable_parameters
+from fedpeft_pl.seeds import SERVER_NOISE, derive_seed
+from fedpeft_pl.strategies import ClientUpdate, State, Strategy
+
+log = logging.getLogger(__name__)
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def check_privacy_arguments(epsilon: Optional[float], delta: float, clip: float, accountant: str, clip_name: str) -> None:
+    if epsilon is not None and not epsilon > 0:
+        raise ConfigError(f"privacy epsilon must be > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"privacy delta must be in (0, 1), got {delta}; 1/(number of records) or smaller is usual")
+    if not clip > 0:
+        raise ConfigError(f"privacy {clip_name} must be > 0, got {clip}")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"privacy accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+
+
+def clipped_gradient_sum(
+    module: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    max_grad_norm: float,
+    chunk_size: int = 32,
+) -> tuple[State, torch.Tensor]:
+    """The sum over the batch of each sample's gradient of the trainable tensors, clipped to ``max_grad_norm``.
+
+    Returns the sums (named as in ``module.named_parameters()``) and the per-sample losses.
+    Per-sample gradients are computed ``chunk_size`` samples at a time, so memory grows with
+    ``chunk_size`` times the trainable size, not with the batch.
+    """
+    params = {name: p.detach() for name, p in trainable_parameters(module).items()}
+
+    def loss_of(p: State, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(module, p, (image.unsqueeze(0),))
+        return F.cross_entropy(logits, label.unsqueeze(0))
+
+    per_sample = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0), randomness="different")
+    sums = {name: torch.zeros_like(p) for name, p in params.items()}
+    losses = []
+    for start in range(0, len(labels), chunk_size):
+        grads, loss = per_sample(params, images[start : start + chunk_size], labels[start : start + chunk_size])
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for name, g in grads.items():
+            sums[name] += torch.einsum("b,b...->...", factors.to(g.dtype), g)
+        losses.append(loss.detach())
+    return sums, torch.cat(losses) if losses else torch.zeros(0)
+
+
+class LocalDP(FederatedCallback):
+    """DP-SGD on every client, with per-client accounting (record-level privacy of each client's data).
+
+    Each client ``k`` gets its own noise multiplier, calibrated so that its expected use over
+    the run, ``num_rounds * m / N`` participations of ``local_epochs / q_k`` steps at sampling rate
+    ``q_k = batch_size / n_k``, costs ``(epsilon, delta)``. What each client actually spends is
+    tracked across the rounds it takes part in and logged (``privacy/client_epsilon_max``,
+    ``privacy/client_epsilon_mean``); a client whose next participation would exceed
+    ``epsilon`` stops taking part, with a log line.
+
+    Args:
+        epsilon: each client's target budget for the run.
+        delta: target delta, in (0, 1).
+        max_grad_norm: C, the per-sample clipping bound.
+        noise_multiplier: a fixed sigma instead of one calibrated from ``epsilon``.
+        accountant: ``rdp`` or ``prv`` (opacus).
+        chunk_size: samples per ``vmap`` call; bounds memory.
+
+    Example::
+
+        trainer:
+          privacy:
+            class_path: fedpeft_pl.privacy.LocalDP
+            init_args: {epsilon: 5.0, delta: 1.0e-3, max_grad_norm: 1.0}
+    """
+
+    def __init__(
+        self,
+        epsilon: Optional[float] = 5.0,
+        delta: float = 1e-3,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: Optional[float] = None,
+        accountant: str = "rdp",
+        chunk_size: int = 32,
+    ) -> None:
+        check_privacy_arguments(epsilon, delta, max_grad_norm, accountant, "max_grad_norm")
+        if epsilon is None and noise_multiplier is None:
+            raise ConfigError("LocalDP needs a target epsilon or a noise_multiplier")
+        if noise_multiplier is not None and noise_multiplier < 0:
+            raise ConfigError(f"LocalDP noise_multiplier must be >= 0, got {noise_multiplier}")
+        self.epsilon = epsilon
+        self.delta = delta
+        self.max_grad_norm = max_grad_norm
+        self.noise_multiplier = noise_multiplier
+        self.accountant = accountant
+        self.chunk_size = chunk_size
+        self._histories: dict[int, list] = {}
+        self._sigma: dict[int, float] = {}
+        self._round_clients: list[int] = []
+
+    # -- the client side of one local step -------------------------------------------------------
+
+    def private_gradient(self, module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """Noisy clipped gradient for one Poisson batch of the current client, and its per-sample losses."""
+        trainer = module.trainer
+        client = trainer.fit_loop.client
+        sigma = self._sigma[client]
+        rate, _ = self._rates(trainer, client)
+        expected = rate * trainer.datamodule.client_num_samples(client)  # the Poisson batch's expected size
+        sums, losses = clipped_gradient_sum(module, images, labels, self.max_grad_norm, self.chunk_size)
+        std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
+        noisy = {name: (s + torch.randn_like(s) * std) / expected for name, s in sums.items()}
+        return noisy, losses
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    def _rates(self, trainer: pl.Trainer, client: int) -> tuple[float, int]:
+        datamodule = trainer.datamodule
+        samples = datamodule.client_num_samples(client)
+        rate = min(1.0, datamodule.batch_size / samples)
+        steps = trainer.fit_loop.local_epochs * datamodule.client_num_batches(client)
+        return rate, steps
+
+    def sigma_for(self, trainer: pl.Trainer, client: int) -> float:
+        if client not in self._sigma:
+            if self.noise_multiplier is not None:
+                self._sigma[client] = self.noise_multiplier
+            else:
+                rate, steps = self._rates(trainer, client)
+                loop = trainer.fit_loop
+                participations = max(1, math.ceil(loop.num_rounds * loop.clients_per_round / trainer.datamodule.num_clients))
+                self._sigma[client] = get_noise_multiplier(
+                    target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=rate,
+                    steps=participations * steps, accountant=self.accountant,
+                )
+        return self._sigma[client]
+
+    def spent(self, client: int) -> float:
+        """The epsilon that ``client`` has spent so far."""
+        return _epsilon(self.accountant, self._histories.get(client, []), self.delta)
+
+    def _after(self, client: int, sigma: float, rate: float, steps: int) -> list:
+        return _append(self._histories.get(client, []), sigma, rate, steps)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def attach(self, module: pl.LightningModule, datamodule: Any) -> None:
+        """Make ``module``'s local steps DP-SGD steps and ``datamodule``'s local batches Poisson samples."""
+        if not hasattr(module, "privacy"):
+            raise ConfigError("LocalDP needs a FedPEFTModule (or a module with a 'privacy' attribute) to train privately")
+        if not hasattr(datamodule, "poisson_sampling"):
+            raise ConfigError("LocalDP needs a FederatedDataModule, whose local batches can be Poisson samples")
+        module.privacy = self
+        datamodule.poisson_sampling = True
+        # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule on every
+        # device; the explicit softmax(q k^T) v path is the same function and vmaps everywhere
+        for submodule in module.modules():
+            if hasattr(submodule, "fused_attn"):
+                submodule.fused_attn = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module, trainer.datamodule)
+
+    def on_round_start(self, trainer, pl_module, server_round, clients) -> None:
+        self._round_clients = []
+
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+        sigma = self.sigma_for(trainer, client)
+        rate, steps = self._rates(trainer, client)
+        if self.epsilon is not None:
+            after = _epsilon(self.accountant, self._after(client, sigma, rate, steps), self.delta)
+            if after > self.epsilon:
+                raise ClientDropped(
+                    f"its privacy budget is spent ({self.spent(client):.2f} of epsilon {self.epsilon}; this round "
+                    f"would bring it to {after:.2f}); it takes no further part"
+                )
+
+    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
+        rate, steps = self._rates(trainer, client)
+        # every planned step is accounted, also a step whose Poisson batch happened to be empty
+        self._histories[client] = self._after(client, self._sigma[client], rate, steps)
+        self._round_clients.append(client)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        spent = [self.spent(c) for c in self._histories]
+        if not spent:
+            return
+        metrics = {"privacy/client_epsilon_max": max(spent), "privacy/client_epsilon_mean": sum(spent) / len(spent)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.current_epoch + 1)
+        log.info(
+            f"privacy: clients have spent epsilon up to {metrics['privacy/client_epsilon_max']:.3f} "
+            f"(mean {metrics['privacy/client_epsilon_mean']:.3f}) at delta {self.delta}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "histories": {str(c): [list(h) for h in hist] for c, hist in self._histories.items()},
+            "sigma": {str(c): s for c, s in self._sigma.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._histories = {int(c): [tuple(h) for h in hist] for c, hist in state_dict["histories"].items()}
+        self._sigma = {int(c): float(s) for c, s in state_dict["sigma"].items()}
+
+    def describe(self) -> str:
+        target = f"epsilon {self.epsilon}" if self.epsilon is not None else f"noise multiplier {self.noise_multiplier}"
+        return (
+            f"local DP-SGD: per-sample clipping C={self.max_grad_norm}, {target} per client at delta {self.delta} "
+            f"({self.accountant} accountant); sigma is calibrated per client from its sampling rate and expected steps"
+        )
+
+
+class DPFedAvg(Strategy):
+    """DP-FedAvg (McMahan et al. 2018): user-level central differential privacy.
+
+    Each client's update ``w_k - global`` is clipped to norm ``clip_norm``; the server sums the
+    clipped updates, adds Gaussian noise of standard deviation ``noise_multiplier * clip_norm``
+    and divides by the expected number of clients ``q * N`` (the fixed-denominator estimator).
+    Clients must be sampled by Poisson sampling (``trainer.client_sampling: poisson``) with
+    ``q = m / N``. Spent epsilon is accounted per round (``privacy/epsilon``).
+
+    Args:
+        clip_norm: S, the bound on each client's update norm.
+        epsilon: target budget for the run; calibrates the noise multiplier. Or give ``noise_multiplier``.
+        delta: target delta, in (0, 1).
+        noise_multiplier: z, fixed instead of calibrated.
+        accountant: ``rdp`` or ``prv`` (opacus).
+
+    Every round releases a noisy aggregate, even one to which no client contributed.
+    """
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        epsilon: Optional[float] = 5.0,
+        delta: float = 1e-3,
+        noise_multiplier: Optional[float] = None,
+        accountant: str = "rdp",
+    ) -> None:
+        super().__init__()
+        # Every round releases a noisy aggregate, also one in which no client was sampled or
+        # returned: skipping such a round would reveal that it had no contributions.
+        self.min_clients = 0
+        check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
+        if epsilon is None and noise_multiplier is None:
+            raise ConfigError("DPFedAvg needs a target epsilon or a noise_multiplier")
+        self.clip_norm = clip_norm
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self.accountant = accountant
+        self._history: list = []
+        self._rate = 0.0
+        self._expected_clients = 1.0
+        self._seed = 0
+
+    def setup(self, num_clients: int, clients_per_round: int, num_rounds: int, sampling: str, seed: int) -> None:
+        if sampling != "poisson":
+            raise ConfigError("DPFedAvg's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson")
+        self._rate = clients_per_round / num_clients
+        self._expected_clients = float(clients_per_round)
+        self._seed = seed
+        if self.noise_multiplier is None:
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,
+                steps=num_rounds, accountant=self.accountant,
+            )
+
+    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in global_state.items()}
+        for update in updates:
+            delta = {name: update.state[name].float() - global_state[name].float() for name in global_state}
+            norm = torch.stack([d.norm() for d in delta.values()]).norm()
+            factor = min(1.0, self.clip_norm / (float(norm) + 1e-12))
+            for name, d in delta.items():
+                total[name] += d * factor
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self._seed, server_round, 0, SERVER_NOISE))
+        result = {}
+        for name, current in global_state.items():
+            noise = torch.randn(current.shape, generator=generator) * (self.noise_multiplier * self.clip_norm)
+            result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(current.dtype)
+        self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
+        return result
+
+    def epsilon_spent(self) -> float:
+        return _epsilon(self.accountant, self._history, self.delta)
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"privacy/epsilon": self.epsilon_spent()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self._history], "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._history = [tuple(h) for h in state["history"]]
+        self.noise_multiplier = state["noise_multiplier"]
+
+    def describe(self) -> str:
+        return (
+            f"central DP-FedAvg: update clipping S={self.clip_norm}, "
+            + (f"epsilon {self.epsilon} " if self.epsilon is not None else "")
+            + f"at delta {self.delta} over the run ({self.accountant} accountant, Poisson client sampling)"
+        )
+
+
+def _append(history: list, sigma: float, rate: float, steps: int) -> list:
+    history = [tuple(h) for h in history]
+    if history and history[-1][0] == sigma and history[-1][1] == rate:
+        history[-1] = (sigma, rate, history[-1][2] + steps)
+    else:
+        history.append((sigma, rate, steps))
+    return history
+
+
+def _epsilon(kind: str, history: list, delta: float) -> float:
+    """Epsilon spent by a history of ``(sigma, sample_rate, steps)``, by opacus' accountant; inf without noise."""
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    accountant = create_accountant(kind)
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta))
