@@ -148,8 +148,11 @@ class ServerAggregation(FederatedCallback):
             **self._eval,
             **self.strategy.round_metrics(),
         }
-        if "train/loss" in trainer.callback_metrics:
-            metrics["train/loss"] = float(trainer.callback_metrics["train/loss"])
+        train_loss = getattr(pl_module, "round_train_loss", None)
+        if train_loss is None and "train/loss" in trainer.callback_metrics:  # a module that logs its own
+            train_loss = float(trainer.callback_metrics["train/loss"])
+        if train_loss is not None:
+            metrics["train/loss"] = train_loss
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)
             if "server/acc" in self._eval:

@@ -126,3 +126,9 @@ def test_cifar_without_files_and_without_download_is_a_config_error(tmp_path):
 def test_invalid_data_arguments_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         FederatedDataModule(**kwargs)
+
+
+def test_without_a_logger_no_histogram_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_trainer(tmp_path).fit(tiny_module(Head()), datamodule=tiny_datamodule())
+    assert not list(tmp_path.rglob("client_label_histogram.csv"))

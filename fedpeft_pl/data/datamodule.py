@@ -209,7 +209,7 @@ class FederatedDataModule(pl.LightningDataModule):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("data/label_histogram", "\n".join([header, rule, *rows]), global_step=0)
-        if self.trainer.log_dir is not None:
+        if self.trainer.loggers and self.trainer.log_dir is not None:  # no logger: no files
             os.makedirs(self.trainer.log_dir, exist_ok=True)
             path = os.path.join(self.trainer.log_dir, "client_label_histogram.csv")
             columns = ",".join(f"class_{c}" for c in range(histogram.shape[1]))
