@@ -8,7 +8,7 @@
 Random weights (throughput does not depend on them). Each figure is the median over ``--steps``
 timed steps after ``--warmup`` untimed ones, one client's local step exactly as FedPEFTModule takes
 it (cross-entropy, SGD on the trainable tensors). Results go to
-benchmarks/results/throughput-<device>-<models>[-compile].md.
+benchmarks/results/throughput-<device>-<models>-<precisions>[-compile].md.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
             lines.append(f"| {model} | {method} | " + " | ".join(f"{f:,.1f}" for f in figures) + " |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
-    (REPO / "benchmarks" / "results" / f"throughput-{args.device}-{'-'.join(args.models)}{'-compile' if args.compile else ''}.md").write_text(table)
+    (REPO / "benchmarks" / "results" / f"throughput-{args.device}-{'-'.join(args.models)}-{'-'.join(args.precisions)}{'-compile' if args.compile else ''}.md").write_text(table)
     print(table)
 
 
