@@ -130,7 +130,6 @@ class LocalDP(FederatedCallback):
         self.chunk_size = chunk_size
         self._histories: dict[int, list] = {}
         self._sigma: dict[int, float] = {}
-        self._round_clients: list[int] = []
 
     # -- the client side of one local step -------------------------------------------------------
 
@@ -179,7 +178,11 @@ class LocalDP(FederatedCallback):
     # -- hooks ---------------------------------------------------------------------------------------
 
     def attach(self, module: pl.LightningModule, datamodule: Any) -> None:
-        """Make ``module``'s local steps DP-SGD steps and ``datamodule``'s local batches Poisson samples."""
+        """Make ``module``'s local steps DP-SGD steps and ``datamodule``'s local batches Poisson samples.
+
+        ``FederatedTrainer.fit`` calls this before Lightning sets up the run, so Lightning sees the
+        module's manual optimization from the start.
+        """
         if not hasattr(module, "privacy"):
             raise ConfigError("LocalDP needs a FedPEFTModule (or a module with a 'privacy' attribute) to train privately")
         if not hasattr(datamodule, "poisson_sampling"):
@@ -191,12 +194,6 @@ class LocalDP(FederatedCallback):
         for submodule in module.modules():
             if hasattr(submodule, "fused_attn"):
                 submodule.fused_attn = False
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, trainer.datamodule)
-
-    def on_round_start(self, trainer, pl_module, server_round, clients) -> None:
-        self._round_clients = []
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         sigma = self.sigma_for(trainer, client)
@@ -213,7 +210,6 @@ class LocalDP(FederatedCallback):
         rate, steps = self._rates(trainer, client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
         self._histories[client] = self._after(client, self._sigma[client], rate, steps)
-        self._round_clients.append(client)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         spent = [self.spent(c) for c in self._histories]
