@@ -30,7 +30,9 @@ def child(clients: int) -> None:
 
     import torch
 
-    from fedpeft_pl import Backbone, FedPEFTModule, FederatedDataModule, FederatedTrainer
+    from workloads import quickstart_backbone
+
+    from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
     from fedpeft_pl.compression import Int8
     from fedpeft_pl.data import Digits
     from fedpeft_pl.peft import Prompt, trainable_parameters
@@ -39,9 +41,7 @@ def child(clients: int) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
-    backbone = Backbone("vit_tiny_patch16_224", img_size=32,
-                        kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
-    module = FedPEFTModule(10, backbone, Prompt(num_tokens=10, deep=True))
+    module = FedPEFTModule(10, quickstart_backbone(), Prompt(num_tokens=10, deep=True))
     datamodule = FederatedDataModule(Digits(), num_clients=clients, batch_size=32)
     codec = Int8(error_feedback=True)
     trainer = FederatedTrainer(

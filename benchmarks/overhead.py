@@ -28,29 +28,21 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fedpeft_pl import Backbone, FedPEFTModule, FederatedDataModule, FederatedTrainer
+from workloads import METHOD_NAMES, peft_method, quickstart_backbone
+
+from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
 from fedpeft_pl.data import Digits
 from fedpeft_pl.loop import sample_clients
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state
 from fedpeft_pl.seeds import derive_seed
 from fedpeft_pl.strategies import ClientUpdate, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {
-    "head": lambda: Head(),
-    "bias": lambda: Bias(),
-    "adapter": lambda: Adapter(reduction_factor=8),
-    "prompt": lambda: Prompt(num_tokens=10, deep=True),
-    "lora": lambda: LoRA(rank=4, alpha=8.0),
-    "full": lambda: Full(),
-}
-BACKBONE = dict(name="vit_tiny_patch16_224", img_size=32, kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
 
 
 def build(method: str, clients: int) -> tuple[FedPEFTModule, FederatedDataModule]:
     torch.manual_seed(0)
-    module = FedPEFTModule(10, Backbone(**BACKBONE), METHODS[method](),
+    module = FedPEFTModule(10, quickstart_backbone(), peft_method(method),
                            optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
     return module, FederatedDataModule(Digits(), num_clients=clients, batch_size=32, seed=0)
 
@@ -98,7 +90,7 @@ def run_plain(method: str, args: argparse.Namespace) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=16)

@@ -24,31 +24,25 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from workloads import METHOD_NAMES, peft_method, quickstart_backbone
+
 from fedpeft_pl import Backbone, FedPEFTModule
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt, trainable_parameters
+from fedpeft_pl.peft import trainable_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {
-    "head": lambda: Head(),
-    "bias": lambda: Bias(),
-    "adapter": lambda: Adapter(reduction_factor=8),
-    "prompt": lambda: Prompt(num_tokens=10, deep=True),
-    "lora": lambda: LoRA(rank=8, alpha=8.0),
-    "full": lambda: Full(),
-}
 MODELS = {
     # the quickstart's tiny ViT on 32 px digits-sized inputs
-    "tiny": (dict(name="vit_tiny_patch16_224", img_size=32,
-                  kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4}), 10, 32),
+    "tiny": (quickstart_backbone, 10, 32),
     # the paper's ViT-B/16 at 224 px, 100 classes
-    "vit_b16": (dict(name="vit_base_patch16_224"), 100, 8),
+    "vit_b16": (lambda: Backbone("vit_base_patch16_224"), 100, 8),
 }
 
 
 def measure(model: str, method: str, device: str, bf16: bool, compile_: bool, steps: int, warmup: int) -> float:
     backbone, classes, batch = MODELS[model]
     torch.manual_seed(0)
-    module = FedPEFTModule(classes, Backbone(**backbone), METHODS[method]()).to(device).train()
+    # LoRA at rank 8, the paper configs' setting, on both models
+    module = FedPEFTModule(classes, backbone(), peft_method(method, lora_rank=8)).to(device).train()
     size = module.data_config["input_size"]
     images = torch.randn(batch, *size, device=device)
     labels = torch.randint(0, classes, (batch,), device=device)
@@ -74,7 +68,7 @@ def measure(model: str, method: str, device: str, bf16: bool, compile_: bool, st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="bf16 means fp32 weights under bf16 autocast")

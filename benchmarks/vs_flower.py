@@ -34,12 +34,12 @@ WEIGHTS = str(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors")
 def build_module():
     import torch
 
-    from fedpeft_pl import Backbone, FedPEFTModule
+    from workloads import quickstart_backbone
+
+    from fedpeft_pl import FedPEFTModule
     from fedpeft_pl.peft import Prompt
 
-    backbone = Backbone("vit_tiny_patch16_224", weights_file=WEIGHTS, img_size=32,
-                        kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
-    module = FedPEFTModule(10, backbone, Prompt(num_tokens=10, deep=True),
+    module = FedPEFTModule(10, quickstart_backbone(WEIGHTS), Prompt(num_tokens=10, deep=True),
                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
     module.configure_model()
     return module

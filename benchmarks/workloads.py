@@ -1,0 +1,31 @@
+"""What the benchmark scripts build: the quickstart's tiny ViT and the six PEFT methods.
+
+One definition, so every benchmark measures the same architecture and method settings.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fedpeft_pl import Backbone
+from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
+
+METHOD_NAMES = ["head", "bias", "adapter", "prompt", "lora", "full"]
+
+
+def quickstart_backbone(weights_file: Optional[str] = None) -> Backbone:
+    """The quickstart's 4-block ViT on 32 px inputs (embedding 128, patch 8); random weights unless a file is given."""
+    return Backbone("vit_tiny_patch16_224", weights_file=weights_file, img_size=32,
+                    kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
+
+
+def peft_method(name: str, lora_rank: int = 4) -> PEFTMethod:
+    """A fresh PEFT method by name: adapters of reduction 8, 10 deep prompt tokens, LoRA with alpha 8."""
+    return {
+        "head": Head,
+        "bias": Bias,
+        "adapter": lambda: Adapter(reduction_factor=8),
+        "prompt": lambda: Prompt(num_tokens=10, deep=True),
+        "lora": lambda: LoRA(rank=lora_rank, alpha=8.0),
+        "full": Full,
+    }[name]()
