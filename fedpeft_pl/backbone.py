@@ -82,7 +82,13 @@ class Backbone:
             return
         num_classes = model.num_classes
         reference = self._load_reference(num_classes)
-        result = model.load_state_dict(reference.state_dict(), strict=False)
+        state = reference.state_dict()
+        if reference.pretrained_cfg.get("num_classes", num_classes) != num_classes:
+            # timm dropped the weights' classifier, so the reference's is a fresh random one drawn
+            # from whatever the RNG holds now; keep the model's own, drawn under the run's seed
+            classifier = model.default_cfg.get("classifier", "head")
+            state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+        result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ConfigError(
                 f"the weights for {self.name!r} hold tensors this architecture lacks "

@@ -47,6 +47,24 @@ def test_module_loads_weights_in_configure_model_and_keeps_peft_init(tmp_path):
     assert torch.equal(module.model.blocks[0].attn.qkv.lora_A, lora_a)
 
 
+def test_a_dropped_classifier_keeps_the_head_drawn_under_the_runs_seed(tmp_path):
+    # timm drops a weights file's classifier of another size and draws a new one; that draw must not
+    # depend on what the RNG holds when the weights load (it did, so DDP, which re-seeds each
+    # process before loading, started from another head than one process)
+    path = tmp_path / "weights.safetensors"
+    save_tiny(path, num_classes=7)
+    heads = []
+    for consumed in (0, 1000):
+        torch.manual_seed(0)
+        module = FedPEFTModule(10, tiny_backbone(weights_file=str(path)), LoRA(rank=2))
+        head = module.model.head.weight.detach().clone()
+        torch.rand(consumed)
+        module.configure_model()
+        assert torch.equal(module.model.head.weight, head)
+        heads.append(head)
+    assert torch.equal(heads[0], heads[1])
+
+
 @pytest.mark.parametrize("shape", [{"depth": 3}, {"embed_dim": 64}], ids=["deeper", "wider"])
 def test_a_weights_file_of_another_shape_is_refused(tmp_path, shape):
     path = tmp_path / "other.safetensors"
