@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -96,16 +96,17 @@ class ServerAggregation(FederatedCallback):
     def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException) -> None:
         self._failed += 1
 
+    @property
+    def round_payload(self) -> tuple[State, dict[str, Any]]:
+        """What every client of the current round receives: the encoded global state and the strategy's config."""
+        return self._payload, dict(self._config)
+
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
-        state = trainable_state(pl_module)
-        if type(self.upload) is Codec:  # no compression: the state travels exactly as it is
-            payload = state
-        else:
-            delta = {name: state[name] - self._received[name] for name in state}
-            payload = self.upload.encode(delta, client=client)
-            decoded = self.upload.decode(payload, like=delta)
-            state = {name: self._received[name] + decoded[name] for name in state}
+        payload = trainer.fit_loop.uploads.pop(client, None)  # what a remote client sent, if it trained elsewhere
+        if payload is None:
+            payload = encode_update(self.upload, trainable_state(pl_module), self._received, client)
         self._bytes["up"] += payload_bytes(payload)
+        state = decode_update(self.upload, payload, self._received)
         broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
         if broken is not None:
             log.warning(
@@ -114,6 +115,29 @@ class ServerAggregation(FederatedCallback):
             )
             return
         self._updates.append(ClientUpdate(client, num_samples, state))
+
+    def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
+        if trainer.world_size == 1:
+            return
+        mine = {
+            "updates": [(u.client, u.num_samples, {k: v.cpu() for k, v in u.state.items()}) for u in self._updates],
+            "bytes": self._bytes,
+            "dropped": self._dropped,
+            "failed": self._failed,
+            "upload": self.upload.client_state(trainer.fit_loop.own_share(trainer.fit_loop.round_clients)),
+        }
+        device = pl_module.device
+        order = {c: i for i, c in enumerate(trainer.fit_loop.round_clients)}
+        updates = []
+        self._bytes, self._dropped, self._failed = {"down": 0, "up": 0}, 0, 0
+        for part in gather(mine):
+            updates += [ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}) for c, n, state in part["updates"]]
+            self._bytes = {k: self._bytes[k] + part["bytes"][k] for k in self._bytes}
+            self._dropped += part["dropped"]
+            self._failed += part["failed"]
+            self.upload.load_client_state(part["upload"])
+        # the order of a single process, so that every process aggregates to the same bits as one would
+        self._updates = sorted(updates, key=lambda u: order[u.client])
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
         arrived = len(self._updates)
@@ -174,6 +198,21 @@ class ServerAggregation(FederatedCallback):
         self.strategy.load_state_dict(state_dict["strategy"])
         self.upload.load_state_dict(state_dict["upload"])
         self.download.load_state_dict(state_dict["download"])
+
+
+def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
+    """What a client sends after training: its state as it is, or through a codec the encoded change."""
+    if type(codec) is Codec:
+        return state
+    return codec.encode({name: state[name] - received[name] for name in state}, client=client)
+
+
+def decode_update(codec: Codec, payload: State, received: State) -> State:
+    """The client's state that the server reconstructs from ``payload``."""
+    if type(codec) is Codec:
+        return payload
+    decoded = codec.decode(payload, like=received)
+    return {name: received[name] + decoded[name] for name in received}
 
 
 def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:

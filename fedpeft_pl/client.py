@@ -118,6 +118,14 @@ class FedPEFTModule(pl.LightningModule):
             return None
         return float(self._loss_sum / self._loss_count)
 
+    def on_round_gather(self, gather: Any) -> None:
+        """Under DDP: the training loss of every process's clients."""
+        if self.trainer.world_size == 1:
+            return
+        parts = gather((float(self._loss_sum) if self._loss_sum is not None else 0.0, self._loss_count))
+        self._loss_sum = torch.tensor(sum(total for total, _ in parts), dtype=torch.float64)
+        self._loss_count = sum(count for _, count in parts)
+
     def on_client_start(self, client: int) -> None:
         """Keep the received state when the loss needs it (FedProx's proximal term)."""
         self._anchor = trainable_state(self) if self.fit_config.get("proximal_mu", 0.0) > 0 else {}
@@ -158,7 +166,7 @@ class FedPEFTModule(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_acc(logits, labels)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), logger=prefix == "test")
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), logger=prefix == "test", sync_dist=True)
         self.log(f"{prefix}/acc", self.val_acc, prog_bar=True, logger=prefix == "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

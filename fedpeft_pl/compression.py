@@ -31,6 +31,13 @@ class Codec(Component):
         """Tensors shaped and typed like ``like`` from ``payload``."""
         return payload
 
+    def client_state(self, clients: list[int]) -> dict[int, Any]:
+        """The per-client state of ``clients`` (none for a stateless codec), to move between processes."""
+        return {}
+
+    def load_client_state(self, state: dict[int, Any]) -> None:
+        """Take over per-client state from :meth:`client_state` of another process."""
+
 
 class _Cast(Codec):
     dtype: torch.dtype
@@ -70,7 +77,7 @@ class Int8(Codec):
     def encode(self, tensors: State, client: Optional[int] = None) -> State:
         if self.error_feedback and client is not None and client in self._residuals:
             residual = self._residuals[client]
-            tensors = {name: t + residual[name] for name, t in tensors.items()}
+            tensors = {name: t + residual[name].to(t.device) for name, t in tensors.items()}
         payload: State = {}
         for name, tensor in tensors.items():
             scale = tensor.detach().abs().max().to(torch.float32) / 127.0
@@ -87,6 +94,12 @@ class Int8(Codec):
             name: (payload[name].to(torch.float32) * payload[name + SCALE_SUFFIX]).to(ref.dtype)
             for name, ref in like.items()
         }
+
+    def client_state(self, clients: list[int]) -> dict[int, Any]:
+        return {c: {k: v.cpu() for k, v in self._residuals[c].items()} for c in clients if c in self._residuals}
+
+    def load_client_state(self, state: dict[int, Any]) -> None:
+        self._residuals.update(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {str(client): state for client, state in self._residuals.items()}}

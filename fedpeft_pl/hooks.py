@@ -12,6 +12,9 @@
         on_client_end(client, num_samples)   the client's update is taken
           or, if its local training raised,
         on_client_failed(client, error)      it is left out of this round
+    on_round_gather(gather)                  under DDP each process trained a share of the clients;
+                                             a callback combines what it collected, e.g. with
+                                             gather(obj) -> [obj of rank 0, obj of rank 1, ...]
     on_round_end(server_round)               the server aggregates
     ... Lightning's validation loop: the global model on the global test split ...
     on_train_epoch_end                       (Lightning; round metrics are logged, checkpoints written)
@@ -21,6 +24,8 @@
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 
@@ -52,6 +57,14 @@ class FederatedCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException
     ) -> None:
         """``client``'s local training raised ``error``; it sends nothing this round."""
+
+    def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
+        """Every process has trained its share of the round's clients (all of them, in one process).
+
+        A callback that keeps per-client or per-round state collected in the client hooks merges
+        it here, so that every process holds the same state before the server aggregates.
+        ``gather(obj)`` returns ``obj`` from every process in rank order and must be called by all.
+        """
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
         """Every sampled client has trained; the server combines their updates here."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -75,6 +76,17 @@ class _ClientEpochLoop(_TrainingEpochLoop):
     def _should_check_val_fx(self, data_fetcher: Any) -> bool:
         return False
 
+    def _broadcast_sigterm_tensor(self) -> None:
+        # Lightning broadcasts rank 0's SIGTERM flag before every step. Under DDP each process
+        # trains other clients, for different numbers of steps, so the processes would wait on
+        # each other's broadcasts; the federated loop checks once a round instead.
+        pass
+
+    def check_sigterm(self) -> None:
+        """Lightning's SIGTERM check, where every process reaches it."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            super()._broadcast_sigterm_tensor()
+
 
 class FederatedLoop(_FitLoop):
     """A Lightning fit loop in which one iteration is one communication round.
@@ -108,6 +120,8 @@ class FederatedLoop(_FitLoop):
         self.round_plans: dict[int, Plan] = {}
         self.round_batches = 0
         self.client: Optional[int] = None
+        # updates of clients that trained outside this process (a Flower deployment), by client
+        self.uploads: dict[int, dict[str, torch.Tensor]] = {}
 
     @property
     def num_rounds(self) -> int:
@@ -143,6 +157,15 @@ class FederatedLoop(_FitLoop):
                         "ModelCheckpoint must save at round ends only; remove every_n_train_steps and train_time_interval"
                     )
                 callback._save_on_train_epoch_end = True
+        model = self.trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers:
+            if any(True for _ in model.module.buffers()):
+                # DDP would broadcast buffers in every forward: a collective that processes training
+                # different clients for different numbers of steps would not all reach
+                raise ConfigError(
+                    "this model has buffers, which DDP broadcasts on every forward; set "
+                    "trainer.strategy to lightning.pytorch.strategies.DDPStrategy with init_args {broadcast_buffers: false}"
+                )
 
     def _resume_at_round_boundary(self) -> None:
         progress = self.epoch_progress
@@ -184,6 +207,34 @@ class FederatedLoop(_FitLoop):
         }
         self.round_batches = sum(plan.batches for plan in self.round_plans.values())
         self._call_federated_hook("on_round_start", server_round, clients)
+        failures = self._run_clients(server_round, self.own_share(clients))
+        self.client = None
+        self.epoch_loop.check_sigterm()
+        failed = sum(self.gather(len(failures)))
+        self._call_federated_hook("on_round_gather", self.gather)
+        if failed and failed == len(clients):
+            raise RuntimeError(
+                f"all {len(clients)} clients of round {server_round} failed; the first error is above"
+            ) from (failures[0] if failures else None)
+        self._call_federated_hook("on_round_end", server_round)
+        if self._should_evaluate(server_round):
+            self._evaluate()
+
+    def own_share(self, clients: list[int]) -> list[int]:
+        """The sampled clients that this process trains: all of them, or under DDP every ``world_size``-th."""
+        return clients[self.trainer.global_rank :: self.trainer.world_size]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` from every process, in rank order (``[obj]`` in a single process)."""
+        if self.trainer.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def _run_clients(self, server_round: int, clients: list[int]) -> list[BaseException]:
+        """Each client in turn: it receives the global state, trains, and hands over its update."""
+        datamodule = self.trainer.datamodule
         failures: list[BaseException] = []
         for client in clients:
             self.client = client
@@ -197,24 +248,26 @@ class FederatedLoop(_FitLoop):
                 self._drop(server_round, client, "dropped out (client availability)")
                 continue
             try:
-                self._train_client(server_round, client, plan.batches)
+                with self._no_gradient_sync():
+                    self._train_client(server_round, client, plan.batches)
             except Exception as error:  # one client's failure must not end the run
                 failures.append(error)
-                log.warning(
-                    f"round {server_round}: client {client} failed and is left out of this round: "
-                    f"{type(error).__name__}: {error}"
-                )
-                self._call_federated_hook("on_client_failed", client, error)
+                self.client_failed(server_round, client, error)
             else:
                 self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
-        self.client = None
-        if failures and len(failures) == len(clients):
-            raise RuntimeError(
-                f"all {len(clients)} clients of round {server_round} failed; the first error is above"
-            ) from failures[0]
-        self._call_federated_hook("on_round_end", server_round)
-        if self._should_evaluate(server_round):
-            self._evaluate()
+        return failures
+
+    def client_failed(self, server_round: int, client: int, error: BaseException) -> None:
+        log.warning(
+            f"round {server_round}: client {client} failed and is left out of this round: "
+            f"{type(error).__name__}: {error}"
+        )
+        self._call_federated_hook("on_client_failed", client, error)
+
+    def _no_gradient_sync(self) -> Any:
+        """Under DDP every process trains other clients, so their gradients must not be averaged."""
+        model = self.trainer.strategy.model
+        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
 
     def _drop(self, server_round: int, client: int, reason: str) -> None:
         log.info(f"round {server_round}: client {client} takes no part: {reason}")

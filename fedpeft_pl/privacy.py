@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -210,6 +210,19 @@ class LocalDP(FederatedCallback):
         rate, steps = self._rates(trainer, client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
         self._histories[client] = self._after(client, self._sigma[client], rate, steps)
+
+    def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
+        if trainer.world_size == 1:
+            return
+        # each process accounted the clients it trained; every process takes over all of them
+        own = trainer.fit_loop.own_share(trainer.fit_loop.round_clients)
+        mine = {c: (self._histories.get(c), self._sigma.get(c)) for c in own}
+        for part in gather(mine):
+            for client, (history, sigma) in part.items():
+                if history is not None:
+                    self._histories[client] = history
+                if sigma is not None:
+                    self._sigma[client] = sigma
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         spent = [self.spent(c) for c in self._histories]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
@@ -176,9 +177,17 @@ class FederatedDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """The global test split, on which the server evaluates the aggregated model each round."""
         assert self.splits is not None, "call setup() first"
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # each process evaluates its own part of the test split, none twice (Lightning's default
+            # DistributedSampler pads with repeated samples), and torchmetrics sums the counts
+            sampler = UnrepeatedDistributedSampler(
+                self.splits.test, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             self.splits.test,
             batch_size=self.eval_batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -209,9 +218,13 @@ class FederatedDataModule(pl.LightningDataModule):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("data/label_histogram", "\n".join([header, rule, *rows]), global_step=0)
-        if self.trainer.loggers and self.trainer.log_dir is not None:  # no logger: no files
-            os.makedirs(self.trainer.log_dir, exist_ok=True)
-            path = os.path.join(self.trainer.log_dir, "client_label_histogram.csv")
+        # the first logger's folder, as trainer.log_dir finds it; trainer.log_dir itself is a
+        # collective under DDP, which only rank 0 reaches here
+        first = self.trainer.loggers[0] if self.trainer.loggers else None  # no logger: no files
+        log_dir = getattr(first, "log_dir", None) or getattr(first, "save_dir", None)
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "client_label_histogram.csv")
             columns = ",".join(f"class_{c}" for c in range(histogram.shape[1]))
             np.savetxt(path, histogram, fmt="%d", delimiter=",", header=columns, comments="")
 

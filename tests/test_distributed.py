@@ -1,0 +1,75 @@
+"""Multi-process simulation with Lightning's DDP strategy: two CPU processes (gloo) against one.
+
+Each process trains its share of the sampled clients with its own copy of the one backbone; the
+updates are gathered before the server aggregates, so both runs must end with the same global
+state, the same server-side state (error-feedback residuals, server optimizer moments, privacy
+accounting) and the same logged bytes.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cli import QUICKSTART, fedpeft, scalars
+
+SHORT = ["--trainer.num_rounds", "2", "--trainer.clients_per_round", "3", "--trainer.local_epochs", "1",
+         "--trainer.enable_progress_bar", "false"]
+SETTINGS = {
+    "int8-feedback-fedadam": [
+        "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
+        "--trainer.aggregation", "fedpeft_pl.strategies.FedAdam", "--trainer.aggregation.lr", "0.05",
+    ],
+    "local-dp": [
+        "--trainer.privacy", "fedpeft_pl.privacy.LocalDP", "--trainer.privacy.epsilon", "8.0",
+        "--trainer.privacy.max_grad_norm", "1.0",
+    ],
+}
+
+
+def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
+    # one thread per process in both runs, so that their float sums agree to the last bit
+    result = fedpeft(
+        "fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path / name), *extra,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / name / "prompt" / "version_0"
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False), scalars(run_dir)
+
+
+def flat(value, prefix=""):
+    """Every tensor and number in a nested checkpoint entry, by path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}/{i}").items()}
+    return {prefix: value}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_two_ddp_processes_end_where_one_process_ends(tmp_path, setting):
+    single, single_logs = run(tmp_path, "single", *SETTINGS[setting])
+    multi, multi_logs = run(tmp_path, "ddp", *SETTINGS[setting], "--trainer.strategy", "ddp", "--trainer.devices", "2")
+
+    assert single["state_dict"].keys() == multi["state_dict"].keys()
+    for name, tensor in single["state_dict"].items():
+        torch.testing.assert_close(multi["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # the server's own state: residuals of every client, optimizer moments, privacy histories
+    server_single = flat({k: v for k, v in single["callbacks"].items() if "ProgressBar" not in k})
+    server_multi = flat({k: v for k, v in multi["callbacks"].items() if "ProgressBar" not in k})
+    assert server_single.keys() == server_multi.keys()
+    assert len(server_single) > 1
+    for key, value in server_single.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(server_multi[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        elif isinstance(value, float):
+            assert server_multi[key] == pytest.approx(value, rel=1e-4), key
+        elif "dirpath" not in key and "best" not in key and "last_model_path" not in key and "kth" not in key:
+            assert server_multi[key] == value, key
+    for tag in ("comm/bytes_down", "comm/bytes_up", "comm/cumulative_bytes", "round/clients_aggregated"):
+        assert multi_logs[tag] == single_logs[tag], tag
+    for tag in ("server/acc", "server/loss", "train/loss"):
+        assert [s for s, _ in multi_logs[tag]] == [1, 2]
+        for (_, a), (_, b) in zip(multi_logs[tag], single_logs[tag]):
+            assert a == pytest.approx(b, abs=1e-3), tag
