@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -81,7 +81,7 @@ class FedPEFTParser(LightningArgumentParser):
 class FedPEFTCLI(LightningCLI):
     """LightningCLI over FedPEFTModule, FederatedDataModule and FederatedTrainer."""
 
-    def __init__(self, args: Optional[list[str]] = None, run: bool = True) -> None:
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
         super().__init__(
             FedPEFTModule,
             FederatedDataModule,
@@ -92,6 +92,7 @@ class FedPEFTCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
+            **kwargs,
         )
 
     @staticmethod
@@ -135,7 +136,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         debug = True
     _configure_logging()
     try:
-        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
+        if argv[:1] == ["flower-app"]:
+            _flower_app(argv[1:])
+        elif from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv[1:] = argv
             FedPEFTCLI()
         else:
@@ -146,6 +149,24 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         print(f"fedpeft: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _flower_app(argv: list[str]) -> None:
+    """``fedpeft flower-app DIR --config ...``: write a Flower app directory for that config."""
+    if not argv or argv[0].startswith("-") or argv[0] in ("-h", "--help"):
+        print(
+            "usage: fedpeft flower-app DIR --config CONFIG [--config OVERLAY ...] [--key value ...]\n"
+            "Writes DIR/pyproject.toml, DIR/fedpeft_app.py and DIR/fedpeft.yaml (the resolved config) for\n"
+            "`flwr run DIR <superlink>`; the arguments after DIR are those of `fedpeft fit`.",
+            file=sys.stderr,
+        )
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    try:
+        from fedpeft_pl.flower import write_app
+    except ImportError as err:
+        raise ConfigError(str(err)) from err
+    directory = write_app(argv[0], argv[1:])
+    print(f"wrote the Flower app {directory}/ (pyproject.toml, fedpeft_app.py, fedpeft.yaml); run it with: flwr run {directory} <superlink>")
 
 
 def _config_error_in(err: BaseException) -> Optional[ConfigError]:

@@ -105,7 +105,7 @@ class FedPEFTModule(pl.LightningModule):
         self._loss_sum = None
         self._loss_count = 0
 
-    def _track_loss(self, loss_sum: torch.Tensor, count: int) -> None:
+    def track_loss(self, loss_sum: torch.Tensor, count: int) -> None:
         # A running sum instead of self.log: Lightning's per-step logging took about 9% of a Head
         # run's profiled time (benchmarks/overhead.py), and the server logs train/loss once a round.
         self._loss_sum = loss_sum if self._loss_sum is None else self._loss_sum + loss_sum
@@ -135,7 +135,7 @@ class FedPEFTModule(pl.LightningModule):
             return self._private_step(batch)
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
-        self._track_loss(loss.detach() * len(labels), len(labels))
+        self.track_loss(loss.detach() * len(labels), len(labels))
         if self._anchor:
             mu = self.fit_config["proximal_mu"]
             distance = sum((p - self._anchor[n]).pow(2).sum() for n, p in trainable_parameters(self).items())
@@ -154,7 +154,7 @@ class FedPEFTModule(pl.LightningModule):
                 grad = grad + self.fit_config["proximal_mu"] * (param.detach() - self._anchor[name])
             param.grad = grad.to(param.dtype)
         optimizer.step()
-        self._track_loss(losses.sum(), len(losses))
+        self.track_loss(losses.sum(), len(losses))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "server")

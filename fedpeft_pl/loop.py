@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.loops.utilities import _select_data_fetcher
@@ -237,16 +238,9 @@ class FederatedLoop(_FitLoop):
         datamodule = self.trainer.datamodule
         failures: list[BaseException] = []
         for client in clients:
-            self.client = client
+            if not self.start_client(server_round, client):
+                continue
             plan = self.round_plans[client]
-            try:
-                self._call_federated_hook("on_client_start", client)
-            except ClientDropped as reason:
-                self._drop(server_round, client, str(reason))
-                continue
-            if plan.dropped:
-                self._drop(server_round, client, "dropped out (client availability)")
-                continue
             try:
                 with self._no_gradient_sync():
                     self._train_client(server_round, client, plan.batches)
@@ -256,6 +250,19 @@ class FederatedLoop(_FitLoop):
             else:
                 self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
         return failures
+
+    def start_client(self, server_round: int, client: int) -> bool:
+        """The client receives the global state (``on_client_start``); False if it drops out instead."""
+        self.client = client
+        try:
+            self._call_federated_hook("on_client_start", client)
+        except ClientDropped as reason:
+            self._drop(server_round, client, str(reason))
+            return False
+        if self.round_plans[client].dropped:
+            self._drop(server_round, client, "dropped out (client availability)")
+            return False
+        return True
 
     def client_failed(self, server_round: int, client: int, error: BaseException) -> None:
         log.warning(
@@ -323,6 +330,32 @@ class FederatedLoop(_FitLoop):
             with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{name}"):
                 hook(*args)
 
+
+
+class _ClientJob(FederatedLoop):
+    """One given client of one given round, and nothing else: what a deployed client runs per message.
+
+    It trains exactly as that client would inside a simulation (the same seed, data order, fresh
+    optimizer and step cap), so a deployment reaches the simulation's state.
+    """
+
+    def __init__(self, parent: FederatedLoop, server_round: int, client: int, max_batches: Optional[int]) -> None:
+        super().__init__(parent.trainer, 1, 1, parent.local_epochs, parent.seed)
+        self.job = (server_round, client, max_batches)
+
+    def _check_setup(self) -> None:
+        pass
+
+    def advance(self) -> None:
+        server_round, client, max_batches = self.job
+        if max_batches is None:
+            max_batches = self.local_epochs * self.trainer.datamodule.client_num_batches(client)
+        self.round_clients = [client]
+        self._call_federated_hook("on_round_start", server_round, [client])
+        self.client = client
+        self._call_federated_hook("on_client_start", client)
+        self._train_client(server_round, client, max_batches)
+        self.client = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -447,6 +480,31 @@ class FederatedTrainer(pl.Trainer):
         elif ckpt_path is not None and not os.path.isfile(ckpt_path):
             raise ConfigError(f"ckpt_path {str(ckpt_path)!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
         super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+    def train_client(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        server_round: int,
+        client: int,
+        max_batches: Optional[int] = None,
+    ) -> int:
+        """Train one client of one round from the state ``model`` holds now; return its number of samples.
+
+        The client side of a deployment (:mod:`fedpeft_pl.flower`): no server, no evaluation, no
+        logging and no checkpoints; the trained state is left in ``model``. ``max_batches`` caps
+        the local steps (a straggler); by default the client makes all ``local_epochs`` epochs.
+        """
+        loop, callbacks, loggers = self.fit_loop, self.callbacks, self.loggers
+        server_side = (ServerAggregation, LocalDP, Checkpoint, ProgressBar, ModelSummary, SaveConfigCallback)
+        self.fit_loop = _ClientJob(loop, server_round, client, max_batches)
+        self.callbacks = [c for c in callbacks if not isinstance(c, server_side)]
+        self.loggers = []
+        try:
+            super().fit(model, datamodule=datamodule)
+        finally:
+            self.fit_loop, self.callbacks, self.loggers = loop, callbacks, loggers
+        return datamodule.client_num_samples(client)
 
     def find_last_checkpoint(self, continue_logging: bool = False) -> Optional[str]:
         """The newest ``last.ckpt`` of an earlier run with this configuration's checkpoint folder or logger name.

@@ -1,0 +1,207 @@
+"""Deployment with Flower: a real SuperLink and three SuperNodes on 127.0.0.1 (insecure), two rounds.
+
+The deployed run must end with the global state of the in-process simulation of the same config
+(same seed, same client selection), log the same TensorBoard tags and count the same bytes.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft_pl.cli import main
+from test_cli import QUICKSTART, REPO, fedpeft, scalars
+from test_distributed import assert_same_rounds
+
+pytest.importorskip("flwr", reason='Flower is an optional dependency: pip install -e ".[flower]"')
+
+BIN = Path(sys.executable).parent
+NUM_NODES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """A SuperLink and SuperNodes in their own process groups, always stopped (with their children)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.processes: list[subprocess.Popen] = []
+        self.env = dict(
+            os.environ, FLWR_HOME=str(root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        self.port = free_port()
+
+    def start(self, *command: str, log: str) -> None:
+        out = open(self.root / log, "w")
+        self.processes.append(subprocess.Popen(
+            [str(BIN / command[0]), *command[1:]], cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ))
+
+    def up(self) -> None:
+        self.start("flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                   "--port", str(self.port), log="superlink.log")
+        for i in range(NUM_NODES):
+            self.start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                       "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
+                       log=f"supernode-{i}.log")
+        deadline = time.monotonic() + 120
+        while True:  # the SuperLink takes a few seconds to listen
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the SuperLink did not start listening within 120 s:\n" + self.logs())
+                time.sleep(0.5)
+        home = self.root / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def run(self, app: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), "run", str(app), "test", "--stream"], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=480)
+
+    def down(self) -> None:
+        for process in self.processes:
+            with_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            with_group(process, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.root.glob("*.log")))
+
+
+def with_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # the SuperExec and app processes that a node started, too
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def federation(tmp_path):
+    running = Federation(tmp_path)
+    try:
+        yield running
+    finally:
+        running.down()
+
+
+def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federation, capsys):
+    app = tmp_path / "app"
+    weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
+    main([
+        "flower-app", str(app), "--config", QUICKSTART, "--data.num_clients", str(NUM_NODES),
+        "--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.compress_upload", "fedpeft_pl.compression.Int8",
+        "--trainer.compress_upload.error_feedback", "true", "--model.backbone.weights_file", str(weights),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
+    ])
+    assert "wrote the Flower app" in capsys.readouterr().out
+    assert {p.name for p in app.iterdir()} == {"pyproject.toml", "fedpeft_app.py", "fedpeft.yaml"}
+
+    federation.up()
+    result = federation.run(app)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + federation.logs()
+    deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
+    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), result.stdout[-3000:] + federation.logs()
+    assert "round 2/2 | server acc" in result.stdout + result.stderr
+
+    simulated = fedpeft("fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated"))
+    assert simulated.returncode == 0, simulated.stderr[-3000:]
+    simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
+
+    deployed = torch.load(deployed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    reference = torch.load(simulated_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert deployed["state_dict"].keys() == reference["state_dict"].keys()
+    for name, tensor in reference["state_dict"].items():
+        torch.testing.assert_close(deployed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_rounds(scalars(deployed_dir), scalars(simulated_dir), rounds=2)
+
+
+@pytest.fixture
+def serverapp_process(monkeypatch):
+    """The task identity Flower's runtime gives a ServerApp process; Messages need it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+class FakeGrid:
+    """Answers the server's partition queries as SuperNodes with the given node configs would."""
+
+    def __init__(self, partitions: dict[int, tuple[int, int]]) -> None:
+        self.partitions = partitions
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        replies = []
+        for message in messages:
+            pid, count = self.partitions[message.metadata.dst_node_id]
+            record = ConfigRecord({"partition-id": pid, "num-partitions": count})
+            replies.append(Message(RecordDict({"partition": record}), reply_to=message))
+        return replies
+
+
+def test_the_server_maps_partitions_to_supernodes(serverapp_process):
+    from fedpeft_pl.flower import discover_clients
+
+    assert discover_clients(FakeGrid({11: (1, 2), 22: (0, 2)}), 2, timeout=5) == {0: 22, 1: 11}
+
+
+@pytest.mark.parametrize("partitions, message", [
+    ({11: (0, 2), 22: (0, 2)}, "two SuperNodes have partition-id=0"),
+    ({11: (0, 3), 22: (1, 3)}, "has num-partitions=3 but data.num_clients is 2"),
+    ({11: (0, 2), 22: (5, 2)}, r"no SuperNode answered for partition\(s\) \[1\]"),
+    ({11: (0, 2)}, "1 SuperNode\\(s\\) connected within 0.2 s, but data.num_clients is 2"),
+], ids=["doubled", "other-count", "missing", "too-few"])
+def test_a_wrong_federation_is_one_clear_error(partitions, message, serverapp_process):
+    from fedpeft_pl.errors import ConfigError
+    from fedpeft_pl.flower import discover_clients
+
+    with pytest.raises(ConfigError, match=message):
+        discover_clients(FakeGrid(partitions), 2, timeout=0.2)
+
+
+def test_local_dp_in_a_deployment_is_refused(tmp_path):
+    from fedpeft_pl.errors import ConfigError
+    from fedpeft_pl.flower import build, write_app
+
+    app = write_app(tmp_path / "app", ["--config", QUICKSTART, "--trainer.privacy", "fedpeft_pl.privacy.LocalDP",
+                                       "--trainer.logger", "false"])
+    with pytest.raises(ConfigError, match="local DP.* not supported in a Flower deployment"):
+        build(app / "fedpeft.yaml", server=True)
+
+
+def test_flower_app_mistakes_exit_2_with_one_line(tmp_path):
+    result = fedpeft("flower-app", cwd=tmp_path)
+    assert result.returncode == 2 and "usage: fedpeft flower-app DIR" in result.stderr
+    result = fedpeft("flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--trainer.num_round", "x", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("fedpeft: error: ")
+    assert not (tmp_path / "app").exists()
