@@ -6,6 +6,8 @@
     fedpeft comm --config configs/prompt.yaml         # bytes per client, round and run; no training
     fedpeft fit --config configs/prompt.yaml --ckpt_path last    # resume
     fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
+    fedpeft fit --config configs/prompt.yaml --trainer.strategy ddp --trainer.devices 4   # several GPUs
+    fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
 """
 
 from __future__ import annotations
