@@ -110,14 +110,14 @@ class FlowerLoop(FederatedLoop):
         trainer = self.trainer
         module = trainer.lightning_module
         aggregation = trainer.aggregation
+        encoded, round_config = aggregation.round_payload  # the same for every client of the round
+        payload = {k: v.detach().cpu().contiguous() for k, v in encoded.items()}
         messages, sent = [], []
         for client in clients:
             if not self.start_client(server_round, client):
                 continue
-            plan = self.round_plans[client]
-            payload, config = aggregation.round_payload
-            config.update({_ROUND: server_round, _CLIENT: client, _MAX_BATCHES: plan.batches})
-            content = RecordDict({"arrays": _to_record(payload), "config": ConfigRecord(config)})
+            config = {**round_config, _ROUND: server_round, _CLIENT: client, _MAX_BATCHES: self.round_plans[client].batches}
+            content = RecordDict({"arrays": ArrayRecord(payload), "config": ConfigRecord(config)})
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
             sent.append(client)
         self.client = None
