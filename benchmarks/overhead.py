@@ -32,9 +32,9 @@ from workloads import METHOD_NAMES, peft_method, quickstart_backbone
 
 from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
 from fedpeft_pl.data import Digits
-from fedpeft_pl.loop import sample_clients
+from fedpeft_pl.federation import sample_clients
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state
-from fedpeft_pl.seeds import derive_seed
+from fedpeft_pl.seeds import client_seed
 from fedpeft_pl.strategies import ClientUpdate, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def run_plain(method: str, args: argparse.Namespace) -> tuple[float, dict]:
         for client in sample_clients(0, server_round, args.clients, args.per_round):
             load_trainable_state(module, global_state)
             optimizer = torch.optim.SGD(trainable_parameters(module).values(), lr=0.01, momentum=0.9)
-            seed = derive_seed(0, server_round, client)
+            seed = client_seed(0, server_round, client)
             loader = datamodule.client_dataloader(client, seed)
             with torch.random.fork_rng():
                 torch.manual_seed(seed)

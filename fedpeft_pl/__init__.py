@@ -7,41 +7,54 @@ from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.comm import CommReport, communication_report, payload_bytes
 from fedpeft_pl.data import FederatedDataModule
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.hooks import ClientDropped, FederatedCallback
-from fedpeft_pl.loop import FederatedLoop, FederatedTrainer
+from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
+from fedpeft_pl.federation import ClientContext, ClientResult, ClientRunner, Federation, Round
+from fedpeft_pl.loop import FederatedLoop, SequentialRunner
 from fedpeft_pl.strategies import (
     ClientUpdate,
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedDyn,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Scaffold,
     Strategy,
 )
+from fedpeft_pl.trainer import FederatedTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
     "ClientAvailability",
+    "ClientContext",
     "ClientDropped",
+    "ClientResult",
+    "ClientRunner",
     "ClientUpdate",
     "CommReport",
     "ConfigError",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
+    "FedDyn",
     "FedMedian",
     "FedPEFTModule",
     "FedProx",
     "FedTrimmedAvg",
     "FedYogi",
+    "Federation",
     "FederatedCallback",
+    "FederatedHooks",
     "FederatedDataModule",
     "FederatedLoop",
     "FederatedTrainer",
+    "Round",
+    "Scaffold",
+    "SequentialRunner",
     "ServerAggregation",
     "Strategy",
     "communication_report",

@@ -1,6 +1,7 @@
-"""The server as a Lightning callback: it holds the global state, moves it in and out of the
-one shared model, applies the strategy and the codecs, counts every byte that travels and logs
-each round. The aggregation algorithms themselves live in :mod:`fedpeft_pl.strategies`.
+"""The server as a Lightning callback: it holds the global state, configures each round's message,
+collects the clients' results, applies the strategy and the codecs, counts every byte that
+travels and logs each round. The aggregation algorithms live in :mod:`fedpeft_pl.strategies`;
+what a client does with the message lives in :mod:`fedpeft_pl.exchange`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,36 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from fedpeft_pl.comm import MIB, payload_bytes
 from fedpeft_pl.compression import Codec
+from fedpeft_pl.exchange import decode_update
+from fedpeft_pl.federation import ClientResult, Federation, Round, RoundMessage, State, weighted_metrics
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_state
-from fedpeft_pl.strategies import ClientUpdate, FedAvg, State, Strategy
+from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
 
 
 class ServerAggregation(FederatedCallback):
-    """The server: sends the global state, collects updates, aggregates, and logs each round.
+    """The server: configures each round, collects results, aggregates, and logs each round.
 
     Logged per round (TensorBoard step = round): ``comm/bytes_down``, ``comm/bytes_up``,
-    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss``,
-    ``round/clients_aggregated``, ``round/clients_dropped``, ``round/clients_failed``,
-    ``round/stragglers``, ``round/seconds`` and any ``round_metrics()`` of the strategy; and
+    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss`` (the clients'
+    mean training loss, weighted by their sample counts), ``round/clients_aggregated``,
+    ``round/clients_dropped``, ``round/clients_failed``, ``round/stragglers``,
+    ``round/seconds`` and any ``round_metrics()`` of the strategy; and
     ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
     in both directions. Loggers are flushed every round, before the round's checkpoint.
 
-    Every sampled client receives the encoded global state (a dropped client too); a client
-    that finishes sends its encoded update (its state minus the state it received). An update
-    that holds NaN or Inf is left out with a warning naming the client and the tensor. If fewer
-    than ``strategy.min_clients`` updates arrive, the round is skipped and the state stays.
+    Every client that receives the round's message counts its encoded global state (and any
+    strategy extras) as sent down, a client that drops out mid-round too; a client that
+    finishes sends its encoded update (its state minus the state it received) and any extras.
+    An update that holds NaN or Inf is left out with a warning naming the client and the
+    tensor. If fewer than ``strategy.min_clients`` updates arrive, the round is skipped and the
+    state stays.
 
     Args:
         strategy: the aggregation strategy; FedAvg by default.
@@ -48,105 +55,125 @@ class ServerAggregation(FederatedCallback):
         self.download = download if download is not None else Codec()
         self.global_state: State = {}
         self.cumulative_bytes = 0
-        self._payload: State = {}
+        self._message = RoundMessage({})
         self._received: State = {}
-        self._config: dict[str, Any] = {}
         self._dropped = 0
         self._failed = 0
         self._updates: list[ClientUpdate] = []
+        self._reports: list[tuple[int, int, dict[str, float]]] = []  # (client, samples, metrics)
         self._bytes = {"down": 0, "up": 0}
         self._eval: dict[str, float] = {}
         self._round_started = 0.0
         self._aggregated = 0
         self._sampled = 0
+        self._stragglers = 0
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checkpoints are written only at round ends, when the module holds the global state
         self.global_state = trainable_state(pl_module)
-        loop = trainer.fit_loop
-        self.strategy.setup(
-            num_clients=trainer.datamodule.num_clients,
-            clients_per_round=loop.clients_per_round,
-            num_rounds=loop.num_rounds,
-            sampling=loop.client_sampling,
-            seed=loop.seed,
-        )
 
-    def on_round_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
-    ) -> None:
+    @override
+    def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
+        self.strategy.setup(federation)
+
+    @override
+    def on_round_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
         self._round_started = time.perf_counter()
-        self._sampled = len(clients)
+        self._sampled = len(round.clients)
+        self._stragglers = round.stragglers
         self._updates = []
+        self._reports = []
         self._bytes = {"down": 0, "up": 0}
         self._eval = {}
         self._dropped = self._failed = 0
-        state, self._config = self.strategy.configure_fit(server_round, self.global_state)
-        self._payload = self.download.encode(state)
-        self._received = self.download.decode(self._payload, like=state)
 
-    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
-        load_trainable_state(pl_module, self._received)
-        pl_module.fit_config = dict(self._config)
-        self._bytes["down"] += payload_bytes(self._payload)
+    def configure_round(self, round: Round) -> RoundMessage:
+        """The message every sampled client of ``round`` receives: encoded state, config, extras."""
+        state, config = self.strategy.configure_fit(round.number, self.global_state)
+        payload = self.download.encode(state)
+        self._received = self.download.decode(payload, like=state)
+        self._message = RoundMessage(payload, dict(config), self.strategy.client_extras(round.number, self.global_state))
+        return self._message
 
-    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, reason: str) -> None:
+    def _count_download(self, result: ClientResult) -> None:
+        if result.received:
+            self._bytes["down"] += payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+
+    @override
+    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        self._count_download(result)
         self._dropped += 1
 
-    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException) -> None:
+    @override
+    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        self._count_download(result)
         self._failed += 1
 
-    @property
-    def round_payload(self) -> tuple[State, dict[str, Any]]:
-        """What every client of the current round receives: the encoded global state and the strategy's config."""
-        return self._payload, dict(self._config)
-
-    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
-        payload = trainer.fit_loop.uploads.pop(client, None)  # what a remote client sent, if it trained elsewhere
-        if payload is None:
-            payload = encode_update(self.upload, trainable_state(pl_module), self._received, client)
-        self._bytes["up"] += payload_bytes(payload)
+    @override
+    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        self._count_download(result)
+        if result.payload is None:
+            raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
+        self._bytes["up"] += payload_bytes(result.payload) + payload_bytes(result.extras)
+        self._reports.append((result.client, result.num_samples, dict(result.metrics)))
+        device = pl_module.device
+        payload = {k: v.to(device) for k, v in result.payload.items()}
         state = decode_update(self.upload, payload, self._received)
-        broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+        extras = {k: v.to(device) for k, v in result.extras.items()}
+        broken = next((name for name, tensor in {**state, **extras}.items() if not torch.isfinite(tensor).all()), None)
         if broken is not None:
             log.warning(
-                f"round {trainer.current_epoch + 1}: client {client} sent NaN or Inf values (in {broken}); "
+                f"round {round.number}: client {result.client} sent NaN or Inf values (in {broken}); "
                 "its update is left out of this round"
             )
             return
-        self._updates.append(ClientUpdate(client, num_samples, state))
+        self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras))
 
-    def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
+    @override
+    def on_round_gather(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, gather: Callable[[Any], list[Any]]
+    ) -> None:
         if trainer.world_size == 1:
             return
         mine = {
-            "updates": [(u.client, u.num_samples, {k: v.cpu() for k, v in u.state.items()}) for u in self._updates],
+            "updates": [
+                (u.client, u.num_samples, {k: v.cpu() for k, v in u.state.items()}, {k: v.cpu() for k, v in u.extras.items()})
+                for u in self._updates
+            ],
+            "reports": self._reports,
             "bytes": self._bytes,
             "dropped": self._dropped,
             "failed": self._failed,
-            "upload": self.upload.client_state(trainer.fit_loop.own_share(trainer.fit_loop.round_clients)),
+            "upload": self.upload.client_state(list(round.share)),
         }
         device = pl_module.device
-        order = {c: i for i, c in enumerate(trainer.fit_loop.round_clients)}
-        updates = []
+        order = {c: i for i, c in enumerate(round.clients)}
+        updates, reports = [], []
         self._bytes, self._dropped, self._failed = {"down": 0, "up": 0}, 0, 0
         for part in gather(mine):
-            updates += [ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}) for c, n, state in part["updates"]]
+            updates += [
+                ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}, {k: v.to(device) for k, v in extras.items()})
+                for c, n, state, extras in part["updates"]
+            ]
+            reports += part["reports"]
             self._bytes = {k: self._bytes[k] + part["bytes"][k] for k in self._bytes}
             self._dropped += part["dropped"]
             self._failed += part["failed"]
             self.upload.load_client_state(part["upload"])
         # the order of a single process, so that every process aggregates to the same bits as one would
         self._updates = sorted(updates, key=lambda u: order[u.client])
+        self._reports = sorted(reports, key=lambda r: order[r[0]])
 
-    def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int) -> None:
+    @override
+    def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
         arrived = len(self._updates)
         if arrived >= self.strategy.min_clients:
-            self.global_state = self.strategy.aggregate_fit(server_round, self.global_state, self._updates)
+            self.global_state = self.strategy.aggregate_fit(round.number, self.global_state, self._updates)
             self._aggregated = arrived
         else:
             log.warning(
-                f"round {server_round}: {arrived} usable update(s) of {self._sampled} sampled clients, fewer than "
+                f"round {round.number}: {arrived} usable update(s) of {self._sampled} sampled clients, fewer than "
                 f"min_clients={self.strategy.min_clients}; the round is skipped and the global state is unchanged"
             )
             self._aggregated = 0
@@ -154,10 +181,17 @@ class ServerAggregation(FederatedCallback):
         load_trainable_state(pl_module, self.global_state)
         self.cumulative_bytes += self._bytes["down"] + self._bytes["up"]
 
+    @property
+    def client_metrics(self) -> dict[str, float]:
+        """This round's client metrics so far, each weighted by the reporting clients' sample counts."""
+        return weighted_metrics(ClientResult(c, n, metrics=m) for c, n, m in self._reports)
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
         self._eval = {k: float(metrics[k]) for k in ("server/acc", "server/loss") if k in metrics}
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         server_round = trainer.current_epoch + 1
         metrics: dict[str, float] = {
@@ -167,12 +201,12 @@ class ServerAggregation(FederatedCallback):
             "round/clients_aggregated": self._aggregated,
             "round/clients_dropped": self._dropped,
             "round/clients_failed": self._failed,
-            "round/stragglers": sum(plan.straggler for plan in trainer.fit_loop.round_plans.values()),
+            "round/stragglers": self._stragglers,
             "round/seconds": time.perf_counter() - self._round_started,
             **self._eval,
             **self.strategy.round_metrics(),
         }
-        train_loss = getattr(pl_module, "round_train_loss", None)
+        train_loss = self.client_metrics.get("train_loss")
         if train_loss is None and "train/loss" in trainer.callback_metrics:  # a module that logs its own
             train_loss = float(trainer.callback_metrics["train/loss"])
         if train_loss is not None:
@@ -185,6 +219,7 @@ class ServerAggregation(FederatedCallback):
         if trainer.is_global_zero:
             log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "cumulative_bytes": self.cumulative_bytes,
@@ -193,26 +228,12 @@ class ServerAggregation(FederatedCallback):
             "download": self.download.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cumulative_bytes = state_dict["cumulative_bytes"]
         self.strategy.load_state_dict(state_dict["strategy"])
         self.upload.load_state_dict(state_dict["upload"])
         self.download.load_state_dict(state_dict["download"])
-
-
-def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
-    """What a client sends after training: its state as it is, or through a codec the encoded change."""
-    if type(codec) is Codec:
-        return state
-    return codec.encode({name: state[name] - received[name] for name in state}, client=client)
-
-
-def decode_update(codec: Codec, payload: State, received: State) -> State:
-    """The client's state that the server reconstructs from ``payload``."""
-    if type(codec) is Codec:
-        return payload
-    decoded = codec.decode(payload, like=received)
-    return {name: received[name] + decoded[name] for name in received}
 
 
 def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import numpy as np
 
 from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.federation import Plan
 from fedpeft_pl.seeds import AVAILABILITY
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one sampled client does this round: drop out, or run ``batches`` local batches."""
-
-    dropped: bool
-    batches: int
-    straggler: bool
 
 
 class ClientAvailability:

@@ -1,4 +1,4 @@
-"""The ``fedpeft`` command: LightningCLI with federated defaults and a ``comm`` subcommand.
+"""The ``fedpeft`` command: subcommand dispatch and one-line errors.
 
 ::
 
@@ -8,120 +8,20 @@
     fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
     fedpeft fit --config configs/prompt.yaml --trainer.strategy ddp --trainer.devices 4   # several GPUs
     fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
+
+The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
-from typing import Any, NoReturn, Optional
+from typing import Optional
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from fedpeft_pl.client import FedPEFTModule
-from fedpeft_pl.data import FederatedDataModule
+from fedpeft_pl.config import FedPEFTCLI, configure_logging, one_line
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.loop import FederatedTrainer
 
-
-_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Given value type:",
-    "Given value:",
-    "Expected a <class 'NoneType'>",
-    "Expected a path but",
-)
-
-
-def one_line(message: str) -> str:
-    """Condense a jsonargparse error report into one line that names the key and the problem."""
-    key, detail = _condense(message)
-    line = f"{key}: {detail}" if key else detail
-    if re.search(r"unknown option|does not accept option|expected |cannot be used", line):
-        line += "; add --print_config to see every valid key and its value"
-    return line
-
-
-def _condense(text: str) -> tuple[Optional[str], str]:
-    text = text.strip()
-    key = None
-    match = re.match(r'Parser key "([^"]+)":\s*', text)
-    if match:
-        key, text = match.group(1), text[match.end() :]
-    lines = [line.strip().lstrip("-").strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(_NOISE)] or [text]
-    detail = lines[0]
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("Problem with given class_path"):
-            inner_key, detail = _condense("\n".join(lines[i + 1 :]))
-            if inner_key:
-                key = f"{key}.{inner_key}" if key else inner_key
-            elif not detail.startswith("unknown option"):
-                path = re.search(r"'([^']+)'", line)
-                detail = f"class_path {path.group(1) if path else ''!r} cannot be used: {detail}"
-            break
-    detail = re.sub(
-        r"Expected a <class '([\w.]+)'>\. Got value: (.*)", lambda m: f"expected {m[1]}, got {m[2]!r}", detail
-    )
-    detail = re.sub(r"Option '([^']+)' is not accepted", r"unknown option '\1'", detail)
-    return key, detail
-
-
-class FedPEFTParser(LightningArgumentParser):
-    """Reports configuration mistakes as a one-line ConfigError instead of usage text."""
-
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
-        if not self.exit_on_error:  # jsonargparse is probing; it catches this itself
-            super().error(message, ex)
-        raise ConfigError(one_line(message)) from ex
-
-
-class FedPEFTCLI(LightningCLI):
-    """LightningCLI over FedPEFTModule, FederatedDataModule and FederatedTrainer."""
-
-    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
-        super().__init__(
-            FedPEFTModule,
-            FederatedDataModule,
-            trainer_class=FederatedTrainer,
-            parser_class=FedPEFTParser,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "comm": {"model", "datamodule"}, "export": {"model", "datamodule"}}
-
-
-class _TqdmHandler(logging.StreamHandler):
-    """Writes log records above any progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never raise
-            self.handleError(record)
-
-
-def _configure_logging() -> None:
-    logger = logging.getLogger("fedpeft_pl")
-    if not logger.handlers:
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+__all__ = ["main", "one_line"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -136,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
-    _configure_logging()
+    configure_logging()
     try:
         if argv[:1] == ["flower-app"]:
             _flower_app(argv[1:])
@@ -154,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _flower_app(argv: list[str]) -> None:
-    """``fedpeft flower-app DIR --config ...``: write a Flower app directory for that config."""
+    """``fedpeft flower-app DIR --config ...``: write a Flower app directory for that config (needs no Flower)."""
     if not argv or argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         print(
             "usage: fedpeft flower-app DIR --config CONFIG [--config OVERLAY ...] [--key value ...]\n"
@@ -163,10 +63,8 @@ def _flower_app(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    try:
-        from fedpeft_pl.flower import write_app
-    except ImportError as err:
-        raise ConfigError(str(err)) from err
+    from fedpeft_pl.flower_app import write_app
+
     directory = write_app(argv[0], argv[1:])
     print(f"wrote the Flower app {directory}/ (pyproject.toml, fedpeft_app.py, fedpeft.yaml); run it with: flwr run {directory} <superlink>")
 

@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
+from typing_extensions import override
+
 from fedpeft_pl.backbone import Backbone, data_config, fingerprint
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters, trainable_state
+from fedpeft_pl.exchange import ClientSession
+from fedpeft_pl.hooks import FederatedHooks
+from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -25,7 +29,7 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optim
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
-class FedPEFTModule(pl.LightningModule):
+class FedPEFTModule(FederatedHooks, pl.LightningModule):
     """A timm ViT with a PEFT method attached; only the method's tensors train.
 
     Args:
@@ -61,8 +65,7 @@ class FedPEFTModule(pl.LightningModule):
         self.data_config = data_config(self.model)
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
-        self.fit_config: dict[str, Any] = {}  # what the server sent with this round's state, e.g. proximal_mu
-        self._anchor: dict[str, torch.Tensor] = {}
+        self.session: Optional[ClientSession] = None  # the client being trained, set by the runner
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_count = 0
         # set by fedpeft_pl.privacy.LocalDP: local steps become DP-SGD steps (manual optimization)
@@ -86,73 +89,76 @@ class FedPEFTModule(pl.LightningModule):
         assert self._fingerprint is not None
         return self._fingerprint
 
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning's automatic optimization, except under local DP, whose step is taken by hand."""
-        return self.privacy is None and self._automatic_optimization
-
-    @automatic_optimization.setter
-    def automatic_optimization(self, value: bool) -> None:
-        self._automatic_optimization = value
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(trainable_parameters(self).values())
 
-    def on_round_start(self, server_round: int, clients: list[int]) -> None:
+    def begin_client(self, session: ClientSession) -> None:
+        """A client starts local training with ``session`` (its received state is already loaded)."""
+        self.session = session
         self._loss_sum = None
         self._loss_count = 0
 
+    def end_client(self) -> None:
+        self.session = None
+
     def track_loss(self, loss_sum: torch.Tensor, count: int) -> None:
         # A running sum instead of self.log: Lightning's per-step logging took about 9% of a Head
-        # run's profiled time (benchmarks/overhead.py), and the server logs train/loss once a round.
+        # run's profiled time (benchmarks/overhead.py); the client reports it once, in its result.
         self._loss_sum = loss_sum if self._loss_sum is None else self._loss_sum + loss_sum
         self._loss_count += count
 
-    @property
-    def round_train_loss(self) -> Optional[float]:
-        """Mean training loss over every sample of this round's local steps, on all clients so far."""
+    def local_metrics(self) -> dict[str, float]:
+        """The current client's figures so far: its mean training loss over every sample of its local steps."""
         if not self._loss_count:
-            return None
-        return float(self._loss_sum / self._loss_count)
+            return {}
+        return {"train_loss": float(self._loss_sum / self._loss_count)}
 
-    def on_round_gather(self, gather: Any) -> None:
-        """Under DDP: the training loss of every process's clients."""
-        if self.trainer.world_size == 1:
-            return
-        parts = gather((float(self._loss_sum) if self._loss_sum is not None else 0.0, self._loss_count))
-        self._loss_sum = torch.tensor(sum(total for total, _ in parts), dtype=torch.float64)
-        self._loss_count = sum(count for _, count in parts)
-
-    def on_client_start(self, client: int) -> None:
-        """Keep the received state when the loss needs it (FedProx's proximal term)."""
-        self._anchor = trainable_state(self) if self.fit_config.get("proximal_mu", 0.0) > 0 else {}
-
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         if self.privacy is not None:
             return self._private_step(batch)
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
         self.track_loss(loss.detach() * len(labels), len(labels))
-        if self._anchor:
-            mu = self.fit_config["proximal_mu"]
-            distance = sum((p - self._anchor[n]).pow(2).sum() for n, p in trainable_parameters(self).items())
-            loss = loss + mu / 2 * distance
+        if self.session is not None:
+            term = self.session.loss_term(trainable_parameters(self))
+            if term is not None:
+                loss = loss + term
         return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the client's steps and apply the strategy's gradient correction (SCAFFOLD)."""
+        session = self.session
+        if session is None:
+            return
+        session.context.steps += 1
+        if session.corrects_gradients:
+            params = trainable_parameters(self)
+            grads = {name: p.grad for name, p in params.items() if p.grad is not None}
+            corrected = session.correct(grads, {name: p.detach() for name, p in params.items()})
+            for name, grad in corrected.items():
+                params[name].grad = grad
 
     def _private_step(self, batch: Any) -> None:
         """One DP-SGD step: the noisy sum of clipped per-sample gradients, then the optimizer."""
         images, labels = batch
-        gradient, losses = self.privacy.private_gradient(self, images, labels)
+        client = self.session.client if self.session is not None else None
+        gradient, losses = self.privacy.private_gradient(self, images, labels, client)
+        params = trainable_parameters(self)
+        if self.session is not None:
+            # a strategy's loss term depends on no record, so its gradient needs no noise
+            term = self.session.loss_term(params)
+            if term is not None:
+                extra = torch.autograd.grad(term, list(params.values()), allow_unused=True)
+                gradient = {n: g if e is None else g + e.detach() for (n, g), e in zip(gradient.items(), extra)}
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        for name, param in trainable_parameters(self).items():
-            grad = gradient[name]
-            if self._anchor:  # FedProx's proximal term depends on no record, so it needs no noise
-                grad = grad + self.fit_config["proximal_mu"] * (param.detach() - self._anchor[name])
-            param.grad = grad.to(param.dtype)
+        for name, param in params.items():
+            param.grad = gradient[name].to(param.dtype)
         optimizer.step()
         self.track_loss(losses.sum(), len(losses))
 

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from fedpeft_pl.compression import Codec
+from fedpeft_pl.federation import ClientContext
 from fedpeft_pl.peft import trainable_parameters
 
 if TYPE_CHECKING:
     from fedpeft_pl.client import FedPEFTModule
+    from fedpeft_pl.strategies import Strategy
 
 MIB = 2**20
 
@@ -82,20 +84,28 @@ def communication_report(
     upload: Optional[Codec] = None,
     download: Optional[Codec] = None,
     notes: tuple[str, ...] = (),
+    strategy: Optional[Strategy] = None,
 ) -> CommReport:
     """Bytes that ``module``'s PEFT method sends with the given codecs, next to full fine-tuning.
 
-    Counts come from the built architecture and the codecs' actual payloads, so no weights are
+    Counts come from the built architecture, the codecs' actual payloads and the tensors the
+    strategy sends besides the state (SCAFFOLD's control variates), so no weights are
     downloaded and compressed sizes are exact.
     """
     trainable = {name: p.detach() for name, p in trainable_parameters(module).items()}
     full = dict(module.backbone.build(module.num_classes).named_parameters())
     upload, download = upload or Codec(), download or Codec()
+    extras_down: dict[str, torch.Tensor] = {}
+    extras_up: dict[str, torch.Tensor] = {}
+    if strategy is not None:
+        extras_down = strategy.client_extras(1, trainable)
+        context = ClientContext(0, 1, trainable, extras=extras_down, steps=1, lr=1.0)
+        extras_up = strategy.client_end(trainable, context)
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
-        download_bytes=payload_bytes(download.encode(trainable)),
-        upload_bytes=payload_bytes(upload.encode(trainable)),
+        download_bytes=payload_bytes(download.encode(trainable)) + payload_bytes(extras_down),
+        upload_bytes=payload_bytes(upload.encode(trainable)) + payload_bytes(extras_up),
         full_client_bytes=payload_bytes(full),
         clients_per_round=clients_per_round,
         num_rounds=num_rounds,

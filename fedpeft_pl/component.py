@@ -1,19 +1,23 @@
-"""The base of the server-side parts chosen by ``class_path`` that may keep state across rounds."""
+"""Small bases for the parts a user chooses by ``class_path``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class Component:
-    """Checkpointable through :meth:`state_dict` (stateless by default), shown by its arguments in logs."""
+class ShownByArguments:
+    """Shown in logs and checkpoints by its public attributes: ``Name(arg=value, ...)``."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class Component(ShownByArguments):
+    """A server-side part that may keep state across rounds: checkpointable through :meth:`state_dict`."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"

@@ -14,8 +14,7 @@ from typing import Any, Optional
 import torch
 
 from fedpeft_pl.component import Component
-
-State = dict[str, torch.Tensor]
+from fedpeft_pl.federation import State
 
 SCALE_SUFFIX = "::scale"
 

@@ -29,6 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedpeft_pl.comm import payload_bytes
+from fedpeft_pl.peft import load_trainable_state, trainable_parameters
+
 if TYPE_CHECKING:
     from fedpeft_pl.client import FedPEFTModule
 
@@ -65,7 +68,16 @@ def export_model(module: FedPEFTModule, path: Union[str, Path]) -> Exported:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
-    return Exported(path, merged is not None, len(state), sum(t.numel() * t.element_size() for t in state.values()))
+    return Exported(path, merged is not None, len(state), payload_bytes(state))
+
+
+def export_checkpoint(module: FedPEFTModule, checkpoint_path: Union[str, Path], output: Union[str, Path], weights_only: bool = True) -> Exported:
+    """Load a fedpeft checkpoint's trainable state into ``module`` and export it to ``output``."""
+    module.configure_model()
+    checkpoint = torch.load(str(checkpoint_path), map_location="cpu", weights_only=weights_only)
+    module.on_load_checkpoint(checkpoint)
+    load_trainable_state(module, {k: checkpoint["state_dict"][k] for k in trainable_parameters(module)})
+    return export_model(module, output)
 
 
 def load_exported(path: Union[str, Path]) -> torch.nn.Module:

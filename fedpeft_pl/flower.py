@@ -3,14 +3,15 @@
 Flower (https://flower.ai, Message API) moves the messages; everything else is fedpeft's own,
 built from the same YAML as ``fedpeft fit``:
 
-- The **ServerApp** runs a :class:`~fedpeft_pl.loop.FederatedTrainer` whose rounds send train
-  messages to SuperNodes instead of training in-process. Client sampling, availability, the
+- The **ServerApp** runs a :class:`~fedpeft_pl.trainer.FederatedTrainer` whose client runner is a
+  :class:`FlowerRunner`: it sends train messages to SuperNodes instead of training in-process. Client sampling, availability, the
   aggregation strategy, the codecs, the byte counter, evaluation on the test split, TensorBoard
   tags and checkpoints are exactly those of a simulation.
 - The **ClientApp** answers a train message by loading the received trainable tensors into its
   module, training the one client its SuperNode plays (``partition-id`` in the node config) for
-  that round with :meth:`~fedpeft_pl.loop.FederatedTrainer.train_client`, and replying with its
-  (encoded) update and sample count. Only trainable tensors travel.
+  that round with :meth:`~fedpeft_pl.trainer.FederatedTrainer.train_client`, and replying with its
+  (encoded) update, the strategy's extra tensors, its sample count and its metrics. Only
+  trainable tensors (and a strategy's extras, such as SCAFFOLD's control variates) travel.
 
 A client trains under the seed of its round and partition, as it would in a simulation, so a
 deployment with the same config and seed reaches the simulation's global state.
@@ -18,7 +19,8 @@ deployment with the same config and seed reaches the simulation's global state.
 Flower's SuperNode starts a fresh ClientApp process for every message (Flower's design; see
 flwrlabs/flower#3670), so the backbone is read from local disk once per message. Within one
 process (Flower's simulation engine reuses its workers) the module with its backbone is built
-once and kept. Per-client codec state (Int8 error feedback) lives in Flower's node context.
+once and kept. Per-client state (Int8 error feedback residuals, a strategy's per-client
+tensors) lives in Flower's node context, so it persists across rounds on the SuperNode.
 
 Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; README,
 "Deploy across machines with Flower", has the commands. Flower is an optional dependency:
@@ -27,23 +29,21 @@ Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import logging
 import os
-import sys
 import time
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
-import torch
-import yaml
-
-from fedpeft_pl.aggregation import decode_update, encode_update
+from fedpeft_pl.config import build_run
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.loop import FederatedLoop, FederatedTrainer
+from fedpeft_pl.exchange import open_session
+from fedpeft_pl.federation import ClientResult, Round, RoundMessage, State
+from fedpeft_pl.flower_app import NODE_TIMEOUT, REPLY_TIMEOUT, write_app  # noqa: F401 (importable from here too)
+from fedpeft_pl.loop import FederatedLoop
 from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.trainer import FederatedTrainer
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -55,91 +55,91 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 # keys of the train message's config that are fedpeft's; the rest is the strategy's round config
-_ROUND, _CLIENT, _MAX_BATCHES = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches"
-_RESIDUAL = "fedpeft.upload-codec"
+_ROUND, _CLIENT, _MAX_BATCHES, _DROP = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches", "fedpeft.drop"
+_RESIDUAL, _OWN_STATE = "fedpeft.upload-codec", "fedpeft.client-state"
 
 
 def build(config: Union[str, os.PathLike], server: bool) -> tuple[FederatedTrainer, Any, Any, dict[str, Any]]:
-    """The trainer, module and data module of a ``fedpeft fit`` config, as the CLI builds them,
-    and the config's arguments of ``fit`` itself (``ckpt_path``, ``weights_only``)."""
-    from fedpeft_pl.cli import FedPEFTCLI, _configure_logging
-
-    _configure_logging()
-    settings = yaml.safe_load(Path(config).read_text())
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{os.fspath(config)!r} is not a fedpeft config (a YAML mapping with trainer, model and data)")
-    fit_args = {k: settings.pop(k) for k in ("ckpt_path", "weights_only") if k in settings}
-    kwargs = {} if server else {"save_config_callback": None}
-    with _own_argv():
-        cli = FedPEFTCLI(args=["--config", yaml.safe_dump(settings)], run=False, **kwargs)
-    trainer = cli.trainer
+    """The trainer, module and data module of a ``fedpeft fit`` config, and the config's ``fit`` arguments."""
+    trainer, module, datamodule, fit_args = build_run(config, save_config=server)
     if trainer.privacy is not None:
         raise ConfigError(
             "trainer.privacy (local DP) is not supported in a Flower deployment yet: its accounting runs "
             "beside the server; remove it, or use central DP (trainer.aggregation: fedpeft_pl.privacy.DPFedAvg)"
         )
-    return trainer, cli.model, cli.datamodule, fit_args
+    return trainer, module, datamodule, fit_args
 
 
 # -- server ---------------------------------------------------------------------------------------
 
 
-class FlowerLoop(FederatedLoop):
-    """A federated loop whose clients train on Flower SuperNodes.
+class FlowerRunner:
+    """A client runner whose clients train on Flower SuperNodes, one per partition.
+
+    Every client of the round that takes part is sent the round's message; a client that drops
+    out (client availability) is sent it too, flagged, and replies without an update, as a
+    device that goes offline after receiving its task. Results come back as
+    :class:`~fedpeft_pl.federation.ClientResult` in sampling order; a reply without an update is
+    a failed client, never a silent default.
 
     Args:
+        loop: the trainer's federated loop (for ``on_client_start``).
         grid: the ServerApp's grid.
         nodes: SuperNode id of each client (partition id).
         reply_timeout: seconds to wait for a round's replies; a client that has not replied by
             then is left out of the round as failed.
     """
 
-    def __init__(self, loop: FederatedLoop, grid: Grid, nodes: dict[int, int], reply_timeout: float) -> None:
-        super().__init__(
-            loop.trainer, loop.num_rounds, loop.clients_per_round, loop.local_epochs, loop.seed,
-            client_sampling=loop.client_sampling, availability=loop.availability,
-        )
+    def __init__(self, loop: FederatedLoop, grid: Grid, nodes: dict[int, int], reply_timeout: float = REPLY_TIMEOUT) -> None:
+        self.loop = loop
         self.grid = grid
         self.nodes = nodes
         self.reply_timeout = reply_timeout
 
-    def own_share(self, clients: list[int]) -> list[int]:
-        return clients
-
-    def _run_clients(self, server_round: int, clients: list[int]) -> list[BaseException]:
-        trainer = self.trainer
-        module = trainer.lightning_module
-        aggregation = trainer.aggregation
-        encoded, round_config = aggregation.round_payload  # the same for every client of the round
-        payload = {k: v.detach().cpu().contiguous() for k, v in encoded.items()}
+    def run(self, round: Round) -> Iterator[ClientResult]:
+        message = round.message
+        assert message is not None, "the server configures the round before clients run"
+        arrays = _to_record(message.payload)  # the same for every client of the round
+        extras = _to_record(message.extras)
+        early: dict[int, ClientResult] = {}
         messages, sent = [], []
-        for client in clients:
-            if not self.start_client(server_round, client):
-                continue
-            config = {**round_config, _ROUND: server_round, _CLIENT: client, _MAX_BATCHES: self.round_plans[client].batches}
-            content = RecordDict({"arrays": ArrayRecord(payload), "config": ConfigRecord(config)})
+        for client in round.share:
+            dropped = self.loop.start_client(round, client)
+            if dropped is not None:
+                early[client] = dropped
+                if not dropped.received:
+                    continue
+            config = {
+                **message.config, _ROUND: round.number, _CLIENT: client,
+                _MAX_BATCHES: round.plans[client].batches, _DROP: int(dropped is not None),
+            }
+            content = RecordDict({"arrays": arrays, "extras": extras, "config": ConfigRecord(config)})
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
             sent.append(client)
-        self.client = None
         client_of = {self.nodes[c]: c for c in sent}
         replies = {client_of[r.metadata.src_node_id]: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
-        failures: list[BaseException] = []
-        for client in sent:  # in sampling order, as one process would aggregate
-            reply = replies.get(client)
-            if reply is None or reply.has_error():
-                reason = reply.error.reason if reply is not None else f"no reply within {self.reply_timeout:g} s"
-                error = RuntimeError(f"SuperNode {self.nodes[client]}: {reason}")
-                failures.append(error)
-                self.client_failed(server_round, client, error)
+        for client in round.share:  # in sampling order, as one process would aggregate
+            if client in early:
+                yield early[client]
                 continue
-            metrics = reply.content["metrics"]
-            self.uploads[client] = {k: v.to(module.device) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
-            if hasattr(module, "track_loss") and metrics.get("train-samples", 0) > 0:
-                module.track_loss(torch.tensor(float(metrics["train-loss-sum"])), int(metrics["train-samples"]))
-            self.client = client
-            self._call_federated_hook("on_client_end", client, int(metrics["num-examples"]))
-        self.client = None
-        return failures
+            yield self._result(client, replies.get(client))
+
+    def _result(self, client: int, reply: Any) -> ClientResult:
+        if reply is None or reply.has_error():
+            reason = reply.error.reason if reply is not None else f"no reply within {self.reply_timeout:g} s"
+            return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]}: {reason}"))
+        content = reply.content
+        if "arrays" not in content:
+            return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]} replied without an update"))
+        metrics = dict(content["metrics"])
+        num_samples = int(metrics.pop("num-examples"))
+        return ClientResult(
+            client,
+            num_samples,
+            payload=content["arrays"].to_torch_state_dict(),
+            extras=content["extras"].to_torch_state_dict() if "extras" in content else {},
+            metrics={k: float(v) for k, v in metrics.items()},
+        )
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
@@ -185,16 +185,17 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     """A ServerApp that runs ``fedpeft fit`` with the given config over Flower's SuperNodes.
 
     Run config (``[tool.flwr.app.config]``): ``node-timeout`` (seconds to wait for the
-    SuperNodes, default 300) and ``reply-timeout`` (seconds to wait for a round's replies,
-    default 3600).
+    SuperNodes) and ``reply-timeout`` (seconds to wait for a round's replies); the defaults
+    are :data:`~fedpeft_pl.flower_app.NODE_TIMEOUT` and :data:`~fedpeft_pl.flower_app.REPLY_TIMEOUT`.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         trainer, module, datamodule, fit_args = build(config, server=True)
-        nodes = discover_clients(grid, datamodule.num_clients, float(context.run_config.get("node-timeout", 300)))
-        trainer.fit_loop = FlowerLoop(trainer.fit_loop, grid, nodes, float(context.run_config.get("reply-timeout", 3600)))
+        nodes = discover_clients(grid, datamodule.num_clients, float(context.run_config.get("node-timeout", NODE_TIMEOUT)))
+        reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
+        trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
         trainer.fit(module, datamodule=datamodule, **fit_args)
 
     return app
@@ -226,112 +227,39 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         trainer, module, datamodule = _client(os.fspath(config))
         settings = dict(message.content["config"])
         client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
-        max_batches = int(settings.pop(_MAX_BATCHES))
+        max_batches, drop = int(settings.pop(_MAX_BATCHES)), bool(settings.pop(_DROP, 0))
         partition = int(context.node_config["partition-id"])
         if client != partition:
             raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
+        if drop:  # client availability: it received its task and goes offline
+            return Message(RecordDict({"metrics": MetricRecord({"dropped": 1})}), reply_to=message)
         server = trainer.aggregation
-        received = server.download.decode(message.content["arrays"].to_torch_state_dict(), like=trainable_state(module))
-        load_trainable_state(module, received)
-        module.fit_config = settings
+        extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
+        round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
+        own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+        session = open_session(
+            server.strategy, server.upload, server.download, round_message, client, server_round,
+            trainable_state(module), own,
+        )
+        load_trainable_state(module, session.context.received)
         if _RESIDUAL in context.state:
             server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
-        num_samples = trainer.train_client(module, datamodule, server_round, client, max_batches)
-        payload = encode_update(server.upload, trainable_state(module), received, client)
+        num_samples = trainer.train_client(module, datamodule, session, max_batches)
+        result = session.finish(trainable_state(module), num_samples, module.local_metrics())
         residual = server.upload.client_state([client]).get(client)
         if residual is not None:
             context.state[_RESIDUAL] = _to_record(residual)
-        loss = getattr(module, "_loss_sum", None)
-        metrics = MetricRecord({
-            "num-examples": num_samples,
-            "train-loss-sum": float(loss) if loss is not None else 0.0,
-            "train-samples": int(getattr(module, "_loss_count", 0)),
-        })
+        context.state[_OWN_STATE] = _to_record(session.context.state)
+        metrics = MetricRecord({"num-examples": num_samples, **result.metrics})
         log.info(
             f"round {server_round}: client {client} trained on {num_samples} samples in "
             f"{time.perf_counter() - started:.1f} s (this process)"
         )
-        return Message(RecordDict({"arrays": _to_record(payload), "metrics": metrics}), reply_to=message)
+        content = {"arrays": _to_record(result.payload), "extras": _to_record(result.extras), "metrics": metrics}
+        return Message(RecordDict(content), reply_to=message)
 
     return app
 
 
-@contextlib.contextmanager
-def _own_argv() -> Any:
-    """LightningCLI given ``args`` warns about the process's own command line (Flower's, here); hide it."""
-    saved = sys.argv[:]
-    sys.argv[1:] = []
-    try:
-        yield
-    finally:
-        sys.argv[:] = saved
-
-
-def _to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+def _to_record(state: State) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
-
-
-# -- the app directory ----------------------------------------------------------------------------
-
-_PYPROJECT = """\
-# A Flower app written by `fedpeft flower-app`; fedpeft.yaml beside it is the whole experiment.
-# Every machine needs fedpeft-pl with Flower installed: pip install "fedpeft-pl[flower]"
-[project]
-name = "{name}"
-version = "1.0.0"
-description = "fedpeft-pl federated PEFT, deployed with Flower"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedpeft"
-
-[tool.flwr.app.components]
-serverapp = "fedpeft_app:server"
-clientapp = "fedpeft_app:client"
-
-[tool.flwr.app.config]
-node-timeout = 300
-reply-timeout = 3600
-"""
-
-_APP = '''\
-"""Flower entry points for the experiment in fedpeft.yaml (written by `fedpeft flower-app`)."""
-
-from pathlib import Path
-
-from fedpeft_pl.flower import client_app, server_app
-
-CONFIG = Path(__file__).with_name("fedpeft.yaml")
-server = server_app(CONFIG)
-client = client_app(CONFIG)
-'''
-
-
-def write_app(directory: Union[str, os.PathLike], fit_args: list[str], name: Optional[str] = None) -> Path:
-    """Write a Flower app directory for the config that ``fedpeft fit <fit_args>`` would run.
-
-    The config is resolved (every ``--config`` and override merged) into ``fedpeft.yaml``.
-    """
-    from fedpeft_pl.cli import FedPEFTCLI
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), _own_argv():
-        try:
-            FedPEFTCLI(args=["fit", *fit_args, "--print_config"])
-        except SystemExit as done:
-            if done.code not in (0, None):
-                raise
-    text = out.getvalue()
-    if "trainer:" not in text:
-        raise ConfigError("could not resolve the config; check it with: fedpeft fit <the same arguments> --print_config")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "fedpeft.yaml").write_text(text)
-    (directory / "fedpeft_app.py").write_text(_APP)
-    (directory / "pyproject.toml").write_text(_PYPROJECT.format(name=name or _project_name(directory)))
-    return directory
-
-
-def _project_name(directory: Path) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-")
-    return name or "fedpeft-app"

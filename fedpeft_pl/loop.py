@@ -1,66 +1,52 @@
-"""FederatedLoop and FederatedTrainer.
+"""FederatedLoop and the in-process client runner.
 
 This is the ONLY module that touches private Lightning API (``_FitLoop``,
 ``_TrainingEpochLoop``, data fetchers, ``call._call_*``, the logger connector). A Lightning
 upgrade that moves those breaks this file and ``tests/test_loop_contract.py``, nothing else.
 
 One Lightning epoch is one communication round, so ``trainer.current_epoch`` counts rounds,
-``on_train_epoch_end`` fires once per round and checkpoints are written at round ends.
-Inside a round every sampled client trains with Lightning's own training-epoch loop (so
-``training_step``, precision, gradient clipping, ``self.log`` and batch hooks behave as in
-plain Lightning), then the server aggregates and the global model is evaluated once.
+``on_train_epoch_end`` fires once per round and checkpoints are written at round ends. Each
+round the loop builds a :class:`~fedpeft_pl.federation.Round`, asks the server for the round's
+message, lets a :class:`~fedpeft_pl.federation.ClientRunner` train the clients, hands every
+:class:`~fedpeft_pl.federation.ClientResult` to the hooks, and evaluates the global model once.
+
+The :class:`SequentialRunner` trains clients one after another with Lightning's own
+training-epoch loop (so ``training_step``, precision, gradient clipping, ``self.log`` and batch
+hooks behave as in plain Lightning); under DDP each process trains its share.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
+from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any, Literal, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, ProgressBar
-from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.loops.utilities import _select_data_fetcher
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from typing_extensions import override
 
-from fedpeft_pl.aggregation import ServerAggregation
-from fedpeft_pl.availability import ClientAvailability, Plan
-from fedpeft_pl.compression import Codec
-from fedpeft_pl.comm import CommReport, communication_report
+from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.export import Exported, export_model
-from fedpeft_pl.hooks import ClientDropped, FederatedCallback
-from fedpeft_pl.peft import load_trainable_state, trainable_parameters
-from fedpeft_pl.privacy import LocalDP
-from fedpeft_pl.progress import FederatedProgressBar
-from fedpeft_pl.seeds import derive_seed
-from fedpeft_pl.strategies import Strategy
+from fedpeft_pl.exchange import ClientSession, open_session
+from fedpeft_pl.federation import ClientResult, ClientRunner, ClientStore, Federation, Round, sample_clients
+from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
+from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.seeds import client_seed
 
 log = logging.getLogger(__name__)
 
-
-def sample_clients(
-    seed: int, server_round: int, num_clients: int, clients_per_round: int, sampling: str = "uniform"
-) -> list[int]:
-    """The clients of round ``server_round``, a function of the seed alone.
-
-    ``uniform`` draws exactly ``clients_per_round`` without replacement; ``poisson`` includes each
-    client independently with probability ``clients_per_round / num_clients`` (as central DP's
-    accounting assumes), so the count varies around ``clients_per_round``.
-    """
-    rng = np.random.default_rng([seed, server_round])
-    if sampling == "poisson":
-        return [int(c) for c in np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)]
-    return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
+__all__ = ["FederatedLoop", "SequentialRunner", "sample_clients"]
 
 
 class _ClientEpochLoop(_TrainingEpochLoop):
@@ -70,13 +56,16 @@ class _ClientEpochLoop(_TrainingEpochLoop):
     between batches; and it hands over a fresh, already-iterated data fetcher per epoch.
     """
 
+    @override
     def on_run_start(self, data_fetcher: Any) -> None:
         data_fetcher._start_profiler = self._on_before_fetch
         data_fetcher._stop_profiler = self._on_after_fetch
 
+    @override
     def _should_check_val_fx(self, data_fetcher: Any) -> bool:
         return False
 
+    @override
     def _broadcast_sigterm_tensor(self) -> None:
         # Lightning broadcasts rank 0's SIGTERM flag before every step. Under DDP each process
         # trains other clients, for different numbers of steps, so the processes would wait on
@@ -92,55 +81,66 @@ class _ClientEpochLoop(_TrainingEpochLoop):
 class FederatedLoop(_FitLoop):
     """A Lightning fit loop in which one iteration is one communication round.
 
-    Each round samples ``clients_per_round`` of the data module's clients (seeded by round),
-    trains each from the global state with a fresh optimizer for ``local_epochs`` epochs over
-    its own split, lets :class:`~fedpeft_pl.aggregation.ServerAggregation` combine the
-    updates, and evaluates the global model once. Client ``c`` of round ``r`` trains under
-    the torch seed ``derive_seed(seed, r, c)``: its result depends on the global state and
-    that seed only, so runs repeat exactly and resume exactly at round boundaries.
+    Each round samples clients (:meth:`Federation.sample`), plans their availability, asks the
+    server (:class:`~fedpeft_pl.aggregation.ServerAggregation`) for the round's message, runs
+    the clients through the runner, hands their results to the hooks, lets the server aggregate
+    and evaluates the global model once. Client ``c`` of round ``r`` trains under seeds derived
+    from ``(seed, r, c)``: its result depends on the global state and those seeds only, so runs
+    repeat exactly and resume exactly at round boundaries.
+
+    Args:
+        trainer: the FederatedTrainer.
+        settings: the federation's shape less ``num_clients``, which the data module gives at fit time.
+        availability: dropout and stragglers.
+        runner: how clients run; the in-process :class:`SequentialRunner` by default.
     """
 
     def __init__(
         self,
         trainer: pl.Trainer,
-        num_rounds: int,
-        clients_per_round: int,
-        local_epochs: int,
-        seed: int,
-        client_sampling: str = "uniform",
+        settings: dict[str, Any],
         availability: Optional[ClientAvailability] = None,
+        runner: Optional[ClientRunner] = None,
     ) -> None:
-        super().__init__(trainer, min_epochs=0, max_epochs=num_rounds)
+        super().__init__(trainer, min_epochs=0, max_epochs=settings["num_rounds"])
         self.epoch_loop = _ClientEpochLoop(trainer)
-        self.clients_per_round = clients_per_round
-        self.local_epochs = local_epochs
-        self.seed = seed
-        self.client_sampling = client_sampling
+        self.settings = dict(settings)
         self.availability = availability if availability is not None else ClientAvailability()
-        self.round_clients: list[int] = []
-        self.round_plans: dict[int, Plan] = {}
-        self.round_batches = 0
-        self.client: Optional[int] = None
-        # updates of clients that trained outside this process (a Flower deployment), by client
-        self.uploads: dict[int, dict[str, torch.Tensor]] = {}
+        self.runner: ClientRunner = runner if runner is not None else SequentialRunner(self)
+        self.client_states = ClientStore()
+        self._federation: Optional[Federation] = None
+
+    @property
+    def federation(self) -> Federation:
+        """The run's federation; known once the data module has said how many clients it holds."""
+        if self._federation is None:
+            self._federation = Federation(num_clients=self.trainer.datamodule.num_clients, **self.settings)
+        return self._federation
 
     @property
     def num_rounds(self) -> int:
         return self.max_epochs
 
     @property
+    @override
     def done(self) -> bool:
         if self.epoch_progress.current.processed >= self.max_epochs:
             self.epoch_progress.current.completed = self.epoch_progress.current.processed
             return True
         return self.trainer.should_stop
 
+    @override
     def run(self) -> None:
         self._check_setup()
         if self.done:
             return
         self._resume_at_round_boundary()
         self.on_run_start()
+        self._federated(
+            "on_federation_start",
+            lambda cb, t, m: cb.on_federation_start(t, m, self.federation),
+            lambda m: m.on_federation_start(self.federation),
+        )
         while not self.done:
             try:
                 self.on_advance_start()
@@ -179,16 +179,21 @@ class FederatedLoop(_FitLoop):
             progress.total.completed = progress.total.processed
         self.restarting = False
 
+    @override
     def on_save_checkpoint(self) -> dict:
         state = super().on_save_checkpoint()
         state["rng"] = _rng_state()
+        state["client_states"] = self.client_states.state_dict()
         return state
 
+    @override
     def on_load_checkpoint(self, state_dict: dict) -> None:
         super().on_load_checkpoint(state_dict)
         if "rng" in state_dict:
             _set_rng_state(state_dict["rng"])
+        self.client_states.load_state_dict(state_dict.get("client_states", {}))
 
+    @override
     def on_advance_start(self) -> None:
         trainer = self.trainer
         self.epoch_progress.increment_ready()
@@ -196,34 +201,45 @@ class FederatedLoop(_FitLoop):
         call._call_lightning_module_hook(trainer, "on_train_epoch_start")
         self.epoch_progress.increment_started()
 
-    def advance(self) -> None:
-        """One communication round."""
-        datamodule = self.trainer.datamodule
-        server_round = self.epoch_progress.current.processed + 1
-        clients = sample_clients(self.seed, server_round, datamodule.num_clients, self.clients_per_round, self.client_sampling)
-        self.round_clients = clients
-        self.round_plans = {
-            c: self.availability.plan(self.seed, server_round, c, self.local_epochs * datamodule.client_num_batches(c))
+    def plan_round(self, number: int, clients: Optional[list[int]] = None) -> Round:
+        """Round ``number``: its sampled clients (or the given ones), their plans and this process's share."""
+        federation, datamodule = self.federation, self.trainer.datamodule
+        clients = federation.sample(number) if clients is None else clients
+        plans = {
+            c: self.availability.plan(federation.seed, number, c, federation.local_epochs * datamodule.client_num_batches(c))
             for c in clients
         }
-        self.round_batches = sum(plan.batches for plan in self.round_plans.values())
-        self._call_federated_hook("on_round_start", server_round, clients)
-        failures = self._run_clients(server_round, self.own_share(clients))
-        self.client = None
+        share = clients[self.trainer.global_rank :: self.trainer.world_size]
+        return Round(number, tuple(clients), plans, tuple(share))
+
+    @override
+    def advance(self) -> None:
+        """One communication round."""
+        round = self.plan_round(self.epoch_progress.current.processed + 1)
+        self._federated("on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round))
+        round = replace(round, message=self.trainer.aggregation.configure_round(round))
+        failures: list[BaseException] = []
+        for result in self.runner.run(round):
+            self.report(round, result)
+            if result.error is not None:
+                failures.append(result.error)
         self.epoch_loop.check_sigterm()
         failed = sum(self.gather(len(failures)))
-        self._call_federated_hook("on_round_gather", self.gather)
-        if failed and failed == len(clients):
+        if self.trainer.world_size > 1:
+            for part in self.gather(self.client_states.of(round.share)):
+                self.client_states.update(part)
+        self._federated(
+            "on_round_gather",
+            lambda cb, t, m: cb.on_round_gather(t, m, round, self.gather),
+            lambda m: m.on_round_gather(round, self.gather),
+        )
+        if failed and failed == len(round.clients):
             raise RuntimeError(
-                f"all {len(clients)} clients of round {server_round} failed; the first error is above"
+                f"all {len(round.clients)} clients of round {round.number} failed; the first error is above"
             ) from (failures[0] if failures else None)
-        self._call_federated_hook("on_round_end", server_round)
-        if self._should_evaluate(server_round):
+        self._federated("on_round_end", lambda cb, t, m: cb.on_round_end(t, m, round), lambda m: m.on_round_end(round))
+        if self._should_evaluate(round.number):
             self._evaluate()
-
-    def own_share(self, clients: list[int]) -> list[int]:
-        """The sampled clients that this process trains: all of them, or under DDP every ``world_size``-th."""
-        return clients[self.trainer.global_rank :: self.trainer.world_size]
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every process, in rank order (``[obj]`` in a single process)."""
@@ -233,65 +249,70 @@ class FederatedLoop(_FitLoop):
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
 
-    def _run_clients(self, server_round: int, clients: list[int]) -> list[BaseException]:
-        """Each client in turn: it receives the global state, trains, and hands over its update."""
-        datamodule = self.trainer.datamodule
-        failures: list[BaseException] = []
-        for client in clients:
-            if not self.start_client(server_round, client):
-                continue
-            plan = self.round_plans[client]
-            try:
-                with self._no_gradient_sync():
-                    self._train_client(server_round, client, plan.batches)
-            except Exception as error:  # one client's failure must not end the run
-                failures.append(error)
-                self.client_failed(server_round, client, error)
-            else:
-                self._call_federated_hook("on_client_end", client, datamodule.client_num_samples(client))
-        return failures
+    # -- what runners call ----------------------------------------------------------------------
 
-    def start_client(self, server_round: int, client: int) -> bool:
-        """The client receives the global state (``on_client_start``); False if it drops out instead."""
-        self.client = client
+    def start_client(self, round: Round, client: int) -> Optional[ClientResult]:
+        """``on_client_start``, then availability: None if the client takes part, else its dropped result."""
         try:
-            self._call_federated_hook("on_client_start", client)
+            self._federated(
+                "on_client_start", lambda cb, t, m: cb.on_client_start(t, m, round, client), None
+            )
         except ClientDropped as reason:
-            self._drop(server_round, client, str(reason))
-            return False
-        if self.round_plans[client].dropped:
-            self._drop(server_round, client, "dropped out (client availability)")
-            return False
-        return True
+            return ClientResult(client, dropped=str(reason), received=False)
+        if round.plans[client].dropped:
+            return ClientResult(client, dropped="dropped out (client availability)", received=True)
+        return None
 
-    def client_failed(self, server_round: int, client: int, error: BaseException) -> None:
-        log.warning(
-            f"round {server_round}: client {client} failed and is left out of this round: "
-            f"{type(error).__name__}: {error}"
+    def open_session(self, round: Round, client: int, like: dict[str, torch.Tensor]) -> ClientSession:
+        """The client's side of ``round``: the decoded message, its strategy hooks and its own stored state."""
+        server = self.trainer.aggregation
+        assert round.message is not None, "the server configures the round before clients run"
+        return open_session(
+            server.strategy, server.upload, server.download, round.message, client, round.number, like,
+            self.client_states.get(client),
         )
-        self._call_federated_hook("on_client_failed", client, error)
 
-    def _no_gradient_sync(self) -> Any:
+    def close_session(self, session: ClientSession) -> None:
+        """Keep the client's own state for the next round it takes part in."""
+        self.client_states.put(session.client, session.context.state)
+
+    def report(self, round: Round, result: ClientResult) -> None:
+        """Hand one client's result to the hooks."""
+        if result.dropped is not None:
+            log.info(f"round {round.number}: client {result.client} takes no part: {result.dropped}")
+            self._federated("on_client_dropped", lambda cb, t, m: cb.on_client_dropped(t, m, round, result), None)
+        elif result.error is not None:
+            log.warning(
+                f"round {round.number}: client {result.client} failed and is left out of this round: "
+                f"{type(result.error).__name__}: {result.error}"
+            )
+            self._federated("on_client_failed", lambda cb, t, m: cb.on_client_failed(t, m, round, result), None)
+        else:
+            self._federated("on_client_end", lambda cb, t, m: cb.on_client_end(t, m, round, result), None)
+
+    def no_gradient_sync(self) -> Any:
         """Under DDP every process trains other clients, so their gradients must not be averaged."""
         model = self.trainer.strategy.model
         return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
 
-    def _drop(self, server_round: int, client: int, reason: str) -> None:
-        log.info(f"round {server_round}: client {client} takes no part: {reason}")
-        self._call_federated_hook("on_client_dropped", client, reason)
+    def train_local(self, round_number: int, client: int, max_batches: int, session: Optional[ClientSession] = None) -> None:
+        """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers).
 
-    def _train_client(self, server_round: int, client: int, max_batches: int) -> None:
-        """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers)."""
+        A fresh optimizer from the module's ``configure_optimizers``; data order and the torch
+        seed (dropout, drop path) derive from ``(seed, round, client)``.
+        """
         trainer = self.trainer
-        seed = derive_seed(self.seed, server_round, client)
+        seed = client_seed(self.federation.seed, round_number, client)
         loader = trainer.datamodule.client_dataloader(client, seed)
         trainer.strategy.setup_optimizers(trainer)  # a fresh optimizer for every client
+        if session is not None and trainer.optimizers:
+            session.context.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         device = trainer.strategy.root_device
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
             remaining = max_batches
-            for _ in range(self.local_epochs):
+            for _ in range(self.federation.local_epochs):
                 if remaining <= 0:
                     break
                 fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
@@ -303,6 +324,8 @@ class FederatedLoop(_FitLoop):
                 finally:
                     fetcher.teardown()
                 remaining -= self.max_batches
+
+    # -- evaluation and hooks -------------------------------------------------------------------
 
     def _should_evaluate(self, server_round: int) -> bool:
         every = self.trainer.check_val_every_n_epoch
@@ -317,45 +340,88 @@ class FederatedLoop(_FitLoop):
         trainer.training = True
         trainer._logger_connector._first_loop_iter = first_loop_iter
 
-    def _call_federated_hook(self, name: str, *args: Any) -> None:
-        """Callbacks first, then the LightningModule's method of the same name, if it has one."""
+    def _federated(
+        self,
+        label: str,
+        on_callback: Callable[[FederatedCallback, pl.Trainer, pl.LightningModule], None],
+        on_module: Optional[Callable[[FederatedHooks], None]],
+    ) -> None:
+        """Call a federated hook on every FederatedCallback, then on the module if it has federated hooks."""
         trainer = self.trainer
         module = trainer.lightning_module
         for callback in trainer.callbacks:
             if isinstance(callback, FederatedCallback):
-                with trainer.profiler.profile(f"[Callback]{callback.state_key}.{name}"):
-                    getattr(callback, name)(trainer, module, *args)
-        hook = getattr(module, name, None)
-        if callable(hook):
-            with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{name}"):
-                hook(*args)
+                with trainer.profiler.profile(f"[Callback]{callback.state_key}.{label}"):
+                    on_callback(callback, trainer, module)
+        if on_module is not None and isinstance(module, FederatedHooks):
+            with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{label}"):
+                on_module(module)
 
+
+class SequentialRunner:
+    """The in-process runner: the clients of this process's share, one after another, in one module.
+
+    The module's trainable tensors are swapped in place per client (the backbone exists once),
+    each client trains with Lightning's epoch loop, and its result is yielded as soon as it is
+    done, so ``on_client_end`` sees the client's trained state in the module.
+    """
+
+    def __init__(self, loop: FederatedLoop) -> None:
+        self.loop = loop
+
+    def run(self, round: Round) -> Iterator[ClientResult]:
+        loop = self.loop
+        module = loop.trainer.lightning_module
+        datamodule = loop.trainer.datamodule
+        for client in round.share:
+            dropped = loop.start_client(round, client)
+            if dropped is not None:
+                yield dropped
+                continue
+            session = loop.open_session(round, client, trainable_state(module))
+            load_trainable_state(module, session.context.received)
+            module.begin_client(session)
+            try:
+                with loop.no_gradient_sync():
+                    loop.train_local(round.number, client, round.plans[client].batches, session)
+                result = session.finish(trainable_state(module), datamodule.client_num_samples(client), module.local_metrics())
+            except Exception as error:  # one client's failure must not end the run
+                result = ClientResult(client, error=error)
+            else:
+                loop.close_session(session)
+            finally:
+                module.end_client()
+            yield result
 
 
 class _ClientJob(FederatedLoop):
     """One given client of one given round, and nothing else: what a deployed client runs per message.
 
-    It trains exactly as that client would inside a simulation (the same seed, data order, fresh
-    optimizer and step cap), so a deployment reaches the simulation's state.
+    It trains exactly as that client would inside a simulation (the same seeds, data order,
+    fresh optimizer and step cap), so a deployment reaches the simulation's state.
     """
 
-    def __init__(self, parent: FederatedLoop, server_round: int, client: int, max_batches: Optional[int]) -> None:
-        super().__init__(parent.trainer, 1, 1, parent.local_epochs, parent.seed)
-        self.job = (server_round, client, max_batches)
+    def __init__(self, parent: FederatedLoop, session: ClientSession, max_batches: Optional[int]) -> None:
+        super().__init__(parent.trainer, {**parent.settings, "num_rounds": 1}, parent.availability)
+        self.session = session
+        self.job_batches = max_batches
 
+    @override
     def _check_setup(self) -> None:
         pass
 
+    @override
     def advance(self) -> None:
-        server_round, client, max_batches = self.job
+        module = self.trainer.lightning_module
+        client = self.session.client
+        max_batches = self.job_batches
         if max_batches is None:
-            max_batches = self.local_epochs * self.trainer.datamodule.client_num_batches(client)
-        self.round_clients = [client]
-        self._call_federated_hook("on_round_start", server_round, [client])
-        self.client = client
-        self._call_federated_hook("on_client_start", client)
-        self._train_client(server_round, client, max_batches)
-        self.client = None
+            max_batches = self.federation.local_epochs * self.trainer.datamodule.client_num_batches(client)
+        module.begin_client(self.session)
+        try:
+            self.train_local(self.session.context.server_round, client, max_batches, self.session)
+        finally:
+            module.end_client()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -379,220 +445,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class FederatedTrainer(pl.Trainer):
-    """A Lightning Trainer that runs federated rounds instead of epochs.
-
-    Args:
-        num_rounds: communication rounds (one Lightning epoch each).
-        clients_per_round: clients sampled each round (m of the data module's N); with Poisson
-            sampling, the expected number.
-        local_epochs: passes over its own data that each sampled client makes per round.
-        seed: seeds client sampling, availability and every client's local training.
-        aggregation: the server's strategy (``fedpeft_pl.strategies``); FedAvg by default.
-        client_sampling: ``uniform`` (exactly m, without replacement) or ``poisson`` (each
-            client with probability m/N; what DP-FedAvg's accounting assumes).
-        availability: dropout and stragglers (:class:`~fedpeft_pl.availability.ClientAvailability`).
-        compress_upload: codec for client updates (``fedpeft_pl.compression``), e.g. ``Int8``.
-        compress_download: codec for the global state sent to clients, e.g. ``Float16``.
-        privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
-            client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
-        callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
-            progress bar and a round-end ModelCheckpoint (``last.ckpt``) are added unless given.
-        num_sanity_val_steps: as in Lightning; off by default.
-        **kwargs: any other ``lightning.pytorch.Trainer`` argument except epoch and step limits.
-
-    Example::
-
-        trainer = FederatedTrainer(num_rounds=50, clients_per_round=8, accelerator="gpu")
-        trainer.fit(FedPEFTModule(100, peft=Prompt()), datamodule=FederatedDataModule(CIFAR100(), num_clients=64))
-    """
-
-    def __init__(
-        self,
-        num_rounds: int = 50,
-        clients_per_round: int = 8,
-        local_epochs: int = 1,
-        seed: int = 0,
-        aggregation: Optional[Strategy] = None,
-        client_sampling: Literal["uniform", "poisson"] = "uniform",
-        availability: Optional[ClientAvailability] = None,
-        compress_upload: Optional[Codec] = None,
-        compress_download: Optional[Codec] = None,
-        privacy: Optional[LocalDP] = None,
-        callbacks: Optional[list[Callback]] = None,
-        num_sanity_val_steps: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        for name, value in (
-            ("num_rounds", num_rounds),
-            ("clients_per_round", clients_per_round),
-            ("local_epochs", local_epochs),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"trainer.{name} must be a positive integer, got {value!r}")
-        for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
-            if kwargs.get(name) not in (None, -1):
-                raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
-            kwargs.pop(name, None)
-        if client_sampling not in ("uniform", "poisson"):
-            raise ConfigError(f"trainer.client_sampling must be 'uniform' or 'poisson', got {client_sampling!r}")
-        callbacks = list(callbacks or [])
-        if privacy is not None:
-            # before the server: a client whose budget is spent is dropped before anything is sent to it
-            callbacks.insert(0, privacy)
-        if not any(isinstance(c, ServerAggregation) for c in callbacks):
-            callbacks.append(ServerAggregation(aggregation, upload=compress_upload, download=compress_download))
-        elif aggregation is not None or compress_upload is not None or compress_download is not None:
-            raise ConfigError(
-                "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
-            )
-        if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(FederatedProgressBar())
-        if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
-        super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
-        self.fit_loop = FederatedLoop(
-            self, num_rounds, clients_per_round, local_epochs, seed, client_sampling=client_sampling, availability=availability
-        )
-
-    def fit(
-        self,
-        model: pl.LightningModule,
-        train_dataloaders: Any = None,
-        val_dataloaders: Any = None,
-        datamodule: Optional[pl.LightningDataModule] = None,
-        ckpt_path: Optional[str] = None,
-        weights_only: Optional[bool] = None,
-    ) -> None:
-        """Run ``num_rounds`` rounds; ``datamodule`` must be a FederatedDataModule."""
-        if train_dataloaders is not None or val_dataloaders is not None:
-            raise ConfigError("FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of dataloaders")
-        if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
-            raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
-        self._check_clients(datamodule.num_clients)
-        privacy = self.privacy
-        if privacy is not None:
-            privacy.attach(model, datamodule)
-        if ckpt_path == "last":
-            ckpt_path = self.find_last_checkpoint(continue_logging=True)
-        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
-            raise ConfigError(f"ckpt_path {str(ckpt_path)!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
-        super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
-
-    def train_client(
-        self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule,
-        server_round: int,
-        client: int,
-        max_batches: Optional[int] = None,
-    ) -> int:
-        """Train one client of one round from the state ``model`` holds now; return its number of samples.
-
-        The client side of a deployment (:mod:`fedpeft_pl.flower`): no server, no evaluation, no
-        logging and no checkpoints; the trained state is left in ``model``. ``max_batches`` caps
-        the local steps (a straggler); by default the client makes all ``local_epochs`` epochs.
-        """
-        loop, callbacks, loggers = self.fit_loop, self.callbacks, self.loggers
-        server_side = (ServerAggregation, LocalDP, Checkpoint, ProgressBar, ModelSummary, SaveConfigCallback)
-        self.fit_loop = _ClientJob(loop, server_round, client, max_batches)
-        self.callbacks = [c for c in callbacks if not isinstance(c, server_side)]
-        self.loggers = []
-        try:
-            super().fit(model, datamodule=datamodule)
-        finally:
-            self.fit_loop, self.callbacks, self.loggers = loop, callbacks, loggers
-        return datamodule.client_num_samples(client)
-
-    def find_last_checkpoint(self, continue_logging: bool = False) -> Optional[str]:
-        """The newest ``last.ckpt`` of an earlier run with this configuration's checkpoint folder or logger name.
-
-        With ``continue_logging``, a logger without an explicit version continues in the version
-        that checkpoint belongs to, so a resumed run's curves stay in one place.
-        """
-        logger = self.logger
-        root = getattr(logger, "root_dir", None)
-        own_dirs = [Path(c.dirpath) for c in self.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-        if own_dirs:
-            candidates = [p for d in own_dirs for p in d.glob("last*.ckpt")]
-        elif root is not None and getattr(logger, "_version", None) is not None:
-            candidates = list(Path(logger.log_dir, "checkpoints").glob("last*.ckpt"))
-        elif root is not None:
-            candidates = list(Path(root).glob("*/checkpoints/last*.ckpt"))
-        else:
-            candidates = list(Path(self.default_root_dir).glob("checkpoints/last*.ckpt"))
-        if not candidates:
-            log.info("no earlier checkpoint to resume from; training starts at round 1")
-            return None
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        version_dir = newest.parent.parent
-        if continue_logging and not own_dirs and root is not None and logger._version is None and version_dir.parent == Path(root):
-            name = version_dir.name
-            suffix = name.removeprefix("version_")
-            logger._version = int(suffix) if name.startswith("version_") and suffix.isdigit() else name
-        log.info(f"resuming from {newest}")
-        return str(newest)
-
-    def _check_clients(self, num_clients: int) -> None:
-        if self.fit_loop.clients_per_round > num_clients:
-            raise ConfigError(
-                f"trainer.clients_per_round ({self.fit_loop.clients_per_round}) exceeds data.num_clients "
-                f"({num_clients}); lower clients_per_round or add clients"
-            )
-
-    @property
-    def privacy(self) -> Optional[LocalDP]:
-        """The local-DP callback, if the run trains privately."""
-        return next((c for c in self.callbacks if isinstance(c, LocalDP)), None)
-
-    @property
-    def aggregation(self) -> ServerAggregation:
-        """The callback that plays the server."""
-        return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
-
-    def export(
-        self,
-        model: pl.LightningModule,
-        datamodule: Optional[pl.LightningDataModule] = None,
-        ckpt_path: Optional[str] = None,
-        output: str = "model.safetensors",
-        weights_only: Optional[bool] = None,
-    ) -> Exported:
-        """Write the checkpoint's model as one safetensors file that plain timm loads where the method allows.
-
-        Args:
-            ckpt_path: a checkpoint of this configuration, or ``last`` for the newest.
-            output: the file to write.
-        """
-        path = self.find_last_checkpoint() if ckpt_path == "last" else ckpt_path
-        if path is None or not os.path.isfile(path):
-            raise ConfigError(f"ckpt_path {ckpt_path!r} names no checkpoint; give the checkpoint file to export")
-        model.configure_model()
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
-        model.on_load_checkpoint(checkpoint)
-        load_trainable_state(model, {k: checkpoint["state_dict"][k] for k in trainable_parameters(model)})
-        exported = export_model(model, output)
-        kind = "plain timm" if exported.plain_timm else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
-        print(f"wrote {exported.path}: {exported.tensors} tensors, {exported.num_bytes:,} bytes, {kind}")
-        return exported
-
-    def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
-        """Print what one client sends per round and the whole run costs, without training or downloading."""
-        num_clients = getattr(datamodule, "num_clients", None)
-        if num_clients is not None:
-            self._check_clients(num_clients)
-        server = self.aggregation
-        notes = ["clients are Poisson-sampled: m is the expected number per round"] if self.fit_loop.client_sampling == "poisson" else []
-        if self.fit_loop.availability.dropout or self.fit_loop.availability.stragglers:
-            notes.append(f"{self.fit_loop.availability!r}: dropped clients download but send nothing")
-        notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
-        if type(server.upload) is not Codec or type(server.download) is not Codec:
-            notes.append(f"upload {server.upload!r}, download {server.download!r}")
-        report = communication_report(
-            model, self.fit_loop.clients_per_round, self.fit_loop.num_rounds,
-            upload=server.upload, download=server.download, notes=tuple(notes),
-        )
-        print(report.format())
-        return report

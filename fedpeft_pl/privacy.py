@@ -28,11 +28,14 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.func import functional_call, grad_and_value, vmap
 
+from typing_extensions import override
+
 from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import trainable_parameters
 from fedpeft_pl.seeds import SERVER_NOISE, derive_seed
-from fedpeft_pl.strategies import ClientUpdate, State, Strategy
+from fedpeft_pl.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +133,18 @@ class LocalDP(FederatedCallback):
         self.chunk_size = chunk_size
         self._histories: dict[int, list] = {}
         self._sigma: dict[int, float] = {}
+        self._federation: Any = None
+        self._datamodule: Any = None
 
     # -- the client side of one local step -------------------------------------------------------
 
-    def private_gradient(self, module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[State, torch.Tensor]:
-        """Noisy clipped gradient for one Poisson batch of the current client, and its per-sample losses."""
-        trainer = module.trainer
-        client = trainer.fit_loop.client
+    def private_gradient(
+        self, module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, client: int
+    ) -> tuple[State, torch.Tensor]:
+        """Noisy clipped gradient for one Poisson batch of ``client``, and its per-sample losses."""
         sigma = self._sigma[client]
-        rate, _ = self._rates(trainer, client)
-        expected = rate * trainer.datamodule.client_num_samples(client)  # the Poisson batch's expected size
+        rate, _ = self._rates(client)
+        expected = rate * self._datamodule.client_num_samples(client)  # the Poisson batch's expected size
         sums, losses = clipped_gradient_sum(module, images, labels, self.max_grad_norm, self.chunk_size)
         std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
         noisy = {name: (s + torch.randn_like(s) * std) / expected for name, s in sums.items()}
@@ -147,21 +152,21 @@ class LocalDP(FederatedCallback):
 
     # -- accounting --------------------------------------------------------------------------------
 
-    def _rates(self, trainer: pl.Trainer, client: int) -> tuple[float, int]:
-        datamodule = trainer.datamodule
+    def _rates(self, client: int) -> tuple[float, int]:
+        datamodule = self._datamodule
         samples = datamodule.client_num_samples(client)
         rate = min(1.0, datamodule.batch_size / samples)
-        steps = trainer.fit_loop.local_epochs * datamodule.client_num_batches(client)
+        steps = self._federation.local_epochs * datamodule.client_num_batches(client)
         return rate, steps
 
-    def sigma_for(self, trainer: pl.Trainer, client: int) -> float:
+    def sigma_for(self, client: int) -> float:
         if client not in self._sigma:
             if self.noise_multiplier is not None:
                 self._sigma[client] = self.noise_multiplier
             else:
-                rate, steps = self._rates(trainer, client)
-                loop = trainer.fit_loop
-                participations = max(1, math.ceil(loop.num_rounds * loop.clients_per_round / trainer.datamodule.num_clients))
+                rate, steps = self._rates(client)
+                federation = self._federation
+                participations = max(1, math.ceil(federation.num_rounds * federation.clients_per_round / federation.num_clients))
                 self._sigma[client] = get_noise_multiplier(
                     target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=rate,
                     steps=participations * steps, accountant=self.accountant,
@@ -188,16 +193,23 @@ class LocalDP(FederatedCallback):
         if not hasattr(datamodule, "poisson_sampling"):
             raise ConfigError("LocalDP needs a FederatedDataModule, whose local batches can be Poisson samples")
         module.privacy = self
+        module.automatic_optimization = False
         datamodule.poisson_sampling = True
+        self._datamodule = datamodule
         # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule on every
         # device; the explicit softmax(q k^T) v path is the same function and vmaps everywhere
         for submodule in module.modules():
             if hasattr(submodule, "fused_attn"):
                 submodule.fused_attn = False
 
-    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
-        sigma = self.sigma_for(trainer, client)
-        rate, steps = self._rates(trainer, client)
+    @override
+    def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
+        self._federation = federation
+
+    @override
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, client: int) -> None:
+        sigma = self.sigma_for(client)
+        rate, steps = self._rates(client)
         if self.epsilon is not None:
             after = _epsilon(self.accountant, self._after(client, sigma, rate, steps), self.delta)
             if after > self.epsilon:
@@ -206,17 +218,21 @@ class LocalDP(FederatedCallback):
                     f"would bring it to {after:.2f}); it takes no further part"
                 )
 
-    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
-        rate, steps = self._rates(trainer, client)
+    @override
+    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        client = result.client
+        rate, steps = self._rates(client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
         self._histories[client] = self._after(client, self._sigma[client], rate, steps)
 
-    def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
+    @override
+    def on_round_gather(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, gather: Callable[[Any], list[Any]]
+    ) -> None:
         if trainer.world_size == 1:
             return
         # each process accounted the clients it trained; every process takes over all of them
-        own = trainer.fit_loop.own_share(trainer.fit_loop.round_clients)
-        mine = {c: (self._histories.get(c), self._sigma.get(c)) for c in own}
+        mine = {c: (self._histories.get(c), self._sigma.get(c)) for c in round.share}
         for part in gather(mine):
             for client, (history, sigma) in part.items():
                 if history is not None:
@@ -224,6 +240,7 @@ class LocalDP(FederatedCallback):
                 if sigma is not None:
                     self._sigma[client] = sigma
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         spent = [self.spent(c) for c in self._histories]
         if not spent:
@@ -236,12 +253,14 @@ class LocalDP(FederatedCallback):
             f"(mean {metrics['privacy/client_epsilon_mean']:.3f}) at delta {self.delta}"
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "histories": {str(c): [list(h) for h in hist] for c, hist in self._histories.items()},
             "sigma": {str(c): s for c, s in self._sigma.items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._histories = {int(c): [tuple(h) for h in hist] for c, hist in state_dict["histories"].items()}
         self._sigma = {int(c): float(s) for c, s in state_dict["sigma"].items()}
@@ -298,16 +317,16 @@ class DPFedAvg(Strategy):
         self._expected_clients = 1.0
         self._seed = 0
 
-    def setup(self, num_clients: int, clients_per_round: int, num_rounds: int, sampling: str, seed: int) -> None:
-        if sampling != "poisson":
+    def setup(self, federation: Federation) -> None:
+        if federation.sampling != "poisson":
             raise ConfigError("DPFedAvg's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson")
-        self._rate = clients_per_round / num_clients
-        self._expected_clients = float(clients_per_round)
-        self._seed = seed
+        self._rate = federation.clients_per_round / federation.num_clients
+        self._expected_clients = float(federation.clients_per_round)
+        self._seed = federation.seed
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,
-                steps=num_rounds, accountant=self.accountant,
+                steps=federation.num_rounds, accountant=self.accountant,
             )
 
     def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:

@@ -7,6 +7,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from typing_extensions import override
+
+from fedpeft_pl.federation import Round
 from fedpeft_pl.hooks import FederatedCallback
 
 
@@ -22,28 +25,30 @@ class FederatedProgressBar(TQDMProgressBar, FederatedCallback):
         self._clients: list[int] = []
         self._pending = 0
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         # the round's total is only known once its clients are sampled: see on_round_start
         pass
 
-    def on_round_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
-    ) -> None:
+    @override
+    def on_round_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
         if self.is_disabled:
             return
-        self._clients = clients
+        self._clients = list(round.clients)
         self._pending = 0
         bar = self.train_progress_bar
-        bar.reset(total=trainer.fit_loop.round_batches)
+        bar.reset(total=round.batches)
         bar.initial = 0
-        bar.set_description(f"Round {server_round}/{trainer.max_epochs}")
+        bar.set_description(f"Round {round.number}/{trainer.max_epochs}")
 
-    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+    @override
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, client: int) -> None:
         if self.is_disabled:
             return
         position = self._clients.index(client) + 1
         self.train_progress_bar.set_postfix_str(f"client {client} ({position}/{len(self._clients)})")
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if self.is_disabled:
             return

@@ -19,3 +19,8 @@ SERVER_NOISE = 2
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, e.g. ``(seed, round, client)``; stable across platforms and runs."""
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """The seed of ``client``'s local training in ``server_round`` (its data order)."""
+    return derive_seed(seed, server_round, client)

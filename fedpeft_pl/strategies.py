@@ -1,33 +1,50 @@
-"""Aggregation strategies: how the server configures a round and combines its results.
+"""Aggregation strategies: how the server configures a round, what clients do with it, how it is combined.
 
 A strategy follows Flower's split: :meth:`Strategy.configure_fit` decides what every sampled
-client receives (the state and a config dict), :meth:`Strategy.aggregate_fit` turns the
-clients' updates into the next global state. Server-side state, such as a server optimizer's
-moments, lives in the strategy and is checkpointed through :meth:`Strategy.state_dict`.
+client receives (the state, a config dict and, through :meth:`Strategy.client_extras`, further
+tensors), :meth:`Strategy.aggregate_fit` turns the clients' updates into the next global state.
+Server-side state, such as a server optimizer's moments, lives in the strategy and is
+checkpointed through :meth:`Strategy.state_dict`.
+
+An algorithm that acts on the client side overrides the client hooks, which run wherever the
+client trains (in this process, vectorised, or on a Flower SuperNode) and see only a
+:class:`~fedpeft_pl.federation.ClientContext`:
+
+- :meth:`Strategy.client_loss`: a term added to the client's loss, a function of its trainable
+  tensors (FedProx's proximal term, FedDyn's linear and quadratic terms);
+- :meth:`Strategy.client_gradient`: a correction of the gradient before each optimizer step
+  (SCAFFOLD);
+- :meth:`Strategy.client_end`: after local training, what the client sends besides its update
+  (SCAFFOLD's control-variate change) and its own per-client state for next time
+  (``context.state``, kept across rounds, checkpointed, merged under DDP, and kept in the
+  SuperNode's context in a deployment).
+
 Choose one with ``trainer.aggregation.class_path``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
 from fedpeft_pl.component import Component
-
 from fedpeft_pl.errors import ConfigError
-
-State = dict[str, torch.Tensor]
+from fedpeft_pl.federation import ClientContext, Federation, State
 
 
 @dataclass
 class ClientUpdate:
-    """What one client sends back after local training."""
+    """What one client sent back after local training, as the server decoded it.
+
+    ``state`` is the client's trained state; ``extras`` the further tensors its strategy sent.
+    """
 
     client: int
     num_samples: int
     state: State
+    extras: State = field(default_factory=dict)
 
 
 class Strategy(Component):
@@ -42,12 +59,43 @@ class Strategy(Component):
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
         self.min_clients = min_clients
 
-    def setup(self, num_clients: int, clients_per_round: int, num_rounds: int, sampling: str, seed: int) -> None:
+    def setup(self, federation: Federation) -> None:
         """Called once before training with the federation's shape; a strategy may calibrate itself here."""
 
     def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
         """The state every sampled client starts from, and the config sent with it."""
         return global_state, {}
+
+    def client_extras(self, server_round: int, global_state: State) -> State:
+        """Tensors every sampled client receives besides the state (counted by the byte counter)."""
+        return {}
+
+    # -- the client side: runs where the client trains, with only what it received -------------
+
+    def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
+        """A term added to the client's training loss, a differentiable function of ``params``; None for none.
+
+        ``params`` are the client's trainable tensors by name. Must be a pure function of its
+        inputs (no in-place state), so that per-sample and vectorised clients can call it.
+        """
+        return None
+
+    def client_gradient(self, grads: State, params: State, context: ClientContext) -> State:
+        """The gradient the client's optimizer applies, from the loss's ``grads``; unchanged by default."""
+        return grads
+
+    def client_end(self, trained: State, context: ClientContext) -> State:
+        """After local training: update ``context.state`` if needed, return the extra tensors to send."""
+        return {}
+
+    @property
+    def acts_on_clients(self) -> bool:
+        """Whether any client hook is overridden (runners skip the hooks' cost otherwise)."""
+        base = Strategy
+        return any(
+            getattr(type(self), name) is not getattr(base, name)
+            for name in ("client_loss", "client_gradient", "client_end")
+        )
 
     def round_metrics(self) -> dict[str, float]:
         """Extra per-round metrics to log, e.g. the privacy spent so far."""
@@ -81,8 +129,8 @@ class FedAvg(Strategy):
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020): FedAvg on the server, plus ``mu / 2 * ||w - w_global||^2`` in each client's loss.
 
-    The proximal term covers the trainable tensors only; the client receives ``mu`` as
-    ``proximal_mu`` in its round config. With ``mu = 0`` this is FedAvg.
+    The proximal term covers the trainable tensors only; ``w_global`` is the state the client
+    received. With ``mu = 0`` this is FedAvg.
 
     Args:
         mu: weight of the proximal term, >= 0.
@@ -94,8 +142,138 @@ class FedProx(FedAvg):
             raise ConfigError(f"FedProx mu must be >= 0, got {mu}")
         self.mu = mu
 
-    def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
-        return global_state, {"proximal_mu": self.mu}
+    def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
+        if self.mu == 0:
+            return None
+        distance = sum((p - context.received[name]).pow(2).sum() for name, p in params.items())
+        return self.mu / 2 * distance
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD (Karimireddy et al. 2020) with option II control variates.
+
+    The server keeps a control variate ``c`` and every client its own ``c_i`` (zero at first).
+    A client receives ``c`` with the state, corrects every local gradient to ``g - c_i + c``,
+    and after ``K`` steps at learning rate ``lr`` sets ``c_i+ = c_i - c + (x - y_i) / (K * lr)``
+    (``x`` received, ``y_i`` trained) and sends ``c_i+ - c_i`` beside its update; both travel
+    and are counted. The server moves ``x`` by ``lr_global`` times the mean update and ``c`` by
+    the sum of the changes over ``num_clients``. Averages are unweighted, as in the paper.
+
+    Args:
+        lr_global: the server learning rate (eta_g); 1 takes the plain mean of the client states.
+    """
+
+    def __init__(self, lr_global: float = 1.0, min_clients: int = 1) -> None:
+        super().__init__(min_clients)
+        if lr_global <= 0:
+            raise ConfigError(f"Scaffold lr_global must be > 0, got {lr_global}")
+        self.lr_global = lr_global
+        self._control: State = {}
+        self._num_clients = 1
+
+    def setup(self, federation: Federation) -> None:
+        self._num_clients = federation.num_clients
+
+    def client_extras(self, server_round: int, global_state: State) -> State:
+        if not self._control:
+            self._control = {name: torch.zeros_like(t) for name, t in global_state.items()}
+        return {f"control.{name}": t for name, t in self._control.items()}
+
+    def client_gradient(self, grads: State, params: State, context: ClientContext) -> State:
+        corrected = {}
+        for name, g in grads.items():
+            key = f"control.{name}"
+            corrected[name] = g + context.extras[key] - context.state[key] if key in context.state else g + context.extras[key]
+        return corrected
+
+    def client_end(self, trained: State, context: ClientContext) -> State:
+        if context.steps == 0 or context.lr == 0:
+            return {}
+        scale = 1.0 / (context.steps * context.lr)
+        changes = {}
+        for name, y in trained.items():
+            key = f"control.{name}"
+            old = context.state.get(key, torch.zeros_like(y))
+            new = old - context.extras[key] + (context.received[name] - y) * scale
+            changes[key] = new - old
+            context.state[key] = new
+        return changes
+
+    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        count = len(updates)
+        result = {}
+        for name, x in global_state.items():
+            mean_delta = sum(u.state[name].to(torch.float64) - x.to(torch.float64) for u in updates) / count
+            result[name] = (x.to(torch.float64) + self.lr_global * mean_delta).to(x.dtype)
+            key = f"control.{name}"
+            change = sum(u.extras[key].to(torch.float64) for u in updates if key in u.extras)
+            self._control[name] = (self._control[name].to(torch.float64) + change / self._num_clients).to(x.dtype)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"control": dict(self._control)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._control = dict(state["control"])
+
+
+class FedDyn(Strategy):
+    """FedDyn (Acar et al. 2021): dynamic regularisation that aligns the clients' and the global optimum.
+
+    Client ``k`` keeps ``g_k`` (zero at first) and minimises
+    ``L_k(w) - <g_k, w> + alpha / 2 * ||w - w_received||^2``; afterwards
+    ``g_k <- g_k - alpha * (w_k - w_received)``. The server keeps ``h`` (zero at first):
+    ``h <- h - alpha / N * sum_k (w_k - w)`` and ``w <- mean_k(w_k) - h / alpha``, the mean
+    unweighted as in the paper. ``g_k`` stays on the client; only the state travels.
+
+    Args:
+        alpha: the regularisation weight, > 0.
+    """
+
+    def __init__(self, alpha: float = 0.01, min_clients: int = 1) -> None:
+        super().__init__(min_clients)
+        if alpha <= 0:
+            raise ConfigError(f"FedDyn alpha must be > 0, got {alpha}")
+        self.alpha = alpha
+        self._h: State = {}
+        self._num_clients = 1
+
+    def setup(self, federation: Federation) -> None:
+        self._num_clients = federation.num_clients
+
+    def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
+        total = 0.0
+        for name, p in params.items():
+            total = total + self.alpha / 2 * (p - context.received[name]).pow(2).sum()
+            gradient = context.state.get(f"grad.{name}")
+            if gradient is not None:
+                total = total - (gradient * p).sum()
+        return total
+
+    def client_end(self, trained: State, context: ClientContext) -> State:
+        for name, w in trained.items():
+            key = f"grad.{name}"
+            old = context.state.get(key, torch.zeros_like(w))
+            context.state[key] = old - self.alpha * (w - context.received[name])
+        return {}
+
+    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        count = len(updates)
+        result = {}
+        for name, w in global_state.items():
+            w64 = w.to(torch.float64)
+            h = self._h.get(name, torch.zeros_like(w64)).to(torch.float64)
+            h = h - self.alpha / self._num_clients * sum(u.state[name].to(torch.float64) - w64 for u in updates)
+            self._h[name] = h.to(w.dtype)
+            mean = sum(u.state[name].to(torch.float64) for u in updates) / count
+            result[name] = (mean - h / self.alpha).to(w.dtype)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"h": dict(self._h)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._h = dict(state["h"])
 
 
 class FedOpt(FedAvg):

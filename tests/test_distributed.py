@@ -3,7 +3,8 @@
 Each process trains its share of the sampled clients with its own copy of the one backbone; the
 updates are gathered before the server aggregates, so both runs must end with the same global
 state, the same server-side state (error-feedback residuals, server optimizer moments, privacy
-accounting) and the same logged bytes.
+accounting), the same per-client state (SCAFFOLD's and FedDyn's client tensors) and the same
+logged bytes.
 """
 
 from pathlib import Path
@@ -20,6 +21,8 @@ SETTINGS = {
         "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
         "--trainer.aggregation", "fedpeft_pl.strategies.FedAdam", "--trainer.aggregation.lr", "0.05",
     ],
+    "scaffold": ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
+    "feddyn": ["--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01"],
     "local-dp": [
         "--trainer.privacy", "fedpeft_pl.privacy.LocalDP", "--trainer.privacy.epsilon", "8.0",
         "--trainer.privacy.max_grad_norm", "1.0",
@@ -78,4 +81,12 @@ def test_two_ddp_processes_end_where_one_process_ends(tmp_path, setting):
             assert server_multi[key] == pytest.approx(value, rel=1e-4), key
         elif "dirpath" not in key and "best" not in key and "last_model_path" not in key and "kth" not in key:
             assert server_multi[key] == value, key
+    # every client's own state (SCAFFOLD's and FedDyn's per-client tensors), merged from both processes
+    clients_single = flat(single["loops"]["fit_loop"]["state_dict"]["client_states"])
+    clients_multi = flat(multi["loops"]["fit_loop"]["state_dict"]["client_states"])
+    assert clients_single.keys() == clients_multi.keys()
+    if setting in ("scaffold", "feddyn"):
+        assert clients_single
+    for key, value in clients_single.items():
+        torch.testing.assert_close(clients_multi[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert_same_rounds(multi_logs, single_logs, rounds=2)

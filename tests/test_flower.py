@@ -98,29 +98,38 @@ def with_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-@pytest.fixture
-def federation(tmp_path):
-    running = Federation(tmp_path)
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    running = Federation(tmp_path_factory.mktemp("federation"))
     try:
+        running.up()
         yield running
     finally:
         running.down()
 
 
-def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federation, capsys):
+DEPLOYMENTS = {
+    # codecs with per-client state on the SuperNode (error-feedback residuals)
+    "int8-feedback": ["--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true"],
+    # client-side strategies: extra tensors both ways and per-client state on the SuperNode
+    "scaffold": ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
+    "feddyn": ["--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01"],
+}
+
+
+@pytest.mark.parametrize("setting", sorted(DEPLOYMENTS))
+def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federation, capsys, setting):
     app = tmp_path / "app"
     weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
     main([
         "flower-app", str(app), "--config", QUICKSTART, "--data.num_clients", str(NUM_NODES),
         "--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.compress_upload", "fedpeft_pl.compression.Int8",
-        "--trainer.compress_upload.error_feedback", "true", "--model.backbone.weights_file", str(weights),
+        "--trainer.enable_progress_bar", "false", *DEPLOYMENTS[setting], "--model.backbone.weights_file", str(weights),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
     ])
     assert "wrote the Flower app" in capsys.readouterr().out
     assert {p.name for p in app.iterdir()} == {"pyproject.toml", "fedpeft_app.py", "fedpeft.yaml"}
 
-    federation.up()
     result = federation.run(app)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + federation.logs()
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"

@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
 from fedpeft_pl import ClientUpdate, FedAvg, FederatedCallback
-from fedpeft_pl.loop import sample_clients
+from fedpeft_pl.federation import sample_clients
 from fedpeft_pl.peft import Prompt, trainable_state
 
 
@@ -25,11 +25,11 @@ class Recorder(FederatedCallback):
     def on_train_epoch_start(self, trainer, pl_module):
         self.events.append(("epoch_start", trainer.current_epoch))
 
-    def on_round_start(self, trainer, pl_module, server_round, clients):
-        self.events.append(("round_start", server_round, tuple(clients)))
-        self.global_at_round_start[server_round] = trainable_state(pl_module)
+    def on_round_start(self, trainer, pl_module, round):
+        self.events.append(("round_start", round.number, tuple(round.clients)))
+        self.global_at_round_start[round.number] = trainable_state(pl_module)
 
-    def on_client_start(self, trainer, pl_module, client):
+    def on_client_start(self, trainer, pl_module, round, client):
         self.events.append(("client_start", client))
         self._first_batch = True
 
@@ -39,13 +39,12 @@ class Recorder(FederatedCallback):
             self._first_batch = False
         self.events.append(("batch",))
 
-    def on_client_end(self, trainer, pl_module, client, num_samples):
-        self.events.append(("client_end", client, num_samples))
-        server_round = trainer.current_epoch + 1
-        self.sent[(server_round, client)] = ClientUpdate(client, num_samples, trainable_state(pl_module))
+    def on_client_end(self, trainer, pl_module, round, result):
+        self.events.append(("client_end", result.client, result.num_samples))
+        self.sent[(round.number, result.client)] = ClientUpdate(result.client, result.num_samples, trainable_state(pl_module))
 
-    def on_round_end(self, trainer, pl_module, server_round):
-        self.events.append(("round_end", server_round))
+    def on_round_end(self, trainer, pl_module, round):
+        self.events.append(("round_end", round.number))
 
     def on_validation_start(self, trainer, pl_module):
         self.events.append(("validation",))

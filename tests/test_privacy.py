@@ -7,7 +7,7 @@ from helpers import tiny_module
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedpeft_pl import ConfigError
+from fedpeft_pl import ConfigError, Federation
 from fedpeft_pl.peft import Adapter, Bias, Full, LoRA, Prompt, trainable_parameters
 from fedpeft_pl.privacy import DPFedAvg, LocalDP, _append, clipped_gradient_sum
 from fedpeft_pl.strategies import ClientUpdate
@@ -83,14 +83,14 @@ def test_calibrated_sigma_reaches_the_target_epsilon():
 
 def test_dp_fedavg_clips_each_update_and_accounts_each_round():
     strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=0.0)
-    strategy.setup(num_clients=10, clients_per_round=2, num_rounds=5, sampling="poisson", seed=0)
+    strategy.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
     global_state = {"w": torch.zeros(2)}
     updates = [ClientUpdate(0, 5, {"w": torch.tensor([3.0, 4.0])}), ClientUpdate(1, 50, {"w": torch.tensor([0.1, 0.0])})]
     result = strategy.aggregate_fit(1, global_state, updates)
     # [3, 4] has norm 5 -> clipped to [0.6, 0.8]; unweighted sum over the expected 2 clients
     torch.testing.assert_close(result["w"], torch.tensor([(0.6 + 0.1) / 2, 0.8 / 2]))
     noisy = DPFedAvg(clip_norm=1.0, epsilon=5.0, delta=1e-3)
-    noisy.setup(num_clients=10, clients_per_round=2, num_rounds=5, sampling="poisson", seed=0)
+    noisy.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
     first = noisy.aggregate_fit(1, global_state, updates)
     assert noisy.epsilon_spent() > 0
     noisy.aggregate_fit(2, global_state, updates)
@@ -99,13 +99,13 @@ def test_dp_fedavg_clips_each_update_and_accounts_each_round():
         reference.step(noise_multiplier=noisy.noise_multiplier, sample_rate=0.2)
     assert noisy.epsilon_spent() == pytest.approx(reference.get_epsilon(1e-3))
     again = DPFedAvg(clip_norm=1.0, epsilon=5.0, delta=1e-3)
-    again.setup(num_clients=10, clients_per_round=2, num_rounds=5, sampling="poisson", seed=0)
+    again.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
     assert torch.equal(again.aggregate_fit(1, global_state, updates)["w"], first["w"]), "server noise is seeded"
 
 
 def test_dp_fedavg_refuses_fixed_size_client_sampling():
     with pytest.raises(ConfigError, match="client_sampling: poisson"):
-        DPFedAvg().setup(num_clients=10, clients_per_round=2, num_rounds=5, sampling="uniform", seed=0)
+        DPFedAvg().setup(Federation(10, 2, 5, sampling="uniform", seed=0))
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ class Faulty(FedPEFTModule):
     """Client 0 raises in its training step; client 1's loss turns NaN."""
 
     def training_step(self, batch, batch_idx):
-        client = self.trainer.fit_loop.client
+        client = self.session.client
         if client == 0:
             raise OSError("image file is truncated")
         loss = super().training_step(batch, batch_idx)
@@ -117,11 +117,11 @@ class Updates(FederatedCallback):
     def __init__(self):
         self.updates, self.failed, self.after = {}, [], None
 
-    def on_client_end(self, trainer, pl_module, client, num_samples):
-        self.updates[client] = (num_samples, trainable_state(pl_module))
+    def on_client_end(self, trainer, pl_module, round, result):
+        self.updates[result.client] = (result.num_samples, trainable_state(pl_module))
 
-    def on_client_failed(self, trainer, pl_module, client, error):
-        self.failed.append((client, type(error).__name__))
+    def on_client_failed(self, trainer, pl_module, round, result):
+        self.failed.append((result.client, type(result.error).__name__))
 
     def on_validation_start(self, trainer, pl_module):
         self.after = trainable_state(pl_module)

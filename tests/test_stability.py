@@ -1,6 +1,7 @@
 """Client stability, server strategies and compression in real federated runs."""
 
 import csv
+import dataclasses
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from fedpeft_pl import ClientAvailability, FedAdam, FedAvg, FederatedCallback, FedProx, Strategy
 from fedpeft_pl.compression import Float16, Int8
-from fedpeft_pl.loop import sample_clients
+from fedpeft_pl.federation import sample_clients
 from fedpeft_pl.peft import Prompt, trainable_state
 
 
@@ -19,22 +20,22 @@ class Events(FederatedCallback):
         self.batches, self.dropped, self.finished, self.round_start_state = {}, [], [], {}
         self.sent = {}
 
-    def on_round_start(self, trainer, pl_module, server_round, clients):
-        self.round_start_state[server_round] = trainable_state(pl_module)
+    def on_round_start(self, trainer, pl_module, round):
+        self.round_start_state[round.number] = trainable_state(pl_module)
 
-    def on_client_start(self, trainer, pl_module, client):
-        self._current = (trainer.current_epoch + 1, client)
+    def on_client_start(self, trainer, pl_module, round, client):
+        self._current = (round.number, client)
         self.batches[self._current] = 0
 
     def on_train_batch_end(self, trainer, *args):
         self.batches[self._current] += 1
 
-    def on_client_dropped(self, trainer, pl_module, client, reason):
-        self.dropped.append((trainer.current_epoch + 1, client))
+    def on_client_dropped(self, trainer, pl_module, round, result):
+        self.dropped.append((round.number, result.client))
 
-    def on_client_end(self, trainer, pl_module, client, num_samples):
-        self.finished.append((trainer.current_epoch + 1, client))
-        self.sent[(trainer.current_epoch + 1, client)] = trainable_state(pl_module)
+    def on_client_end(self, trainer, pl_module, round, result):
+        self.finished.append((round.number, result.client))
+        self.sent[(round.number, result.client)] = trainable_state(pl_module)
 
 
 def fit(tmp_path, seed=0, rounds=2, **trainer_kwargs):
@@ -132,12 +133,14 @@ def test_server_optimizer_and_error_feedback_state_resume_exactly(tmp_path):
 
 def test_a_strategy_sees_the_federations_shape_before_training(tmp_path):
     class Recording(FedAvg):
-        def setup(self, **shape):
-            self.shape = shape
+        def setup(self, federation):
+            self.shape = dataclasses.asdict(federation)
 
     strategy = Recording()
     fit(tmp_path, rounds=1, aggregation=strategy)
-    assert strategy.shape == {"num_clients": 6, "clients_per_round": 4, "num_rounds": 1, "sampling": "uniform", "seed": 0}
+    assert strategy.shape == {
+        "num_clients": 6, "clients_per_round": 4, "num_rounds": 1, "local_epochs": 2, "sampling": "uniform", "seed": 0
+    }
     assert isinstance(strategy, Strategy)
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedpeft_pl import ConfigError
+from fedpeft_pl import ClientContext, ConfigError
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.comm import payload_bytes
 from fedpeft_pl.compression import BFloat16, Codec, Float16, Int8
@@ -90,9 +90,13 @@ def test_server_optimizer_state_round_trips_through_a_checkpoint():
     torch.testing.assert_close(first.aggregate_fit(2, state, updates)["w"], second.aggregate_fit(2, state, updates)["w"])
 
 
-def test_fedprox_sends_mu_and_aggregates_like_fedavg():
+def test_fedprox_adds_its_proximal_term_on_the_client_and_aggregates_like_fedavg():
     updates = updates_from([[1.0], [3.0]], counts=[1, 3])
-    assert FedProx(mu=0.1).configure_fit(1, {"w": torch.zeros(1)})[1] == {"proximal_mu": 0.1}
+    received = {"w": torch.tensor([1.0, 2.0])}
+    context = ClientContext(0, 1, received)
+    term = FedProx(mu=0.1).client_loss({"w": torch.tensor([2.0, 0.0])}, context)
+    assert term.item() == pytest.approx(0.1 / 2 * (1.0 + 4.0))
+    assert FedProx(mu=0.0).client_loss({"w": torch.tensor([2.0, 0.0])}, context) is None
     torch.testing.assert_close(FedProx(mu=0.1).aggregate_fit(1, {}, updates)["w"], FedAvg().aggregate_fit(1, {}, updates)["w"])
 
 

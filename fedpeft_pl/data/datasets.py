@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision.transforms import InterpolationMode, v2
 
+from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
 
 Transform = Callable[[Any], torch.Tensor]
@@ -49,7 +50,7 @@ def image_transform(data_config: dict[str, Any]) -> v2.Compose:
     )
 
 
-class ImageDataset(ABC):
+class ImageDataset(ShownByArguments, ABC):
     """Base class: override :meth:`load`, and :meth:`prepare` if the data must be downloaded."""
 
     def prepare(self) -> None:
@@ -59,8 +60,6 @@ class ImageDataset(ABC):
     def load(self, transform: Transform, seed: int) -> Splits:
         """Both splits with ``transform`` applied; ``seed`` fixes any split this class makes itself."""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def _stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

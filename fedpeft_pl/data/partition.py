@@ -12,10 +12,11 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
 
 
-class Partitioner(ABC):
+class Partitioner(ShownByArguments, ABC):
     """Split sample indices among ``num_clients`` clients."""
 
     def __call__(self, targets: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -38,8 +39,6 @@ class Partitioner(ABC):
     def split(self, targets: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
         """Index arrays, one per client."""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 class IID(Partitioner):

@@ -9,10 +9,11 @@ import torch
 from timm.models import VisionTransformer
 from torch import nn
 
+from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
 
 
-class PEFTMethod(ABC):
+class PEFTMethod(ShownByArguments, ABC):
     """A parameter-efficient fine-tuning method for a timm ``VisionTransformer``.
 
     A method attaches itself to the model: it may register new modules and forward hooks,
@@ -61,9 +62,6 @@ class PEFTMethod(ABC):
     def train_head(model: VisionTransformer) -> None:
         model.get_classifier().requires_grad_(True)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,0 +1,95 @@
+"""What crosses between server and client, and the client's side of a round, the same for every runner.
+
+A runner opens a :class:`ClientSession` from the round's message (:func:`open_session`),
+trains, and closes it into a :class:`~fedpeft_pl.federation.ClientResult`
+(:meth:`ClientSession.finish`): the strategy's client hooks, the codecs and the client's own
+per-round state are applied here once, whether the client trains in this process, vectorised
+with others, or on a Flower SuperNode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fedpeft_pl.compression import Codec
+from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State
+from fedpeft_pl.strategies import Strategy
+
+
+def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
+    """What a client sends after training: its state as it is, or through a codec the encoded change."""
+    if type(codec) is Codec:
+        return state
+    return codec.encode({name: state[name] - received[name] for name in state}, client=client)
+
+
+def decode_update(codec: Codec, payload: State, received: State) -> State:
+    """The client's state that the server reconstructs from ``payload``."""
+    if type(codec) is Codec:
+        return payload
+    decoded = codec.decode(payload, like=received)
+    return {name: received[name] + decoded[name] for name in received}
+
+
+@dataclass
+class ClientSession:
+    """One client's part of one round: what it received, its strategy hooks, and how it replies.
+
+    Args:
+        strategy: the run's strategy; only its client hooks are called here.
+        upload: the codec for the client's update.
+        context: the client's view of the round (received state, config, extras, own state).
+    """
+
+    strategy: Strategy
+    upload: Codec
+    context: ClientContext
+
+    @property
+    def client(self) -> int:
+        return self.context.client
+
+    @property
+    def corrects_gradients(self) -> bool:
+        return type(self.strategy).client_gradient is not Strategy.client_gradient
+
+    def loss_term(self, params: State) -> Optional[torch.Tensor]:
+        """The strategy's term for the client's loss (None if it adds none)."""
+        return self.strategy.client_loss(params, self.context)
+
+    def correct(self, grads: State, params: State) -> State:
+        """The gradient the optimizer applies after the strategy's correction."""
+        return self.strategy.client_gradient(grads, params, self.context)
+
+    def finish(self, trained: State, num_samples: int, metrics: dict[str, float]) -> ClientResult:
+        """The client's reply: its encoded update, the strategy's extra tensors and its metrics."""
+        extras = self.strategy.client_end(trained, self.context)
+        payload = encode_update(self.upload, trained, self.context.received, self.context.client)
+        metrics = {**metrics, "steps": float(self.context.steps)}
+        return ClientResult(self.context.client, num_samples, payload, extras, metrics)
+
+
+def open_session(
+    strategy: Strategy,
+    upload: Codec,
+    download: Codec,
+    message: RoundMessage,
+    client: int,
+    server_round: int,
+    like: State,
+    own_state: Optional[State] = None,
+) -> ClientSession:
+    """Decode the round's ``message`` for ``client`` (``like``: its trainable tensors' names, shapes and dtypes)."""
+    received = download.decode(message.payload, like=like)
+    context = ClientContext(
+        client=client,
+        server_round=server_round,
+        received=received,
+        config=dict(message.config),
+        extras={k: v.to(next(iter(like.values())).device) for k, v in message.extras.items()} if like else dict(message.extras),
+        state=dict(own_state or {}),
+    )
+    return ClientSession(strategy, upload, context)

@@ -1,0 +1,71 @@
+"""Write a Flower app directory for a ``fedpeft fit`` config: ``fedpeft flower-app DIR --config ...``.
+
+Writing the app needs no Flower; running it does (``pip install "fedpeft-pl[flower]"`` on
+every machine). The app's entry points are in :mod:`fedpeft_pl.flower`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from fedpeft_pl.config import resolve_config
+
+# one default for both the written app and a ServerApp whose run config leaves them out
+NODE_TIMEOUT = 300.0
+REPLY_TIMEOUT = 3600.0
+
+_PYPROJECT = """\
+# A Flower app written by `fedpeft flower-app`; fedpeft.yaml beside it is the whole experiment.
+# Every machine needs fedpeft-pl with Flower installed: pip install "fedpeft-pl[flower]"
+[project]
+name = "{name}"
+version = "1.0.0"
+description = "fedpeft-pl federated PEFT, deployed with Flower"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedpeft"
+
+[tool.flwr.app.components]
+serverapp = "fedpeft_app:server"
+clientapp = "fedpeft_app:client"
+
+[tool.flwr.app.config]
+node-timeout = {node_timeout:g}
+reply-timeout = {reply_timeout:g}
+"""
+
+_APP = '''\
+"""Flower entry points for the experiment in fedpeft.yaml (written by `fedpeft flower-app`)."""
+
+from pathlib import Path
+
+from fedpeft_pl.flower import client_app, server_app
+
+CONFIG = Path(__file__).with_name("fedpeft.yaml")
+server = server_app(CONFIG)
+client = client_app(CONFIG)
+'''
+
+
+def write_app(directory: Union[str, os.PathLike], fit_args: list[str], name: Optional[str] = None) -> Path:
+    """Write a Flower app directory for the config that ``fedpeft fit <fit_args>`` would run.
+
+    The config is resolved (every ``--config`` and override merged) into ``fedpeft.yaml``.
+    """
+    text = resolve_config(fit_args)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "fedpeft.yaml").write_text(text)
+    (directory / "fedpeft_app.py").write_text(_APP)
+    (directory / "pyproject.toml").write_text(
+        _PYPROJECT.format(name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT)
+    )
+    return directory
+
+
+def _project_name(directory: Path) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-")
+    return name or "fedpeft-app"

@@ -1,0 +1,267 @@
+"""FederatedTrainer: a Lightning Trainer whose fit runs federated rounds.
+
+Arguments, default callbacks, fit and resume live here; the round itself is
+:class:`~fedpeft_pl.loop.FederatedLoop`. ``comm`` and ``export`` are trainer methods because
+LightningCLI dispatches subcommands to them; they call into :mod:`fedpeft_pl.comm` and
+:mod:`fedpeft_pl.export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from fedpeft_pl.aggregation import ServerAggregation
+from fedpeft_pl.availability import ClientAvailability
+from fedpeft_pl.comm import CommReport, communication_report
+from fedpeft_pl.compression import Codec
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.exchange import ClientSession
+from fedpeft_pl.export import Exported, export_checkpoint
+from fedpeft_pl.federation import ClientRunner, Federation
+from fedpeft_pl.hooks import runs_on_client
+from fedpeft_pl.loop import FederatedLoop, _ClientJob
+from fedpeft_pl.privacy import LocalDP
+from fedpeft_pl.progress import FederatedProgressBar
+from fedpeft_pl.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+
+class FederatedTrainer(pl.Trainer):
+    """A Lightning Trainer that runs federated rounds instead of epochs.
+
+    Args:
+        num_rounds: communication rounds (one Lightning epoch each).
+        clients_per_round: clients sampled each round (m of the data module's N); with Poisson
+            sampling, the expected number.
+        local_epochs: passes over its own data that each sampled client makes per round.
+        seed: seeds client sampling, availability and every client's local training.
+        aggregation: the server's strategy (``fedpeft_pl.strategies``); FedAvg by default.
+        client_sampling: ``uniform`` (exactly m, without replacement) or ``poisson`` (each
+            client with probability m/N; what DP-FedAvg's accounting assumes).
+        availability: dropout and stragglers (:class:`~fedpeft_pl.availability.ClientAvailability`).
+        compress_upload: codec for client updates (``fedpeft_pl.compression``), e.g. ``Int8``.
+        compress_download: codec for the global state sent to clients, e.g. ``Float16``.
+        privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
+            client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
+        callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
+            progress bar and a round-end ModelCheckpoint (``last.ckpt``) are added unless given.
+        num_sanity_val_steps: as in Lightning; off by default.
+        **kwargs: any other ``lightning.pytorch.Trainer`` argument except epoch and step limits.
+
+    Example::
+
+        trainer = FederatedTrainer(num_rounds=50, clients_per_round=8, accelerator="gpu")
+        trainer.fit(FedPEFTModule(100, peft=Prompt()), datamodule=FederatedDataModule(CIFAR100(), num_clients=64))
+    """
+
+    def __init__(
+        self,
+        num_rounds: int = 50,
+        clients_per_round: int = 8,
+        local_epochs: int = 1,
+        seed: int = 0,
+        aggregation: Optional[Strategy] = None,
+        client_sampling: Literal["uniform", "poisson"] = "uniform",
+        availability: Optional[ClientAvailability] = None,
+        compress_upload: Optional[Codec] = None,
+        compress_download: Optional[Codec] = None,
+        privacy: Optional[LocalDP] = None,
+        callbacks: Optional[list[Callback]] = None,
+        num_sanity_val_steps: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        settings = dict(
+            num_rounds=num_rounds, clients_per_round=clients_per_round, local_epochs=local_epochs,
+            sampling=client_sampling, seed=seed,
+        )
+        try:  # the same checks as at fit time, where the number of clients is known
+            Federation(num_clients=max(clients_per_round, 1) if isinstance(clients_per_round, int) else 1, **settings)
+        except ConfigError as err:
+            raise ConfigError(f"trainer.{err}") from None
+        for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
+            if kwargs.get(name) not in (None, -1):
+                raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
+            kwargs.pop(name, None)
+        callbacks = list(callbacks or [])
+        if privacy is not None:
+            # before the server: a client whose budget is spent is dropped before anything is sent to it
+            callbacks.insert(0, privacy)
+        if not any(isinstance(c, ServerAggregation) for c in callbacks):
+            callbacks.append(ServerAggregation(aggregation, upload=compress_upload, download=compress_download))
+        elif aggregation is not None or compress_upload is not None or compress_download is not None:
+            raise ConfigError(
+                "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
+            )
+        if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(FederatedProgressBar())
+        if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
+        super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
+        self.fit_loop = FederatedLoop(self, settings, availability=availability)
+
+    @property
+    def federation(self) -> Federation:
+        """The run's federation (needs the data module, so known from fit on)."""
+        return self.fit_loop.federation
+
+    def use_runner(self, runner: ClientRunner) -> None:
+        """Run clients with ``runner`` instead of in this process one by one (e.g. a Flower runner)."""
+        self.fit_loop.runner = runner
+
+    @override
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """Run ``num_rounds`` rounds; ``datamodule`` must be a FederatedDataModule."""
+        if train_dataloaders is not None or val_dataloaders is not None:
+            raise ConfigError("FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of dataloaders")
+        if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
+            raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
+        self._check_clients(datamodule.num_clients)
+        privacy = self.privacy
+        if privacy is not None:
+            privacy.attach(model, datamodule)
+        if ckpt_path == "last":
+            ckpt_path = self.find_last_checkpoint(continue_logging=True)
+        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+            raise ConfigError(f"ckpt_path {str(ckpt_path)!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
+        super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+    def train_client(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        session: ClientSession,
+        max_batches: Optional[int] = None,
+    ) -> int:
+        """Train one client of one round from the state ``model`` holds now; return its number of samples.
+
+        The client side of a deployment (:mod:`fedpeft_pl.flower`): no server, no evaluation, no
+        logging and no checkpoints, and only the callbacks that run on clients
+        (:func:`~fedpeft_pl.hooks.runs_on_client`); the trained state is left in ``model``.
+        ``max_batches`` caps the local steps (a straggler); by default the client makes all
+        ``local_epochs`` epochs.
+        """
+        loop, callbacks, loggers = self.fit_loop, self.callbacks, self.loggers
+        self.fit_loop = _ClientJob(loop, session, max_batches)
+        self.callbacks = [c for c in callbacks if runs_on_client(c)]
+        self.loggers = []
+        try:
+            super().fit(model, datamodule=datamodule)
+        finally:
+            self.fit_loop, self.callbacks, self.loggers = loop, callbacks, loggers
+        return datamodule.client_num_samples(session.client)
+
+    def find_last_checkpoint(self, continue_logging: bool = False) -> Optional[str]:
+        """The newest ``last.ckpt`` of an earlier run with this configuration's checkpoint folder or logger name.
+
+        With ``continue_logging``, a TensorBoard logger without an explicit version continues in
+        the version that checkpoint belongs to, so a resumed run's curves stay in one place.
+        """
+        logger = self.logger
+        root = getattr(logger, "root_dir", None)
+        pinned = isinstance(logger, TensorBoardLogger) and _has_version(logger)
+        own_dirs = [Path(c.dirpath) for c in self.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if own_dirs:
+            candidates = [p for d in own_dirs for p in d.glob("last*.ckpt")]
+        elif root is not None and pinned:
+            candidates = list(Path(logger.log_dir, "checkpoints").glob("last*.ckpt"))
+        elif root is not None:
+            candidates = list(Path(root).glob("*/checkpoints/last*.ckpt"))
+        else:
+            candidates = list(Path(self.default_root_dir).glob("checkpoints/last*.ckpt"))
+        if not candidates:
+            log.info("no earlier checkpoint to resume from; training starts at round 1")
+            return None
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        version_dir = newest.parent.parent
+        if continue_logging and not own_dirs and isinstance(logger, TensorBoardLogger) and not pinned and version_dir.parent == Path(root):
+            self.loggers = [_continue_in(logger, version_dir.name)] + [lg for lg in self.loggers if lg is not logger]
+        log.info(f"resuming from {newest}")
+        return str(newest)
+
+    def _check_clients(self, num_clients: int) -> None:
+        Federation(num_clients=num_clients, **self.fit_loop.settings)
+
+    @property
+    def privacy(self) -> Optional[LocalDP]:
+        """The local-DP callback, if the run trains privately."""
+        return next((c for c in self.callbacks if isinstance(c, LocalDP)), None)
+
+    @property
+    def aggregation(self) -> ServerAggregation:
+        """The callback that plays the server."""
+        return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        output: str = "model.safetensors",
+        weights_only: Optional[bool] = None,
+    ) -> Exported:
+        """Write the checkpoint's model as one safetensors file that plain timm loads where the method allows.
+
+        Args:
+            ckpt_path: a checkpoint of this configuration, or ``last`` for the newest.
+            output: the file to write.
+        """
+        path = self.find_last_checkpoint() if ckpt_path == "last" else ckpt_path
+        if path is None or not os.path.isfile(path):
+            raise ConfigError(f"ckpt_path {ckpt_path!r} names no checkpoint; give the checkpoint file to export")
+        exported = export_checkpoint(model, path, output, weights_only=weights_only is not False)
+        kind = "plain timm" if exported.plain_timm else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
+        print(f"wrote {exported.path}: {exported.tensors} tensors, {exported.num_bytes:,} bytes, {kind}")
+        return exported
+
+    def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
+        """Print what one client sends per round and the whole run costs, without training or downloading."""
+        num_clients = getattr(datamodule, "num_clients", None)
+        if num_clients is not None:
+            self._check_clients(num_clients)
+        settings = self.fit_loop.settings
+        availability = self.fit_loop.availability
+        server = self.aggregation
+        notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
+        if availability.dropout or availability.stragglers:
+            notes.append(f"{availability!r}: dropped clients download but send nothing")
+        notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
+        if type(server.upload) is not Codec or type(server.download) is not Codec:
+            notes.append(f"upload {server.upload!r}, download {server.download!r}")
+        report = communication_report(
+            model, settings["clients_per_round"], settings["num_rounds"],
+            upload=server.upload, download=server.download, notes=tuple(notes), strategy=server.strategy,
+        )
+        print(report.format())
+        return report
+
+
+def _continue_in(logger: TensorBoardLogger, version: Union[str, int]) -> TensorBoardLogger:
+    """A TensorBoard logger like ``logger`` that writes into the existing ``version`` folder."""
+    name = str(version)
+    suffix = name.removeprefix("version_")
+    pinned = int(suffix) if name.startswith("version_") and suffix.isdigit() else name
+    return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=pinned, sub_dir=logger.sub_dir)
+
+
+
+def _has_version(logger: TensorBoardLogger) -> bool:
+    """Whether the user gave the logger a version. Lightning has no public way to ask: reading
+    ``logger.version`` would pick the next free one, so the unset attribute is read, never written."""
+    return getattr(logger, "_version", None) is not None
