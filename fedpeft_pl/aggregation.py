@@ -17,9 +17,18 @@ from typing_extensions import override
 from fedpeft_pl.comm import MIB, payload_bytes
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.exchange import decode_update
-from fedpeft_pl.federation import ClientResult, Federation, Round, RoundMessage, State, weighted_metrics
+from fedpeft_pl.federation import (
+    ClientEvaluation,
+    ClientResult,
+    Federation,
+    Round,
+    RoundMessage,
+    State,
+    client_accuracy_summary,
+    weighted_metrics,
+)
 from fedpeft_pl.hooks import FederatedCallback
-from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.peft import load_trainable_state, local_names, shared_state, trainable_state
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
@@ -32,7 +41,10 @@ class ServerAggregation(FederatedCallback):
     ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss`` (the clients'
     mean training loss, weighted by their sample counts), ``round/clients_aggregated``,
     ``round/clients_dropped``, ``round/clients_failed``, ``round/stragglers``,
-    ``round/seconds`` and any ``round_metrics()`` of the strategy; and
+    ``round/seconds`` and any ``round_metrics()`` of the strategy; with per-client test splits
+    (``data.client_test_fraction``) also ``clients/acc_mean`` (weighted by test samples),
+    ``clients/acc_mean_unweighted``, ``clients/acc_p10`` (the worst decile), ``clients/acc_std``
+    and ``clients/loss_mean``; and
     ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
     in both directions. Loggers are flushed every round, before the round's checkpoint.
 
@@ -54,6 +66,7 @@ class ServerAggregation(FederatedCallback):
         self.upload = upload if upload is not None else Codec()
         self.download = download if download is not None else Codec()
         self.global_state: State = {}
+        self._local_init: State = {}
         self.cumulative_bytes = 0
         self._message = RoundMessage({})
         self._received: State = {}
@@ -63,6 +76,7 @@ class ServerAggregation(FederatedCallback):
         self._reports: list[tuple[int, int, dict[str, float]]] = []  # (client, samples, metrics)
         self._bytes = {"down": 0, "up": 0}
         self._eval: dict[str, float] = {}
+        self._client_evaluations: list[tuple[int, int, dict[str, float]]] = []
         self._round_started = 0.0
         self._aggregated = 0
         self._sampled = 0
@@ -70,8 +84,11 @@ class ServerAggregation(FederatedCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # checkpoints are written only at round ends, when the module holds the global state
-        self.global_state = trainable_state(pl_module)
+        # checkpoints are written only at round ends, when the module holds the global state; a
+        # personalised method's local part never reaches the server: the module keeps its initial values
+        local = local_names(pl_module)
+        self.global_state = shared_state(pl_module)
+        self._local_init = {n: t for n, t in trainable_state(pl_module).items() if n in local}
 
     @override
     def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
@@ -178,8 +195,15 @@ class ServerAggregation(FederatedCallback):
             )
             self._aggregated = 0
         self._updates = []
-        load_trainable_state(pl_module, self.global_state)
+        load_trainable_state(pl_module, {**self.global_state, **self._local_init})
         self.cumulative_bytes += self._bytes["down"] + self._bytes["up"]
+
+    def record_client_evaluations(self, round: Round, evaluations: list[ClientEvaluation]) -> None:
+        """Every client's accuracy on its own test split this round: logged as ``clients/acc_*``."""
+        self._eval.update(client_accuracy_summary(evaluations))
+        # each evaluated client receives the global state: counted apart from the training traffic
+        self._eval["comm/bytes_eval_down"] = len(evaluations) * payload_bytes(self.download.encode(self.global_state))
+        self._client_evaluations = [(e.client, e.num_samples, dict(e.metrics)) for e in evaluations]
 
     @property
     def client_metrics(self) -> dict[str, float]:
@@ -189,7 +213,7 @@ class ServerAggregation(FederatedCallback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        self._eval = {k: float(metrics[k]) for k in ("server/acc", "server/loss") if k in metrics}
+        self._eval.update({k: float(metrics[k]) for k in ("server/acc", "server/loss") if k in metrics})
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,7 +6,8 @@ aggregated trainable state into it and runs Lightning's validation loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -62,6 +63,8 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self.model = self.backbone.build(num_classes)
         self.backbone_names = list(self.model.state_dict())  # timm's names, before PEFT adds any
         self.peft.apply(self.model)
+        relative = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        self._local_names = frozenset(f"model.{name}" for name in self.peft.local_names(relative))
         self.data_config = data_config(self.model)
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
@@ -81,6 +84,28 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
             self._weights_loaded = True
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model, self.backbone_names)
+
+    @property
+    def local_names(self) -> frozenset[str]:
+        """Trainable tensors (module names) that stay on each client; empty unless the method is personalised."""
+        return self._local_names
+
+    @property
+    def local_first_epochs(self) -> int:
+        """FedRep's schedule: epochs that train the local part alone before the shared part trains (0: together)."""
+        return int(getattr(self.peft, "local_epochs", 0)) if self._local_names else 0
+
+    @contextmanager
+    def training_only(self, names: Collection[str]) -> Iterator[None]:
+        """Within the block, only the trainable tensors in ``names`` train (FedRep's phases)."""
+        params = trainable_parameters(self)
+        try:
+            for name, param in params.items():
+                param.requires_grad_(name in names)
+            yield
+        finally:
+            for param in params.values():
+                param.requires_grad_(True)
 
     @property
     def backbone_fingerprint(self) -> str:
@@ -115,6 +140,30 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         if not self._loss_count:
             return {}
         return {"train_loss": float(self._loss_sum / self._loss_count)}
+
+    @torch.no_grad()
+    def evaluate_on(self, loader: Iterable, forward_context: Optional[Any] = None) -> tuple[int, dict[str, float]]:
+        """Accuracy and mean loss of the model as it is now over ``loader`` (a client's own test split).
+
+        Returns the number of samples and ``{"acc": ..., "loss": ...}`` (empty for no samples).
+        """
+        accuracy = MulticlassAccuracy(self.num_classes, average="micro").to(self.device)
+        loss_sum, count = 0.0, 0
+        was_training = self.training
+        self.eval()
+        try:
+            for images, labels in loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                with forward_context if forward_context is not None else nullcontext():
+                    logits = self(images)
+                accuracy.update(logits, labels)
+                loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+                count += len(labels)
+        finally:
+            self.train(was_training)
+        if not count:
+            return 0, {}
+        return count, {"acc": float(accuracy.compute()), "loss": loss_sum / count}
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:

@@ -92,7 +92,8 @@ def communication_report(
     strategy sends besides the state (SCAFFOLD's control variates), so no weights are
     downloaded and compressed sizes are exact.
     """
-    trainable = {name: p.detach() for name, p in trainable_parameters(module).items()}
+    local = frozenset(getattr(module, "local_names", ()))  # a personalised method's local part never travels
+    trainable = {name: p.detach() for name, p in trainable_parameters(module).items() if name not in local}
     full = dict(module.backbone.build(module.num_classes).named_parameters())
     upload, download = upload or Codec(), download or Codec()
     extras_down: dict[str, torch.Tensor] = {}

@@ -14,9 +14,14 @@ from typing import Optional
 
 import torch
 
+from torch import nn
+
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State
+from fedpeft_pl.peft import load_trainable_state
 from fedpeft_pl.strategies import Strategy
+
+LOCAL = "local."  # the key prefix of a personalised method's local tensors in a client's own state
 
 
 def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
@@ -42,11 +47,24 @@ class ClientSession:
         strategy: the run's strategy; only its client hooks are called here.
         upload: the codec for the client's update.
         context: the client's view of the round (received state, config, extras, own state).
+        local_init: a personalised method's local tensors as every client first gets them;
+            empty otherwise.
     """
 
     strategy: Strategy
     upload: Codec
     context: ClientContext
+    local_init: Optional[State] = None
+
+    def local_state(self) -> State:
+        """The client's own local tensors: as it left them, or their initial values the first time."""
+        return {name: self.context.state.get(LOCAL + name, value) for name, value in (self.local_init or {}).items()}
+
+    def load_into(self, module: nn.Module) -> None:
+        """Put what the client starts from into ``module``: the received state and its own local part."""
+        load_trainable_state(module, self.context.received, partial=bool(self.local_init))
+        if self.local_init:
+            load_trainable_state(module, self.local_state(), partial=True)
 
     @property
     def client(self) -> int:
@@ -65,7 +83,15 @@ class ClientSession:
         return self.strategy.client_gradient(grads, params, self.context)
 
     def finish(self, trained: State, num_samples: int, metrics: dict[str, float]) -> ClientResult:
-        """The client's reply: its encoded update, the strategy's extra tensors and its metrics."""
+        """The client's reply: its encoded update, the strategy's extra tensors and its metrics.
+
+        ``trained`` is every trainable tensor; a personalised method's local part is kept in the
+        client's own state instead of being sent.
+        """
+        if self.local_init:
+            for name in self.local_init:
+                self.context.state[LOCAL + name] = trained[name].detach().clone()
+            trained = {name: t for name, t in trained.items() if name not in self.local_init}
         extras = self.strategy.client_end(trained, self.context)
         payload = encode_update(self.upload, trained, self.context.received, self.context.client)
         metrics = {**metrics, "steps": float(self.context.steps)}
@@ -81,8 +107,13 @@ def open_session(
     server_round: int,
     like: State,
     own_state: Optional[State] = None,
+    local_init: Optional[State] = None,
 ) -> ClientSession:
-    """Decode the round's ``message`` for ``client`` (``like``: its trainable tensors' names, shapes and dtypes)."""
+    """Decode the round's ``message`` for ``client``.
+
+    ``like`` gives the shared tensors' names, shapes and dtypes; ``own_state`` is what the client
+    kept from earlier rounds; ``local_init`` a personalised method's initial local tensors.
+    """
     received = download.decode(message.payload, like=like)
     context = ClientContext(
         client=client,
@@ -92,4 +123,4 @@ def open_session(
         extras={k: v.to(next(iter(like.values())).device) for k, v in message.extras.items()} if like else dict(message.extras),
         state=dict(own_state or {}),
     )
-    return ClientSession(strategy, upload, context)
+    return ClientSession(strategy, upload, context, dict(local_init or {}))

@@ -153,6 +153,33 @@ class ClientResult:
         return self.error is None and self.dropped is None
 
 
+@dataclass
+class ClientEvaluation:
+    """One client's evaluation on its own held-out test split: ``acc`` and ``loss`` over ``num_samples``."""
+
+    client: int
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def client_accuracy_summary(evaluations: Iterable[ClientEvaluation]) -> dict[str, float]:
+    """Client accuracy across clients: sample-weighted and plain mean, worst decile (10th percentile), spread."""
+    scored = [e for e in evaluations if e.num_samples > 0 and "acc" in e.metrics]
+    if not scored:
+        return {}
+    acc = np.array([e.metrics["acc"] for e in scored])
+    weights = np.array([e.num_samples for e in scored], dtype=float)
+    summary = {
+        "clients/acc_mean": float(np.average(acc, weights=weights)),
+        "clients/acc_mean_unweighted": float(acc.mean()),
+        "clients/acc_p10": float(np.percentile(acc, 10)),
+        "clients/acc_std": float(acc.std()),
+    }
+    if all("loss" in e.metrics for e in scored):
+        summary["clients/loss_mean"] = float(np.average([e.metrics["loss"] for e in scored], weights=weights))
+    return summary
+
+
 @runtime_checkable
 class ClientRunner(Protocol):
     """How the sampled clients of a round train: one by one, all at once, or remotely.
@@ -163,6 +190,11 @@ class ClientRunner(Protocol):
     """
 
     def run(self, round: Round) -> Iterable[ClientResult]: ...
+
+    def evaluate(self, round: Round, clients: list[int]) -> Iterable[ClientEvaluation]:
+        """Evaluate the current global model (with each client's own local part, if personalised)
+        on each of ``clients``' held-out test splits."""
+        ...
 
 
 @dataclass

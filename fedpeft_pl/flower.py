@@ -38,11 +38,11 @@ from typing import Any, Union
 
 from fedpeft_pl.config import build_run
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.exchange import open_session
-from fedpeft_pl.federation import ClientResult, Round, RoundMessage, State
+from fedpeft_pl.exchange import LOCAL, open_session
+from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
 from fedpeft_pl.flower_app import NODE_TIMEOUT, REPLY_TIMEOUT, write_app  # noqa: F401 (importable from here too)
 from fedpeft_pl.loop import FederatedLoop
-from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
 from fedpeft_pl.trainer import FederatedTrainer
 
 try:
@@ -123,6 +123,29 @@ class FlowerRunner:
                 yield early[client]
                 continue
             yield self._result(client, replies.get(client))
+
+    def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
+        """Each client evaluates the global state (and its own local part) on its SuperNode; only metrics come back."""
+        server = self.loop.trainer.aggregation
+        arrays = _to_record(server.download.encode(server.global_state))
+        messages = [
+            Message(
+                RecordDict({"arrays": arrays, "config": ConfigRecord({_ROUND: round.number, _CLIENT: client})}),
+                dst_node_id=self.nodes[client], message_type=MessageType.EVALUATE,
+            )
+            for client in clients
+        ]
+        client_of = {self.nodes[c]: c for c in clients}
+        replies = {client_of[r.metadata.src_node_id]: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
+        for client in clients:
+            reply = replies.get(client)
+            if reply is None or reply.has_error():
+                reason = reply.error.reason if reply is not None else f"no reply within {self.reply_timeout:g} s"
+                log.warning(f"round {round.number}: client {client} could not evaluate: {reason}")
+                continue
+            metrics = dict(reply.content["metrics"])
+            count = int(metrics.pop("num-examples"))
+            yield ClientEvaluation(client, count, {k: float(v) for k, v in metrics.items()})
 
     def _result(self, client: int, reply: Any) -> ClientResult:
         if reply is None or reply.has_error():
@@ -221,6 +244,29 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         partition = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions")})
         return Message(RecordDict({"partition": partition}), reply_to=message)
 
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        trainer, module, datamodule = _client(os.fspath(config))
+        client = int(message.content["config"][_CLIENT])
+        partition = int(context.node_config["partition-id"])
+        if client != partition:
+            raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
+        if datamodule.splits is None:  # a fresh process: nothing has set the data up yet
+            datamodule.data_config = module.data_config
+            datamodule.setup("validate")
+        local = local_names(module)
+        start = trainable_state(module)
+        shared = {n: t for n, t in start.items() if n not in local}
+        received = trainer.aggregation.download.decode(message.content["arrays"].to_torch_state_dict(), like=shared)
+        own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+        mine = {n: own.get(LOCAL + n, t) for n, t in start.items() if n in local}
+        load_trainable_state(module, {**received, **mine})
+        try:
+            count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
+        finally:
+            load_trainable_state(module, start)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
+
     @app.train()
     def train(message: Message, context: Context) -> Message:
         started = time.perf_counter()
@@ -237,15 +283,21 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
         round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
         own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+        # the module holds the initial state between messages; a personalised method's local part
+        # starts from it the first time and from the node's own copy afterwards
+        local = local_names(module)
+        start = trainable_state(module)
+        local_init = {n: t for n, t in start.items() if n in local}
         session = open_session(
             server.strategy, server.upload, server.download, round_message, client, server_round,
-            trainable_state(module), own,
+            {n: t for n, t in start.items() if n not in local}, own, local_init,
         )
-        load_trainable_state(module, session.context.received)
+        session.load_into(module)
         if _RESIDUAL in context.state:
             server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
         num_samples = trainer.train_client(module, datamodule, session, max_batches)
         result = session.finish(trainable_state(module), num_samples, module.local_metrics())
+        load_trainable_state(module, start)  # the next message in this process starts from the initial state
         residual = server.upload.client_state([client]).get(client)
         if residual is not None:
             context.state[_RESIDUAL] = _to_record(residual)

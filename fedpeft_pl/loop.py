@@ -38,10 +38,18 @@ from typing_extensions import override
 
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.exchange import ClientSession, open_session
-from fedpeft_pl.federation import ClientResult, ClientRunner, ClientStore, Federation, Round, sample_clients
+from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
+from fedpeft_pl.federation import (
+    ClientEvaluation,
+    ClientResult,
+    ClientRunner,
+    ClientStore,
+    Federation,
+    Round,
+    sample_clients,
+)
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
-from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
 from fedpeft_pl.seeds import client_seed
 
 log = logging.getLogger(__name__)
@@ -240,6 +248,15 @@ class FederatedLoop(_FitLoop):
         self._federated("on_round_end", lambda cb, t, m: cb.on_round_end(t, m, round), lambda m: m.on_round_end(round))
         if self._should_evaluate(round.number):
             self._evaluate()
+            if getattr(self.trainer.datamodule, "has_client_tests", False):
+                self._evaluate_clients(round)
+
+    def _evaluate_clients(self, round: Round) -> None:
+        """Every client on its own test split (this process's share of them), then the summary to the server."""
+        clients = list(range(self.federation.num_clients))[self.trainer.global_rank :: self.trainer.world_size]
+        mine = list(self.runner.evaluate(round, clients))
+        everyone = [evaluation for part in self.gather(mine) for evaluation in part]
+        self.trainer.aggregation.record_client_evaluations(round, sorted(everyone, key=lambda e: e.client))
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every process, in rank order (``[obj]`` in a single process)."""
@@ -263,13 +280,13 @@ class FederatedLoop(_FitLoop):
             return ClientResult(client, dropped="dropped out (client availability)", received=True)
         return None
 
-    def open_session(self, round: Round, client: int, like: dict[str, torch.Tensor]) -> ClientSession:
+    def open_session(self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]) -> ClientSession:
         """The client's side of ``round``: the decoded message, its strategy hooks and its own stored state."""
         server = self.trainer.aggregation
         assert round.message is not None, "the server configures the round before clients run"
         return open_session(
             server.strategy, server.upload, server.download, round.message, client, round.number, like,
-            self.client_states.get(client),
+            self.client_states.get(client), local_init,
         )
 
     def close_session(self, session: ClientSession) -> None:
@@ -299,31 +316,47 @@ class FederatedLoop(_FitLoop):
         """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers).
 
         A fresh optimizer from the module's ``configure_optimizers``; data order and the torch
-        seed (dropout, drop path) derive from ``(seed, round, client)``.
+        seed (dropout, drop path) derive from ``(seed, round, client)``. A personalised method
+        with FedRep's schedule first trains its local part alone for its own epochs (with its own
+        fresh optimizer), then the shared part alone; the step cap applies to the shared part.
         """
         trainer = self.trainer
+        module = trainer.lightning_module
         seed = client_seed(self.federation.seed, round_number, client)
         loader = trainer.datamodule.client_dataloader(client, seed)
-        trainer.strategy.setup_optimizers(trainer)  # a fresh optimizer for every client
-        if session is not None and trainer.optimizers:
-            session.context.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         device = trainer.strategy.root_device
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        local_first = module.local_first_epochs
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
-            remaining = max_batches
-            for _ in range(self.federation.local_epochs):
-                if remaining <= 0:
-                    break
-                fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
-                fetcher.setup(CombinedLoader(loader, "max_size_cycle"))
-                try:
-                    iter(fetcher)
-                    self.max_batches = min(len(loader), remaining)
-                    self.epoch_loop.run(fetcher)
-                finally:
-                    fetcher.teardown()
-                remaining -= self.max_batches
+            if local_first:
+                names = module.local_names
+                with module.training_only(names):
+                    self._epochs(loader, local_first, local_first * len(loader), session)
+                shared = [n for n in trainable_state(module) if n not in names]
+                with module.training_only(shared):
+                    self._epochs(loader, self.federation.local_epochs, max_batches, session)
+            else:
+                self._epochs(loader, self.federation.local_epochs, max_batches, session)
+
+    def _epochs(self, loader: Any, epochs: int, max_batches: int, session: Optional[ClientSession]) -> None:
+        trainer = self.trainer
+        trainer.strategy.setup_optimizers(trainer)  # a fresh optimizer for every client (and phase)
+        if session is not None and trainer.optimizers:
+            session.context.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        remaining = max_batches
+        for _ in range(epochs):
+            if remaining <= 0:
+                break
+            fetcher = _select_data_fetcher(trainer, RunningStage.TRAINING)
+            fetcher.setup(CombinedLoader(loader, "max_size_cycle"))
+            try:
+                iter(fetcher)
+                self.max_batches = min(len(loader), remaining)
+                self.epoch_loop.run(fetcher)
+            finally:
+                fetcher.teardown()
+            remaining -= self.max_batches
 
     # -- evaluation and hooks -------------------------------------------------------------------
 
@@ -373,13 +406,18 @@ class SequentialRunner:
         loop = self.loop
         module = loop.trainer.lightning_module
         datamodule = loop.trainer.datamodule
+        local = local_names(module)
+        # the module holds the global state and, for a personalised method, the initial local part
+        start = trainable_state(module)
+        shared_like = {n: t for n, t in start.items() if n not in local}
+        local_init = {n: t for n, t in start.items() if n in local}
         for client in round.share:
             dropped = loop.start_client(round, client)
             if dropped is not None:
                 yield dropped
                 continue
-            session = loop.open_session(round, client, trainable_state(module))
-            load_trainable_state(module, session.context.received)
+            session = loop.open_session(round, client, shared_like, local_init)
+            session.load_into(module)
             module.begin_client(session)
             try:
                 with loop.no_gradient_sync():
@@ -391,7 +429,30 @@ class SequentialRunner:
                 loop.close_session(session)
             finally:
                 module.end_client()
+                if local_init:
+                    load_trainable_state(module, local_init, partial=True)
             yield result
+
+
+    def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
+        """Each client's model (the global state plus its own local part, if any) on its own test split."""
+        loop = self.loop
+        trainer = loop.trainer
+        module = trainer.lightning_module
+        datamodule = trainer.datamodule
+        start = trainable_state(module)
+        local_init = {n: t for n, t in start.items() if n in local_names(module)}
+        try:
+            for client in clients:
+                if local_init:
+                    own = loop.client_states.get(client)
+                    load_trainable_state(module, {n: own.get(LOCAL + n, t) for n, t in local_init.items()}, partial=True)
+                count, metrics = module.evaluate_on(
+                    datamodule.client_test_dataloader(client), trainer.precision_plugin.forward_context()
+                )
+                yield ClientEvaluation(client, count, metrics)
+        finally:
+            load_trainable_state(module, start)
 
 
 class _ClientJob(FederatedLoop):

@@ -145,7 +145,7 @@ class FedProx(FedAvg):
     def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
         if self.mu == 0:
             return None
-        distance = sum((p - context.received[name]).pow(2).sum() for name, p in params.items())
+        distance = sum((p - context.received[name]).pow(2).sum() for name, p in params.items() if name in context.received)
         return self.mu / 2 * distance
 
 
@@ -183,7 +183,12 @@ class Scaffold(Strategy):
         corrected = {}
         for name, g in grads.items():
             key = f"control.{name}"
-            corrected[name] = g + context.extras[key] - context.state[key] if key in context.state else g + context.extras[key]
+            if key not in context.extras:  # a tensor that does not travel (a personalised local part)
+                corrected[name] = g
+            elif key in context.state:
+                corrected[name] = g + context.extras[key] - context.state[key]
+            else:
+                corrected[name] = g + context.extras[key]
         return corrected
 
     def client_end(self, trained: State, context: ClientContext) -> State:
@@ -244,6 +249,8 @@ class FedDyn(Strategy):
     def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
         total = 0.0
         for name, p in params.items():
+            if name not in context.received:  # a tensor that does not travel (a personalised local part)
+                continue
             total = total + self.alpha / 2 * (p - context.received[name]).pow(2).sum()
             gradient = context.state.get(f"grad.{name}")
             if gradient is not None:

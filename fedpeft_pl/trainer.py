@@ -242,6 +242,9 @@ class FederatedTrainer(pl.Trainer):
         if availability.dropout or availability.stragglers:
             notes.append(f"{availability!r}: dropped clients download but send nothing")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
+        local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
+        if local:
+            notes.append(f"{sum(p.numel() for p in local):,} further parameters are personalised: they stay on each client")
         if type(server.upload) is not Codec or type(server.download) is not Codec:
             notes.append(f"upload {server.upload!r}, download {server.download!r}")
         report = communication_report(

@@ -114,6 +114,9 @@ DEPLOYMENTS = {
     # client-side strategies: extra tensors both ways and per-client state on the SuperNode
     "scaffold": ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
     "feddyn": ["--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01"],
+    # a local head kept on each SuperNode, and per-client evaluation with Flower's evaluate messages
+    "fedper": ["--config", str(REPO / "configs" / "quickstart" / "personal" / "fedper.yaml"),
+               "--trainer.logger.init_args.name", "prompt"],
 }
 
 
@@ -145,7 +148,11 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
     assert deployed["state_dict"].keys() == reference["state_dict"].keys()
     for name, tensor in reference["state_dict"].items():
         torch.testing.assert_close(deployed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    assert_same_rounds(scalars(deployed_dir), scalars(simulated_dir), rounds=2)
+    deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
+    assert_same_rounds(deployed_logs, simulated_logs, rounds=2)
+    if setting == "fedper":
+        for tag in ("clients/acc_mean", "clients/acc_p10", "comm/bytes_eval_down"):
+            assert deployed_logs[tag] == pytest.approx(simulated_logs[tag], abs=1e-6), tag
 
 
 @pytest.fixture

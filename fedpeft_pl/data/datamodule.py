@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 
 from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
 from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
@@ -73,6 +73,9 @@ class FederatedDataModule(pl.LightningDataModule):
         eval_batch_size: batch size of the server's evaluation; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
         seed: seeds the partition and any train/test split the data set makes.
+        client_test_fraction: the share of each client's partition held out as that client's own
+            test split (seeded by ``seed``); the federation then evaluates every client on its own
+            test data at each evaluation round (``clients/acc_*``). 0 keeps every sample for training.
 
     Example::
 
@@ -88,8 +91,11 @@ class FederatedDataModule(pl.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
+        client_test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= client_test_fraction < 1.0:
+            raise ConfigError(f"data.client_test_fraction must be in [0, 1), got {client_test_fraction}")
         if num_clients < 1:
             raise ConfigError(f"data.num_clients must be >= 1, got {num_clients}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -103,6 +109,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.client_test_fraction = client_test_fraction
+        self.client_test_indices: list[np.ndarray] = []
         self.data_config: Optional[dict[str, Any]] = None
         self.splits: Optional[Splits] = None
         self.client_indices: list[np.ndarray] = []
@@ -136,6 +144,8 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"set model.num_classes: {splits.num_classes}"
             )
         self.client_indices = self.partition(splits.train_targets, self.num_clients, np.random.default_rng(self.seed))
+        if self.client_test_fraction > 0:
+            self.client_indices, self.client_test_indices = _hold_out(self.client_indices, self.client_test_fraction, self.seed)
         self.splits = splits
         self._report_partition()
 
@@ -150,6 +160,20 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def client_num_batches(self, client: int) -> int:
         return math.ceil(self.client_num_samples(client) / self.batch_size)
+
+    @property
+    def has_client_tests(self) -> bool:
+        """Whether every client holds out a test split of its own (``client_test_fraction > 0``)."""
+        return bool(self.client_test_indices)
+
+    def client_test_dataloader(self, client: int) -> DataLoader:
+        """The loader of ``client``'s own held-out test samples, in order."""
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(
+            Subset(self.splits.train, self.client_test_indices[client].tolist()),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+        )
 
     def client_dataloader(self, client: int, seed: int) -> DataLoader:
         """The loader of ``client``'s split, shuffled by ``seed``; the same loader object for all clients."""
@@ -227,6 +251,18 @@ class FederatedDataModule(pl.LightningDataModule):
             path = os.path.join(log_dir, "client_label_histogram.csv")
             columns = ",".join(f"class_{c}" for c in range(histogram.shape[1]))
             np.savetxt(path, histogram, fmt="%d", delimiter=",", header=columns, comments="")
+
+
+def _hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's indices into (train, test); at least one sample of each where the client has two."""
+    rng = np.random.default_rng([seed, 0x7E57])  # its own stream: the partition's draws stay as they were
+    train, test = [], []
+    for part in parts:
+        order = rng.permutation(part)
+        count = min(max(1, round(fraction * len(part))), len(part) - 1) if len(part) >= 2 else 0
+        test.append(np.sort(order[:count]))
+        train.append(np.sort(order[count:]))
+    return train, test
 
 
 class _EmptyBatchCollate:

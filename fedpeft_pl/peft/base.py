@@ -58,6 +58,10 @@ class PEFTMethod(ShownByArguments, ABC):
             return None
         return {name: state[name].detach().clone() for name in backbone_names}, {}
 
+    def local_names(self, trainable: list[str]) -> set[str]:
+        """The trainable tensors (model names) that stay on each client; none unless the method is personalised."""
+        return set()
+
     @staticmethod
     def train_head(model: VisionTransformer) -> None:
         model.get_classifier().requires_grad_(True)
@@ -74,10 +78,26 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in trainable_parameters(module).items()}
 
 
+def local_names(module: nn.Module) -> frozenset[str]:
+    """Names of ``module``'s trainable tensors that stay on each client (a personalised method's local part)."""
+    return frozenset(getattr(module, "local_names", ()))
+
+
+def shared_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable tensors that travel: all of them unless some are local."""
+    local = local_names(module)
+    return {name: param.detach().clone() for name, param in trainable_parameters(module).items() if name not in local}
+
+
 @torch.no_grad()
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the trainable parameters in place (the backbone is never copied)."""
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Copy ``state`` into the trainable parameters in place (the backbone is never copied).
+
+    With ``partial``, ``state`` may hold a subset of them (the shared part of a personalised method).
+    """
     params = trainable_parameters(module)
+    if partial and state.keys() <= params.keys():
+        params = {name: params[name] for name in state}
     if params.keys() != state.keys():
         missing = sorted(params.keys() - state.keys())
         extra = sorted(state.keys() - params.keys())
