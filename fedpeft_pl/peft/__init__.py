@@ -5,6 +5,7 @@ from fedpeft_pl.peft.base import PEFTMethod, load_trainable_state, trainable_par
 from fedpeft_pl.peft.bias import Bias
 from fedpeft_pl.peft.full import Full
 from fedpeft_pl.peft.head import Head
+from fedpeft_pl.peft.hf import HFPeft
 from fedpeft_pl.peft.lora import LoRA
 from fedpeft_pl.peft.prompt import Prompt
 
@@ -12,6 +13,7 @@ __all__ = [
     "Adapter",
     "Bias",
     "Full",
+    "HFPeft",
     "Head",
     "LoRA",
     "PEFTMethod",
