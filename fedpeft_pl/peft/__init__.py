@@ -9,7 +9,11 @@ from fedpeft_pl.peft.hf import HFPeft
 from fedpeft_pl.peft.lora import LoRA
 from fedpeft_pl.peft.prompt import Prompt
 
+# The paper's methods (configs/<name>.yaml, scripts/grid.py, benchmarks): one list for every script.
+METHOD_NAMES = ("head", "bias", "adapter", "prompt", "lora", "full")
+
 __all__ = [
+    "METHOD_NAMES",
     "Adapter",
     "Bias",
     "Full",
