@@ -150,3 +150,19 @@ def test_bad_hf_peft_settings_are_one_line_config_errors(make, match):
     with pytest.raises(ConfigError, match=match) as info:
         tiny_module(make())
     assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_holds_the_adapter_and_head_and_restores_them(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_module(HFPeft(CONFIGS["dora"]()))
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=1)
+    trainer.fit(module, datamodule=tiny_datamodule(num_clients=8, batch_size=64))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(trainable_parameters(module))
+    torch.manual_seed(0)  # the same backbone (its fingerprint is checked), the adapter at its initialisation
+    restored = tiny_module(HFPeft(CONFIGS["dora"]()))
+    assert any(not torch.equal(v, module.state_dict()[k]) for k, v in restored.state_dict().items())
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in restored.state_dict().items())

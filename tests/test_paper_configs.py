@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from fedpeft_pl import ConfigError
 from fedpeft_pl.cli import FedPEFTCLI, main
 from fedpeft_pl.peft import METHOD_NAMES, Adapter, Prompt
 from fedpeft_pl.yaml_include import load_file, merge

@@ -5,7 +5,6 @@ from fedpeft_pl.peft.base import PEFTMethod, load_trainable_state, trainable_par
 from fedpeft_pl.peft.bias import Bias
 from fedpeft_pl.peft.full import Full
 from fedpeft_pl.peft.head import Head
-from fedpeft_pl.peft.hf import HFPeft
 from fedpeft_pl.peft.lora import LoRA
 from fedpeft_pl.peft.prompt import Prompt
 
@@ -26,3 +25,12 @@ __all__ = [
     "trainable_parameters",
     "trainable_state",
 ]
+
+
+def __getattr__(name: str):
+    # HFPeft imports Hugging Face peft and transformers (about a second); only runs that use it pay that
+    if name == "HFPeft":
+        from fedpeft_pl.peft.hf import HFPeft
+
+        return HFPeft
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,6 +42,10 @@ class HFPeft(PEFTMethod):
     attached and checkpoints, fingerprints and exports see plain timm names. Export merges the
     adapter into the weights through peft's own ``merge`` (a plain timm file).
 
+    The forward runs under ``torch.func.functional_call``, and under ``vmap`` of ``grad`` (local
+    DP's per-sample gradients) for LoRA, DoRA, IA3, LoKr and VeRA; peft's LoHa computes its weight
+    in an ``autograd.Function`` without ``setup_context``, which ``torch.func`` transforms refuse.
+
     Example::
 
         from peft import LoraConfig
