@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedpeft_pl.peft import METHOD_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["full", "head", "bias", "adapter", "prompt", "lora"]
+METHODS = ["full", *(m for m in METHOD_NAMES if m != "full")]  # the baseline first
 MIB = 2**20
 
 

@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedpeft_pl.peft import METHOD_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
+METHODS = list(METHOD_NAMES)
 TARGET_ACCURACY = 0.85
 TARGET_GAP_TO_FULL = 0.05
 TARGET_BYTE_RATIO = 30.0

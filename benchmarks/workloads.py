@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Optional
 
 from fedpeft_pl import Backbone
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
+from fedpeft_pl.peft import METHOD_NAMES, Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
 
-METHOD_NAMES = ["head", "bias", "adapter", "prompt", "lora", "full"]
+__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone"]
 
 
 def quickstart_backbone(weights_file: Optional[str] = None) -> Backbone:

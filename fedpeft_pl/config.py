@@ -19,6 +19,7 @@ from typing import Any, Iterator, NoReturn, Optional, Union
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fedpeft_pl import yaml_include
 from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.data import FederatedDataModule
 from fedpeft_pl.errors import ConfigError
@@ -70,7 +71,14 @@ def _condense(text: str) -> tuple[Optional[str], str]:
 
 
 class FedPEFTParser(LightningArgumentParser):
-    """Reports configuration mistakes as a one-line ConfigError instead of usage text."""
+    """Reports configuration mistakes as a one-line ConfigError instead of usage text.
+
+    Config files may start from another with ``__base__: other.yaml`` (:mod:`fedpeft_pl.yaml_include`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_mode", yaml_include.register())
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse is probing; it catches this itself

@@ -97,5 +97,7 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
 
 
 def _init_args(peft: object) -> dict:
+    if hasattr(peft, "export_args"):  # a method whose arguments are objects (HFPeft's peft config)
+        return peft.export_args()
     args = {k: v for k, v in vars(peft).items() if not k.startswith("_")}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}

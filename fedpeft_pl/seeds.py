@@ -6,6 +6,8 @@ Streams (keys of different length or tail never collide):
 - ``(seed, round, client)``: that client's local training (shuffling, dropout, DP noise)
 - ``(seed, round, client, AVAILABILITY)``: whether that client drops out or straggles
 - ``(seed, round, 0, SERVER_NOISE)``: noise the server adds in that round (central DP)
+- ``(seed, 0, 0, LORA_FROZEN_A)``: the frozen ``A`` of FFA-LoRA, drawn when the model is built
+  (round 0; rounds count from 1), so every client of a deployment draws the same
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 AVAILABILITY = 1
 SERVER_NOISE = 2
+LORA_FROZEN_A = 3
 
 
 def derive_seed(*parts: int) -> int:

@@ -20,9 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedpeft_pl.peft import METHOD_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
-METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
+METHODS = list(METHOD_NAMES)
 SETTINGS = sorted(p.stem for p in (EXPERIMENTS / "settings").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (EXPERIMENTS / "datasets").glob("*.yaml"))
 DP = ["none"] + sorted(p.stem for p in (EXPERIMENTS / "dp").glob("*.yaml"))

@@ -5,6 +5,7 @@ import torch
 import yaml
 
 from fedpeft_pl import Backbone, FedPEFTModule, communication_report, payload_bytes
+from fedpeft_pl import yaml_include
 from fedpeft_pl.cli import main
 from fedpeft_pl.peft import Bias, Full, Prompt
 
@@ -42,7 +43,7 @@ def test_the_papers_vit_b16_communication_figures():
 
 
 def load(name):
-    return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    return yaml_include.load_file(REPO / "configs" / f"{name}.yaml")
 
 
 def test_the_paper_configs_differ_only_in_method_learning_rate_and_run_name():
@@ -58,12 +59,13 @@ def test_the_paper_configs_differ_only_in_method_learning_rate_and_run_name():
     assert all(config == shared[0] for config in shared)
     paper = shared[0]
     assert paper["trainer"]["num_rounds"] == 50 and paper["trainer"]["clients_per_round"] == 8
+    assert paper["trainer"]["local_epochs"] == 10  # the paper's code: --epochs 10
     assert paper["data"]["num_clients"] == 64 and paper["data"]["batch_size"] == 64
     assert paper["data"]["partition"] == {
         "class_path": "fedpeft_pl.data.Dirichlet", "init_args": {"alpha": 0.1, "min_samples": 10}
     }
     assert paper["model"]["backbone"] == {"name": "vit_base_patch16_224.augreg_in21k", "pretrained": True, "img_size": 224}
-    assert paper["model"]["optimizer"]["init_args"] == {"momentum": 0.9, "weight_decay": 0.0001}
+    assert paper["model"]["optimizer"]["init_args"] == {"momentum": 0.9, "nesterov": True, "weight_decay": 0.0001}
 
 
 @pytest.mark.parametrize(

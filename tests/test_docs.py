@@ -44,3 +44,15 @@ def test_readme_strategy_example_is_a_valid_overlay(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "per client, upload" in printed and "Int8(error_feedback=True)" in printed
     assert "ClientAvailability(dropout=0.2" in printed
+
+
+def test_readme_hf_peft_example_is_a_valid_overlay(tmp_path, capsys, monkeypatch):
+    from fedpeft_pl.cli import main
+
+    monkeypatch.chdir(REPO)
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "fedpeft_pl.peft.HFPeft" in b)
+    (tmp_path / "overlay.yaml").write_text(example)
+    main(["comm", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
+    printed = capsys.readouterr().out
+    assert "HFPeft(LoraConfig(" in printed and "use_dora=True" in printed

@@ -109,14 +109,18 @@ def federation(tmp_path_factory):
 
 
 DEPLOYMENTS = {
-    # codecs with per-client state on the SuperNode (error-feedback residuals)
-    "int8-feedback": ["--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true"],
-    # client-side strategies: extra tensors both ways and per-client state on the SuperNode
-    "scaffold": ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
-    "feddyn": ["--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01"],
-    # a local head kept on each SuperNode, and per-client evaluation with Flower's evaluate messages
-    "fedper": ["--config", str(REPO / "configs" / "quickstart" / "personal" / "fedper.yaml"),
-               "--trainer.logger.init_args.name", "prompt"],
+    # codecs with per-client state on the SuperNode (error-feedback residuals), and a client-side
+    # strategy whose extra tensors travel both ways and whose control variates stay on the SuperNode
+    "int8-feedback-scaffold": [
+        "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
+        "--trainer.aggregation", "fedpeft_pl.strategies.Scaffold",
+    ],
+    # a local head kept on each SuperNode (FedPer), FedDyn's per-client tensors there too, and
+    # per-client evaluation with Flower's evaluate messages
+    "feddyn-fedper": [
+        "--config", str(REPO / "configs" / "quickstart" / "personal" / "fedper.yaml"), "--trainer.logger.init_args.name", "prompt",
+        "--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01",
+    ],
 }
 
 
@@ -150,7 +154,7 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
         torch.testing.assert_close(deployed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
     assert_same_rounds(deployed_logs, simulated_logs, rounds=2)
-    if setting == "fedper":
+    if setting == "feddyn-fedper":
         for tag in ("clients/acc_mean", "clients/acc_p10", "comm/bytes_eval_down"):
             assert [step for step, _ in deployed_logs[tag]] == [1, 2], tag
             for (_, value), (_, expected) in zip(deployed_logs[tag], simulated_logs[tag]):

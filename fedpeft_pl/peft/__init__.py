@@ -16,10 +16,15 @@ from fedpeft_pl.peft.lora import LoRA
 from fedpeft_pl.peft.personal import Personalized
 from fedpeft_pl.peft.prompt import Prompt
 
+# The paper's methods (configs/<name>.yaml, scripts/grid.py, benchmarks): one list for every script.
+METHOD_NAMES = ("head", "bias", "adapter", "prompt", "lora", "full")
+
 __all__ = [
+    "METHOD_NAMES",
     "Adapter",
     "Bias",
     "Full",
+    "HFPeft",
     "Head",
     "LoRA",
     "PEFTMethod",
@@ -31,3 +36,12 @@ __all__ = [
     "trainable_parameters",
     "trainable_state",
 ]
+
+
+def __getattr__(name: str):
+    # HFPeft imports Hugging Face peft and transformers (about a second); only runs that use it pay that
+    if name == "HFPeft":
+        from fedpeft_pl.peft.hf import HFPeft
+
+        return HFPeft
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
