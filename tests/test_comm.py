@@ -91,3 +91,29 @@ def test_each_quickstart_overlay_selects_its_method_and_sends_30x_less_than_full
     assert method_line.split(None, 1)[1].startswith(f"{class_name}(")
     ratio = float(out.split("1/")[1].split()[0].replace(",", ""))
     assert ratio >= 30
+
+
+
+BEYOND = sorted(
+    str(p.relative_to(REPO)) for sub in ("personal", "beyond") for p in (REPO / "configs" / "quickstart" / sub).glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("overlay", BEYOND)
+def test_each_beyond_fedpeft_overlay_composes_and_counts_only_what_travels(capsys, monkeypatch, tmp_path, overlay):
+    from fedpeft_pl.config import build_run, resolve_config
+    from fedpeft_pl.peft import shared_state, trainable_state
+
+    monkeypatch.chdir(REPO)
+    quickstart = str(REPO / "configs" / "quickstart.yaml")
+    main(["comm", "--config", quickstart, "--config", overlay])
+    out = capsys.readouterr().out
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(resolve_config(["--config", quickstart, "--config", overlay, "--trainer.logger", "false"]))
+    _, module, _, _ = build_run(resolved, save_config=False)
+    sent = payload_bytes(shared_state(module))
+    line = next(line for line in out.splitlines() if line.startswith("per client per direction"))
+    assert line.split()[-4] == f"{sent:,}"  # "... 20,480 bytes (0.020 MiB)"
+    if "personal" in overlay:
+        assert module.local_names and sent < payload_bytes(trainable_state(module))
+        assert "personalised: they stay on each client" in out
