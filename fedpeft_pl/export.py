@@ -62,7 +62,7 @@ def export_model(module: FedPEFTModule, path: Union[str, Path]) -> Exported:
         "timm_name": module.backbone.name,
         "timm_kwargs": json.dumps(kwargs),
         "plain_timm": json.dumps(merged is not None),
-        "peft": json.dumps({"class_path": f"{type(peft).__module__}.{type(peft).__qualname__}", "init_args": _init_args(peft)}),
+        "peft": json.dumps(method_spec(peft)),
         "backbone_fingerprint": module.backbone_fingerprint,
     }
     path = Path(path)
@@ -94,6 +94,11 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
         method.apply(model)
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+def method_spec(peft: object) -> dict:
+    """``{"class_path": ..., "init_args": ...}`` of a PEFT method, as JSON can hold it."""
+    return {"class_path": f"{type(peft).__module__}.{type(peft).__qualname__}", "init_args": _init_args(peft)}
 
 
 def _init_args(peft: object) -> dict:

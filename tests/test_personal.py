@@ -147,3 +147,15 @@ def test_every_client_is_evaluated_on_its_own_held_out_split(tmp_path):
     assert logged["clients/acc_std"] == pytest.approx(np.std(accuracies), abs=1e-6)
     assert logged["comm/bytes_eval_down"] == 4 * payload_bytes(shared_state(module))
     assert "server/acc" in logged
+
+
+def test_a_personalised_model_exports_and_loads_back(tmp_path):
+    from fedpeft_pl.export import export_model, load_exported
+
+    module = personal(Prompt(num_tokens=2, deep=True), local=["head"])
+    module.configure_model()
+    exported = export_model(module, tmp_path / "model.safetensors")
+    loaded = load_exported(exported.path)
+    images = torch.randn(2, 3, 32, 32)
+    module.eval()
+    torch.testing.assert_close(loaded(images), module(images))

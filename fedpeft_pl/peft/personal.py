@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -42,6 +43,9 @@ class Personalized(PEFTMethod):
     """
 
     def __init__(self, method: PEFTMethod, local: Sequence[str] = ("head",), local_epochs: int = 0) -> None:
+        if isinstance(method, dict) and "class_path" in method:  # as export metadata spells it
+            module_name, class_name = method["class_path"].rsplit(".", 1)
+            method = getattr(importlib.import_module(module_name), class_name)(**method.get("init_args", {}))
         if not isinstance(method, PEFTMethod):
             raise ConfigError(f"Personalized needs a PEFT method to split, got {method!r}")
         if isinstance(method, Personalized):
@@ -69,6 +73,12 @@ class Personalized(PEFTMethod):
 
     def local_names(self, trainable: Sequence[str]) -> set[str]:
         return {name for name in trainable if any(_matches(pattern, name) for pattern in self.local)}
+
+    def export_args(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments, for export metadata (:mod:`fedpeft_pl.export`)."""
+        from fedpeft_pl.export import method_spec
+
+        return {"method": method_spec(self.method), "local": list(self.local), "local_epochs": self.local_epochs}
 
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]
