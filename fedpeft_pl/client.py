@@ -77,6 +77,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         # checkpoints and updates hold the trainable tensors only; see on_save_checkpoint
         self.strict_loading = False
 
+    @override
     def configure_model(self) -> None:
         """Load the backbone's pre-trained weights once, before any checkpoint is restored."""
         if not self._weights_loaded:
@@ -114,9 +115,11 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         assert self._fingerprint is not None
         return self._fingerprint
 
+    @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(trainable_parameters(self).values())
 
@@ -211,9 +214,11 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         optimizer.step()
         self.track_loss(losses.sum(), len(losses))
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "server")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
@@ -224,6 +229,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), logger=prefix == "test", sync_dist=True)
         self.log(f"{prefix}/acc", self.val_acc, prog_bar=True, logger=prefix == "test")
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen backbone is rebuilt from its weights on load; only the trainable state is saved,
         # with the backbone's identity. Optimizer state is per client and discarded after each client.
@@ -233,6 +239,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         checkpoint["backbone"] = {"name": self.backbone.name, "fingerprint": self.backbone_fingerprint}
         checkpoint["peft"] = repr(self.peft)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("backbone")
         if saved is None:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
+from typing_extensions import override
 from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 
 from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
@@ -126,9 +127,11 @@ class FederatedDataModule(pl.LightningDataModule):
     def poisson_sampling(self, value: bool) -> None:
         self._sampler.poisson = value
 
+    @override
     def prepare_data(self) -> None:
         self.dataset.prepare()
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits is not None:
             return
@@ -190,6 +193,7 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         return self._client_loader
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """All clients' data pooled: the centralised baseline when used with a plain Trainer."""
         assert self.splits is not None, "call setup() first"
@@ -198,6 +202,7 @@ class FederatedDataModule(pl.LightningDataModule):
             self.splits.train, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
         )
 
+    @override
     def val_dataloader(self) -> DataLoader:
         """The global test split, on which the server evaluates the aggregated model each round."""
         assert self.splits is not None, "call setup() first"
@@ -217,6 +222,7 @@ class FederatedDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
