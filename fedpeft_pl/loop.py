@@ -139,6 +139,7 @@ class FederatedLoop(_FitLoop):
 
     @override
     def run(self) -> None:
+        self._federation = None  # this fit's data module says how many clients there are
         self._check_setup()
         if self.done:
             return
