@@ -42,7 +42,7 @@ from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters
 from fedpeft_pl.privacy import LocalDP
 from fedpeft_pl.progress import FederatedProgressBar
-from fedpeft_pl.seeds import derive_seed
+from fedpeft_pl.seeds import CLIENT_SAMPLING, DATA_ORDER, LOCAL_TRAINING, derive_seed
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def sample_clients(
     client independently with probability ``clients_per_round / num_clients`` (as central DP's
     accounting assumes), so the count varies around ``clients_per_round``.
     """
-    rng = np.random.default_rng([seed, server_round])
+    rng = np.random.default_rng(derive_seed(seed, CLIENT_SAMPLING, server_round))
     if sampling == "poisson":
         return [int(c) for c in np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)]
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
@@ -96,8 +96,9 @@ class FederatedLoop(_FitLoop):
     trains each from the global state with a fresh optimizer for ``local_epochs`` epochs over
     its own split, lets :class:`~fedpeft_pl.aggregation.ServerAggregation` combine the
     updates, and evaluates the global model once. Client ``c`` of round ``r`` trains under
-    the torch seed ``derive_seed(seed, r, c)``: its result depends on the global state and
-    that seed only, so runs repeat exactly and resume exactly at round boundaries.
+    the torch seed ``derive_seed(seed, LOCAL_TRAINING, r, c)`` and shuffles with its own
+    ``DATA_ORDER`` stream (:mod:`fedpeft_pl.seeds`): its result depends on the global state and
+    those seeds only, so runs repeat exactly and resume exactly at round boundaries.
     """
 
     def __init__(
@@ -283,13 +284,12 @@ class FederatedLoop(_FitLoop):
     def _train_client(self, server_round: int, client: int, max_batches: int) -> None:
         """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers)."""
         trainer = self.trainer
-        seed = derive_seed(self.seed, server_round, client)
-        loader = trainer.datamodule.client_dataloader(client, seed)
+        loader = trainer.datamodule.client_dataloader(client, derive_seed(self.seed, DATA_ORDER, server_round, client))
         trainer.strategy.setup_optimizers(trainer)  # a fresh optimizer for every client
         device = trainer.strategy.root_device
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(derive_seed(self.seed, LOCAL_TRAINING, server_round, client))
             remaining = max_batches
             for _ in range(self.local_epochs):
                 if remaining <= 0:

@@ -31,7 +31,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import trainable_parameters
-from fedpeft_pl.seeds import SERVER_NOISE, derive_seed
+from fedpeft_pl.noise import NOT_PRIVATE, NoiseSource
+from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE
 from fedpeft_pl.strategies import ClientUpdate, State, Strategy
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class LocalDP(FederatedCallback):
         noise_multiplier: a fixed sigma instead of one calibrated from ``epsilon``.
         accountant: ``rdp`` or ``prv`` (opacus).
         chunk_size: samples per ``vmap`` call; bounds memory.
+        reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
+            repeat bit for bit. Anyone with the config can then remove the noise: the run is not
+            private. Off by default (:mod:`fedpeft_pl.noise`).
 
     Example::
 
@@ -116,6 +120,7 @@ class LocalDP(FederatedCallback):
         noise_multiplier: Optional[float] = None,
         accountant: str = "rdp",
         chunk_size: int = 32,
+        reproducible_noise: bool = False,
     ) -> None:
         check_privacy_arguments(epsilon, delta, max_grad_norm, accountant, "max_grad_norm")
         if epsilon is None and noise_multiplier is None:
@@ -128,6 +133,9 @@ class LocalDP(FederatedCallback):
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
         self.chunk_size = chunk_size
+        self.reproducible_noise = reproducible_noise
+        self._noise = NoiseSource(DP_NOISE, reproducible=reproducible_noise)
+        self._round = 0
         self._histories: dict[int, list] = {}
         self._sigma: dict[int, float] = {}
 
@@ -141,9 +149,23 @@ class LocalDP(FederatedCallback):
         rate, _ = self._rates(trainer, client)
         expected = rate * trainer.datamodule.client_num_samples(client)  # the Poisson batch's expected size
         sums, losses = clipped_gradient_sum(module, images, labels, self.max_grad_norm, self.chunk_size)
-        std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
-        noisy = {name: (s + torch.randn_like(s) * std) / expected for name, s in sums.items()}
+        noisy = {name: (s + self.noise(client, s)) / expected for name, s in sums.items()}
         return noisy, losses
+
+    def noise(self, client: int, like: torch.Tensor, std: Optional[float] = None) -> torch.Tensor:
+        """Gaussian noise for ``client``'s current round, shaped, typed and placed like ``like``.
+
+        ``std`` defaults to the client's ``sigma * C``. Each client's round is its own stream, so
+        clients trained side by side (a vectorised engine) draw independent noise.
+
+        Example::
+
+            noisy_sum = clipped_sum + privacy.noise(client, clipped_sum)
+        """
+        if std is None:
+            sigma = self._sigma[client]
+            std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
+        return self._noise.like(like, std, (self._round, client))
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -189,11 +211,17 @@ class LocalDP(FederatedCallback):
             raise ConfigError("LocalDP needs a FederatedDataModule, whose local batches can be Poisson samples")
         module.privacy = self
         datamodule.poisson_sampling = True
+        self._noise.warn_if_reproducible("LocalDP")
         # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule on every
         # device; the explicit softmax(q k^T) v path is the same function and vmaps everywhere
         for submodule in module.modules():
             if hasattr(submodule, "fused_attn"):
                 submodule.fused_attn = False
+
+    def on_round_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, server_round: int, clients: list[int]
+    ) -> None:
+        self._round = server_round
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         sigma = self.sigma_for(trainer, client)
@@ -205,11 +233,16 @@ class LocalDP(FederatedCallback):
                     f"its privacy budget is spent ({self.spent(client):.2f} of epsilon {self.epsilon}; this round "
                     f"would bring it to {after:.2f}); it takes no further part"
                 )
+        self._noise.open((self._round, client), seed=trainer.fit_loop.seed)
 
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, num_samples: int) -> None:
         rate, steps = self._rates(trainer, client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
         self._histories[client] = self._after(client, self._sigma[client], rate, steps)
+        self._noise.close((self._round, client))
+
+    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, error: BaseException) -> None:
+        self._noise.close((self._round, client))
 
     def on_round_gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: Callable[[Any], list[Any]]) -> None:
         if trainer.world_size == 1:
@@ -251,6 +284,7 @@ class LocalDP(FederatedCallback):
         return (
             f"local DP-SGD: per-sample clipping C={self.max_grad_norm}, {target} per client at delta {self.delta} "
             f"({self.accountant} accountant); sigma is calibrated per client from its sampling rate and expected steps"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 
 
@@ -269,6 +303,9 @@ class DPFedAvg(Strategy):
         delta: target delta, in (0, 1).
         noise_multiplier: z, fixed instead of calibrated.
         accountant: ``rdp`` or ``prv`` (opacus).
+        reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
+            repeat bit for bit. Anyone with the config can then remove the noise: the run is not
+            private. Off by default (:mod:`fedpeft_pl.noise`).
 
     Every round releases a noisy aggregate, even one to which no client contributed.
     """
@@ -280,6 +317,7 @@ class DPFedAvg(Strategy):
         delta: float = 1e-3,
         noise_multiplier: Optional[float] = None,
         accountant: str = "rdp",
+        reproducible_noise: bool = False,
     ) -> None:
         super().__init__()
         # Every round releases a noisy aggregate, also one in which no client was sampled or
@@ -293,6 +331,8 @@ class DPFedAvg(Strategy):
         self.delta = delta
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
+        self.reproducible_noise = reproducible_noise
+        self._noise = NoiseSource(SERVER_NOISE, reproducible=reproducible_noise)
         self._history: list = []
         self._rate = 0.0
         self._expected_clients = 1.0
@@ -304,6 +344,7 @@ class DPFedAvg(Strategy):
         self._rate = clients_per_round / num_clients
         self._expected_clients = float(clients_per_round)
         self._seed = seed
+        self._noise.warn_if_reproducible("DPFedAvg")
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,
@@ -318,11 +359,14 @@ class DPFedAvg(Strategy):
             factor = min(1.0, self.clip_norm / (float(norm) + 1e-12))
             for name, d in delta.items():
                 total[name] += d * factor
-        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self._seed, server_round, 0, SERVER_NOISE))
+        release = (server_round,)
+        self._noise.open(release, seed=self._seed)
         result = {}
         for name, current in global_state.items():
-            noise = torch.randn(current.shape, generator=generator) * (self.noise_multiplier * self.clip_norm)
+            # drawn on the CPU whatever the state's device, so reproducible noise is the same on every device
+            noise = self._noise.gaussian(current.shape, self.noise_multiplier * self.clip_norm, "cpu", torch.float32, release)
             result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(current.dtype)
+        self._noise.close(release)
         self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
         return result
 
@@ -344,6 +388,7 @@ class DPFedAvg(Strategy):
             f"central DP-FedAvg: update clipping S={self.clip_norm}, "
             + (f"epsilon {self.epsilon} " if self.epsilon is not None else "")
             + f"at delta {self.delta} over the run ({self.accountant} accountant, Poisson client sampling)"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 
 
