@@ -16,6 +16,7 @@ from fedpeft_pl.comm import MIB, payload_bytes
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, State, Strategy
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class ServerAggregation(FederatedCallback):
         train_loss = getattr(pl_module, "round_train_loss", None)
         if train_loss is None and "train/loss" in trainer.callback_metrics:  # a module that logs its own
             train_loss = float(trainer.callback_metrics["train/loss"])
-        if train_loss is not None:
+        if train_loss is not None and releases_client_statistics(trainer):  # un-noised: not in a private run
             metrics["train/loss"] = train_loss
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)

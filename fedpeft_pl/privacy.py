@@ -40,6 +40,34 @@ log = logging.getLogger(__name__)
 ACCOUNTANTS = ("rdp", "prv")
 
 
+def releases_client_statistics(trainer: Any) -> bool:
+    """Whether a run may collect un-noised per-client statistics (training loss, label histograms).
+
+    Yes in a run without DP; in a private run only if every DP component was given
+    ``release_client_statistics: true``. Such statistics are not covered by the DP guarantee.
+    """
+    components = []
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, LocalDP):
+            components.append(callback)
+        if isinstance(getattr(callback, "strategy", None), DPFedAvg):
+            components.append(callback.strategy)
+    return all(c.release_client_statistics for c in components)
+
+
+def _announce_client_statistics(owner: str, release: bool) -> None:
+    if release:
+        log.warning(
+            f"{owner}: release_client_statistics is on: un-noised per-client statistics (training loss, label "
+            "histograms) are collected and logged; they are not covered by the DP guarantee"
+        )
+    else:
+        log.info(
+            f"{owner}: per-client training loss and label histograms are not collected in this private run "
+            "(release_client_statistics: true collects them, outside the DP guarantee)"
+        )
+
+
 def check_privacy_arguments(epsilon: Optional[float], delta: float, clip: float, accountant: str, clip_name: str) -> None:
     if epsilon is not None and not epsilon > 0:
         raise ConfigError(f"privacy epsilon must be > 0, got {epsilon}")
@@ -102,7 +130,10 @@ class LocalDP(FederatedCallback):
         chunk_size: samples per ``vmap`` call; bounds memory.
         reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
             repeat bit for bit. Anyone with the config can then remove the noise: the run is not
-            private. Off by default (:mod:`fedpeft_pl.noise`).
+            private. Off by default (:mod:`fedpeft_pl.noise`). It seeds the Poisson batch
+            sampling from the seed, too; by default that is secret as well.
+        release_client_statistics: collect and log un-noised per-client statistics (the training
+            loss, label histograms), which the DP guarantee does not cover. Off by default.
 
     Example::
 
@@ -121,6 +152,7 @@ class LocalDP(FederatedCallback):
         accountant: str = "rdp",
         chunk_size: int = 32,
         reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
     ) -> None:
         check_privacy_arguments(epsilon, delta, max_grad_norm, accountant, "max_grad_norm")
         if epsilon is None and noise_multiplier is None:
@@ -134,6 +166,7 @@ class LocalDP(FederatedCallback):
         self.accountant = accountant
         self.chunk_size = chunk_size
         self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
         self._noise = NoiseSource(DP_NOISE, reproducible=reproducible_noise)
         self._round = 0
         self._histories: dict[int, list] = {}
@@ -211,7 +244,10 @@ class LocalDP(FederatedCallback):
             raise ConfigError("LocalDP needs a FederatedDataModule, whose local batches can be Poisson samples")
         module.privacy = self
         datamodule.poisson_sampling = True
+        # which records a batch holds must be as secret as the noise (amplification by subsampling)
+        datamodule.secret_sampling = not self.reproducible_noise
         self._noise.warn_if_reproducible("LocalDP")
+        _announce_client_statistics("LocalDP", self.release_client_statistics)
         # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule on every
         # device; the explicit softmax(q k^T) v path is the same function and vmaps everywhere
         for submodule in module.modules():
@@ -306,6 +342,8 @@ class DPFedAvg(Strategy):
         reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
             repeat bit for bit. Anyone with the config can then remove the noise: the run is not
             private. Off by default (:mod:`fedpeft_pl.noise`).
+        release_client_statistics: collect and log un-noised per-client statistics (the training
+            loss, label histograms), which the DP guarantee does not cover. Off by default.
 
     Every round releases a noisy aggregate, even one to which no client contributed.
     """
@@ -318,6 +356,7 @@ class DPFedAvg(Strategy):
         noise_multiplier: Optional[float] = None,
         accountant: str = "rdp",
         reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
     ) -> None:
         super().__init__()
         # Every round releases a noisy aggregate, also one in which no client was sampled or
@@ -332,6 +371,7 @@ class DPFedAvg(Strategy):
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
         self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
         self._noise = NoiseSource(SERVER_NOISE, reproducible=reproducible_noise)
         self._history: list = []
         self._rate = 0.0
@@ -345,6 +385,7 @@ class DPFedAvg(Strategy):
         self._expected_clients = float(clients_per_round)
         self._seed = seed
         self._noise.warn_if_reproducible("DPFedAvg")
+        _announce_client_statistics("DPFedAvg", self.release_client_statistics)
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,

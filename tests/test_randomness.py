@@ -116,3 +116,27 @@ def test_client_sampling_and_availability_use_their_own_streams():
     plans = [ClientAvailability(dropout=0.5).plan(0, 1, c, 10).dropped for c in range(64)]
     expected = [np.random.default_rng(derive_seed(0, AVAILABILITY, 1, c)).random() < 0.5 for c in range(64)]
     assert plans == expected
+
+
+def test_local_dp_draws_its_poisson_batches_from_the_secret_source_too(tmp_path):
+    """Amplification by subsampling holds only if nobody knows which records a batch holds."""
+    from fedpeft_pl.data.datamodule import ClientBatchSampler
+
+    datamodule = tiny_datamodule(num_clients=4)
+    LocalDP().attach(tiny_module(Prompt(num_tokens=2)), datamodule)
+    sampler = datamodule._sampler
+    batches = []
+    for _ in range(2):
+        sampler.assign(np.arange(200), seed=3)
+        batches.append(list(sampler))
+    assert batches[0] != batches[1]
+    reproducible = tiny_datamodule(num_clients=4)
+    LocalDP(reproducible_noise=True).attach(tiny_module(Prompt(num_tokens=2)), reproducible)
+    again = []
+    for _ in range(2):
+        reproducible._sampler.assign(np.arange(200), seed=3)
+        again.append(list(reproducible._sampler))
+    assert again[0] == again[1]
+    plain = ClientBatchSampler(batch_size=64, poisson=True)
+    plain.assign(np.arange(200), seed=3)
+    assert list(plain) == again[0]  # the reproducible sampler is the seeded one
