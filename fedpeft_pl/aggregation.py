@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import torch
 
-from fedpeft_pl.comm import MIB, payload_bytes
+from fedpeft_pl.comm import MIB, WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_state
@@ -26,13 +26,16 @@ class ServerAggregation(FederatedCallback):
     """The server: sends the global state, collects updates, aggregates, and logs each round.
 
     Logged per round (TensorBoard step = round): ``comm/bytes_down``, ``comm/bytes_up``,
-    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss``,
+    ``comm/cumulative_bytes`` (tensor-element bytes), ``comm/wire_bytes_down``,
+    ``comm/wire_bytes_up`` (the messages as Flower serialises them, with Flower installed; see
+    :mod:`fedpeft_pl.comm`), ``server/acc``, ``server/loss``, ``train/loss``,
     ``round/clients_aggregated``, ``round/clients_dropped``, ``round/clients_failed``,
     ``round/stragglers``, ``round/seconds`` and any ``round_metrics()`` of the strategy; and
     ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
     in both directions. Loggers are flushed every round, before the round's checkpoint.
 
-    Every sampled client receives the encoded global state (a dropped client too); a client
+    Every sampled client receives the encoded global state (a client that availability drops
+    is sent nothing, as in a deployment); a client
     that finishes sends its encoded update (its state minus the state it received). An update
     that holds NaN or Inf is left out with a warning naming the client and the tensor. If fewer
     than ``strategy.min_clients`` updates arrive, the round is skipped and the state stays.
@@ -60,6 +63,8 @@ class ServerAggregation(FederatedCallback):
         self._round_started = 0.0
         self._aggregated = 0
         self._sampled = 0
+        self._round = 0
+        self.wire = WireCounter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checkpoints are written only at round ends, when the module holds the global state
@@ -85,11 +90,16 @@ class ServerAggregation(FederatedCallback):
         state, self._config = self.strategy.configure_fit(server_round, self.global_state)
         self._payload = self.download.encode(state)
         self._received = self.download.decode(self._payload, like=state)
+        self._round = server_round
+        self.wire.start_round(self._payload)
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         load_trainable_state(pl_module, self._received)
         pl_module.fit_config = dict(self._config)
-        self._bytes["down"] += payload_bytes(self._payload)
+        plan = trainer.fit_loop.round_plans.get(client)
+        if plan is None or not plan.dropped:  # a deployment sends nothing to a client that drops out
+            self._bytes["down"] += payload_bytes(self._payload)
+            self.wire.download(self._config, self._round, client, plan.batches if plan is not None else 0)
 
     def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, reason: str) -> None:
         self._dropped += 1
@@ -107,6 +117,7 @@ class ServerAggregation(FederatedCallback):
         if payload is None:
             payload = encode_update(self.upload, trainable_state(pl_module), self._received, client)
         self._bytes["up"] += payload_bytes(payload)
+        self.wire.upload(payload, num_samples, with_loss=releases_client_statistics(trainer))
         state = decode_update(self.upload, payload, self._received)
         broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
         if broken is not None:
@@ -123,6 +134,7 @@ class ServerAggregation(FederatedCallback):
         mine = {
             "updates": [(u.client, u.num_samples, {k: v.cpu() for k, v in u.state.items()}) for u in self._updates],
             "bytes": self._bytes,
+            "wire": self.wire.bytes,
             "dropped": self._dropped,
             "failed": self._failed,
             "upload": self.upload.client_state(trainer.fit_loop.own_share(trainer.fit_loop.round_clients)),
@@ -131,9 +143,12 @@ class ServerAggregation(FederatedCallback):
         order = {c: i for i, c in enumerate(trainer.fit_loop.round_clients)}
         updates = []
         self._bytes, self._dropped, self._failed = {"down": 0, "up": 0}, 0, 0
+        self.wire.bytes = {"down": 0, "up": 0} if self.wire.bytes is not None else None
         for part in gather(mine):
             updates += [ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}) for c, n, state in part["updates"]]
             self._bytes = {k: self._bytes[k] + part["bytes"][k] for k in self._bytes}
+            if self.wire.bytes is not None and part["wire"] is not None:
+                self.wire.bytes = {k: v + part["wire"][k] for k, v in self.wire.bytes.items()}
             self._dropped += part["dropped"]
             self._failed += part["failed"]
             self.upload.load_client_state(part["upload"])
@@ -165,6 +180,7 @@ class ServerAggregation(FederatedCallback):
             "comm/bytes_down": self._bytes["down"],
             "comm/bytes_up": self._bytes["up"],
             "comm/cumulative_bytes": self.cumulative_bytes,
+            **self.wire.metrics(),
             "round/clients_aggregated": self._aggregated,
             "round/clients_dropped": self._dropped,
             "round/clients_failed": self._failed,

@@ -41,12 +41,14 @@ import torch
 import yaml
 
 from fedpeft_pl.aggregation import decode_update, encode_update
+from fedpeft_pl.comm import CLIENT as _CLIENT, MAX_BATCHES as _MAX_BATCHES, ROUND as _ROUND, reply_content, train_content
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.loop import FederatedLoop, FederatedTrainer
 from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.privacy import releases_client_statistics
 
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -54,8 +56,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
-# keys of the train message's config that are fedpeft's; the rest is the strategy's round config
-_ROUND, _CLIENT, _MAX_BATCHES = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches"
 _RESIDUAL = "fedpeft.upload-codec"
 
 
@@ -102,6 +102,8 @@ class FlowerLoop(FederatedLoop):
         self.grid = grid
         self.nodes = nodes
         self.reply_timeout = reply_timeout
+        # wire bytes are those of the real messages below, not the server's own reckoning
+        self.trainer.aggregation.wire.measured = True
 
     def own_share(self, clients: list[int]) -> list[int]:
         return clients
@@ -116,9 +118,9 @@ class FlowerLoop(FederatedLoop):
         for client in clients:
             if not self.start_client(server_round, client):
                 continue
-            config = {**round_config, _ROUND: server_round, _CLIENT: client, _MAX_BATCHES: self.round_plans[client].batches}
-            content = RecordDict({"arrays": ArrayRecord(payload), "config": ConfigRecord(config)})
+            content = train_content(payload, round_config, server_round, client, self.round_plans[client].batches)
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
+            aggregation.wire.count("down", messages[-1].content)
             sent.append(client)
         self.client = None
         client_of = {self.nodes[c]: c for c in sent}
@@ -133,6 +135,7 @@ class FlowerLoop(FederatedLoop):
                 self.client_failed(server_round, client, error)
                 continue
             metrics = reply.content["metrics"]
+            aggregation.wire.count("up", reply.content)
             self.uploads[client] = {k: v.to(module.device) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
             if hasattr(module, "track_loss") and metrics.get("train-samples", 0) > 0:
                 module.track_loss(torch.tensor(float(metrics["train-loss-sum"])), int(metrics["train-samples"]))
@@ -241,17 +244,15 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         residual = server.upload.client_state([client]).get(client)
         if residual is not None:
             context.state[_RESIDUAL] = _to_record(residual)
-        loss = getattr(module, "_loss_sum", None)
-        metrics = MetricRecord({
-            "num-examples": num_samples,
-            "train-loss-sum": float(loss) if loss is not None else 0.0,
-            "train-samples": int(getattr(module, "_loss_count", 0)),
-        })
+        loss = None
+        if releases_client_statistics(trainer):  # a private run's clients keep their un-noised loss
+            loss_sum = getattr(module, "_loss_sum", None)
+            loss = (float(loss_sum) if loss_sum is not None else 0.0, int(getattr(module, "_loss_count", 0)))
         log.info(
             f"round {server_round}: client {client} trained on {num_samples} samples in "
             f"{time.perf_counter() - started:.1f} s (this process)"
         )
-        return Message(RecordDict({"arrays": _to_record(payload), "metrics": metrics}), reply_to=message)
+        return Message(reply_content(payload, num_samples, loss), reply_to=message)
 
     return app
 

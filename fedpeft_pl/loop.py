@@ -40,7 +40,7 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.export import Exported, export_model
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters
-from fedpeft_pl.privacy import LocalDP
+from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
 from fedpeft_pl.seeds import CLIENT_SAMPLING, DATA_ORDER, LOCAL_TRAINING, derive_seed
 from fedpeft_pl.strategies import Strategy
@@ -586,13 +586,14 @@ class FederatedTrainer(pl.Trainer):
         server = self.aggregation
         notes = ["clients are Poisson-sampled: m is the expected number per round"] if self.fit_loop.client_sampling == "poisson" else []
         if self.fit_loop.availability.dropout or self.fit_loop.availability.stragglers:
-            notes.append(f"{self.fit_loop.availability!r}: dropped clients download but send nothing")
+            notes.append(f"{self.fit_loop.availability!r}: dropped clients are sent nothing and send nothing")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         if type(server.upload) is not Codec or type(server.download) is not Codec:
             notes.append(f"upload {server.upload!r}, download {server.download!r}")
         report = communication_report(
             model, self.fit_loop.clients_per_round, self.fit_loop.num_rounds,
             upload=server.upload, download=server.download, notes=tuple(notes),
+            round_config=server.strategy.configure_fit(1, {})[1], with_loss=releases_client_statistics(self),
         )
         print(report.format())
         return report

@@ -115,6 +115,8 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
         "--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.compress_upload", "fedpeft_pl.compression.Int8",
         "--trainer.compress_upload.error_feedback", "true", "--model.backbone.weights_file", str(weights),
+        # seed 0 drops client 1 in round 1: the deployment sends it nothing, and the simulation counts nothing
+        "--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.dropout", "0.3",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
     ])
     assert "wrote the Flower app" in capsys.readouterr().out
@@ -136,7 +138,14 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
     assert deployed["state_dict"].keys() == reference["state_dict"].keys()
     for name, tensor in reference["state_dict"].items():
         torch.testing.assert_close(deployed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    assert_same_rounds(scalars(deployed_dir), scalars(simulated_dir), rounds=2)
+    deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
+    assert_same_rounds(deployed_logs, simulated_logs, rounds=2)
+    assert [v for _, v in deployed_logs["round/clients_dropped"]] == [1, 0]
+    # the deployment logs the sizes of the real messages it sent and received (FlowerLoop); the
+    # simulation, the messages it would have sent: the same bytes in each direction, every round
+    for tag in ("comm/wire_bytes_down", "comm/wire_bytes_up"):
+        assert deployed_logs[tag] == simulated_logs[tag], tag
+        assert all(value > 0 for _, value in deployed_logs[tag]), tag
 
 
 @pytest.fixture
