@@ -183,15 +183,14 @@ def test_a_rejected_update_leaves_the_clients_error_feedback_residual_as_it_was(
 
     module = NanInRoundTwo(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd())
     recorder = Residuals()
-    trainer = tiny_trainer(tmp_path, num_rounds=3, clients_per_round=2, callbacks=[recorder],
+    trainer = tiny_trainer(tmp_path, num_rounds=2, clients_per_round=2, callbacks=[recorder],
                            compress_upload=Int8(error_feedback=True))
     with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
         trainer.fit(module, datamodule=tiny_datamodule(num_clients=2))
     assert "round 2: client 1 sent NaN or Inf values" in "\n".join(r.getMessage() for r in caplog.records)
-    first, second, third = recorder.after_round
-    for name, residual in first[1].items():
-        assert torch.equal(second[1][name], residual), name  # the NaN update left it untouched
-    assert all(torch.isfinite(r).all() for r in third[1].values())
+    first, second = recorder.after_round
+    for name, residual in first[1].items():  # the NaN update left it untouched, so it cannot poison later uploads
+        assert torch.isfinite(residual).all() and torch.equal(second[1][name], residual), name
     assert any(not torch.equal(second[0][n], first[0][n]) for n in first[0])  # client 0's moved on
 
 
