@@ -34,7 +34,7 @@ from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
 from fedpeft_pl.data import Digits
 from fedpeft_pl.federation import sample_clients
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state
-from fedpeft_pl.seeds import client_seed
+from fedpeft_pl.seeds import client_seed, training_seed
 from fedpeft_pl.strategies import ClientUpdate, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,9 @@ def run_plain(method: str, args: argparse.Namespace) -> tuple[float, dict]:
         for client in sample_clients(0, server_round, args.clients, args.per_round):
             load_trainable_state(module, global_state)
             optimizer = torch.optim.SGD(trainable_parameters(module).values(), lr=0.01, momentum=0.9)
-            seed = client_seed(0, server_round, client)
-            loader = datamodule.client_dataloader(client, seed)
+            loader = datamodule.client_dataloader(client, client_seed(0, server_round, client))
             with torch.random.fork_rng():
-                torch.manual_seed(seed)
+                torch.manual_seed(training_seed(0, server_round, client))
                 for _ in range(args.local_epochs):
                     for images, labels in loader:
                         loss = F.cross_entropy(module(images), labels)

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from fedpeft_pl.comm import MIB, payload_bytes
+from fedpeft_pl.comm import MIB, WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.exchange import decode_update
 from fedpeft_pl.federation import (
@@ -29,6 +29,7 @@ from fedpeft_pl.federation import (
 )
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import load_trainable_state, local_names, shared_state, trainable_state
+from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,24 @@ class ServerAggregation(FederatedCallback):
     """The server: configures each round, collects results, aggregates, and logs each round.
 
     Logged per round (TensorBoard step = round): ``comm/bytes_down``, ``comm/bytes_up``,
-    ``comm/cumulative_bytes``, ``server/acc``, ``server/loss``, ``train/loss`` (the clients'
-    mean training loss, weighted by their sample counts), ``round/clients_aggregated``,
-    ``round/clients_dropped``, ``round/clients_failed``, ``round/stragglers``,
-    ``round/seconds`` and any ``round_metrics()`` of the strategy; with per-client test splits
-    (``data.client_test_fraction``) also ``clients/acc_mean`` (weighted by test samples),
-    ``clients/acc_mean_unweighted``, ``clients/acc_p10`` (the worst decile), ``clients/acc_std``
-    and ``clients/loss_mean``; and
+    ``comm/cumulative_bytes`` (tensor-element bytes, the paper's unit), ``comm/wire_bytes_down``,
+    ``comm/wire_bytes_up`` (the messages as Flower serialises them, with Flower installed; see
+    :mod:`fedpeft_pl.comm`), ``server/acc``, ``server/loss``, ``train/loss`` (the clients'
+    mean training loss, weighted by their sample counts; not in a private run),
+    ``round/clients_aggregated``, ``round/clients_dropped``, ``round/clients_failed``,
+    ``round/stragglers``, ``round/seconds`` and any ``round_metrics()`` of the strategy; with
+    per-client test splits (``data.client_test_fraction``) also ``clients/acc_mean`` (weighted
+    by test samples), ``clients/acc_mean_unweighted``, ``clients/acc_p10`` (the worst decile),
+    ``clients/acc_std`` and ``clients/loss_mean``; and
     ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
     in both directions. Loggers are flushed every round, before the round's checkpoint.
 
     Every client that receives the round's message counts its encoded global state (and any
-    strategy extras) as sent down, a client that drops out mid-round too; a client that
-    finishes sends its encoded update (its state minus the state it received) and any extras.
-    An update that holds NaN or Inf is left out with a warning naming the client and the
-    tensor. If fewer than ``strategy.min_clients`` updates arrive, the round is skipped and the
-    state stays.
+    strategy extras) as sent down; a client that availability drops is sent nothing, as in a
+    deployment. A client that finishes sends its encoded update (its state minus the state it
+    received) and any extras. An update that holds NaN or Inf is left out with a warning naming
+    the client and the tensor. If fewer than ``strategy.min_clients`` updates arrive, the round
+    is skipped and the state stays.
 
     Args:
         strategy: the aggregation strategy; FedAvg by default.
@@ -81,6 +84,7 @@ class ServerAggregation(FederatedCallback):
         self._aggregated = 0
         self._sampled = 0
         self._stragglers = 0
+        self.wire = WireCounter()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,28 +115,32 @@ class ServerAggregation(FederatedCallback):
         payload = self.download.encode(state)
         self._received = self.download.decode(payload, like=state)
         self._message = RoundMessage(payload, dict(config), self.strategy.client_extras(round.number, self.global_state))
+        self.wire.start_round(payload)
         return self._message
 
-    def _count_download(self, result: ClientResult) -> None:
+    def _count_download(self, round: Round, result: ClientResult) -> None:
         if result.received:
             self._bytes["down"] += payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+            plan = round.plans.get(result.client)
+            self.wire.download(self._message.config, round.number, result.client, plan.batches if plan else 0, self._message.extras)
 
     @override
     def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
-        self._count_download(result)
+        self._count_download(round, result)
         self._dropped += 1
 
     @override
     def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
-        self._count_download(result)
+        self._count_download(round, result)
         self._failed += 1
 
     @override
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
-        self._count_download(result)
+        self._count_download(round, result)
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
         self._bytes["up"] += payload_bytes(result.payload) + payload_bytes(result.extras)
+        self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
         self._reports.append((result.client, result.num_samples, dict(result.metrics)))
         device = pl_module.device
         payload = {k: v.to(device) for k, v in result.payload.items()}
@@ -160,6 +168,7 @@ class ServerAggregation(FederatedCallback):
             ],
             "reports": self._reports,
             "bytes": self._bytes,
+            "wire": self.wire.bytes,
             "dropped": self._dropped,
             "failed": self._failed,
             "upload": self.upload.client_state(list(round.share)),
@@ -168,6 +177,7 @@ class ServerAggregation(FederatedCallback):
         order = {c: i for i, c in enumerate(round.clients)}
         updates, reports = [], []
         self._bytes, self._dropped, self._failed = {"down": 0, "up": 0}, 0, 0
+        self.wire.bytes = {"down": 0, "up": 0} if self.wire.bytes is not None else None
         for part in gather(mine):
             updates += [
                 ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}, {k: v.to(device) for k, v in extras.items()})
@@ -175,6 +185,8 @@ class ServerAggregation(FederatedCallback):
             ]
             reports += part["reports"]
             self._bytes = {k: self._bytes[k] + part["bytes"][k] for k in self._bytes}
+            if self.wire.bytes is not None and part["wire"] is not None:
+                self.wire.bytes = {k: v + part["wire"][k] for k, v in self.wire.bytes.items()}
             self._dropped += part["dropped"]
             self._failed += part["failed"]
             self.upload.load_client_state(part["upload"])
@@ -222,6 +234,7 @@ class ServerAggregation(FederatedCallback):
             "comm/bytes_down": self._bytes["down"],
             "comm/bytes_up": self._bytes["up"],
             "comm/cumulative_bytes": self.cumulative_bytes,
+            **self.wire.metrics(),
             "round/clients_aggregated": self._aggregated,
             "round/clients_dropped": self._dropped,
             "round/clients_failed": self._failed,
@@ -233,7 +246,7 @@ class ServerAggregation(FederatedCallback):
         train_loss = self.client_metrics.get("train_loss")
         if train_loss is None and "train/loss" in trainer.callback_metrics:  # a module that logs its own
             train_loss = float(trainer.callback_metrics["train/loss"])
-        if train_loss is not None:
+        if train_loss is not None and releases_client_statistics(trainer):  # un-noised: not in a private run
             metrics["train/loss"] = train_loss
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)

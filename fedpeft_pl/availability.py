@@ -7,7 +7,7 @@ import numpy as np
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import Plan
-from fedpeft_pl.seeds import AVAILABILITY
+from fedpeft_pl.seeds import AVAILABILITY, derive_seed
 
 
 class ClientAvailability:
@@ -44,7 +44,7 @@ class ClientAvailability:
         self.straggler_work = (low, high)
 
     def plan(self, seed: int, server_round: int, client: int, planned_batches: int) -> Plan:
-        rng = np.random.default_rng([seed, server_round, client, AVAILABILITY])
+        rng = np.random.default_rng(derive_seed(seed, AVAILABILITY, server_round, client))
         dropped, straggles, share = rng.random() < self.dropout, rng.random() < self.stragglers, rng.uniform(*self.straggler_work)
         if dropped:
             return Plan(True, 0, False)

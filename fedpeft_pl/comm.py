@@ -1,15 +1,27 @@
 """Byte accounting: the single source of every communication figure fedpeft reports.
 
-A payload is the mapping of tensors that crosses the network; its size is the sum of each
-tensor's element count times its dtype's size. Training logs, ``fedpeft comm`` and the
-benchmarks all call :func:`payload_bytes`.
+Two units:
+
+- **payload bytes** (:func:`payload_bytes`): each tensor's element count times its dtype's size,
+  summed over the tensors that travel. What the paper counts; ``comm/bytes_*``.
+- **wire bytes** (:func:`wire_bytes`): the size of the message as a Flower deployment actually
+  serialises it (:mod:`fedpeft_pl.flower` builds its messages with :func:`train_content` and
+  :func:`reply_content`): every object of the message's RecordDict as Flower deflates it for
+  transfer (records, arrays with their JSON metadata, array chunks, object headers), each
+  distinct object once, as Flower sends it. Not counted: the message's routing envelope
+  (metadata with node ids and timestamps, a few hundred bytes a message) and gRPC framing.
+  ``comm/wire_bytes_*``. Measured with Flower's own serialiser, never estimated, so it needs
+  Flower installed (``pip install "fedpeft-pl[flower]"``); without it wire bytes are not
+  reported. Flower is not a core dependency: it brings gRPC, protobuf and cryptography into every
+  simulation for a figure that describes a deployment, which needs Flower anyway.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -23,10 +35,147 @@ if TYPE_CHECKING:
 
 MIB = 2**20
 
+# keys of a train message's config that are fedpeft's; the rest is the strategy's round config
+ROUND, CLIENT, MAX_BATCHES = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches"
+
+NO_FLOWER = 'wire bytes are measured with Flower\'s serialiser: pip install "fedpeft-pl[flower]"'
+
 
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
-    """Bytes on the wire for ``payload``: elements times dtype size, summed over tensors."""
+    """The paper's unit: elements times dtype size, summed over the tensors of ``payload``."""
     return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def flower_installed() -> bool:
+    return importlib.util.find_spec("flwr") is not None
+
+
+def array_record(payload: Mapping[str, torch.Tensor]) -> Any:
+    """``payload`` as the ArrayRecord a deployment sends (CPU, contiguous)."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in payload.items()})
+
+
+def train_content(
+    arrays: Any,
+    round_config: Mapping[str, Any],
+    server_round: int,
+    client: int,
+    max_batches: int,
+    extras: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Any:
+    """The content of the train message the server sends ``client``: the encoded global state, the config and any extras.
+
+    Args:
+        arrays: the encoded global state, a mapping of tensors or an ArrayRecord made once per round.
+        round_config: the strategy's round config.
+        extras: tensors a strategy sends besides the state (SCAFFOLD's control variate); none by default.
+
+    Example::
+
+        size = wire_bytes(train_content(payload, {}, server_round=1, client=0, max_batches=3))
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    record = arrays if isinstance(arrays, ArrayRecord) else array_record(arrays)
+    config = {**round_config, ROUND: server_round, CLIENT: client, MAX_BATCHES: max_batches}
+    content = {"arrays": record, "config": ConfigRecord(config)}
+    if extras:
+        content["extras"] = extras if isinstance(extras, ArrayRecord) else array_record(extras)
+    return RecordDict(content)
+
+
+def reply_content(
+    payload: Mapping[str, torch.Tensor],
+    num_examples: int,
+    metrics: Mapping[str, float],
+    extras: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Any:
+    """The content of a client's reply: its encoded update, any extras, its sample count and its metrics.
+
+    Metrics travel as doubles, so a reply's size does not depend on their values; a private run's
+    clients leave their training loss out.
+    """
+    from flwr.app import MetricRecord, RecordDict
+
+    record: dict[str, Any] = {"num-examples": int(num_examples), **{k: float(v) for k, v in metrics.items()}}
+    content = {"arrays": array_record(payload), "metrics": MetricRecord(record)}
+    if extras:
+        content["extras"] = array_record(extras)
+    return RecordDict(content)
+
+
+def wire_bytes(content: Any) -> int:
+    """Bytes of ``content`` (a RecordDict, record or Message) as Flower serialises it for transfer.
+
+    Flower (1.41+) sends a message as a tree of content-addressed objects; this sums the deflated
+    size of each distinct object, which is what ``push_objects``/``pull_objects`` move.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+class WireCounter:
+    """Wire bytes of one round, as a deployment would send them (see the module docstring).
+
+    The server callback calls :meth:`start_round`, :meth:`download` and :meth:`upload`; in a
+    deployment the Flower loop sets ``measured`` and :meth:`count`\ s the real messages instead.
+    ``bytes`` is ``None`` when Flower is not installed or cannot carry a dtype (bfloat16).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = flower_installed()
+        self.measured = False
+        self.bytes: Optional[dict[str, int]] = None
+        self._arrays: Any = None
+        self._arrays_bytes = 0
+
+    def start_round(self, payload: Mapping[str, torch.Tensor]) -> None:
+        self.bytes = {"down": 0, "up": 0} if self.enabled else None
+        self._arrays = None
+        if self.enabled and not self.measured:
+            try:
+                self._arrays = array_record(payload)
+            except TypeError:  # a dtype Flower's ArrayRecord cannot carry: no deployment sends it
+                self.bytes = None
+                return
+            self._arrays_bytes = wire_bytes(self._arrays)
+
+    def download(
+        self, round_config: Mapping[str, Any], server_round: int, client: int, max_batches: int, extras: Mapping[str, torch.Tensor]
+    ) -> None:
+        if self.bytes is None or self.measured:
+            return
+        from flwr.app import ConfigRecord
+
+        content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
+        # the round's arrays are the same for every client: measured once, plus this message's own objects
+        config = content["config"]
+        assert isinstance(config, ConfigRecord)
+        own = wire_bytes(content["extras"]) if "extras" in content else 0
+        self.bytes["down"] += self._arrays_bytes + own + wire_bytes(config) + len(content.deflate())
+
+    def upload(
+        self, payload: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], extras: Mapping[str, torch.Tensor]
+    ) -> None:
+        if self.bytes is None or self.measured:
+            return
+        try:
+            self.bytes["up"] += wire_bytes(reply_content(payload, num_examples, metrics, extras))
+        except TypeError:
+            self.bytes = None
+
+    def count(self, direction: str, content: Any) -> None:
+        """Count a real message's content (a deployment)."""
+        if self.bytes is not None:
+            self.bytes[direction] += wire_bytes(content)
+
+    def metrics(self) -> dict[str, float]:
+        if self.bytes is None:
+            return {}
+        return {"comm/wire_bytes_down": self.bytes["down"], "comm/wire_bytes_up": self.bytes["up"]}
 
 
 @dataclass(frozen=True)
@@ -41,6 +190,9 @@ class CommReport:
     clients_per_round: int
     num_rounds: int
     notes: tuple[str, ...] = ()
+    # the same messages as a Flower deployment serialises them; None without Flower
+    download_wire_bytes: Optional[int] = None
+    upload_wire_bytes: Optional[int] = None
 
     @property
     def round_bytes(self) -> int:
@@ -56,6 +208,12 @@ class CommReport:
         """How many times fewer bytes than uncompressed full fine-tuning, both directions."""
         return 2 * self.full_client_bytes / (self.download_bytes + self.upload_bytes)
 
+    @property
+    def run_wire_bytes(self) -> Optional[int]:
+        if self.download_wire_bytes is None or self.upload_wire_bytes is None:
+            return None
+        return self.num_rounds * self.clients_per_round * (self.download_wire_bytes + self.upload_wire_bytes)
+
     def format(self) -> str:
         rows = [("method", self.method), ("trainable parameters", f"{self.trainable_params:,}")]
         if self.download_bytes == self.upload_bytes:
@@ -68,7 +226,19 @@ class CommReport:
             ("full fine-tuning per client per direction", _size(self.full_client_bytes)),
             ("bytes relative to full fine-tuning", f"1/{self.ratio_to_full:,.1f} ({100 / self.ratio_to_full:.3f}%)"),
         ]
+        if self.download_wire_bytes is not None and self.upload_wire_bytes is not None:
+            rows += [
+                ("wire, per client, download", _size(self.download_wire_bytes)),
+                ("wire, per client, upload", _size(self.upload_wire_bytes)),
+                (f"wire, whole run ({self.num_rounds} rounds)", _size(self.run_wire_bytes or 0)),
+            ]
         rows += [("note", note) for note in self.notes]
+        if self.download_wire_bytes is None:
+            rows.append(("note", "wire bytes not measured: " + (NO_FLOWER if not flower_installed() else "Flower cannot carry this dtype")))
+        else:
+            rows.append(("note", "bytes are tensor elements times dtype size (the paper's unit); wire bytes are the "
+                                 "messages as Flower serialises them (client 0 of round 1; ids and counts are varints, "
+                                 "so other messages differ by a few bytes)"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -85,12 +255,18 @@ def communication_report(
     download: Optional[Codec] = None,
     notes: tuple[str, ...] = (),
     strategy: Optional[Strategy] = None,
+    round_config: Optional[Mapping[str, Any]] = None,
+    max_batches: int = 1,
+    num_examples: int = 1,
+    with_loss: bool = True,
 ) -> CommReport:
     """Bytes that ``module``'s PEFT method sends with the given codecs, next to full fine-tuning.
 
     Counts come from the built architecture, the codecs' actual payloads and the tensors the
     strategy sends besides the state (SCAFFOLD's control variates), so no weights are
-    downloaded and compressed sizes are exact.
+    downloaded and compressed sizes are exact. Wire bytes (with Flower installed) are those of
+    the train message to client 0 of round 1 with ``round_config`` and ``max_batches``, and of
+    its reply with ``num_examples`` and, if ``with_loss``, the training loss.
     """
     local = frozenset(getattr(module, "local_names", ()))  # a personalised method's local part never travels
     trainable = {name: p.detach() for name, p in trainable_parameters(module).items() if name not in local}
@@ -102,6 +278,14 @@ def communication_report(
         extras_down = strategy.client_extras(1, trainable)
         context = ClientContext(0, 1, trainable, extras=extras_down, steps=1, lr=1.0)
         extras_up = strategy.client_end(trainable, context)
+    wire_down = wire_up = None
+    if flower_installed():
+        metrics = {"train_loss": 0.0, "steps": 0.0} if with_loss else {"steps": 0.0}
+        try:
+            wire_down = wire_bytes(train_content(download.encode(trainable), round_config or {}, 1, 0, max_batches, extras_down))
+            wire_up = wire_bytes(reply_content(upload.encode(trainable), num_examples, metrics, extras_up))
+        except TypeError:  # bfloat16: Flower's ArrayRecord cannot carry it
+            wire_down = wire_up = None
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
@@ -111,4 +295,6 @@ def communication_report(
         clients_per_round=clients_per_round,
         num_rounds=num_rounds,
         notes=notes,
+        download_wire_bytes=wire_down,
+        upload_wire_bytes=wire_up,
     )

@@ -23,8 +23,18 @@ class Codec(Component):
     """No compression: tensors travel as they are."""
 
     def encode(self, tensors: State, client: Optional[int] = None) -> State:
-        """The payload for ``tensors``; ``client`` identifies the sender where a codec keeps per-client state."""
+        """The payload for ``tensors``; ``client`` identifies the sender where a codec keeps per-client state.
+
+        Per-client state that encoding changes (Int8's error-feedback residual) is staged, and kept
+        only by :meth:`commit`: an update that is refused must leave the sender's state as it was.
+        """
         return tensors
+
+    def commit(self, client: int) -> None:
+        """Keep the per-client state that the last :meth:`encode` for ``client`` staged."""
+
+    def rollback(self, client: int) -> None:
+        """Drop the per-client state that the last :meth:`encode` for ``client`` staged."""
 
     def decode(self, payload: State, like: State) -> State:
         """Tensors shaped and typed like ``like`` from ``payload``."""
@@ -66,12 +76,14 @@ class Int8(Codec):
     Args:
         error_feedback: each sender keeps what quantization lost and adds it to its next message
             (Seide et al. 2014; Karimireddy et al. 2019). The residuals are per-client state,
-            checkpointed with the run.
+            checkpointed with the run. A residual is kept only when its update is accepted
+            (:meth:`commit`), so one NaN update does not poison every later message of its sender.
     """
 
     def __init__(self, error_feedback: bool = False) -> None:
         self.error_feedback = error_feedback
         self._residuals: dict[int, State] = {}
+        self._staged: dict[int, State] = {}
 
     def encode(self, tensors: State, client: Optional[int] = None) -> State:
         if self.error_feedback and client is not None and client in self._residuals:
@@ -85,8 +97,15 @@ class Int8(Codec):
             payload[name + SCALE_SUFFIX] = scale.reshape(1)
         if self.error_feedback and client is not None:
             sent = self.decode(payload, tensors)
-            self._residuals[client] = {name: tensors[name] - sent[name] for name in tensors}
+            self._staged[client] = {name: tensors[name] - sent[name] for name in tensors}
         return payload
+
+    def commit(self, client: int) -> None:
+        if client in self._staged:
+            self._residuals[client] = self._staged.pop(client)
+
+    def rollback(self, client: int) -> None:
+        self._staged.pop(client, None)
 
     def decode(self, payload: State, like: State) -> State:
         return {

@@ -25,10 +25,20 @@ LOCAL = "local."  # the key prefix of a personalised method's local tensors in a
 
 
 def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
-    """What a client sends after training: its state as it is, or through a codec the encoded change."""
+    """What a client sends after training: its state as it is, or through a codec the encoded change.
+
+    The codec's per-client state (an error-feedback residual) is kept only for an update the
+    server will accept (finite, as :meth:`ServerAggregation.on_client_end` checks): the client
+    checks this itself, so it holds also where the client encodes on its own machine (Flower).
+    """
     if type(codec) is Codec:
         return state
-    return codec.encode({name: state[name] - received[name] for name in state}, client=client)
+    payload = codec.encode({name: state[name] - received[name] for name in state}, client=client)
+    if all(torch.isfinite(t).all() for t in decode_update(codec, payload, received).values()):
+        codec.commit(client)
+    else:
+        codec.rollback(client)
+    return payload
 
 
 def decode_update(codec: Codec, payload: State, received: State) -> State:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.seeds import CLIENT_SAMPLING, derive_seed
 
 State = dict[str, torch.Tensor]
 Sampling = Literal["uniform", "poisson"]
@@ -70,7 +71,7 @@ def sample_clients(
     client independently with probability ``clients_per_round / num_clients`` (as central DP's
     accounting assumes), so the count varies around ``clients_per_round``.
     """
-    rng = np.random.default_rng([seed, server_round])
+    rng = np.random.default_rng(derive_seed(seed, CLIENT_SAMPLING, server_round))
     if sampling == "poisson":
         return [int(c) for c in np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)]
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
@@ -133,8 +134,8 @@ class ClientResult:
 
     Exactly one of three outcomes: ``payload`` holds its encoded update (it trained), ``error``
     says why it failed, or ``dropped`` says why it took no part. ``received`` tells whether the
-    round's message reached it (a client that drops out mid-round received it; one whose
-    privacy budget is spent did not). ``metrics`` are the client's own figures (``train_loss``,
+    round's message reached it (a client that failed did; one that dropped out or whose privacy
+    budget is spent did not). ``metrics`` are the client's own figures (``train_loss``,
     ``steps``), which the server averages weighted by ``num_samples``; ``extras`` are tensors
     a strategy sends besides the update (SCAFFOLD's control-variate change).
     """

@@ -36,12 +36,13 @@ import time
 from collections.abc import Iterator
 from typing import Any, Union
 
+from fedpeft_pl.comm import CLIENT as _CLIENT, MAX_BATCHES as _MAX_BATCHES, ROUND as _ROUND, reply_content, train_content
 from fedpeft_pl.config import build_run
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, open_session
 from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
 from fedpeft_pl.flower_app import NODE_TIMEOUT, REPLY_TIMEOUT, write_app  # noqa: F401 (importable from here too)
-from fedpeft_pl.loop import FederatedLoop
+from fedpeft_pl.loop import FederatedLoop, client_metrics
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
 from fedpeft_pl.trainer import FederatedTrainer
 
@@ -54,8 +55,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
-# keys of the train message's config that are fedpeft's; the rest is the strategy's round config
-_ROUND, _CLIENT, _MAX_BATCHES, _DROP = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches", "fedpeft.drop"
 _RESIDUAL, _OWN_STATE = "fedpeft.upload-codec", "fedpeft.client-state"
 
 
@@ -77,8 +76,7 @@ class FlowerRunner:
     """A client runner whose clients train on Flower SuperNodes, one per partition.
 
     Every client of the round that takes part is sent the round's message; a client that drops
-    out (client availability) is sent it too, flagged, and replies without an update, as a
-    device that goes offline after receiving its task. Results come back as
+    out (client availability) is sent nothing, as in a simulation. Results come back as
     :class:`~fedpeft_pl.federation.ClientResult` in sampling order; a reply without an update is
     a failed client, never a silent default.
 
@@ -95,26 +93,25 @@ class FlowerRunner:
         self.grid = grid
         self.nodes = nodes
         self.reply_timeout = reply_timeout
+        # wire bytes are those of the real messages below, not the server's own reckoning
+        self.wire = loop.trainer.aggregation.wire
+        self.wire.measured = True
 
     def run(self, round: Round) -> Iterator[ClientResult]:
         message = round.message
         assert message is not None, "the server configures the round before clients run"
         arrays = _to_record(message.payload)  # the same for every client of the round
-        extras = _to_record(message.extras)
+        extras = _to_record(message.extras) if message.extras else None
         early: dict[int, ClientResult] = {}
         messages, sent = [], []
         for client in round.share:
             dropped = self.loop.start_client(round, client)
-            if dropped is not None:
+            if dropped is not None:  # a client that drops out is sent nothing
                 early[client] = dropped
-                if not dropped.received:
-                    continue
-            config = {
-                **message.config, _ROUND: round.number, _CLIENT: client,
-                _MAX_BATCHES: round.plans[client].batches, _DROP: int(dropped is not None),
-            }
-            content = RecordDict({"arrays": arrays, "extras": extras, "config": ConfigRecord(config)})
+                continue
+            content = train_content(arrays, message.config, round.number, client, round.plans[client].batches, extras)
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
+            self.wire.count("down", content)
             sent.append(client)
         client_of = {self.nodes[c]: c for c in sent}
         replies = {client_of[r.metadata.src_node_id]: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
@@ -154,6 +151,7 @@ class FlowerRunner:
         content = reply.content
         if "arrays" not in content:
             return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]} replied without an update"))
+        self.wire.count("up", content)
         metrics = dict(content["metrics"])
         num_samples = int(metrics.pop("num-examples"))
         return ClientResult(
@@ -273,12 +271,10 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         trainer, module, datamodule = _client(os.fspath(config))
         settings = dict(message.content["config"])
         client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
-        max_batches, drop = int(settings.pop(_MAX_BATCHES)), bool(settings.pop(_DROP, 0))
+        max_batches = int(settings.pop(_MAX_BATCHES))
         partition = int(context.node_config["partition-id"])
         if client != partition:
             raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
-        if drop:  # client availability: it received its task and goes offline
-            return Message(RecordDict({"metrics": MetricRecord({"dropped": 1})}), reply_to=message)
         server = trainer.aggregation
         extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
         round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
@@ -296,19 +292,18 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
         if _RESIDUAL in context.state:
             server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
         num_samples = trainer.train_client(module, datamodule, session, max_batches)
-        result = session.finish(trainable_state(module), num_samples, module.local_metrics())
+        result = session.finish(trainable_state(module), num_samples, client_metrics(trainer, module))
         load_trainable_state(module, start)  # the next message in this process starts from the initial state
         residual = server.upload.client_state([client]).get(client)
         if residual is not None:
             context.state[_RESIDUAL] = _to_record(residual)
         context.state[_OWN_STATE] = _to_record(session.context.state)
-        metrics = MetricRecord({"num-examples": num_samples, **result.metrics})
         log.info(
             f"round {server_round}: client {client} trained on {num_samples} samples in "
             f"{time.perf_counter() - started:.1f} s (this process)"
         )
-        content = {"arrays": _to_record(result.payload), "extras": _to_record(result.extras), "metrics": metrics}
-        return Message(RecordDict(content), reply_to=message)
+        content = reply_content(result.payload, num_samples, result.metrics, result.extras)
+        return Message(content, reply_to=message)
 
     return app
 

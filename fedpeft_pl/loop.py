@@ -50,7 +50,8 @@ from fedpeft_pl.federation import (
 )
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-from fedpeft_pl.seeds import client_seed
+from fedpeft_pl.privacy import releases_client_statistics
+from fedpeft_pl.seeds import client_seed, training_seed
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,10 @@ class FederatedLoop(_FitLoop):
     Each round samples clients (:meth:`Federation.sample`), plans their availability, asks the
     server (:class:`~fedpeft_pl.aggregation.ServerAggregation`) for the round's message, runs
     the clients through the runner, hands their results to the hooks, lets the server aggregate
-    and evaluates the global model once. Client ``c`` of round ``r`` trains under seeds derived
-    from ``(seed, r, c)``: its result depends on the global state and those seeds only, so runs
-    repeat exactly and resume exactly at round boundaries.
+    and evaluates the global model once. Client ``c`` of round ``r`` shuffles with its own
+    ``DATA_ORDER`` stream and trains under the torch seed of its ``LOCAL_TRAINING`` stream
+    (:mod:`fedpeft_pl.seeds`): its result depends on the global state and those seeds only, so
+    runs repeat exactly and resume exactly at round boundaries.
 
     Args:
         trainer: the FederatedTrainer.
@@ -277,8 +279,8 @@ class FederatedLoop(_FitLoop):
             )
         except ClientDropped as reason:
             return ClientResult(client, dropped=str(reason), received=False)
-        if round.plans[client].dropped:
-            return ClientResult(client, dropped="dropped out (client availability)", received=True)
+        if round.plans[client].dropped:  # unavailable when its round came: it is sent nothing
+            return ClientResult(client, dropped="dropped out (client availability)", received=False)
         return None
 
     def open_session(self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]) -> ClientSession:
@@ -323,13 +325,13 @@ class FederatedLoop(_FitLoop):
         """
         trainer = self.trainer
         module = trainer.lightning_module
-        seed = client_seed(self.federation.seed, round_number, client)
-        loader = trainer.datamodule.client_dataloader(client, seed)
+        seed = self.federation.seed
+        loader = trainer.datamodule.client_dataloader(client, client_seed(seed, round_number, client))
         device = trainer.strategy.root_device
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         local_first = module.local_first_epochs
         with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(training_seed(seed, round_number, client))
             if local_first:
                 names = module.local_names
                 with module.training_only(names):
@@ -392,6 +394,14 @@ class FederatedLoop(_FitLoop):
                 on_module(module)
 
 
+def client_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
+    """What a client reports besides its update: its training loss, unless the run is private."""
+    metrics = module.local_metrics()
+    if not releases_client_statistics(trainer):  # un-noised per-client statistics stay on the client
+        metrics.pop("train_loss", None)
+    return metrics
+
+
 class SequentialRunner:
     """The in-process runner: the clients of this process's share, one after another, in one module.
 
@@ -423,7 +433,7 @@ class SequentialRunner:
             try:
                 with loop.no_gradient_sync():
                     loop.train_local(round.number, client, round.plans[client].batches, session)
-                result = session.finish(trainable_state(module), datamodule.client_num_samples(client), module.local_metrics())
+                result = session.finish(trainable_state(module), datamodule.client_num_samples(client), client_metrics(loop.trainer, module))
             except Exception as error:  # one client's failure must not end the run
                 result = ClientResult(client, error=error)
             else:

@@ -34,12 +34,41 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.peft import trainable_parameters
-from fedpeft_pl.seeds import SERVER_NOISE, derive_seed
+from fedpeft_pl.noise import NOT_PRIVATE, NoiseSource
+from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE
 from fedpeft_pl.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("rdp", "prv")
+
+
+def releases_client_statistics(trainer: Any) -> bool:
+    """Whether a run may collect un-noised per-client statistics (training loss, label histograms).
+
+    Yes in a run without DP; in a private run only if every DP component was given
+    ``release_client_statistics: true``. Such statistics are not covered by the DP guarantee.
+    """
+    components = []
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, LocalDP):
+            components.append(callback)
+        if isinstance(getattr(callback, "strategy", None), DPFedAvg):
+            components.append(callback.strategy)
+    return all(c.release_client_statistics for c in components)
+
+
+def _announce_client_statistics(owner: str, release: bool) -> None:
+    if release:
+        log.warning(
+            f"{owner}: release_client_statistics is on: un-noised per-client statistics (training loss, label "
+            "histograms) are collected and logged; they are not covered by the DP guarantee"
+        )
+    else:
+        log.info(
+            f"{owner}: per-client training loss and label histograms are not collected in this private run "
+            "(release_client_statistics: true collects them, outside the DP guarantee)"
+        )
 
 
 def check_privacy_arguments(epsilon: Optional[float], delta: float, clip: float, accountant: str, clip_name: str) -> None:
@@ -102,6 +131,12 @@ class LocalDP(FederatedCallback):
         noise_multiplier: a fixed sigma instead of one calibrated from ``epsilon``.
         accountant: ``rdp`` or ``prv`` (opacus).
         chunk_size: samples per ``vmap`` call; bounds memory.
+        reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
+            repeat bit for bit. Anyone with the config can then remove the noise: the run is not
+            private. Off by default (:mod:`fedpeft_pl.noise`). It seeds the Poisson batch
+            sampling from the seed, too; by default that is secret as well.
+        release_client_statistics: collect and log un-noised per-client statistics (the training
+            loss, label histograms), which the DP guarantee does not cover. Off by default.
 
     Example::
 
@@ -119,6 +154,8 @@ class LocalDP(FederatedCallback):
         noise_multiplier: Optional[float] = None,
         accountant: str = "rdp",
         chunk_size: int = 32,
+        reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
     ) -> None:
         check_privacy_arguments(epsilon, delta, max_grad_norm, accountant, "max_grad_norm")
         if epsilon is None and noise_multiplier is None:
@@ -131,6 +168,10 @@ class LocalDP(FederatedCallback):
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
         self.chunk_size = chunk_size
+        self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
+        self._noise = NoiseSource(DP_NOISE, reproducible=reproducible_noise)
+        self._round = 0
         self._histories: dict[int, list] = {}
         self._sigma: dict[int, float] = {}
         self._federation: Any = None
@@ -146,9 +187,23 @@ class LocalDP(FederatedCallback):
         rate, _ = self._rates(client)
         expected = rate * self._datamodule.client_num_samples(client)  # the Poisson batch's expected size
         sums, losses = clipped_gradient_sum(module, images, labels, self.max_grad_norm, self.chunk_size)
-        std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
-        noisy = {name: (s + torch.randn_like(s) * std) / expected for name, s in sums.items()}
+        noisy = {name: (s + self.noise(client, s)) / expected for name, s in sums.items()}
         return noisy, losses
+
+    def noise(self, client: int, like: torch.Tensor, std: Optional[float] = None) -> torch.Tensor:
+        """Gaussian noise for ``client``'s current round, shaped, typed and placed like ``like``.
+
+        ``std`` defaults to the client's ``sigma * C``. Each client's round is its own stream, so
+        clients trained side by side (a vectorised engine) draw independent noise.
+
+        Example::
+
+            noisy_sum = clipped_sum + privacy.noise(client, clipped_sum)
+        """
+        if std is None:
+            sigma = self._sigma[client]
+            std = sigma * self.max_grad_norm if sigma > 0 else 0.0  # sigma 0 with C = inf: no noise, not NaN
+        return self._noise.like(like, std, (self._round, client))
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -196,6 +251,10 @@ class LocalDP(FederatedCallback):
         module.automatic_optimization = False
         datamodule.poisson_sampling = True
         self._datamodule = datamodule
+        # which records a batch holds must be as secret as the noise (amplification by subsampling)
+        datamodule.secret_sampling = not self.reproducible_noise
+        self._noise.warn_if_reproducible("LocalDP")
+        _announce_client_statistics("LocalDP", self.release_client_statistics)
         # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule on every
         # device; the explicit softmax(q k^T) v path is the same function and vmaps everywhere
         for submodule in module.modules():
@@ -205,6 +264,10 @@ class LocalDP(FederatedCallback):
     @override
     def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
         self._federation = federation
+
+    @override
+    def on_round_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
+        self._round = round.number
 
     @override
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, client: int) -> None:
@@ -217,6 +280,7 @@ class LocalDP(FederatedCallback):
                     f"its privacy budget is spent ({self.spent(client):.2f} of epsilon {self.epsilon}; this round "
                     f"would bring it to {after:.2f}); it takes no further part"
                 )
+        self._noise.open((self._round, client), seed=self._federation.seed)
 
     @override
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
@@ -224,6 +288,15 @@ class LocalDP(FederatedCallback):
         rate, steps = self._rates(client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
         self._histories[client] = self._after(client, self._sigma[client], rate, steps)
+        self._noise.close((self._round, client))
+
+    @override
+    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        self._noise.close((self._round, result.client))
+
+    @override
+    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+        self._noise.close((self._round, result.client))
 
     @override
     def on_round_gather(
@@ -270,6 +343,7 @@ class LocalDP(FederatedCallback):
         return (
             f"local DP-SGD: per-sample clipping C={self.max_grad_norm}, {target} per client at delta {self.delta} "
             f"({self.accountant} accountant); sigma is calibrated per client from its sampling rate and expected steps"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 
 
@@ -288,6 +362,11 @@ class DPFedAvg(Strategy):
         delta: target delta, in (0, 1).
         noise_multiplier: z, fixed instead of calibrated.
         accountant: ``rdp`` or ``prv`` (opacus).
+        reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
+            repeat bit for bit. Anyone with the config can then remove the noise: the run is not
+            private. Off by default (:mod:`fedpeft_pl.noise`).
+        release_client_statistics: collect and log un-noised per-client statistics (the training
+            loss, label histograms), which the DP guarantee does not cover. Off by default.
 
     Every round releases a noisy aggregate, even one to which no client contributed.
     """
@@ -299,6 +378,8 @@ class DPFedAvg(Strategy):
         delta: float = 1e-3,
         noise_multiplier: Optional[float] = None,
         accountant: str = "rdp",
+        reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
     ) -> None:
         super().__init__()
         # Every round releases a noisy aggregate, also one in which no client was sampled or
@@ -312,6 +393,9 @@ class DPFedAvg(Strategy):
         self.delta = delta
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
+        self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
+        self._noise = NoiseSource(SERVER_NOISE, reproducible=reproducible_noise)
         self._history: list = []
         self._rate = 0.0
         self._expected_clients = 1.0
@@ -323,6 +407,8 @@ class DPFedAvg(Strategy):
         self._rate = federation.clients_per_round / federation.num_clients
         self._expected_clients = float(federation.clients_per_round)
         self._seed = federation.seed
+        self._noise.warn_if_reproducible("DPFedAvg")
+        _announce_client_statistics("DPFedAvg", self.release_client_statistics)
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,
@@ -337,11 +423,14 @@ class DPFedAvg(Strategy):
             factor = min(1.0, self.clip_norm / (float(norm) + 1e-12))
             for name, d in delta.items():
                 total[name] += d * factor
-        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self._seed, server_round, 0, SERVER_NOISE))
+        release = (server_round,)
+        self._noise.open(release, seed=self._seed)
         result = {}
         for name, current in global_state.items():
-            noise = torch.randn(current.shape, generator=generator) * (self.noise_multiplier * self.clip_norm)
+            # drawn on the CPU whatever the state's device, so reproducible noise is the same on every device
+            noise = self._noise.gaussian(current.shape, self.noise_multiplier * self.clip_norm, "cpu", torch.float32, release)
             result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(current.dtype)
+        self._noise.close(release)
         self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
         return result
 
@@ -363,6 +452,7 @@ class DPFedAvg(Strategy):
             f"central DP-FedAvg: update clipping S={self.clip_norm}, "
             + (f"epsilon {self.epsilon} " if self.epsilon is not None else "")
             + f"at delta {self.delta} over the run ({self.accountant} accountant, Poisson client sampling)"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 
 

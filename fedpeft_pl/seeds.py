@@ -1,29 +1,52 @@
-"""Explicit randomness: every random draw in a run takes a seed derived from the run's seed.
+"""Explicit randomness: every consumer of randomness draws from its own stream, keyed by name.
 
-Streams (keys of different length or tail never collide):
+A stream's seed is ``derive_seed(seed, STREAM, *position)`` with the run's seed, the stream's key
+below, and where in the run it is drawn (round, client). Distinct keys give independent streams: the
+noise of DP-SGD, for one, must not be a function of which records Poisson sampling picked.
 
-- ``(seed, round)``: which clients are sampled in a round
-- ``(seed, round, client)``: that client's local training (shuffling, dropout, DP noise)
-- ``(seed, round, client, AVAILABILITY)``: whether that client drops out or straggles
-- ``(seed, round, 0, SERVER_NOISE)``: noise the server adds in that round (central DP)
-- ``(seed, 0, 0, LORA_FROZEN_A)``: the frozen ``A`` of FFA-LoRA, drawn when the model is built
-  (round 0; rounds count from 1), so every client of a deployment draws the same
+- ``CLIENT_SAMPLING`` ``(round)``: which clients are sampled in a round
+- ``AVAILABILITY`` ``(round, client)``: whether that client drops out or straggles
+- ``DATA_ORDER`` ``(round, client)``: that client's shuffling or Poisson batch sampling
+- ``LOCAL_TRAINING`` ``(round, client)``: the torch global generator during that client's local
+  training (dropout, stochastic depth, anything a module draws)
+- ``DP_NOISE`` ``(round, client)``: local DP noise, only with ``reproducible_noise`` (by default DP
+  noise is secret: :mod:`fedpeft_pl.noise`)
+- ``SERVER_NOISE`` ``(round)``: central DP noise, only with ``reproducible_noise``
+- ``LORA_FROZEN_A`` ``()``: the frozen ``A`` of FFA-LoRA, drawn when the model is built, so every
+  client of a deployment draws the same
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-AVAILABILITY = 1
-SERVER_NOISE = 2
-LORA_FROZEN_A = 3
+CLIENT_SAMPLING = 1
+AVAILABILITY = 2
+DATA_ORDER = 3
+LOCAL_TRAINING = 4
+DP_NOISE = 5
+SERVER_NOISE = 6
+LORA_FROZEN_A = 7
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, e.g. ``(seed, round, client)``; stable across platforms and runs."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed from non-negative integers, e.g. ``(seed, DATA_ORDER, round, client)``; stable across platforms.
+
+    The number of parts is hashed with them: numpy's SeedSequence ignores trailing zeros, so
+    without it ``(s, r, 0)`` and ``(s, r)`` would give the same seed.
+
+    Example::
+
+        torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER, server_round, client))
+    """
+    return int(np.random.SeedSequence([len(parts), *parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def client_seed(seed: int, server_round: int, client: int) -> int:
-    """The seed of ``client``'s local training in ``server_round`` (its data order)."""
-    return derive_seed(seed, server_round, client)
+    """The seed of ``client``'s data order (shuffling, batch sampling) in ``server_round``."""
+    return derive_seed(seed, DATA_ORDER, server_round, client)
+
+
+def training_seed(seed: int, server_round: int, client: int) -> int:
+    """The torch seed of ``client``'s local training in ``server_round`` (dropout, drop path)."""
+    return derive_seed(seed, LOCAL_TRAINING, server_round, client)

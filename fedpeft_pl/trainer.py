@@ -28,7 +28,7 @@ from fedpeft_pl.export import Exported, export_checkpoint
 from fedpeft_pl.federation import ClientRunner, Federation
 from fedpeft_pl.hooks import runs_on_client
 from fedpeft_pl.loop import FederatedLoop, _ClientJob
-from fedpeft_pl.privacy import LocalDP
+from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
 from fedpeft_pl.strategies import Strategy
 
@@ -240,7 +240,7 @@ class FederatedTrainer(pl.Trainer):
         server = self.aggregation
         notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
         if availability.dropout or availability.stragglers:
-            notes.append(f"{availability!r}: dropped clients download but send nothing")
+            notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:
@@ -250,6 +250,7 @@ class FederatedTrainer(pl.Trainer):
         report = communication_report(
             model, settings["clients_per_round"], settings["num_rounds"],
             upload=server.upload, download=server.download, notes=tuple(notes), strategy=server.strategy,
+            round_config=server.strategy.configure_fit(1, {})[1], with_loss=releases_client_statistics(self),
         )
         print(report.format())
         return report

@@ -114,6 +114,8 @@ DEPLOYMENTS = {
     "int8-feedback-scaffold": [
         "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
         "--trainer.aggregation", "fedpeft_pl.strategies.Scaffold",
+        # seed 0 drops client 1 in round 1: the deployment sends it nothing, and the simulation counts nothing
+        "--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.dropout", "0.3",
     ],
     # a local head kept on each SuperNode (FedPer), FedDyn's per-client tensors there too, and
     # per-client evaluation with Flower's evaluate messages
@@ -159,6 +161,13 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
             assert [step for step, _ in deployed_logs[tag]] == [1, 2], tag
             for (_, value), (_, expected) in zip(deployed_logs[tag], simulated_logs[tag]):
                 assert value == pytest.approx(expected, abs=1e-6), tag
+    else:
+        assert [v for _, v in deployed_logs["round/clients_dropped"]] == [1, 0]
+    # the deployment logs the sizes of the real messages it sent and received (FlowerRunner); the
+    # simulation, the messages it would have sent: the same bytes in each direction, every round
+    for tag in ("comm/wire_bytes_down", "comm/wire_bytes_up"):
+        assert deployed_logs[tag] == simulated_logs[tag], tag
+        assert all(value > 0 for _, value in deployed_logs[tag]), tag
 
 
 @pytest.fixture

@@ -98,9 +98,6 @@ def test_dp_fedavg_clips_each_update_and_accounts_each_round():
     for _ in range(2):
         reference.step(noise_multiplier=noisy.noise_multiplier, sample_rate=0.2)
     assert noisy.epsilon_spent() == pytest.approx(reference.get_epsilon(1e-3))
-    again = DPFedAvg(clip_norm=1.0, epsilon=5.0, delta=1e-3)
-    again.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
-    assert torch.equal(again.aggregate_fit(1, global_state, updates)["w"], first["w"]), "server noise is seeded"
 
 
 def test_dp_fedavg_refuses_fixed_size_client_sampling():
@@ -131,16 +128,17 @@ def test_invalid_privacy_parameters_are_config_errors(make):
 # -- local DP in real federated runs ----------------------------------------------------------------
 
 
-def _dp_fit(tmp_path, privacy, rounds=1, clients=2, num_clients=4, batch_size=32, local_epochs=1, **kwargs):
+def _dp_fit(tmp_path, privacy, rounds=1, clients=2, num_clients=4, batch_size=32, local_epochs=1, logger_dir=None, **kwargs):
     from helpers import tiny_datamodule, tiny_trainer
     from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
     datamodule = tiny_datamodule(num_clients=num_clients, batch_size=batch_size)
+    logged = privacy is not None or logger_dir is not None
     trainer = tiny_trainer(
         tmp_path, num_rounds=rounds, clients_per_round=clients, local_epochs=local_epochs, privacy=privacy,
-        logger=CSVLogger(str(tmp_path), name="run") if privacy is not None else False, **kwargs,
+        logger=CSVLogger(str(logger_dir or tmp_path), name="run") if logged else False, **kwargs,
     )
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, datamodule
@@ -221,3 +219,38 @@ def test_poisson_batches_have_the_expected_size_and_may_be_empty():
     first = list(sampler)
     sampler.assign(np.arange(40), seed=0)
     assert list(sampler) == first
+
+
+# -- what a private run logs ---------------------------------------------------------------------------
+
+
+def _logged(tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    return {key for row in rows for key, value in row.items() if value}
+
+
+@pytest.mark.parametrize("kind", ["local", "central"])
+def test_a_private_run_logs_no_per_client_statistics_unless_asked(tmp_path, caplog, kind):
+    def private(**flag):  # every client takes part (q = 1), so that there is a training loss to log
+        if kind == "local":
+            return {"privacy": LocalDP(epsilon=None, noise_multiplier=1.0, **flag), "clients": 4}
+        return {"privacy": None, "aggregation": DPFedAvg(noise_multiplier=1.0, **flag), "client_sampling": "poisson", "clients": 4}
+
+    if kind == "local":  # what a run without DP logs
+        _dp_fit(tmp_path / "plain", None, logger_dir=tmp_path / "plain")
+        assert "train/loss" in _logged(tmp_path / "plain")
+        assert list((tmp_path / "plain").rglob("client_label_histogram.csv"))
+    with caplog.at_level("INFO", logger="fedpeft_pl"):
+        _dp_fit(tmp_path / "dp", logger_dir=tmp_path / "dp", **private())
+    assert "train/loss" not in _logged(tmp_path / "dp")
+    assert not list((tmp_path / "dp").rglob("client_label_histogram.csv"))
+    assert any("not collected in this private run" in r.getMessage() for r in caplog.records)
+    assert not any("classes per client" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fedpeft_pl"):
+        _dp_fit(tmp_path / "flag", logger_dir=tmp_path / "flag", **private(release_client_statistics=True))
+    assert "train/loss" in _logged(tmp_path / "flag")
+    assert list((tmp_path / "flag").rglob("client_label_histogram.csv"))
+    assert any(r.levelname == "WARNING" and "un-noised per-client statistics" in r.getMessage() for r in caplog.records)

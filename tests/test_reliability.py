@@ -157,3 +157,51 @@ def test_a_round_in_which_every_client_fails_stops_the_run(tmp_path):
     trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=2)
     with pytest.raises(RuntimeError, match="all 2 clients of round 1 failed"):
         trainer.fit(AlwaysFails(10, tiny_backbone(), Prompt(num_tokens=2)), datamodule=tiny_datamodule())
+
+
+class NanInRoundTwo(FedPEFTModule):
+    """Client 1's loss turns NaN in round 2 only."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.session.client == 1 and self.trainer.current_epoch == 1 else loss
+
+
+class Residuals(FederatedCallback):
+    def __init__(self):
+        self.after_round = []
+
+    def on_round_end(self, trainer, pl_module, server_round):
+        residuals = trainer.aggregation.upload._residuals
+        self.after_round.append({c: {k: v.clone() for k, v in r.items()} for c, r in residuals.items()})
+
+
+def test_a_rejected_update_leaves_the_clients_error_feedback_residual_as_it_was(tmp_path, caplog):
+    from helpers import sgd, tiny_backbone
+
+    from fedpeft_pl.compression import Int8
+
+    module = NanInRoundTwo(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd())
+    recorder = Residuals()
+    trainer = tiny_trainer(tmp_path, num_rounds=2, clients_per_round=2, callbacks=[recorder],
+                           compress_upload=Int8(error_feedback=True))
+    with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
+        trainer.fit(module, datamodule=tiny_datamodule(num_clients=2))
+    assert "round 2: client 1 sent NaN or Inf values" in "\n".join(r.getMessage() for r in caplog.records)
+    first, second = recorder.after_round
+    for name, residual in first[1].items():  # the NaN update left it untouched, so it cannot poison later uploads
+        assert torch.isfinite(residual).all() and torch.equal(second[1][name], residual), name
+    assert any(not torch.equal(second[0][n], first[0][n]) for n in first[0])  # client 0's moved on
+
+
+def test_a_client_refuses_to_keep_a_residual_for_a_non_finite_update():
+    """What a deployed client runs: it encodes its own update, so it must not keep a NaN residual either."""
+    from fedpeft_pl.exchange import encode_update
+    from fedpeft_pl.compression import Int8
+
+    codec = Int8(error_feedback=True)
+    received = {"w": torch.zeros(3)}
+    encode_update(codec, {"w": torch.tensor([1.0, 0.003, -0.3])}, received, client=4)
+    kept = codec.client_state([4])[4]["w"].clone()
+    encode_update(codec, {"w": torch.tensor([1.0, float("nan"), -0.3])}, received, client=4)
+    assert torch.equal(codec.client_state([4])[4]["w"], kept)

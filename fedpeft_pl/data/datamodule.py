@@ -31,17 +31,21 @@ class ClientBatchSampler(Sampler[list[int]]):
     By default an epoch is a shuffled pass in batches of ``batch_size``. With ``poisson`` (what
     DP-SGD's accounting assumes) each of the epoch's ``ceil(n / batch_size)`` batches includes
     every index independently with probability ``batch_size / n``, so a batch may be empty.
+    With ``secret`` (what local DP sets) the seed is ignored and every client's batches are drawn
+    from ``os.urandom``: DP-SGD's amplification by subsampling holds only against an adversary who
+    does not know which records each batch holds, and the seed is in the config.
     """
 
-    def __init__(self, batch_size: int, poisson: bool = False) -> None:
+    def __init__(self, batch_size: int, poisson: bool = False, secret: bool = False) -> None:
         self.batch_size = batch_size
         self.poisson = poisson
+        self.secret = secret
         self.indices = np.empty(0, dtype=np.int64)
         self.generator = torch.Generator()
 
     def assign(self, indices: np.ndarray, seed: int) -> None:
         self.indices = indices
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if self.secret else seed)
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.poisson:
@@ -126,6 +130,15 @@ class FederatedDataModule(pl.LightningDataModule):
     @poisson_sampling.setter
     def poisson_sampling(self, value: bool) -> None:
         self._sampler.poisson = value
+
+    @property
+    def secret_sampling(self) -> bool:
+        """Whether local batches are drawn from ``os.urandom`` instead of the seed (set by local DP)."""
+        return self._sampler.secret
+
+    @secret_sampling.setter
+    def secret_sampling(self, value: bool) -> None:
+        self._sampler.secret = value
 
     @override
     def prepare_data(self) -> None:
@@ -227,12 +240,22 @@ class FederatedDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def _report_partition(self) -> None:
+        from fedpeft_pl.privacy import releases_client_statistics
+
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
         histogram = self.label_histogram
         sizes = histogram.sum(axis=1)
         classes = (histogram > 0).sum(axis=1)
         assert self.splits is not None
+        if self.trainer is not None and not releases_client_statistics(self.trainer):
+            # a private run: the sample counts are public (they travel as FedAvg weights), the labels are not
+            log.info(
+                f"data: {self.dataset!r}, {int(sizes.sum())} training samples over {self.num_clients} clients "
+                f"({self.partition!r}): {sizes.min()}-{sizes.max()} samples per client; {len(self.splits.test)} test "
+                "samples; per-client label histograms are not collected in this private run"
+            )
+            return
         log.info(
             f"data: {self.dataset!r}, {int(sizes.sum())} training samples over {self.num_clients} clients "
             f"({self.partition!r}): {sizes.min()}-{sizes.max()} samples per client (median {int(np.median(sizes))}), "

@@ -103,10 +103,10 @@ def freeze_lora_a(factors: Iterable[nn.Parameter]) -> None:
     """Freeze LoRA ``A`` factors, redrawn from the run seed's own stream (FFA-LoRA).
 
     The draw is the kaiming-uniform of loralib and peft (bound ``1 / sqrt(in_features)``) from a
-    generator keyed ``(torch.initial_seed(), 0, 0, LORA_FROZEN_A)``: ``seed_everything`` sets
+    generator keyed ``(torch.initial_seed(), LORA_FROZEN_A)``: ``seed_everything`` sets
     ``torch.initial_seed()``, so two builds of one config give the same ``A``.
     """
-    generator = torch.Generator().manual_seed(derive_seed(torch.initial_seed(), 0, 0, LORA_FROZEN_A))
+    generator = torch.Generator().manual_seed(derive_seed(torch.initial_seed(), LORA_FROZEN_A))
     for factor in factors:
         bound = 1.0 / math.sqrt(factor.shape[1])
         draw = torch.empty(factor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
