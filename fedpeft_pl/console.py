@@ -35,8 +35,11 @@ class RunSummary(FederatedCallback):
         self._started: Optional[float] = None
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._started = time.perf_counter()  # wall time counts the data and model set-up too
+
+    @override
     def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
-        self._started = time.perf_counter()
         if not trainer.is_global_zero:
             return
         params = list(pl_module.parameters())
@@ -65,7 +68,7 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
     sent = getattr(server, "cumulative_bytes", 0) / MIB
     rounds = trainer.current_epoch
     lines = [
-        f"done: {rounds} rounds in {seconds:.1f} s, {sent:.3f} MiB sent, final server accuracy "
+        f"done: {rounds} rounds, {sent:.3f} MiB sent, in {seconds:.1f} s; final server accuracy "
         + (f"{float(accuracy):.4f}" if accuracy is not None else "not evaluated")
     ]
     run_dir: Any = trainer.log_dir if trainer.loggers else None
@@ -75,8 +78,8 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
         config = os.path.join(run_dir, "config.yaml")
         lines += [
             "next:",
-            f"  tensorboard --logdir {shlex.quote(logger_root)}                        # the curves",
-            f"  fedpeft report {shlex.quote(logger_root)} --output report             # compare runs: table and figures",
-            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors",
+            f"  tensorboard --logdir {shlex.quote(logger_root)}   # the curves",
+            f"  fedpeft report {shlex.quote(logger_root)} --output report   # compare its runs: a table and figures",
+            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors   # the model",
         ]
     return lines
