@@ -197,5 +197,5 @@ def test_pretrained_without_network_fails_fast_and_once(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("fedpeft: error:") and "set model.backbone.weights_file" in lines[-1], result.stderr[-3000:]
     assert "Retrying" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert seconds < 20, seconds
+    assert seconds < 40, seconds  # the retries alone took 46 s; start-up and data set-up take about 15 s on 2 cores
     assert not list(tmp_path.glob("*/version_*"))
