@@ -49,7 +49,9 @@ def one_line(message: str) -> str:
         return yaml_error
     key, detail = _condense(message)
     line = f"{key}: {detail}" if key else detail
-    if re.search(r"unknown option|does not accept option|expected |cannot be used", line):
+    if line.startswith("unrecognized arguments"):
+        line += "; write each key in full (prefixes are not matched)"
+    if re.search(r"unknown option|does not accept option|expected |cannot be used|unrecognized arguments", line):
         line += "; add --print_config to see every valid key and its value"
     return line
 

@@ -107,8 +107,9 @@ class FederatedTrainer(pl.Trainer):
                 "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
             )
         if kwargs.get("enable_progress_bar") is None and not any(isinstance(c, ProgressBar) for c in callbacks):
-            # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments
-            kwargs["enable_progress_bar"] = sys.stderr.isatty()
+            # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments;
+            # a notebook's stderr is no terminal either, but draws the bar as a widget
+            kwargs["enable_progress_bar"] = sys.stderr.isatty() or "ipykernel" in sys.modules
         if kwargs.get("enable_model_summary") is None:
             # Lightning's summary table; shown with its other messages (fedpeft --verbose)
             kwargs["enable_model_summary"] = logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
@@ -124,8 +125,8 @@ class FederatedTrainer(pl.Trainer):
             detail = str(err).strip().splitlines()[0]
             accelerator = kwargs.get("accelerator", "auto")
             raise ConfigError(
-                f"trainer.accelerator {accelerator!r} / trainer.devices {kwargs.get('devices', 'auto')!r} cannot run here "
-                f"({detail}); set trainer.accelerator: cpu, or auto to use what this machine has"
+                f"trainer.accelerator {accelerator!r} cannot run here ({detail}); set trainer.accelerator: cpu, "
+                "or auto to use what this machine has (and check trainer.devices)"
             ) from None
         self.fit_loop = FederatedLoop(self, settings, availability=availability)
 

@@ -121,7 +121,7 @@ CASES = {
     "sampling-typo": (lambda t: ["--trainer.client_sampling", "poison"], "trainer.client_sampling: expected one of 'uniform', 'poisson', got 'poison'"),
     "optimizer-typo": (lambda t: ["--model.optimizer", "torch.optim.SGDX"], "model.optimizer: expected the class path of a torch optimizer"),
     "yaml-syntax": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: [3\n")], "extra.yaml line 3"),
-    "prefix-key": (lambda t: ["--trainer.num_round", "3"], "trainer.num_round"),
+    "prefix-key": (lambda t: ["--trainer.num_round", "3"], "--trainer.num_round 3; write each key in full"),
     "torchvision-offline": (lambda t: ["--data.dataset", "fedpeft_pl.data.CIFAR10", "--data.dataset.root", str(t / "cifar")],
                             "could not download CIFAR-10"),
 }
