@@ -49,7 +49,9 @@ class ServerAggregation(FederatedCallback):
     by test samples), ``clients/acc_mean_unweighted``, ``clients/acc_p10`` (the worst decile),
     ``clients/acc_std`` and ``clients/loss_mean``; and
     ``server/acc_vs_cumulative_bytes`` whose step is the cumulative number of bytes sent so far
-    in both directions. Loggers are flushed every round, before the round's checkpoint.
+    in both directions. Loggers are flushed every round, before the round's checkpoint. The
+    ``comm/*`` and ``round/*`` values are also logged through Lightning (``logger=False``), so
+    ``trainer.callback_metrics`` holds them and EarlyStopping or ModelCheckpoint can monitor them.
 
     Every client that receives the round's message counts its encoded global state (and any
     strategy extras) as sent down; a client that availability drops is sent nothing, as in a
@@ -248,6 +250,9 @@ class ServerAggregation(FederatedCallback):
             train_loss = float(trainer.callback_metrics["train/loss"])
         if train_loss is not None and releases_client_statistics(trainer):  # un-noised: not in a private run
             metrics["train/loss"] = train_loss
+        # through Lightning too (not to its loggers: their step here is the round), so that
+        # callback_metrics hold them for EarlyStopping, ModelCheckpoint(monitor=...) and any callback
+        pl_module.log_dict({k: float(v) for k, v in metrics.items() if k.startswith(("comm/", "round/"))}, logger=False)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)
             if "server/acc" in self._eval:

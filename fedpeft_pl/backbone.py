@@ -63,11 +63,25 @@ class Backbone:
                 f"timm has no model named {self.name!r}; pick one from timm.list_models('vit_*')"
             ) from err
         except TypeError as err:
+            kind = _architecture_of(self.name)
+            if kind is not None and kind != "VisionTransformer":  # the kwargs are not the problem
+                raise ConfigError(_not_a_vit(self.name, kind)) from None
             raise ConfigError(f"model.backbone.kwargs do not fit {self.name!r}: {err}") from err
         if not isinstance(model, VisionTransformer):
+            raise ConfigError(_not_a_vit(self.name, type(model).__name__))
+        if type(model).__name__ == "VisionTransformerDistilled":
+            # two heads (class and distillation token): the PEFT methods and the server assume one
             raise ConfigError(
-                f"{self.name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-                "pick a model from timm.list_models('vit_*')"
+                f"{self.name!r} is a distilled DeiT (two classifier heads), which fedpeft does not support; "
+                f"use the plain one, e.g. {self.name.replace('_distilled', '')!r}"
+            )
+        patch = model.patch_embed.patch_size
+        size = model.patch_embed.img_size
+        if any(s % p for s, p in zip(size, patch)):
+            raise ConfigError(
+                f"model.backbone.img_size {size[0] if size[0] == size[1] else size} is not a multiple of the patch size "
+                f"{patch[0] if patch[0] == patch[1] else patch}: the border would be silently cropped; set img_size to a multiple, "
+                f"e.g. {(size[0] // patch[0]) * patch[0]} or {(size[0] // patch[0] + 1) * patch[0]}"
             )
         return model
 
@@ -117,6 +131,7 @@ class Backbone:
                     f"({detail}); check model.backbone.name and kwargs"
                 ) from err
         try:
+            _check_hub_reachable()
             return timm.create_model(self.name, pretrained=True, **kwargs)
         except Exception as err:  # hub and network errors come in many types
             raise ConfigError(
@@ -124,6 +139,42 @@ class Backbone:
                 f"({type(err).__name__}); without network, download the weights elsewhere and set "
                 "model.backbone.weights_file: path/to/weights.safetensors"
             ) from err
+
+
+def _not_a_vit(name: str, kind: str) -> str:
+    return f"{name!r} is a {kind}, not a timm VisionTransformer; fedpeft fine-tunes ViTs: pick one from timm.list_models('vit_*')"
+
+
+def _architecture_of(name: str) -> Optional[str]:
+    """The class timm builds for ``name`` with its defaults, or None if it cannot be built."""
+    try:
+        return type(timm.create_model(name, pretrained=False)).__name__
+    except Exception:  # an unknown name or odd arguments: the caller's message stands
+        return None
+
+
+def _check_hub_reachable(timeout: float = 3.0) -> None:
+    """Switch the hub to offline mode when it cannot be reached, so that the weights come from the
+    local cache or fail at once, instead of after a minute of retries.
+
+    huggingface_hub retries a failed download with back-off and warns at each try; without
+    network that is dozens of warnings before the same error. ``HF_HUB_OFFLINE=1`` needs no
+    check. One TCP connection decides.
+    """
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    import socket
+
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True  # read at each download; the cache still serves
 
 
 def _check_file_fits(path: str, model: VisionTransformer) -> None:

@@ -2,12 +2,14 @@
 
 ::
 
+    fedpeft --help                                    # what each subcommand does
     fedpeft fit --config configs/prompt.yaml          # train
     fedpeft comm --config configs/prompt.yaml         # bytes per client, round and run; no training
     fedpeft fit --config configs/prompt.yaml --ckpt_path last    # resume
     fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
     fedpeft fit --config configs/prompt.yaml --trainer.strategy ddp --trainer.devices 4   # several GPUs
     fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
+    fedpeft report runs/quickstart --output report    # compare runs: a Markdown table and two figures
 
 The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`.
 """
@@ -18,10 +20,35 @@ import os
 import sys
 from typing import Optional
 
+from fedpeft_pl import config
 from fedpeft_pl.config import FedPEFTCLI, configure_logging, one_line
 from fedpeft_pl.errors import ConfigError
 
 __all__ = ["main", "one_line"]
+
+USAGE = """usage: fedpeft [--verbose] [--debug] SUBCOMMAND [--config CONFIG ...] [--key value ...]
+
+fedpeft: federated parameter-efficient fine-tuning (prompts, adapters, LoRA, ...) of frozen ViTs,
+with PyTorch Lightning. Each subcommand takes --help.
+
+subcommands:
+  fit          train: one federated run, logged to TensorBoard, checkpointed each round
+  comm         print what each client sends per round and the whole run costs; trains nothing
+  export       write a trained checkpoint as one safetensors file (plain timm where the method merges)
+  flower-app   write a Flower app directory to deploy a config across machines
+  report       compare finished runs: a Markdown table and accuracy-vs-MiB and -round figures
+
+options:
+  --verbose    also show Lightning's own messages (accelerators, model summary, tips)
+  --debug      show the traceback instead of the one-line error (or FEDPEFT_DEBUG=1)
+
+examples:
+  fedpeft fit --config configs/quickstart.yaml
+  fedpeft fit --config configs/quickstart.yaml --ckpt_path last
+  fedpeft comm --config configs/prompt.yaml
+  fedpeft export --config runs/quickstart/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
+  fedpeft report runs/quickstart --output report
+"""
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -36,10 +63,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
-    configure_logging()
+    verbose = bool(os.environ.get("FEDPEFT_VERBOSE"))
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        verbose = True
+    configure_logging(verbose)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    config._CONFIG_FILES[:] = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [
+        a.split("=", 1)[1] for a in argv if a.startswith("--config=")
+    ]
     try:
         if argv[:1] == ["flower-app"]:
             _flower_app(argv[1:])
+        elif argv[:1] == ["report"]:
+            from fedpeft_pl.report import report_command
+
+            report_command(argv[1:])
         elif from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv[1:] = argv
             FedPEFTCLI()

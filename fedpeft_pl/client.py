@@ -25,6 +25,16 @@ from fedpeft_pl.hooks import FederatedHooks
 from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
 
 
+def _check_optimizer(factory: OptimizerCallable) -> None:
+    """Build the optimizer once on a stand-in parameter: a bad argument (a negative learning rate)
+    is refused now, in one line, not by torch after the data set-up in the first client's step."""
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.optimizer: {detail[:1].lower() + detail[1:]}; fix it under model.optimizer.init_args") from None
+
+
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum 0.9 and weight decay 1e-4, the paper's optimizer, at lr 0.01."""
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -60,6 +70,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self.backbone = backbone if backbone is not None else Backbone()
         self.peft = peft if peft is not None else Prompt()
         self.optimizer_factory = optimizer or default_optimizer
+        _check_optimizer(self.optimizer_factory)
         self.model = self.backbone.build(num_classes)
         self.backbone_names = list(self.model.state_dict())  # timm's names, before PEFT adds any
         self.peft.apply(self.model)

@@ -7,12 +7,14 @@ building a run (trainer, module, data module) from YAML without the command line
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Optional, Union
 
@@ -36,11 +38,21 @@ _NOISE = (
 )
 
 
+SHIPPED_CONFIGS = "configs/quickstart.yaml (offline, a few minutes on a CPU) or configs/<method>.yaml (adapter, bias, full, head, lora, prompt)"
+
+
 def one_line(message: str) -> str:
     """Condense a jsonargparse error report into one line that names the key and the problem."""
+    if "the following arguments are required" in message:
+        return f"no config given: pass --config, e.g. --config {SHIPPED_CONFIGS}"
+    yaml_error = _yaml_error(message)
+    if yaml_error:
+        return yaml_error
     key, detail = _condense(message)
     line = f"{key}: {detail}" if key else detail
-    if re.search(r"unknown option|does not accept option|expected |cannot be used", line):
+    if line.startswith("unrecognized arguments"):
+        line += "; write each key in full (prefixes are not matched)"
+    if re.search(r"unknown option|does not accept option|expected |cannot be used|unrecognized arguments", line):
         line += "; add --print_config to see every valid key and its value"
     return line
 
@@ -67,18 +79,64 @@ def _condense(text: str) -> tuple[Optional[str], str]:
         r"Expected a <class '([\w.]+)'>\. Got value: (.*)", lambda m: f"expected {m[1]}, got {m[2]!r}", detail
     )
     detail = re.sub(r"Option '([^']+)' is not accepted", r"unknown option '\1'", detail)
+    # typing expressions mean nothing to a user: name the allowed values or the kind of class instead
+    literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", detail)
+    if literal:
+        detail = f"expected one of {literal[1]}, got {literal[2]!r}"
+    if "typing.Callable" in detail and "Optimizer" in detail:
+        reason = detail.rsplit(": ", 1)[-1] if ": " in detail else detail
+        detail = f"expected the class path of a torch optimizer, e.g. torch.optim.SGD or torch.optim.AdamW ({reason})"
     return key, detail
 
 
+def _yaml_error(message: str) -> Optional[str]:
+    """A YAML syntax error with the file and line it is in (jsonargparse names neither)."""
+    if "Problems parsing config" not in message:
+        return None
+    for path in _CONFIG_FILES:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path} line {mark.line + 1}" if mark is not None else path
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"{where}: YAML syntax error ({problem}); fix the file, or check it with python -c \"import yaml; yaml.safe_load(open('{path}'))\""
+        except OSError:
+            continue
+    return None
+
+
+_CONFIG_FILES: list[str] = []  # the --config files of the command being parsed, for _yaml_error
+
+
+_RST = [
+    (re.compile(r":(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`"), lambda m: m[1].rsplit(".", 1)[-1] if "~" in m[0] else m[1]),
+    (re.compile(r"``([^`]+)``"), lambda m: m[1]),
+]
+EPOCH_LIMITS = ("max_epochs", "min_epochs", "max_steps", "min_steps")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text without reStructuredText roles and literals, for --help."""
+    for pattern, replacement in _RST:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class FedPEFTParser(LightningArgumentParser):
-    """Reports configuration mistakes as a one-line ConfigError instead of usage text.
+    """Reports configuration mistakes as a one-line ConfigError instead of usage text; keys are never
+    matched by prefix (``--trainer.num_round`` is a typo, not ``num_rounds``); help is plain text.
 
     Config files may start from another with ``__base__: other.yaml`` (:mod:`fedpeft_pl.yaml_include`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
         kwargs.setdefault("parser_mode", yaml_include.register())
         super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        return plain_text(super().format_help())
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse is probing; it catches this itself
@@ -105,7 +163,33 @@ class FedPEFTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "comm": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+        # validate/test/predict are left out: a federated run evaluates the server model every round
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "comm": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("description", "fedpeft: federated parameter-efficient fine-tuning of frozen ViTs.")
+        kwargs.setdefault("prog", "fedpeft")
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # FederatedTrainer counts rounds and refuses these; hide them from --help (giving one still
+        # gets the one-line error that names trainer.num_rounds)
+        for action in parser._actions:
+            if action.dest in {f"trainer.{name}" for name in EPOCH_LIMITS}:
+                action.help = argparse.SUPPRESS
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version reads the file with torch.load before anything is checked, so a
+        # foreign or broken file ends in a traceback; fedpeft checkpoints carry no hyperparameters,
+        # so checking the file is all there is to do here, before anything is built or written
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path != "last":
+            from fedpeft_pl.trainer import check_checkpoint_file
+
+            check_checkpoint_file(ckpt_path)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -120,8 +204,12 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def configure_logging() -> None:
-    """fedpeft's log lines on stderr, written above any progress bar."""
+def configure_logging(verbose: bool = False) -> None:
+    """fedpeft's log lines on stderr, written above any progress bar.
+
+    Lightning's own messages (seed, accelerators, tips, the model summary) and library
+    deprecation warnings say nothing about a federated run; they show with ``verbose`` only.
+    """
     logger = logging.getLogger("fedpeft_pl")
     if not logger.handlers:
         handler = _TqdmHandler()
@@ -129,6 +217,12 @@ def configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(lightning|torch|timm|jsonargparse)\b")
 
 
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from fedpeft_pl.aggregation import ServerAggregation
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.comm import CommReport, communication_report
 from fedpeft_pl.compression import Codec
+from fedpeft_pl.console import RunSummary
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.export import Exported, export_checkpoint
@@ -30,6 +33,7 @@ from fedpeft_pl.hooks import runs_on_client
 from fedpeft_pl.loop import FederatedLoop, _ClientJob
 from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
+from fedpeft_pl.run_folder import RoundCheckpoint, check_checkpoint_file, check_resume, removed_if_failed_early
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,8 @@ class FederatedTrainer(pl.Trainer):
         privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
             client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
-            progress bar and a round-end ModelCheckpoint (``last.ckpt``) are added unless given.
+            progress bar (only when stderr is a terminal), a run summary and a round-end
+            checkpoint (``round=N.ckpt`` and ``last.ckpt``) are added unless given.
         num_sanity_val_steps: as in Lightning; off by default.
         **kwargs: any other ``lightning.pytorch.Trainer`` argument except epoch and step limits.
 
@@ -101,11 +106,28 @@ class FederatedTrainer(pl.Trainer):
             raise ConfigError(
                 "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
             )
-        if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if kwargs.get("enable_progress_bar") is None and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments;
+            # a notebook's stderr is no terminal either, but draws the bar as a widget
+            kwargs["enable_progress_bar"] = sys.stderr.isatty() or "ipykernel" in sys.modules
+        if kwargs.get("enable_model_summary") is None:
+            # Lightning's summary table; shown with its other messages (fedpeft --verbose)
+            kwargs["enable_model_summary"] = logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
+        if kwargs["enable_progress_bar"] is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(FederatedProgressBar())
         if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
-        super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
+            callbacks.append(RoundCheckpoint())
+        if not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks.append(RunSummary())
+        try:
+            super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
+        except MisconfigurationException as err:  # e.g. accelerator: gpu on a machine without one
+            detail = str(err).strip().splitlines()[0]
+            accelerator = kwargs.get("accelerator", "auto")
+            raise ConfigError(
+                f"trainer.accelerator {accelerator!r} cannot run here ({detail}); set trainer.accelerator: cpu, "
+                "or auto to use what this machine has (and check trainer.devices)"
+            ) from None
         self.fit_loop = FederatedLoop(self, settings, availability=availability)
 
     @property
@@ -127,7 +149,15 @@ class FederatedTrainer(pl.Trainer):
         ckpt_path: Optional[str] = None,
         weights_only: Optional[bool] = None,
     ) -> None:
-        """Run ``num_rounds`` rounds; ``datamodule`` must be a FederatedDataModule."""
+        """Run ``num_rounds`` rounds; ``datamodule`` must be a FederatedDataModule.
+
+        Args:
+            model: the FedPEFTModule to train.
+            datamodule: a FederatedDataModule: the data split into clients.
+            ckpt_path: resume from this checkpoint, or ``last`` for the newest ``last.ckpt`` of
+                this configuration's logger (the same run folder); checked before anything is written.
+            weights_only: as in Lightning; fedpeft checkpoints load tensors-only.
+        """
         if train_dataloaders is not None or val_dataloaders is not None:
             raise ConfigError("FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of dataloaders")
         if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
@@ -138,9 +168,11 @@ class FederatedTrainer(pl.Trainer):
             privacy.attach(model, datamodule)
         if ckpt_path == "last":
             ckpt_path = self.find_last_checkpoint(continue_logging=True)
-        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
-            raise ConfigError(f"ckpt_path {str(ckpt_path)!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
-        super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+        if ckpt_path is not None:
+            # everything that can refuse the resume, before the run folder is touched
+            check_resume(model, check_checkpoint_file(str(ckpt_path)))
+        with removed_if_failed_early(self):
+            super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
     def train_client(
         self,
@@ -222,9 +254,14 @@ class FederatedTrainer(pl.Trainer):
             ckpt_path: a checkpoint of this configuration, or ``last`` for the newest.
             output: the file to write.
         """
+        if ckpt_path is None:
+            raise ConfigError("export needs --ckpt_path: a checkpoint file, or last for this config's newest last.ckpt")
+        if os.path.isdir(output):
+            raise ConfigError(f"--output {output!r} is a directory; give the file to write, e.g. {os.path.join(output, 'model.safetensors')!r}")
         path = self.find_last_checkpoint() if ckpt_path == "last" else ckpt_path
-        if path is None or not os.path.isfile(path):
-            raise ConfigError(f"ckpt_path {ckpt_path!r} names no checkpoint; give the checkpoint file to export")
+        if path is None:
+            raise ConfigError(f"ckpt_path 'last': this config's run folder holds no last.ckpt; give the checkpoint file to export")
+        check_resume(model, check_checkpoint_file(path))
         exported = export_checkpoint(model, path, output, weights_only=weights_only is not False)
         kind = "plain timm" if exported.plain_timm else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
         print(f"wrote {exported.path}: {exported.tensors} tensors, {exported.num_bytes:,} bytes, {kind}")

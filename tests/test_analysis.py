@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -73,3 +74,34 @@ def test_the_notebook_runs_headless_on_real_logs(logs, monkeypatch):
     assert not errors, [(e.ename, e.evalue) for e in errors]
     assert any("| run | method |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_fedpeft_report_writes_the_table_and_figures_and_skips_unfinished_runs(logs, tmp_path, capsys):
+    import shutil
+
+    unfinished = tmp_path / "unfinished" / "version_0"
+    shutil.copytree(logs / "prompt" / "version_0", unfinished)
+    config = unfinished / "config.yaml"
+    config.write_text(config.read_text().replace("num_rounds: 2", "num_rounds: 5"))
+    output = tmp_path / "report"
+    main(["report", str(logs), str(tmp_path / "unfinished"), "--output", str(output)])
+    out = capsys.readouterr()
+    assert "skipped" in out.err and "2 of 5 rounds" in out.err
+    table = (output / "report.md").read_text()
+    assert "| run | method | rounds | final_acc" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    assert sorted(row.split(" | ")[1] for row in rows) == ["Full", "Prompt"], table
+    for figure in ("accuracy_vs_mib.png", "accuracy_vs_round.png"):
+        assert (output / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert str(output / "report.md") in out.out
+
+
+def test_fedpeft_report_without_matplotlib_names_the_extra(logs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(logs), "--output", str(tmp_path / "report")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("fedpeft: error:") and "fedpeft-pl[analysis]" in err[0]
+    assert not (tmp_path / "report").exists()

@@ -50,6 +50,28 @@ def yaml_file(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def bad_checkpoint(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "backbone": {}}, path)
+        path.write_bytes(path.read_bytes()[:600])
+    else:  # a plain state dict, not a fedpeft checkpoint
+        torch.save({"head.weight": torch.zeros(10, 128)}, path)
+    return str(path)
+
+
+def offline_download(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
 CASES = {
     "unknown-yaml-key": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_round: 3\n")], "num_round"),
     "wrong-yaml-type": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: three\n")], "trainer.num_rounds: expected int"),
@@ -86,12 +108,29 @@ CASES = {
     "epoch-limits": (lambda t: ["--trainer.max_epochs", "5"], "set trainer.num_rounds"),
     "shards-k": (lambda t: ["--data.partition", "fedpeft_pl.data.Shards", "--data.partition.classes_per_client", "11"], "exceeds"),
     "missing-config": (lambda t: ["--config", str(t / "nope.yaml")], "does not exist"),
+    "negative-lr": (lambda t: ["--model.optimizer.init_args.lr", "-0.1"], "model.optimizer: invalid learning rate: -0.1"),
+    "no-gpu": (lambda t: ["--trainer.accelerator", "gpu"], "set trainer.accelerator: cpu"),
+    "checkpoint-random-bytes": (lambda t: ["--ckpt_path", bad_checkpoint(t, "random")], "is not a readable checkpoint"),
+    "checkpoint-truncated": (lambda t: ["--ckpt_path", bad_checkpoint(t, "truncated")], "is not a readable checkpoint"),
+    "checkpoint-state-dict": (lambda t: ["--ckpt_path", bad_checkpoint(t, "plain")], "is not a fedpeft checkpoint"),
+    "checkpoint-directory": (lambda t: ["--ckpt_path", str(t)], "is a directory; give a .ckpt file"),
+    "not-a-vit": (lambda t: ["--model.backbone.name", "resnet18", "--model.backbone.weights_file", "null"], "'resnet18' is a ResNet, not a timm VisionTransformer"),
+    "distilled-deit": (lambda t: ["--model.backbone.name", "deit_tiny_distilled_patch16_224", "--model.backbone.weights_file", "null"],
+                       "distilled"),
+    "img-size-not-multiple": (lambda t: ["--model.backbone.img_size", "30"], "not a multiple of the patch size 8"),
+    "sampling-typo": (lambda t: ["--trainer.client_sampling", "poison"], "trainer.client_sampling: expected one of 'uniform', 'poisson', got 'poison'"),
+    "optimizer-typo": (lambda t: ["--model.optimizer", "torch.optim.SGDX"], "model.optimizer: expected the class path of a torch optimizer"),
+    "yaml-syntax": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: [3\n")], "extra.yaml line 3"),
+    "prefix-key": (lambda t: ["--trainer.num_round", "3"], "--trainer.num_round 3; write each key in full"),
+    "torchvision-offline": (lambda t: ["--data.dataset", "fedpeft_pl.data.CIFAR10", "--data.dataset.root", str(t / "cifar")],
+                            "could not download CIFAR-10"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_mistake_gives_one_line_and_exit_status_2(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    offline_download(monkeypatch)
     make_args, message = CASES[case]
     args = ["fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             *make_args(tmp_path)]
@@ -104,18 +143,59 @@ def test_a_mistake_gives_one_line_and_exit_status_2(case, tmp_path, capsys, monk
     assert len(errors) == 1, err[-3000:]
     assert message in errors[0], errors[0]
     assert "Traceback" not in err
+    assert "weights_only=False" not in err
+    assert not list((tmp_path / "runs").glob("*/version_*")), "a run that failed before round 1 left its folder"
 
 
-def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    """With --debug the exception propagates (Python prints its traceback), its cause intact."""
+def one_error(args, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fedpeft: error:")]
+    assert exit_info.value.code == 2
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_bare_fit_says_to_pass_a_config(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    with pytest.raises(Exception) as info:
-        main(["--debug", "fit", "--config", QUICKSTART, *SHORT, "--data.partition.alpha", "0"])
-    cause = _config_error_in(info.value)
-    assert cause is not None and "alpha must be > 0" in str(cause)
+    line = one_error(["fit"], capsys)
+    assert "--config" in line and "configs/quickstart.yaml" in line
 
 
-def test_a_real_bug_is_not_disguised_as_a_config_error(monkeypatch):
-    monkeypatch.setattr(torch, "manual_seed", lambda *a: (_ for _ in ()).throw(ZeroDivisionError("bug")))
-    with pytest.raises(ZeroDivisionError):
-        main(["fit", "--config", QUICKSTART, *SHORT])
+def test_export_mistakes_name_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert "export needs --ckpt_path" in one_error(["export", "--config", QUICKSTART], capsys)
+    checkpoint = other_backbone_checkpoint(tmp_path)
+    line = one_error(["export", "--config", QUICKSTART, "--model.backbone.weights_file", "null",
+                      "--ckpt_path", checkpoint, "--output", str(tmp_path)], capsys)
+    assert "is a directory" in line and ".safetensors" in line
+
+
+def test_pretrained_without_network_fails_fast_and_once(tmp_path):
+    """No HF_HUB_OFFLINE set and the hub unreachable: one line within seconds, not a minute of retry warnings.
+
+    A fresh process: huggingface_hub reads HF_HUB_OFFLINE once, at import, and this test session set it.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    environment.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(REPO))  # nothing listens on the discard port
+    started = time.perf_counter()
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fedpeft")), "fit", "--config", QUICKSTART, *SHORT,
+         "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.backbone.weights_file", "null",
+         "--model.backbone.pretrained", "true"],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("fedpeft: error:") and "set model.backbone.weights_file" in lines[-1], result.stderr[-3000:]
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert seconds < 40, seconds  # the retries alone took 46 s; start-up and data set-up take about 15 s on 2 cores
+    assert not list(tmp_path.glob("*/version_*"))

@@ -118,8 +118,16 @@ class _TorchvisionDataset(ImageDataset):
 
     def prepare(self) -> None:
         if self.download:
-            for train in (True, False):
-                self._make(train, None, download=True)
+            try:
+                for train in (True, False):
+                    self._make(train, None, download=True)
+            except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError; torchvision wraps some
+                raise ConfigError(
+                    f"could not download {self.dataset_name} to data.dataset.root {self.root!r} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:100] if str(err) else ''}); offline? download it on a machine with "
+                    f"network (torchvision.datasets.{type(self).__name__}(root, download=True)), copy the folder it "
+                    f"makes under {self.root!r}, and set data.dataset.download: false"
+                ) from None
 
     def load(self, transform: Transform, seed: int) -> Splits:
         try:

@@ -1,0 +1,85 @@
+"""What a run says on the console besides its round lines: the method and what it sends, at the
+start, and a closing summary with the next commands to run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from fedpeft_pl.comm import MIB
+from fedpeft_pl.federation import Federation
+from fedpeft_pl.hooks import FederatedCallback
+
+log = logging.getLogger("fedpeft_pl.console")
+
+
+class RunSummary(FederatedCallback):
+    """Logs the method and what each client sends before round 1, and a summary after the last round:
+    final server accuracy, MiB sent, wall time, the run folder and the commands to look at it.
+
+    Added to every :class:`~fedpeft_pl.trainer.FederatedTrainer`; its lines go to the
+    ``fedpeft_pl`` logger (the ``fedpeft`` command prints them on stderr).
+
+    Example::
+
+        FederatedTrainer(callbacks=[RunSummary()])   # given explicitly, no second one is added
+    """
+
+    def __init__(self) -> None:
+        self._started: Optional[float] = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._started = time.perf_counter()  # wall time counts the data and model set-up too
+
+    @override
+    def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
+        if not trainer.is_global_zero:
+            return
+        params = list(pl_module.parameters())
+        trained = [p for p in params if p.requires_grad]
+        total = sum(p.numel() for p in params)
+        count = sum(p.numel() for p in trained)
+        size = sum(p.numel() * p.element_size() for p in trained)
+        method = getattr(pl_module, "peft", type(pl_module).__name__)
+        log.info(
+            f"method: {method!r} trains {count:,} of {total:,} parameters ({100 * count / max(total, 1):.2f}%); "
+            f"each sampled client receives and sends these {size / 1024:,.1f} KiB a round (before any codec) | "
+            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} rounds"
+        )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._started is None or trainer.current_epoch == 0:
+            return
+        log.info("\n".join(summary_lines(trainer, time.perf_counter() - self._started)))
+
+
+def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
+    """The closing summary of a fit: results, run folder, and the commands that come next."""
+    server = getattr(trainer, "aggregation", None)
+    accuracy = trainer.callback_metrics.get("server/acc")
+    sent = getattr(server, "cumulative_bytes", 0) / MIB
+    rounds = trainer.current_epoch
+    lines = [
+        f"done: {rounds} rounds, {sent:.3f} MiB sent, in {seconds:.1f} s; final server accuracy "
+        + (f"{float(accuracy):.4f}" if accuracy is not None else "not evaluated")
+    ]
+    run_dir: Any = trainer.log_dir if trainer.loggers else None
+    if run_dir:
+        lines.append(f"run folder: {run_dir}")
+        logger_root = os.path.dirname(os.path.dirname(os.path.normpath(run_dir)))
+        config = os.path.join(run_dir, "config.yaml")
+        lines += [
+            "next:",
+            f"  tensorboard --logdir {shlex.quote(logger_root)}   # the curves",
+            f"  fedpeft report {shlex.quote(logger_root)} --output report   # compare its runs: a table and figures",
+            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors   # the model",
+        ]
+    return lines

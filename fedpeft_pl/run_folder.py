@@ -1,0 +1,114 @@
+"""The run folder: checkpoints named by round, checkpoint files checked before anything is written,
+and no folder left behind by a run that fails before its first round ends.
+
+Example::
+
+    checkpoint = check_checkpoint_file("runs/quickstart/prompt/version_0/checkpoints/last.ckpt")
+    check_resume(module, checkpoint)   # ConfigError if this module cannot continue that run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.peft import trainable_parameters
+
+
+class RoundCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with files named by round (``round=30.ckpt``) plus ``last.ckpt``.
+
+    A round is one Lightning epoch, so the round number is the epoch's plus one; ``{round}`` may
+    be used in ``filename`` like any logged metric.
+
+    Args:
+        filename: the file name pattern; ``{round}`` by default.
+        **kwargs: any other ``ModelCheckpoint`` argument.
+
+    Example::
+
+        FederatedTrainer(callbacks=[RoundCheckpoint(every_n_epochs=10)])   # round=10.ckpt, round=20.ckpt, ...
+    """
+
+    def __init__(self, filename: str = "{round}", **kwargs: Any) -> None:
+        kwargs.setdefault("save_last", True)
+        kwargs.setdefault("save_on_train_epoch_end", True)
+        super().__init__(filename=filename, **kwargs)
+
+    @override
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: Optional[str] = None, ver: Optional[int] = None, **kwargs: Any) -> str:
+        if "epoch" in metrics and "round" not in metrics:
+            metrics = {**metrics, "round": int(metrics["epoch"]) + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, **kwargs)
+
+
+def check_checkpoint_file(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded tensors-only; a ConfigError if it is no fedpeft checkpoint.
+
+    Never loads with ``weights_only=False``: a checkpoint may come from anywhere, and unpickling
+    arbitrary objects runs arbitrary code.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"ckpt_path {path!r} is a directory; give a .ckpt file in it, e.g. {os.path.join(path, 'last.ckpt')!r}, "
+            "or 'last' for this configuration's newest"
+        )
+    if not os.path.isfile(path):
+        raise ConfigError(f"ckpt_path {path!r} does not exist; give a checkpoint file, or 'last' for this run's newest")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # random bytes, a truncated file and foreign pickles raise many types
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"ckpt_path {path!r} is not a readable checkpoint ({type(err).__name__}: {reason}); it may be truncated "
+            "or not a checkpoint at all; give a .ckpt file that fedpeft fit wrote (<run folder>/checkpoints/last.ckpt)"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("backbone"), dict) or "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"ckpt_path {path!r} is not a fedpeft checkpoint (it names no backbone; a plain state dict or another "
+            "program's file?); give a .ckpt file that fedpeft fit wrote, or load plain weights with model.backbone.weights_file"
+        )
+    return checkpoint
+
+
+def check_resume(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a checkpoint that ``model`` cannot continue from."""
+    if hasattr(model, "on_load_checkpoint"):
+        model.on_load_checkpoint(checkpoint)  # fedpeft's own checks: backbone fingerprint, missing tensors
+    trainable = {k: v.shape for k, v in trainable_parameters(model).items()}
+    saved = checkpoint["state_dict"]
+    extra = sorted(saved.keys() - trainable.keys())
+    wrong = sorted(k for k in saved.keys() & trainable.keys() if tuple(saved[k].shape) != tuple(trainable[k]))
+    if extra or wrong:
+        example = extra[0] if extra else f"{wrong[0]} {tuple(saved[wrong[0]].shape)} vs {tuple(trainable[wrong[0]])}"
+        raise ConfigError(
+            f"the checkpoint's trainable tensors do not match this model's {getattr(model, 'peft', '')!r} "
+            f"({len(extra)} unknown, {len(wrong)} of another shape, e.g. {example}); resume with the configuration that wrote it"
+        )
+
+
+@contextlib.contextmanager
+def removed_if_failed_early(trainer: pl.Trainer) -> Iterator[None]:
+    """Remove the log folders this fit creates if it fails before its first round ends.
+
+    A failed start would otherwise leave an empty ``version_N`` that TensorBoard and
+    :mod:`fedpeft_pl.analysis` list among the runs. Folders that existed before (a resumed
+    run's) are never touched.
+    """
+    new = [Path(d) for d in {getattr(lg, "log_dir", None) for lg in trainer.loggers} if d and not os.path.exists(d)]
+    try:
+        yield
+    except BaseException:
+        if trainer.current_epoch == 0 and trainer.is_global_zero:
+            for folder in new:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise

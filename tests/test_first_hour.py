@@ -1,0 +1,130 @@
+"""What a new user meets in the first hour: a quiet console, a run folder nothing spoils, help that
+speaks fedpeft, a report of the runs, and round metrics that Lightning callbacks can watch."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from fedpeft_pl.cli import main
+from fedpeft_pl.peft import Prompt
+from helpers import tiny_datamodule, tiny_module, tiny_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+ONE_ROUND = ["--trainer.num_rounds", "1", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1"]
+
+
+def fedpeft(*args, cwd=REPO):
+    script = Path(sys.executable).with_name("fedpeft")
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([str(script), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summary(tmp_path):
+    log = tmp_path / "out.log"
+    script = Path(sys.executable).with_name("fedpeft")
+    with open(log, "w") as out:  # one file for both streams, as `nohup fedpeft fit ... > out.log 2>&1` gives
+        done = subprocess.run(
+            [str(script), "fit", "--config", QUICKSTART, "--trainer.num_rounds", "2", "--trainer.local_epochs", "1",
+             "--trainer.clients_per_round", "3", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
+            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), stdout=out, stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert len(text.encode()) < 3000, text
+    for noise in ("Seed set", "GPU available", "TPU available", "Tip", "FLOPs", "Validation DataLoader", "it/s", "\r", "site-packages"):
+        assert noise not in text, noise
+    lines = text.splitlines()
+    assert lines[0].startswith("data: Digits")
+    assert any(line.startswith("method: Prompt") and "sends" in line for line in lines)
+    rounds = [line for line in lines if "round " in line and "/2" in line and "MiB" in line]
+    assert len(rounds) == 2
+    for number, line in enumerate(rounds, 1):
+        assert re.fullmatch(rf"round {number}/2 \| server acc [0-9.]+ loss [0-9.]+ \| train loss [0-9.]+ \| sent .* MiB\) \| [0-9.]+ s", line), line
+    run = tmp_path / "runs" / "prompt" / "version_0"
+    summary = "\n".join(lines[lines.index(rounds[-1]) + 1 :])
+    assert re.search(r"final server accuracy [0-9.]+", summary), summary
+    assert re.search(r"[0-9.]+ MiB sent", summary) and re.search(r"in [0-9.]+ s", summary), summary
+    assert str(run) in summary
+    assert f"tensorboard --logdir {tmp_path / 'runs'}" in summary
+    assert "fedpeft report" in summary and "fedpeft export" in summary
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["last.ckpt", "round=2.ckpt"]
+
+
+def test_comm_prints_only_its_report_and_verbose_brings_lightning_back():
+    quiet = fedpeft("comm", "--config", str(REPO / "configs" / "bias.yaml"))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stderr.strip() == "", quiet.stderr
+    assert "bytes" in quiet.stdout and "Seed set" not in quiet.stdout
+    verbose = fedpeft("comm", "--config", str(REPO / "configs" / "bias.yaml"), "--verbose")
+    assert verbose.returncode == 0
+    assert "Seed set to 0" in verbose.stderr + verbose.stdout
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_earlier_run_byte_identical(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    runs = tmp_path / "runs"
+    main(["fit", "--config", QUICKSTART, *ONE_ROUND, "--trainer.logger.init_args.save_dir", str(runs),
+          "--trainer.enable_progress_bar", "false"])
+    before = tree_hashes(runs)
+    other_method = ["--config", "configs/quickstart/bias.yaml", "--trainer.logger.init_args.name", "prompt"]
+    last = runs / "prompt" / "version_0" / "checkpoints" / "last.ckpt"
+    for ckpt in ("last", str(last)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", QUICKSTART, *other_method, *ONE_ROUND, "--trainer.num_rounds", "2",
+                  "--trainer.logger.init_args.save_dir", str(runs), "--ckpt_path", ckpt])
+        assert exit_info.value.code == 2
+        assert "resume with the configuration that wrote it" in capsys.readouterr().err
+        assert tree_hashes(runs) == before, ckpt
+    # and README's export of that run still works
+    main(["export", "--config", str(runs / "prompt" / "version_0" / "config.yaml"), "--ckpt_path", "last",
+          "--output", str(tmp_path / "model.safetensors")])
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
+
+
+def test_round_metrics_reach_lightning_callbacks(tmp_path):
+    """comm/* and round/* are in callback_metrics, so EarlyStopping and a monitoring ModelCheckpoint can watch them."""
+    stop = EarlyStopping(monitor="comm/cumulative_bytes", mode="max", stopping_threshold=1.0, check_on_train_epoch_end=True)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="round/clients_aggregated", mode="max", filename="best")
+    trainer = tiny_trainer(tmp_path, num_rounds=3, enable_checkpointing=True, callbacks=[stop, best])
+    trainer.fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule())
+    assert trainer.current_epoch == 1, "EarlyStopping on comm/cumulative_bytes stops after round 1"
+    assert trainer.callback_metrics["round/clients_aggregated"] == 2
+    assert trainer.callback_metrics["comm/bytes_up"] > 0
+    assert best.best_model_score == 2 and Path(best.best_model_path).name == "best.ckpt"
+
+
+def test_top_level_help_speaks_fedpeft(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "federated" in text.lower() and "Lightning Trainer command line tool" not in text
+    for command in ("fit", "comm", "export", "flower-app", "report"):
+        assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), command
+    for gone in ("validate", "predict"):
+        assert not re.search(rf"^\s+{gone}\s", text, re.MULTILINE), gone
+
+
+def test_fit_help_is_plain_text_and_hides_epoch_limits(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text and ":mod:" not in text
+    for hidden in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.min_epochs", "--trainer.min_steps"):
+        assert hidden not in text, hidden
+    ckpt = text[text.index("\n  --ckpt_path") :][:400]
+    assert "last" in ckpt, ckpt
