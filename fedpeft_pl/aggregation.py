@@ -81,6 +81,7 @@ class ServerAggregation(FederatedCallback):
         self._aggregated = 0
         self._sampled = 0
         self._stragglers = 0
+        self._contributors = 0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -104,6 +105,7 @@ class ServerAggregation(FederatedCallback):
         self._bytes = {"down": 0, "up": 0}
         self._eval = {}
         self._dropped = self._failed = 0
+        self._contributors = 0
 
     def configure_round(self, round: Round) -> RoundMessage:
         """The message every sampled client of ``round`` receives: encoded state, config, extras."""
@@ -132,7 +134,9 @@ class ServerAggregation(FederatedCallback):
         self._count_download(result)
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
-        self._bytes["up"] += payload_bytes(result.payload) + payload_bytes(result.extras)
+        # a securely aggregated result stands for that many clients, each of which uploaded an update
+        # of this size (in SecAgg+'s masked form; see fedpeft_pl.flower_secagg for its wire size)
+        self._bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(1, len(result.aggregate_of))
         self._reports.append((result.client, result.num_samples, dict(result.metrics)))
         device = pl_module.device
         payload = {k: v.to(device) for k, v in result.payload.items()}
@@ -146,6 +150,7 @@ class ServerAggregation(FederatedCallback):
             )
             return
         self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras))
+        self._contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
 
     @override
     def on_round_gather(
@@ -184,7 +189,7 @@ class ServerAggregation(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
-        arrived = len(self._updates)
+        arrived = max(len(self._updates), self._contributors)  # under DDP the gathered updates are all ranks' own
         if arrived >= self.strategy.min_clients:
             self.global_state = self.strategy.aggregate_fit(round.number, self.global_state, self._updates)
             self._aggregated = arrived
