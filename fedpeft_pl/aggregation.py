@@ -116,8 +116,9 @@ class ServerAggregation(FederatedCallback):
         return self._message
 
     def _count_download(self, result: ClientResult) -> None:
-        if result.received:
-            self._bytes["down"] += payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+        if result.received:  # a securely aggregated result: each of its clients received the message
+            size = payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+            self._bytes["down"] += size * max(1, len(result.aggregate_of))
 
     @override
     def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
@@ -149,7 +150,7 @@ class ServerAggregation(FederatedCallback):
                 "its update is left out of this round"
             )
             return
-        self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras))
+        self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras, tuple(result.aggregate_of)))
         self._contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
 
     @override

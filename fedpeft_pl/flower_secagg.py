@@ -40,6 +40,7 @@ import torch
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Round
+from fedpeft_pl.privacy import DPFedAvg
 from fedpeft_pl.flower import _CLIENT, _DROP, _MAX_BATCHES, _ROUND, FlowerRunner
 from fedpeft_pl.secure_aggregation import SecureAggregation
 
@@ -55,6 +56,18 @@ from flwr.server.workflow import SecAggPlusWorkflow
 log = logging.getLogger(__name__)
 
 _NAMES = "fedpeft.names"  # the order of the tensors in the FitIns parameters, one name a line
+_SAMPLES = "fedpeft.num-examples"  # a client's real sample count (FitRes.num_examples is its SecAgg+ weight)
+
+
+def clip_update(update: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
+    """The update scaled to L2 norm at most ``clip_norm``, as DPFedAvg's server clips each update.
+
+    Under secure aggregation the server never sees one update, so each client clips its own
+    before masking (DP-FedAvg with secure aggregation, McMahan et al. 2018).
+    """
+    norm = float(np.sqrt(sum(float(np.square(u, dtype=np.float64).sum()) for u in update)))
+    factor = min(1.0, clip_norm / (norm + 1e-12))
+    return [(u * factor).astype(u.dtype) for u in update]
 
 
 class _Node:
@@ -73,7 +86,7 @@ class _RoundStrategy:
     def __init__(self, instructions: dict[int, FitIns]) -> None:
         self.instructions = instructions
         self.mean: Optional[list[np.ndarray]] = None
-        self.finished: list[tuple[int, int, dict[str, Any]]] = []  # (node id, num_examples, metrics)
+        self.finished: list[tuple[int, dict[str, Any]]] = []  # (node id, metrics with the sample count)
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[_Node, FitIns]]:
         return [(_Node(node), fitins) for node, fitins in self.instructions.items()]
@@ -81,7 +94,7 @@ class _RoundStrategy:
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
         if results:  # every FitRes carries the same unmasked weighted mean; none carries its own update
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
-        self.finished = [(proxy.node_id, int(res.num_examples), dict(res.metrics)) for proxy, res in results]
+        self.finished = [(proxy.node_id, dict(res.metrics)) for proxy, res in results]
         return None, {}  # the workflow writes nothing back; the runner hands the mean to fedpeft's server
 
 
@@ -165,7 +178,7 @@ class SecureFlowerRunner(FlowerRunner):
             f"protocol messages {grid.sent} bytes down, {grid.received} bytes up (serialised content)"
         )
         client_of = {node: client for client, node in self.nodes.items()}
-        finished = {client_of[node]: (count, metrics) for node, count, metrics in strategy.finished}
+        finished = {client_of[node]: (int(metrics.pop(_SAMPLES)), metrics) for node, metrics in strategy.finished}
         aggregate = self._aggregate(round, names, strategy.mean, finished) if strategy.mean is not None else None
         for client in round.share:  # sampling order; the mean takes the place of its first client
             if client in early:
@@ -183,8 +196,10 @@ class SecureFlowerRunner(FlowerRunner):
                    finished: dict[int, tuple[int, dict[str, Any]]]) -> ClientResult:
         server = self.loop.trainer.aggregation
         received = server.download.decode(round.message.payload, like=server.global_state)
+        # DPFedAvg's clients weigh 1 each, so the mean times their number is the sum of their clipped updates
+        scale = len(finished) if isinstance(server.strategy, DPFedAvg) else 1
         payload = {
-            n: (received[n].float() + torch.from_numpy(np.asarray(m, dtype=np.float64)).float().reshape(received[n].shape))
+            n: (received[n].float() + scale * torch.from_numpy(np.asarray(m, dtype=np.float64)).float().reshape(received[n].shape))
             .to(received[n].dtype)
             for n, m in zip(names, mean)
         }
@@ -246,12 +261,16 @@ def _train_from_fitins(message: Message, context: Context, call_next: Any, setti
     trainer, _, _ = _client(config)
     received = trainer.aggregation.download.decode(arrays, like=trained)  # the state the client started from
     update = [(trained[n].float() - received[n].float()).numpy() for n in names]
-    weight = num_examples / settings.max_weight
+    weight_count = num_examples
+    if isinstance(trainer.aggregation.strategy, DPFedAvg):
+        update = clip_update(update, trainer.aggregation.strategy.clip_norm)
+        weight_count = round(settings.max_weight)  # every client weighs 1: the server needs the plain sum
+    weight = weight_count / settings.max_weight
     largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0) * weight
     if largest > settings.clipping_range:
         log.warning(
             f"client {round_config[_CLIENT]}: its weighted update reaches {largest:.3g}, beyond secure aggregation's "
             f"clipping_range {settings.clipping_range:g}; SecAgg+ clips it (raise --clipping-range)"
         )
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples, metrics)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight_count, {**metrics, _SAMPLES: num_examples})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)

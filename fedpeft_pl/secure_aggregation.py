@@ -141,7 +141,8 @@ def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None
 
     SecAgg+ gives the server only the sample-weighted mean of the updates, so the strategy must
     be a function of that mean (FedAvg and its subclasses: FedProx, FedAdagrad, FedAdam,
-    FedYogi) and its clients must send nothing else (no extra tensors). The clients' uploads are
+    FedYogi), or DPFedAvg (its clients clip their updates before masking, weigh them equally, and
+    the server adds its noise to the sum), and its clients must send nothing else (no extra tensors). The clients' uploads are
     SecAgg+'s masked fixed-point vectors, so an upload codec cannot apply.
 
     Args:
@@ -149,6 +150,7 @@ def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None
         upload: the upload codec (or its class, or None).
     """
     from fedpeft_pl.compression import Codec
+    from fedpeft_pl.privacy import DPFedAvg
     from fedpeft_pl.strategies import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
     cls = strategy if isinstance(strategy, type) else type(strategy)
@@ -157,12 +159,12 @@ def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None
         raise ConfigError(
             f"secure aggregation cannot run {name}: it needs every client's individual update, and the server sees only their sum"
         )
-    if issubclass(cls, FedAvg) and getattr(cls, "client_end") is Strategy.client_end:
+    if (issubclass(cls, FedAvg) or issubclass(cls, DPFedAvg)) and getattr(cls, "client_end") is Strategy.client_end:
         pass
     else:
         raise ConfigError(
             f"secure aggregation cannot run {name}: the server sees only the sample-weighted sum of the updates, so the strategy "
-            "must aggregate their weighted mean with no per-client tensors (FedAvg, FedProx, FedAdagrad, FedAdam, FedYogi)"
+            "must aggregate their weighted mean with no per-client tensors (FedAvg, FedProx, FedAdagrad, FedAdam, FedYogi, DPFedAvg)"
         )
     upload_cls = upload if isinstance(upload, type) or upload is None else type(upload)
     if upload_cls is not None and upload_cls is not Codec:

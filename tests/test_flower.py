@@ -186,9 +186,9 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     result = federation.run(app)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:] + federation.logs()
-    assert "round 2/2 | server acc" in output
-    assert output.count("secure aggregation of 2 of 3 clients") == rounds, output[-4000:]
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
+    # the run's files, not its streamed log, which the loaded test machine sometimes cuts short
+    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), output[-4000:] + federation.logs()
     simulated = fedpeft("fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated"),
                         env={"PYTHONPATH": federation.env["PYTHONPATH"]})
     assert simulated.returncode == 0, simulated.stderr[-3000:]
@@ -203,7 +203,9 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     mine = [(n, p) for r, c, n, _, p in individual if r == 1 and c in clients]
     expected = {k: sum(n * p[k].double() for n, p in mine) / samples for k in mean}
     weight = sum(n for n, _ in mine) / 1000.0  # the sum of the clients' SecAgg+ weights (max_weight 1000)
-    bound = len(mine) * 2 * clipping / levels / weight  # one quantisation step per client, over the total weight
+    # one quantisation step per client over the total weight, and the float32 rounding of the result
+    bound = len(mine) * 2 * clipping / levels / weight + 4 * torch.finfo(torch.float32).eps * max(
+        float(e.abs().max()) for e in expected.values())
     error = max(float((mean[k].double() - expected[k]).abs().max()) for k in mean)
     assert error <= bound, (error, bound)
     for server_round, _, samples, clients, mean in seen:
@@ -213,8 +215,11 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
             assert max(float((mean[k] - update[k]).abs().max()) for k in mean) > 100 * bound
     deployed = torch.load(deployed_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     reference = torch.load(simulated_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    for name, tensor in reference.items():
-        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-3, msg=name)
+    for name, tensor in reference.items():  # round 2 trains from a state that differs by the rounding above
+        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-4, msg=name)
+    deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
+    for tag in ("comm/bytes_down", "comm/bytes_up", "round/clients_aggregated", "round/clients_dropped"):
+        assert deployed_logs[tag] == simulated_logs[tag], tag
     print(f"secure aggregation: round-1 error {error:.2e} (bound {bound:.2e})")
 
 

@@ -24,11 +24,28 @@ def test_strategies_that_need_individual_updates_are_refused(strategy, message):
         check_composition(strategy, None)
 
 
-def test_dp_fedavg_is_refused_for_now():
-    from fedpeft_pl.privacy import DPFedAvg
+def test_dp_fedavg_composes_and_its_server_takes_the_clipped_sum_as_it_is():
+    """Clients clip before masking; the server must not clip the sum again, and adds its noise to the sum."""
+    import torch
 
-    with pytest.raises(ConfigError, match="cannot run DPFedAvg"):
-        check_composition(DPFedAvg, None)
+    from fedpeft_pl.flower_secagg import clip_update
+    from fedpeft_pl.privacy import DPFedAvg
+    from fedpeft_pl.strategies import ClientUpdate
+
+    check_composition(DPFedAvg, None)
+    generator = torch.Generator().manual_seed(0)
+    start = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    updates = [{k: torch.randn(v.shape, generator=generator) * scale for k, v in start.items()} for scale in (0.1, 3.0, 5.0)]
+    strategy = DPFedAvg(clip_norm=1.0, epsilon=None, noise_multiplier=0.0)
+    strategy._expected_clients = 3.0
+    one_by_one = strategy.aggregate_fit(1, start, [ClientUpdate(i, 10, u) for i, u in enumerate(updates)])
+    clipped = [dict(zip(u, clip_update([t.numpy() for t in u.values()], 1.0))) for u in updates]
+    for c in clipped[1:]:  # the large updates end on the clipping norm
+        assert abs(sum(float((torch.as_tensor(t) ** 2).sum()) for t in c.values()) ** 0.5 - 1.0) < 1e-5
+    summed = {k: sum(torch.as_tensor(c[k]) for c in clipped) for k in start}
+    secure = strategy.aggregate_fit(1, start, [ClientUpdate(0, 30, summed, aggregate_of=(0, 1, 2))])
+    for k in start:
+        torch.testing.assert_close(secure[k], one_by_one[k])
 
 
 def test_an_upload_codec_is_refused():
@@ -75,3 +92,27 @@ def test_flower_app_refuses_with_one_line_and_exit_2(tmp_path, extra, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("fedpeft: error: secure aggregation") and message in last, last
     assert not (tmp_path / "app").exists()
+
+
+@pytest.fixture
+def client_process(monkeypatch):
+    """The task identity Flower's runtime gives an app process; Messages need it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+def test_a_secure_deployment_client_refuses_a_plain_train_message(client_process):
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedpeft_pl.flower_secagg import secure_train_mod
+
+    mod = secure_train_mod("fedpeft.yaml")
+    message = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    secure = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=SecureAggregation().to_run_config())
+    with pytest.raises(ConfigError, match="refuses to send its update in the clear"):
+        mod(message, secure, lambda m, c: pytest.fail("the train handler ran"))
+    plain = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"node-timeout": 300})
+    assert mod(message, plain, lambda m, c: "trained") == "trained"
