@@ -22,6 +22,10 @@ process (Flower's simulation engine reuses its workers) the module with its back
 once and kept. Per-client state (Int8 error feedback residuals, a strategy's per-client
 tensors) lives in Flower's node context, so it persists across rounds on the SuperNode.
 
+With ``secure-aggregation = true`` in the run config (``fedpeft flower-app ... --secure-aggregation``)
+the rounds run Flower's SecAgg+ instead and the server is handed only the weighted mean of the
+clients' updates: see :mod:`fedpeft_pl.flower_secagg`.
+
 Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; README,
 "Deploy across machines with Flower", has the commands. Flower is an optional dependency:
 ``pip install "fedpeft-pl[flower]"``.
