@@ -20,7 +20,9 @@ the ClientApp); this module only connects it to fedpeft's round loop:
   goes through ``secaggplus_mod``; in the collect stage the mod calls the ordinary train handler
   through an adapter that turns the ``FitIns`` back into fedpeft's message and the reply into a
   ``FitRes`` holding the client's update (trained minus received state), which the mod weights by
-  ``num_samples / max_weight``, quantises, masks and uploads in place of the update. When the
+  ``num_samples / max_weight``, quantises, masks and uploads in place of the update (under
+  DPFedAvg the client first clips its update to ``clip_norm`` and weighs 1, and the runner hands
+  the server the sum of the clipped updates, to which DPFedAvg adds its noise). When the
   run config asks for secure aggregation, a plain train message is refused, so a server cannot
   quietly ask for an update in the clear.
 
