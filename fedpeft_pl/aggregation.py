@@ -87,6 +87,7 @@ class ServerAggregation(FederatedCallback):
         self._sampled = 0
         self._stragglers = 0
         self.wire = WireCounter()
+        self._contributors = 0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,6 +111,7 @@ class ServerAggregation(FederatedCallback):
         self._bytes = {"down": 0, "up": 0}
         self._eval = {}
         self._dropped = self._failed = 0
+        self._contributors = 0
 
     def configure_round(self, round: Round) -> RoundMessage:
         """The message every sampled client of ``round`` receives: encoded state, config, extras."""
@@ -121,8 +123,9 @@ class ServerAggregation(FederatedCallback):
         return self._message
 
     def _count_download(self, round: Round, result: ClientResult) -> None:
-        if result.received:
-            self._bytes["down"] += payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+        if result.received:  # a securely aggregated result: each of its clients received the message
+            size = payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+            self._bytes["down"] += size * max(1, len(result.aggregate_of))
             plan = round.plans.get(result.client)
             self.wire.download(self._message.config, round.number, result.client, plan.batches if plan else 0, self._message.extras)
 
@@ -141,7 +144,9 @@ class ServerAggregation(FederatedCallback):
         self._count_download(round, result)
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
-        self._bytes["up"] += payload_bytes(result.payload) + payload_bytes(result.extras)
+        # a securely aggregated result stands for that many clients, each of which uploaded an update
+        # of this size (in SecAgg+'s masked form; see fedpeft_pl.flower_secagg for its wire size)
+        self._bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(1, len(result.aggregate_of))
         self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
         self._reports.append((result.client, result.num_samples, dict(result.metrics)))
         device = pl_module.device
@@ -155,7 +160,8 @@ class ServerAggregation(FederatedCallback):
                 "its update is left out of this round"
             )
             return
-        self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras))
+        self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras, tuple(result.aggregate_of)))
+        self._contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
 
     @override
     def on_round_gather(
@@ -198,7 +204,7 @@ class ServerAggregation(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round) -> None:
-        arrived = len(self._updates)
+        arrived = max(len(self._updates), self._contributors)  # under DDP the gathered updates are all ranks' own
         if arrived >= self.strategy.min_clients:
             self.global_state = self.strategy.aggregate_fit(round.number, self.global_state, self._updates)
             self._aggregated = arrived

@@ -99,14 +99,19 @@ def _flower_app(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         print(
             "usage: fedpeft flower-app DIR --config CONFIG [--config OVERLAY ...] [--key value ...]\n"
+            "                          [--secure-aggregation [--num-shares N] [--reconstruction-threshold T]\n"
+            "                           [--clipping-range C] [--quantization-range Q] [--max-weight W]]\n"
             "Writes DIR/pyproject.toml, DIR/fedpeft_app.py and DIR/fedpeft.yaml (the resolved config) for\n"
-            "`flwr run DIR <superlink>`; the arguments after DIR are those of `fedpeft fit`.",
+            "`flwr run DIR <superlink>`; the arguments after DIR are those of `fedpeft fit`. With\n"
+            "--secure-aggregation the server learns only the sum of the clients' updates (Flower's SecAgg+).",
             file=sys.stderr,
         )
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     from fedpeft_pl.flower_app import write_app
+    from fedpeft_pl.secure_aggregation import split_arguments
 
-    directory = write_app(argv[0], argv[1:])
+    secure_aggregation, fit_args = split_arguments(argv[1:])
+    directory = write_app(argv[0], fit_args, secure_aggregation=secure_aggregation)
     print(f"wrote the Flower app {directory}/ (pyproject.toml, fedpeft_app.py, fedpeft.yaml); run it with: flwr run {directory} <superlink>")
 
 

@@ -138,6 +138,9 @@ class ClientResult:
     budget is spent did not). ``metrics`` are the client's own figures (``train_loss``,
     ``steps``), which the server averages weighted by ``num_samples``; ``extras`` are tensors
     a strategy sends besides the update (SCAFFOLD's control-variate change).
+    ``aggregate_of`` is set when the result is the sample-weighted mean of several clients'
+    updates (secure aggregation): those clients, ``num_samples`` their total and ``payload``
+    the mean; no individual update reaches the server then.
     """
 
     client: int
@@ -148,6 +151,7 @@ class ClientResult:
     error: Optional[BaseException] = None
     dropped: Optional[str] = None
     received: bool = True
+    aggregate_of: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -22,6 +22,10 @@ process (Flower's simulation engine reuses its workers) the module with its back
 once and kept. Per-client state (Int8 error feedback residuals, a strategy's per-client
 tensors) lives in Flower's node context, so it persists across rounds on the SuperNode.
 
+With ``secure-aggregation = true`` in the run config (``fedpeft flower-app ... --secure-aggregation``)
+the rounds run Flower's SecAgg+ instead and the server is handed only the weighted mean of the
+clients' updates: see :mod:`fedpeft_pl.flower_secagg`.
+
 Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; README,
 "Deploy across machines with Flower", has the commands. Flower is an optional dependency:
 ``pip install "fedpeft-pl[flower]"``.
@@ -44,6 +48,7 @@ from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMe
 from fedpeft_pl.flower_app import NODE_TIMEOUT, REPLY_TIMEOUT, write_app  # noqa: F401 (importable from here too)
 from fedpeft_pl.loop import FederatedLoop, client_metrics
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
+from fedpeft_pl.secure_aggregation import SecureAggregation, check_composition
 from fedpeft_pl.trainer import FederatedTrainer
 
 try:
@@ -216,7 +221,14 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
         trainer, module, datamodule, fit_args = build(config, server=True)
         nodes = discover_clients(grid, datamodule.num_clients, float(context.run_config.get("node-timeout", NODE_TIMEOUT)))
         reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
-        trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
+        secure = SecureAggregation.from_run_config(context.run_config)
+        if secure is None:
+            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
+        else:
+            from fedpeft_pl.flower_secagg import SecureFlowerRunner
+
+            check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
+            trainer.use_runner(SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure))
         trainer.fit(module, datamodule=datamodule, **fit_args)
 
     return app
@@ -265,7 +277,9 @@ def client_app(config: Union[str, os.PathLike]) -> ClientApp:
             load_trainable_state(module, start)
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
 
-    @app.train()
+    from fedpeft_pl.flower_secagg import secure_train_mod
+
+    @app.train(mods=[secure_train_mod(os.fspath(config))])
     def train(message: Message, context: Context) -> Message:
         started = time.perf_counter()
         trainer, module, datamodule = _client(os.fspath(config))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from fedpeft_pl.config import resolve_config
+from fedpeft_pl.secure_aggregation import SecureAggregation, check_resolved_config
 
 # one default for both the written app and a ServerApp whose run config leaves them out
 NODE_TIMEOUT = 300.0
@@ -35,7 +36,7 @@ clientapp = "fedpeft_app:client"
 [tool.flwr.app.config]
 node-timeout = {node_timeout:g}
 reply-timeout = {reply_timeout:g}
-"""
+{extra}"""
 
 _APP = '''\
 """Flower entry points for the experiment in fedpeft.yaml (written by `fedpeft flower-app`)."""
@@ -50,18 +51,31 @@ client = client_app(CONFIG)
 '''
 
 
-def write_app(directory: Union[str, os.PathLike], fit_args: list[str], name: Optional[str] = None) -> Path:
+def write_app(
+    directory: Union[str, os.PathLike],
+    fit_args: list[str],
+    name: Optional[str] = None,
+    secure_aggregation: Optional[SecureAggregation] = None,
+) -> Path:
     """Write a Flower app directory for the config that ``fedpeft fit <fit_args>`` would run.
 
     The config is resolved (every ``--config`` and override merged) into ``fedpeft.yaml``.
+    With ``secure_aggregation``, its settings go into the run config and the config is checked
+    to compose with it first (:func:`~fedpeft_pl.secure_aggregation.check_composition`).
     """
     text = resolve_config(fit_args)
+    extra = ""
+    if secure_aggregation is not None:
+        import yaml
+
+        check_resolved_config(yaml.safe_load(text)["trainer"])
+        extra = "".join(f"{key} = {_toml(value)}\n" for key, value in secure_aggregation.to_run_config().items())
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "fedpeft.yaml").write_text(text)
     (directory / "fedpeft_app.py").write_text(_APP)
     (directory / "pyproject.toml").write_text(
-        _PYPROJECT.format(name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT)
+        _PYPROJECT.format(name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT, extra=extra)
     )
     return directory
 
@@ -69,3 +83,7 @@ def write_app(directory: Union[str, os.PathLike], fit_args: list[str], name: Opt
 def _project_name(directory: Path) -> str:
     name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-")
     return name or "fedpeft-app"
+
+
+def _toml(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)

@@ -420,7 +420,8 @@ class DPFedAvg(Strategy):
         for update in updates:
             delta = {name: update.state[name].float() - global_state[name].float() for name in global_state}
             norm = torch.stack([d.norm() for d in delta.values()]).norm()
-            factor = min(1.0, self.clip_norm / (float(norm) + 1e-12))
+            # under secure aggregation each client clipped its own update before masking: the sum stays as it is
+            factor = 1.0 if update.aggregate_of else min(1.0, self.clip_norm / (float(norm) + 1e-12))
             for name, d in delta.items():
                 total[name] += d * factor
         release = (server_round,)

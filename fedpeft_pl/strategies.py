@@ -39,12 +39,16 @@ class ClientUpdate:
     """What one client sent back after local training, as the server decoded it.
 
     ``state`` is the client's trained state; ``extras`` the further tensors its strategy sent.
+    ``aggregate_of`` is set when the update stands for several clients (secure aggregation):
+    ``state`` is then their sample-weighted mean (for DPFedAvg: the global state plus the sum of
+    their updates, each clipped by its client).
     """
 
     client: int
     num_samples: int
     state: State
     extras: State = field(default_factory=dict)
+    aggregate_of: tuple[int, ...] = ()
 
 
 class Strategy(Component):

@@ -40,6 +40,8 @@ class Federation:
         self.env = dict(
             os.environ, FLWR_HOME=str(root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # the ServerApp and ClientApp processes import test probes (tests/secagg_probe.py)
+            PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parent)) if p),
         )
         self.port = free_port()
 
@@ -168,6 +170,72 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
     for tag in ("comm/wire_bytes_down", "comm/wire_bytes_up"):
         assert deployed_logs[tag] == simulated_logs[tag], tag
         assert all(value > 0 for _, value in deployed_logs[tag]), tag
+
+
+def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation, capsys):
+    """Flower's SecAgg+ in a real deployment: one client drops out mid-protocol in each round.
+
+    The server is handed only means of at least two clients (recorded by a probe on the server),
+    none equal to one client's update; round 1's mean equals the simulation's sample-weighted
+    mean of the same clients' updates within SecAgg+'s quantisation error, and the run ends near
+    the simulation's state.
+    """
+    from fedpeft_pl.availability import ClientAvailability
+
+    dropout, rounds, clipping, levels = 0.3, 2, 1.0, 2**22
+    plans = [[ClientAvailability(dropout=dropout).plan(0, r, c, 1).dropped for c in range(NUM_NODES)] for r in (1, 2)]
+    assert all(sum(p) == 1 for p in plans), plans  # one dropout a round, two clients left: the threshold
+    app = tmp_path / "app"
+    weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
+    main([
+        "flower-app", str(app), "--config", QUICKSTART, "--data.num_clients", str(NUM_NODES),
+        "--trainer.num_rounds", str(rounds), "--trainer.clients_per_round", str(NUM_NODES), "--trainer.local_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--model.backbone.weights_file", str(weights),
+        "--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.dropout", str(dropout),
+        "--trainer.callbacks+=secagg_probe.RecordResults", "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
+        "--secure-aggregation", "--num-shares", "3", "--reconstruction-threshold", "2", "--clipping-range", str(clipping),
+    ])
+    assert "secure-aggregation = true" in (app / "pyproject.toml").read_text()
+    capsys.readouterr()
+
+    result = federation.run(app)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:] + federation.logs()
+    deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
+    # the run's files, not its streamed log, which the loaded test machine sometimes cuts short
+    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), output[-4000:] + federation.logs()
+    simulated = fedpeft("fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated"),
+                        env={"PYTHONPATH": federation.env["PYTHONPATH"]})
+    assert simulated.returncode == 0, simulated.stderr[-3000:]
+    simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
+
+    seen = torch.load(deployed_dir / "results.pt")  # everything the server was handed
+    individual = torch.load(simulated_dir / "results.pt")
+    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))]
+    assert all(not agg for *_, agg, _ in individual)
+    # round 1 starts from the same state in both runs: the mean is exact up to SecAgg+'s rounding
+    _, _, samples, clients, mean = seen[0]
+    mine = [(n, p) for r, c, n, _, p in individual if r == 1 and c in clients]
+    expected = {k: sum(n * p[k].double() for n, p in mine) / samples for k in mean}
+    weight = sum(n for n, _ in mine) / 1000.0  # the sum of the clients' SecAgg+ weights (max_weight 1000)
+    # one quantisation step per client over the total weight, and the float32 rounding of the result
+    bound = len(mine) * 2 * clipping / levels / weight + 4 * torch.finfo(torch.float32).eps * max(
+        float(e.abs().max()) for e in expected.values())
+    error = max(float((mean[k].double() - expected[k]).abs().max()) for k in mean)
+    assert error <= bound, (error, bound)
+    for server_round, _, samples, clients, mean in seen:
+        mine = [(n, p) for r, c, n, _, p in individual if r == server_round and c in clients]
+        assert samples == sum(n for n, _ in mine)
+        for _, update in mine:  # the server never holds one client's update
+            assert max(float((mean[k] - update[k]).abs().max()) for k in mean) > 100 * bound
+    deployed = torch.load(deployed_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    reference = torch.load(simulated_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, tensor in reference.items():  # round 2 trains from a state that differs by the rounding above
+        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-4, msg=name)
+    deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
+    for tag in ("comm/bytes_down", "comm/bytes_up", "round/clients_aggregated", "round/clients_dropped"):
+        assert deployed_logs[tag] == simulated_logs[tag], tag
+    print(f"secure aggregation: round-1 error {error:.2e} (bound {bound:.2e})")
 
 
 @pytest.fixture

@@ -1,0 +1,118 @@
+"""Secure aggregation settings and refusals (fast; the deployment itself is tested in test_flower.py)."""
+
+import pytest
+
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.secure_aggregation import SecureAggregation, check_composition, check_resolved_config, split_arguments
+from fedpeft_pl.strategies import FedAdam, FedAvg, FedDyn, FedMedian, FedProx, FedTrimmedAvg, Scaffold
+from test_cli import QUICKSTART, fedpeft
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FedProx, FedAdam])
+def test_strategies_of_the_weighted_mean_compose(strategy):
+    check_composition(strategy, None)
+
+
+@pytest.mark.parametrize("strategy, message", [
+    (FedMedian, "cannot run FedMedian: it needs every client's individual update"),
+    (FedTrimmedAvg, "cannot run FedTrimmedAvg: it needs every client's individual update"),
+    (Scaffold, "cannot run Scaffold: the server sees only the sample-weighted sum"),
+    (FedDyn, "cannot run FedDyn: the server sees only the sample-weighted sum"),
+])
+def test_strategies_that_need_individual_updates_are_refused(strategy, message):
+    with pytest.raises(ConfigError, match=message):
+        check_composition(strategy, None)
+
+
+def test_dp_fedavg_composes_and_its_server_takes_the_clipped_sum_as_it_is():
+    """Clients clip before masking; the server must not clip the sum again, and adds its noise to the sum."""
+    import torch
+
+    from fedpeft_pl.flower_secagg import clip_update
+    from fedpeft_pl.privacy import DPFedAvg
+    from fedpeft_pl.strategies import ClientUpdate
+
+    check_composition(DPFedAvg, None)
+    generator = torch.Generator().manual_seed(0)
+    start = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    updates = [{k: torch.randn(v.shape, generator=generator) * scale for k, v in start.items()} for scale in (0.1, 3.0, 5.0)]
+    strategy = DPFedAvg(clip_norm=1.0, epsilon=None, noise_multiplier=0.0)
+    strategy._expected_clients = 3.0
+    one_by_one = strategy.aggregate_fit(1, start, [ClientUpdate(i, 10, u) for i, u in enumerate(updates)])
+    clipped = [dict(zip(u, clip_update([t.numpy() for t in u.values()], 1.0))) for u in updates]
+    for c in clipped[1:]:  # the large updates end on the clipping norm
+        assert abs(sum(float((torch.as_tensor(t) ** 2).sum()) for t in c.values()) ** 0.5 - 1.0) < 1e-5
+    summed = {k: sum(torch.as_tensor(c[k]) for c in clipped) for k in start}
+    secure = strategy.aggregate_fit(1, start, [ClientUpdate(0, 30, summed, aggregate_of=(0, 1, 2))])
+    for k in start:
+        torch.testing.assert_close(secure[k], one_by_one[k])
+
+
+def test_an_upload_codec_is_refused():
+    from fedpeft_pl.compression import Codec, Int8
+
+    check_composition(FedAvg, Codec)
+    with pytest.raises(ConfigError, match=r"cannot use trainer.compress_upload \(Int8\)"):
+        check_composition(FedAvg, Int8())
+    with pytest.raises(ConfigError, match="cannot use trainer.compress_upload"):
+        check_resolved_config({"aggregation": None, "compress_upload": {"class_path": "fedpeft_pl.compression.Int8"}})
+    check_resolved_config({"aggregation": "fedpeft_pl.strategies.FedProx", "compress_upload": None})
+
+
+def test_settings_round_trip_through_the_run_config():
+    settings, rest = split_arguments(["--config", "x.yaml", "--secure-aggregation", "--num-shares", "5",
+                                      "--reconstruction-threshold=3", "--clipping-range", "0.5", "--trainer.seed", "1"])
+    assert rest == ["--config", "x.yaml", "--trainer.seed", "1"]
+    assert settings == SecureAggregation(num_shares=5, reconstruction_threshold=3, clipping_range=0.5)
+    assert SecureAggregation.from_run_config(settings.to_run_config()) == settings
+    assert SecureAggregation.from_run_config({"node-timeout": 3}) is None
+    assert split_arguments(["--config", "x.yaml"]) == (None, ["--config", "x.yaml"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-shares", "3"], "--num-shares only apply with --secure-aggregation"),
+    (["--secure-aggregation", "--num-shares", "2"], "num_shares must be an int > 2"),
+    (["--secure-aggregation", "--num-shares", "3", "--reconstruction-threshold", "3"], "must be an int >= 2 below num_shares"),
+    (["--secure-aggregation", "--clipping-range", "0"], "clipping_range must be > 0"),
+    (["--secure-aggregation", "--max-weight", "many"], "--max-weight must be a number"),
+])
+def test_wrong_settings_are_one_clear_error(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        split_arguments(argv)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trainer.aggregation", "fedpeft_pl.strategies.FedMedian"], "cannot run FedMedian"),
+    (["--trainer.compress_upload", "fedpeft_pl.compression.Int8"], "cannot use trainer.compress_upload"),
+    (["--num-shares", "1.5"], "num_shares as a fraction must be in"),
+], ids=["median", "int8", "shares"])
+def test_flower_app_refuses_with_one_line_and_exit_2(tmp_path, extra, message):
+    result = fedpeft("flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--secure-aggregation", *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedpeft: error: secure aggregation") and message in last, last
+    assert not (tmp_path / "app").exists()
+
+
+@pytest.fixture
+def client_process(monkeypatch):
+    """The task identity Flower's runtime gives an app process; Messages need it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+def test_a_secure_deployment_client_refuses_a_plain_train_message(client_process):
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedpeft_pl.flower_secagg import secure_train_mod
+
+    mod = secure_train_mod("fedpeft.yaml")
+    message = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    secure = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=SecureAggregation().to_run_config())
+    with pytest.raises(ConfigError, match="refuses to send its update in the clear"):
+        mod(message, secure, lambda m, c: pytest.fail("the train handler ran"))
+    plain = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"node-timeout": 300})
+    assert mod(message, plain, lambda m, c: "trained") == "trained"
