@@ -322,13 +322,19 @@ def _stack_batches(dataset: Any, batches: list[list[int]], device: torch.device)
     """
     width = max(1, max(len(b) for b in batches))
     probe = next((b[0] for b in batches if b), 0)
-    rows, labels, mask = [], [], torch.zeros(len(batches), width)
+    padded = [list(b) + [b[0] if b else probe] * (width - len(b)) for b in batches]
+    mask = torch.zeros(len(batches), width)
     for k, batch in enumerate(batches):
-        indices = list(batch) + [batch[0] if batch else probe] * (width - len(batch))
+        mask[k, : len(batch)] = 1.0
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # a TensorDataset (e.g. pre-transformed images): one gather, no per-sample collate
+        index = torch.as_tensor(padded)
+        return tensors[0][index].to(device), tensors[1][index].to(device), mask.to(device)
+    rows, labels = [], []
+    for indices in padded:
         images, targets = default_collate([dataset[i] for i in indices])[:2]
         rows.append(images)
         labels.append(targets)
-        mask[k, : len(batch)] = 1.0
     return torch.stack(rows).to(device), torch.stack(labels).to(device), mask.to(device)
 
 
