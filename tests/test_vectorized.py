@@ -180,6 +180,9 @@ def test_local_dp_matches_the_sequential_private_gradient():
     private = PrivateTraining(clip, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=expected_size.__getitem__)
     outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, private=private)
     for job, outcome in zip(jobs, outcomes):
+        for sub in module.modules():  # as LocalDP.attach does: timm's fused attention has no vmap rule on CPU
+            if hasattr(sub, "fused_attn"):
+                sub.fused_attn = False
         load_trainable_state(module, job.start)
         module.train()
         params = trainable_parameters(module)
@@ -192,3 +195,18 @@ def test_local_dp_matches_the_sequential_private_gradient():
                 p.grad = sums[n] / expected_size[job.client]
             opt.step()
         assert_states_close(outcome.state, trainable_state(module))
+
+
+def test_head_on_cached_features_equals_training_through_the_backbone():
+    from fedpeft_pl.feature_cache import HeadProbe, cache_features, feature_datamodule
+
+    module, dm = setup(Head())
+    jobs = jobs_for(module)
+    through = train_clients(module, dm, jobs, EPOCHS, sgd)
+    features = cache_features(module.model, dm.splits.train)
+    cached = train_clients(HeadProbe(module.model), feature_datamodule(dm, features), jobs, EPOCHS, sgd)
+    for a, b in zip(through, cached):
+        assert a.steps == b.steps
+        assert_states_close(a.state, b.state)
+    with pytest.raises(ConfigError, match="linear probing only"):
+        cache_features(setup(Bias())[0].model, dm.splits.train)
