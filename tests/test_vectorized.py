@@ -120,6 +120,23 @@ def test_adamw_per_client_exact_and_finished_clients_do_not_move():
     assert_states_close(outcome.state, idle.start, atol=0)
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.Adagrad(params, lr=0.05, weight_decay=1e-3),
+        lambda params: torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, centered=True),
+        lambda params: torch.optim.Adam(params, lr=1e-3, amsgrad=True),
+    ],
+    ids=["adagrad", "rmsprop", "adam-amsgrad"],
+)
+def test_other_elementwise_optimizers_are_exact_per_client(optimizer):
+    module, dm = setup(Head(), optimizer=optimizer)
+    jobs = jobs_for(module)
+    for job, outcome in zip(jobs, train_clients(module, dm, jobs, EPOCHS, optimizer)):
+        reference, _ = sequential(module, dm, job, optimizer)
+        assert_states_close(outcome.state, reference)
+
+
 def test_fedprox_through_loss_term():
     mu = 0.5
     module, dm = setup(Bias())
@@ -169,7 +186,7 @@ def test_stochastic_layers_still_learn():
 
 
 def test_local_dp_matches_the_sequential_private_gradient():
-    """Without noise and with a clipping bound that binds, each client's steps are LocalDP's clipped mean."""
+    """Without noise, each client's steps are LocalDP's clipped per-sample gradient sum over the expected batch size."""
     from fedpeft_pl.privacy import clipped_gradient_sum
 
     module, dm = setup(Bias())
