@@ -191,6 +191,23 @@ class FederatedDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def client_batches(self, client: int, seed: int, local_epochs: int, max_batches: int) -> list[list[int]]:
+        """The index batches that ``local_epochs`` passes of ``client_dataloader(client, seed)`` yield, capped at ``max_batches``.
+
+        Exactly the sequential loader's batches, in order: a sampler of its own, seeded the same way
+        (the shared loader's sampler is left untouched). The vectorised runner stacks these.
+        """
+        assert self.splits is not None, "call setup() first"
+        sampler = ClientBatchSampler(self.batch_size, self.poisson_sampling, self.secret_sampling)
+        sampler.assign(self.client_indices[client], seed)
+        batches: list[list[int]] = []
+        for _ in range(local_epochs):
+            for batch in sampler:
+                if len(batches) >= max_batches:
+                    return batches
+                batches.append(batch)
+        return batches
+
     def client_dataloader(self, client: int, seed: int) -> DataLoader:
         """The loader of ``client``'s split, shuffled by ``seed``; the same loader object for all clients."""
         assert self.splits is not None, "call setup() first"

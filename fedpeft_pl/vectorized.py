@@ -1,0 +1,400 @@
+"""Train a round's clients at once through the one frozen backbone.
+
+With PEFT every client shares the frozen backbone and differs only in a few small tensors, so
+``m`` clients can train in one batched forward and backward: the trainable tensors are stacked
+with a leading client dimension, ``torch.func.vmap`` maps ``functional_call`` over that dimension,
+and the frozen tensors stay unbatched (taken from the module, never copied), so the backbone's
+matrices multiply ``m x B`` samples at once.
+
+What makes it the same training as the sequential client loop, client by client:
+
+- **Data.** Each client's batches are exactly those its ``client_dataloader(client, seed)`` would
+  yield (:meth:`FederatedDataModule.client_batches`), in the same order.
+- **Unequal clients.** Step ``t`` stacks the ``t``-th batch of every client; batches are padded to
+  the longest, and each client's loss is its own masked mean (the sequential loader's mean of a
+  short batch). A client whose local work is done (all epochs, or its straggler cap) is inactive:
+  its loss is zero and, after the optimizer step, its rows of the parameters and of every optimizer
+  state tensor are put back, so its momentum, Adam moments and weight decay are frozen too.
+- **Optimizer.** The user's optimizer is built over the stacked tensors. SGD (momentum, nesterov,
+  weight decay), Adam and AdamW are elementwise, so each row follows exactly the per-client
+  optimizer; Adam's scalar step count is shared, which is exact because active clients have all
+  taken the same number of steps (every client starts at step 0 and steps until it is done).
+  Optimizers that are not elementwise are refused.
+- **Randomness.** Dropout and drop-path draw from one stream per chunk (forked from the first
+  client's seed), not from each client's own stream as in the sequential loop; with stochastic
+  layers the random draws therefore differ, everything else (data, order, optimizer) is the same.
+
+Example::
+
+    jobs = [ClientJob(c, derive_seed(seed, rnd, c), max_batches=10**9, start=trainable_state(module)) for c in clients]
+    outcomes = train_clients(module, datamodule, jobs, local_epochs=2, optimizer_factory=module.optimizer_factory)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import default_collate
+
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.peft import trainable_parameters
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+# Optimizers whose update of each element depends only on that element's own gradient and state,
+# and whose only non-elementwise state is a step count; for these, one optimizer over stacked rows
+# is exactly one optimizer per row.
+ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+)
+
+
+@dataclass
+class ClientJob:
+    """One client's local training in a vectorised round.
+
+    Args:
+        client: the client's index in the data module.
+        seed: its local training seed, ``derive_seed(seed, round, client)`` (data order).
+        max_batches: its step cap (a straggler's), over all local epochs.
+        start: the state it received, by trainable tensor name.
+        extras: per-client tensors handed to ``loss_term`` and ``grad_correction`` (e.g. FedProx's
+            anchor, SCAFFOLD's control variates); every job must have the same keys and shapes.
+    """
+
+    client: int
+    seed: int
+    max_batches: int
+    start: State
+    extras: State = field(default_factory=dict)
+
+
+@dataclass
+class ClientOutcome:
+    """What one client's vectorised local training produced.
+
+    ``loss_sum`` is the sum of per-sample training losses (cross entropy, without the strategy's
+    ``loss_term``) over every step, ``num_samples_seen`` the samples those steps used, ``steps`` the
+    optimizer steps taken.
+    """
+
+    client: int
+    state: State
+    loss_sum: float
+    num_samples_seen: int
+    steps: int
+
+
+@dataclass
+class PrivateTraining:
+    """Local DP-SGD inside the vectorised engine (the math of :class:`~fedpeft_pl.privacy.LocalDP`).
+
+    Each sample's gradient of the cross entropy is clipped to ``max_grad_norm``, the clipped
+    gradients are summed, ``noise(client, like)`` is added (the caller draws it, from the client's
+    own stream, with standard deviation ``sigma_k * max_grad_norm``) and the sum is divided by
+    ``expected_batch_size(client)``. Batches must be Poisson samples (the data module's
+    ``poisson_sampling``). ``loss_term``'s gradient is added after, without clipping or noise.
+
+    Args:
+        max_grad_norm: C.
+        noise: ``noise(client, like) -> Tensor`` shaped like ``like``.
+        expected_batch_size: ``expected_batch_size(client) -> float``, ``q_k * n_k``.
+    """
+
+    max_grad_norm: float
+    noise: Callable[[int, torch.Tensor], torch.Tensor]
+    expected_batch_size: Callable[[int], float]
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose stacked form would not equal one optimizer per client."""
+    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+        names = ", ".join(cls.__name__ for cls in ELEMENTWISE_OPTIMIZERS)
+        raise ConfigError(
+            f"the vectorised client runner needs an elementwise optimizer ({names}), got {type(optimizer).__name__}; "
+            "use trainer.client_runner: sequential"
+        )
+
+
+@contextlib.contextmanager
+def vectorisable(module: torch.nn.Module) -> Iterator[None]:
+    """Train mode and timm's explicit attention for the duration (restored after).
+
+    ``scaled_dot_product_attention`` has no vmap batching rule on CPU (vmap falls back to a slow
+    per-client loop); timm's ``fused_attn=False`` path computes the same function with plain ops.
+    """
+    switched = [m for m in module.modules() if getattr(m, "fused_attn", False)]
+    was_training = module.training
+    for m in switched:
+        m.fused_attn = False
+    module.train()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.fused_attn = True
+        module.train(was_training)
+
+
+def train_clients(
+    module: torch.nn.Module,
+    datamodule: Any,
+    jobs: Sequence[ClientJob],
+    local_epochs: int,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer],
+    *,
+    loss_term: Optional[Callable[[State, State], torch.Tensor]] = None,
+    grad_correction: Optional[Callable[[State, State], State]] = None,
+    private: Optional[PrivateTraining] = None,
+    autocast: Optional[Callable[[], Any]] = None,
+    max_parallel_clients: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> list[ClientOutcome]:
+    """Train ``jobs`` simultaneously; the module's own trainable tensors are left as they were.
+
+    Args:
+        module: a ``FedPEFTModule`` (or any module whose ``model`` maps images to logits); its
+            trainable parameters (``requires_grad``) are what each client trains.
+        datamodule: a set-up ``FederatedDataModule``; batches come from ``client_batches``.
+        jobs: the clients to train.
+        local_epochs: passes over each client's data (capped by each job's ``max_batches``).
+        optimizer_factory: called once per chunk with the stacked trainable tensors; must return
+            an elementwise optimizer (SGD, Adam, AdamW, Adagrad, RMSprop).
+        loss_term: ``loss_term(params_k, extras_k) -> scalar`` added to each client's loss
+            (vmapped over clients), e.g. FedProx's ``mu / 2 * ||w - anchor||^2``.
+        grad_correction: ``grad_correction(grads_k, extras_k) -> grads`` applied to each client's
+            gradient before the step (vmapped), e.g. SCAFFOLD's ``g - c_k + c``.
+        private: local DP-SGD settings; None trains without privacy.
+        autocast: a factory of the context to run the forward in, e.g.
+            ``lambda: torch.autocast("cpu", dtype=torch.bfloat16)``.
+        max_parallel_clients: at most this many clients train at once (bounds memory); the
+            round's clients are trained in chunks of this size. None: all at once.
+        device: where to train; defaults to the device of the module's parameters.
+
+    Returns:
+        one :class:`ClientOutcome` per job, in the order of ``jobs``.
+
+    Example::
+
+        outcomes = train_clients(module, dm, jobs, 1, module.optimizer_factory, max_parallel_clients=32,
+                                 loss_term=lambda p, e: 0.005 * sum(((p[n] - e[n]) ** 2).sum() for n in p))
+    """
+    if local_epochs < 1:
+        raise ConfigError(f"local_epochs must be >= 1, got {local_epochs}")
+    if max_parallel_clients is not None and max_parallel_clients < 1:
+        raise ConfigError(f"max_parallel_clients must be >= 1, got {max_parallel_clients}")
+    if private is not None and not getattr(datamodule, "poisson_sampling", False):
+        raise ConfigError("vectorised local DP needs Poisson batches; set datamodule.poisson_sampling = True")
+    chunk = max_parallel_clients or max(1, len(jobs))
+    outcomes: list[ClientOutcome] = []
+    with vectorisable(module):
+        for start in range(0, len(jobs), chunk):
+            outcomes += _train_chunk(
+                module, datamodule, list(jobs[start : start + chunk]), local_epochs, optimizer_factory,
+                loss_term, grad_correction, private, autocast, device,
+            )
+    return outcomes
+
+
+def _model_of(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The network that maps images to logits, and the prefix of its tensors' names in ``module``."""
+    inner = getattr(module, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner, "model."
+    return module, ""
+
+
+def _train_chunk(
+    module: torch.nn.Module,
+    datamodule: Any,
+    jobs: list[ClientJob],
+    local_epochs: int,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer],
+    loss_term: Optional[Callable[[State, State], torch.Tensor]],
+    grad_correction: Optional[Callable[[State, State], State]],
+    private: Optional[PrivateTraining],
+    autocast: Optional[Callable[[], Any]],
+    device: Optional[torch.device],
+) -> list[ClientOutcome]:
+    model, prefix = _model_of(module)
+    names = list(trainable_parameters(module))
+    if not all(n.startswith(prefix) for n in names):
+        raise ConfigError("the vectorised runner trains the tensors of module.model only")
+    if device is None:
+        device = next(iter(trainable_parameters(module).values())).device
+    m = len(jobs)
+    for job in jobs:
+        if job.start.keys() != set(names):
+            raise ConfigError(f"client {job.client}'s start state does not match the module's trainable tensors")
+        if job.extras.keys() != jobs[0].extras.keys():
+            raise ConfigError("every ClientJob of a round must have the same extras")
+
+    # stacked per-client copies of the trainable tensors: the leaves the optimizer updates
+    stacked = [torch.stack([job.start[n].to(device) for job in jobs]).detach().requires_grad_(True) for n in names]
+    extras = {k: torch.stack([job.extras[k].to(device) for job in jobs]) for k in jobs[0].extras}
+    optimizer = optimizer_factory(stacked)
+    check_optimizer(optimizer)
+
+    plans = [datamodule.client_batches(job.client, job.seed, local_epochs, job.max_batches) for job in jobs]
+    num_steps = max((len(p) for p in plans), default=0)
+    dataset = datamodule.splits.train
+    loss_sums = torch.zeros(m, dtype=torch.float64)
+    seen = [0] * m
+
+    def inner_names(params: list[torch.Tensor]) -> State:
+        return {n[len(prefix):]: p for n, p in zip(names, params)}
+
+    def forward(params: State, images: torch.Tensor) -> torch.Tensor:
+        # frozen tensors are not passed: functional_call takes them from the module, unbatched
+        return functional_call(model, params, (images,))
+
+    batched_forward = vmap(forward, in_dims=(0, 0), randomness="different")
+    outer = lambda params: {n: p for n, p in zip(names, params.values())}  # noqa: E731 (inner -> outer names)
+
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(jobs[0].seed if jobs else 0)
+        for step in range(num_steps):
+            active = torch.tensor([step < len(p) for p in plans], device=device)
+            batches = [p[step] if step < len(p) else [] for p in plans]
+            images, labels, mask = _stack_batches(dataset, batches, device)
+            counts = mask.sum(dim=1)
+            for k, b in enumerate(batches):
+                seen[k] += len(b)
+            optimizer.zero_grad(set_to_none=True)
+            if private is None:
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    logits = batched_forward(inner_names(stacked), images)
+                per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(m, -1)
+                per_client = (per_sample * mask).sum(dim=1)
+                loss_sums += per_client.detach().double().cpu()
+                loss = (per_client / counts.clamp(min=1)).sum()
+                if loss_term is not None:
+                    terms = vmap(loss_term)(outer(inner_names(stacked)), extras)
+                    loss = loss + (terms * active).sum()
+                loss.backward()
+            else:
+                gradients, per_client = _private_gradients(
+                    model, prefix, names, stacked, images, labels, mask, jobs, private, autocast
+                )
+                loss_sums += per_client.double().cpu()
+                if loss_term is not None:
+                    terms = vmap(loss_term)(outer(inner_names(stacked)), extras)
+                    extra_grads = torch.autograd.grad((terms * active).sum(), stacked, allow_unused=True)
+                    gradients = [g if e is None else g + e for g, e in zip(gradients, extra_grads)]
+                for p, g in zip(stacked, gradients):
+                    p.grad = g.to(p.dtype)
+            if grad_correction is not None:
+                corrected = vmap(grad_correction)({n: p.grad for n, p in zip(names, stacked)}, extras)
+                for n, p in zip(names, stacked):
+                    p.grad = corrected[n]
+            _masked_step(optimizer, stacked, active)
+
+    return [
+        ClientOutcome(
+            client=job.client,
+            state={n: p[k].detach().clone() for n, p in zip(names, stacked)},
+            loss_sum=float(loss_sums[k]),
+            num_samples_seen=seen[k],
+            steps=len(plans[k]),
+        )
+        for k, job in enumerate(jobs)
+    ]
+
+
+def _stack_batches(dataset: Any, batches: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images ``[m, B, ...]``, labels ``[m, B]`` and a validity mask, padded to the longest batch.
+
+    Padding repeats a real sample (never a made-up one), so padded rows run through the model
+    like real data; the mask zeroes their loss and gradient.
+    """
+    width = max(1, max(len(b) for b in batches))
+    probe = next((b[0] for b in batches if b), 0)
+    padded = [list(b) + [b[0] if b else probe] * (width - len(b)) for b in batches]
+    mask = torch.zeros(len(batches), width)
+    for k, batch in enumerate(batches):
+        mask[k, : len(batch)] = 1.0
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # a TensorDataset (e.g. pre-transformed images): one gather, no per-sample collate
+        index = torch.as_tensor(padded)
+        return tensors[0][index].to(device), tensors[1][index].to(device), mask.to(device)
+    rows, labels = [], []
+    for indices in padded:
+        images, targets = default_collate([dataset[i] for i in indices])[:2]
+        rows.append(images)
+        labels.append(targets)
+    return torch.stack(rows).to(device), torch.stack(labels).to(device), mask.to(device)
+
+
+def _private_gradients(
+    model: torch.nn.Module,
+    prefix: str,
+    names: list[str],
+    stacked: list[torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    jobs: list[ClientJob],
+    private: PrivateTraining,
+    autocast: Optional[Callable[[], Any]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per client: noisy sum of clipped per-sample gradients over the expected batch size; per-client loss sums."""
+
+    def sample_loss(params: State, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = functional_call(model, params, (image.unsqueeze(0),))
+        loss = F.cross_entropy(logits.float(), label.unsqueeze(0))
+        return loss, loss.detach()
+
+    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    per_client = vmap(per_sample, in_dims=(0, 0, 0), randomness="different")
+    params = {n[len(prefix):]: p.detach() for n, p in zip(names, stacked)}
+    grads, losses = per_client(params, images, labels)  # grads [m, B, ...], losses [m, B]
+    norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()]).norm(dim=0)  # [m, B]
+    factors = (private.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * mask
+    out = []
+    for n in names:
+        sums = torch.einsum("mb,mb...->m...", factors.to(grads[n[len(prefix):]].dtype), grads[n[len(prefix):]])
+        rows = [
+            (sums[k] + private.noise(job.client, sums[k])) / private.expected_batch_size(job.client)
+            for k, job in enumerate(jobs)
+        ]
+        out.append(torch.stack(rows))
+    return out, (losses * mask).sum(dim=1).detach()
+
+
+@torch.no_grad()
+def _masked_step(optimizer: torch.optim.Optimizer, stacked: list[torch.Tensor], active: torch.Tensor) -> None:
+    """``optimizer.step()``, then the rows of inactive clients (parameters and state) put back."""
+    if bool(active.all()):
+        optimizer.step()
+        return
+    if not bool(active.any()):
+        return
+
+    def rows(t: torch.Tensor) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == active.shape[0]
+
+    saved_params = [p.detach().clone() for p in stacked]
+    saved_state = [{k: v.clone() for k, v in optimizer.state[p].items() if rows(v)} for p in stacked]
+    optimizer.step()
+    for p, old, state in zip(stacked, saved_params, saved_state):
+        keep = active.view(-1, *([1] * (p.dim() - 1)))
+        p.copy_(torch.where(keep, p, old))
+        for key, value in optimizer.state[p].items():
+            if not rows(value):
+                continue
+            before = state.get(key, torch.zeros_like(value))
+            value.copy_(torch.where(keep, value, before))

@@ -1,0 +1,229 @@
+"""The vectorised engine trains every client exactly as a plain sequential PyTorch loop would."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedpeft_pl import FedPEFTModule, FederatedDataModule
+from fedpeft_pl.data import Digits
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt, load_trainable_state, trainable_parameters, trainable_state
+from fedpeft_pl.vectorized import ClientJob, PrivateTraining, train_clients
+from tests.helpers import tiny_backbone
+
+# unequal clients: 37 samples (3 batches, the last of 5), 20 (2 batches, the last of 4), 48 (3 full batches)
+SIZES = [37, 20, 48]
+BATCH = 16
+EPOCHS = 2
+CAPS = [10**6, 10**6, 4]  # the third client is a straggler: 4 of its 6 steps
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+def setup(peft, optimizer=sgd, **backbone):
+    torch.manual_seed(0)
+    module = FedPEFTModule(10, tiny_backbone(**backbone), peft, optimizer=optimizer)
+    dm = FederatedDataModule(Digits(), num_clients=len(SIZES), batch_size=BATCH)
+    dm.data_config = module.data_config
+    dm.setup()
+    rng = np.random.default_rng(0)
+    pool = rng.permutation(len(dm.splits.train))
+    starts = np.cumsum([0, *SIZES])
+    dm.client_indices = [pool[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    return module, dm
+
+
+def jobs_for(module, extras=lambda state: {}):
+    state = trainable_state(module)
+    return [ClientJob(c, seed=1000 + c, max_batches=CAPS[c], start=state, extras=extras(state)) for c in range(len(SIZES))]
+
+
+def sequential(module, dm, job, optimizer, mu=0.0):
+    """The reference: one client, a fresh optimizer, the sequential loader's batches, the mean loss."""
+    load_trainable_state(module, job.start)
+    module.train()
+    params = trainable_parameters(module)
+    opt = optimizer(params.values())
+    loader = dm.client_dataloader(job.client, job.seed)
+    steps = 0
+    for _ in range(EPOCHS):
+        for images, labels in loader:
+            if steps == job.max_batches:
+                break
+            loss = F.cross_entropy(module(images), labels)
+            if mu:
+                loss = loss + mu / 2 * sum(((p - job.start[n]) ** 2).sum() for n, p in params.items())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    return trainable_state(module), steps
+
+
+def assert_states_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+METHODS = {
+    "head": Head,
+    "bias": Bias,
+    "adapter-seq": lambda: Adapter(reduction_factor=8, sublayers=["attn", "mlp"]),
+    "adapter-par": lambda: Adapter(reduction_factor=8, placement="parallel"),
+    "prompt-shallow": lambda: Prompt(num_tokens=3, deep=False),
+    "prompt-deep": lambda: Prompt(num_tokens=3, deep=True),
+    "lora": lambda: LoRA(rank=2),
+    "full": Full,
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_equals_sequential_training(name):
+    module, dm = setup(METHODS[name]())
+    if name == "lora":  # B starts at zero; make it nonzero so both LoRA factors and their product matter
+        with torch.no_grad():
+            for p in trainable_parameters(module).values():
+                p.add_(torch.randn_like(p) * 0.02)
+    frozen = {n: t.clone() for n, t in module.state_dict().items() if n not in trainable_parameters(module)}
+    jobs = jobs_for(module)
+    outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, max_parallel_clients=2 if name == "full" else None)
+    # the module is untouched by vectorised training: frozen tensors bit-identical, trainable ones too
+    assert all(torch.equal(t, module.state_dict()[n]) for n, t in frozen.items())
+    assert_states_close(trainable_state(module), jobs[0].start, atol=0)
+    for job, outcome in zip(jobs, outcomes):
+        reference, steps = sequential(module, dm, job, sgd)
+        assert outcome.steps == steps == min(CAPS[job.client], EPOCHS * -(-SIZES[job.client] // BATCH))
+        assert_states_close(outcome.state, reference)
+
+
+def test_adamw_per_client_exact_and_finished_clients_do_not_move():
+    module, dm = setup(Adapter(reduction_factor=8), optimizer=adamw)
+    jobs = jobs_for(module)
+    # the first client stops after one step: its state is that step's, however long the others run
+    jobs[0].max_batches = 1
+    outcomes = train_clients(module, dm, jobs, EPOCHS, adamw)
+    for job, outcome in zip(jobs, outcomes):
+        reference, _ = sequential(module, dm, job, adamw)
+        assert_states_close(outcome.state, reference)
+    # a client with no step at all keeps what it received, bit for bit
+    idle = ClientJob(1, seed=5, max_batches=0, start=jobs[1].start)
+    (outcome,) = train_clients(module, dm, [idle, jobs[2]], EPOCHS, adamw)[:1]
+    assert outcome.steps == 0
+    assert_states_close(outcome.state, idle.start, atol=0)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.Adagrad(params, lr=0.05, weight_decay=1e-3),
+        lambda params: torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, centered=True),
+        lambda params: torch.optim.Adam(params, lr=1e-3, amsgrad=True),
+    ],
+    ids=["adagrad", "rmsprop", "adam-amsgrad"],
+)
+def test_other_elementwise_optimizers_are_exact_per_client(optimizer):
+    module, dm = setup(Head(), optimizer=optimizer)
+    jobs = jobs_for(module)
+    for job, outcome in zip(jobs, train_clients(module, dm, jobs, EPOCHS, optimizer)):
+        reference, _ = sequential(module, dm, job, optimizer)
+        assert_states_close(outcome.state, reference)
+
+
+def test_fedprox_through_loss_term():
+    mu = 0.5
+    module, dm = setup(Bias())
+    jobs = jobs_for(module, extras=lambda state: {f"anchor.{n}": t for n, t in state.items()})
+
+    def proximal(params, extras):
+        return mu / 2 * sum(((p - extras[f"anchor.{n}"]) ** 2).sum() for n, p in params.items())
+
+    outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, loss_term=proximal)
+    plain = train_clients(module, dm, jobs, EPOCHS, sgd)
+    for job, outcome, free in zip(jobs, outcomes, plain):
+        reference, _ = sequential(module, dm, job, sgd, mu=mu)
+        assert_states_close(outcome.state, reference)
+        assert not torch.allclose(outcome.state["model.head.weight"], free.state["model.head.weight"], atol=1e-6)
+
+
+def test_client_batches_are_the_loaders_batches():
+    _, dm = setup(Head())
+    for client in range(len(SIZES)):
+        expected = []
+        loader_sampler = dm._sampler
+        dm.client_dataloader(client, 77)
+        for _ in range(EPOCHS):
+            expected += list(loader_sampler)
+        assert dm.client_batches(client, 77, EPOCHS, 10**6) == expected
+        assert dm.client_batches(client, 77, EPOCHS, 3) == expected[:3]
+
+
+def test_non_elementwise_optimizer_is_refused():
+    module, dm = setup(Head())
+    lbfgs = lambda params: torch.optim.LBFGS(params)  # noqa: E731
+    with pytest.raises(ConfigError, match="elementwise optimizer"):
+        train_clients(module, dm, jobs_for(module), 1, lbfgs)
+
+
+def test_stochastic_layers_still_learn():
+    """With dropout and drop path the random draws differ from the sequential loop's; training still learns."""
+    fast = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    module, dm = setup(Prompt(num_tokens=3, dropout=0.3), kwargs={"drop_path_rate": 0.2})
+    jobs = jobs_for(module)
+    losses = []
+    for _ in range(8):
+        outcomes = train_clients(module, dm, jobs, 1, fast)
+        losses.append(sum(o.loss_sum for o in outcomes) / sum(o.num_samples_seen for o in outcomes))
+        jobs = [ClientJob(j.client, j.seed + 1, 10**6, o.state) for j, o in zip(jobs, outcomes)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_local_dp_matches_the_sequential_private_gradient():
+    """Without noise, each client's steps are LocalDP's clipped per-sample gradient sum over the expected batch size."""
+    from fedpeft_pl.privacy import clipped_gradient_sum
+
+    module, dm = setup(Bias())
+    dm.poisson_sampling = True
+    jobs = jobs_for(module)
+    clip = 0.05
+    expected_size = {c: min(1.0, BATCH / n) * n for c, n in enumerate(SIZES)}
+    private = PrivateTraining(clip, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=expected_size.__getitem__)
+    outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, private=private)
+    for job, outcome in zip(jobs, outcomes):
+        for sub in module.modules():  # as LocalDP.attach does: timm's fused attention has no vmap rule on CPU
+            if hasattr(sub, "fused_attn"):
+                sub.fused_attn = False
+        load_trainable_state(module, job.start)
+        module.train()
+        params = trainable_parameters(module)
+        opt = sgd(params.values())
+        for batch in dm.client_batches(job.client, job.seed, EPOCHS, job.max_batches):
+            images, labels = (torch.stack(t) if i == 0 else torch.tensor(t) for i, t in enumerate(zip(*[dm.splits.train[j] for j in batch])))
+            sums, _ = clipped_gradient_sum(module, images, labels, clip)
+            opt.zero_grad()
+            for n, p in params.items():
+                p.grad = sums[n] / expected_size[job.client]
+            opt.step()
+        assert_states_close(outcome.state, trainable_state(module))
+
+
+def test_head_on_cached_features_equals_training_through_the_backbone():
+    from fedpeft_pl.feature_cache import HeadProbe, cache_features, feature_datamodule
+
+    module, dm = setup(Head())
+    jobs = jobs_for(module)
+    through = train_clients(module, dm, jobs, EPOCHS, sgd)
+    features = cache_features(module.model, dm.splits.train)
+    cached = train_clients(HeadProbe(module.model), feature_datamodule(dm, features), jobs, EPOCHS, sgd)
+    for a, b in zip(through, cached):
+        assert a.steps == b.steps
+        assert_states_close(a.state, b.state)
+    with pytest.raises(ConfigError, match="linear probing only"):
+        cache_features(setup(Bias())[0].model, dm.splits.train)
