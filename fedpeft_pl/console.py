@@ -42,16 +42,19 @@ class RunSummary(FederatedCallback):
     def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
         if not trainer.is_global_zero:
             return
-        params = list(pl_module.parameters())
-        trained = [p for p in params if p.requires_grad]
-        total = sum(p.numel() for p in params)
-        count = sum(p.numel() for p in trained)
-        size = sum(p.numel() * p.element_size() for p in trained)
+        params = dict(pl_module.named_parameters())
+        local = frozenset(getattr(pl_module, "local_names", ()))  # a personalised method's part that stays
+        trained = {n: p for n, p in params.items() if p.requires_grad}
+        total = sum(p.numel() for p in params.values())
+        count = sum(p.numel() for p in trained.values())
+        size = sum(p.numel() * p.element_size() for n, p in trained.items() if n not in local)
         method = getattr(pl_module, "peft", type(pl_module).__name__)
+        runner = getattr(trainer, "client_runner", "sequential")
         log.info(
             f"method: {method!r} trains {count:,} of {total:,} parameters ({100 * count / max(total, 1):.2f}%); "
-            f"each sampled client receives and sends these {size / 1024:,.1f} KiB a round (before any codec) | "
-            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} rounds"
+            f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec) | "
+            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} rounds, "
+            f"{runner} client runner"
         )
 
     @override

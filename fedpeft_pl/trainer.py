@@ -56,6 +56,10 @@ class FederatedTrainer(pl.Trainer):
         compress_download: codec for the global state sent to clients, e.g. ``Float16``.
         privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
             client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
+        client_runner: ``sequential`` (clients one after another through Lightning's epoch loop)
+            or ``vectorized`` (a round's clients at once through the one frozen backbone,
+            :class:`~fedpeft_pl.vectorized.VectorizedRunner`).
+        max_parallel_clients: with the vectorised runner, at most this many clients train at once.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar (only when stderr is a terminal), a run summary and a round-end
             checkpoint (``round=N.ckpt`` and ``last.ckpt``) are added unless given.
@@ -80,6 +84,8 @@ class FederatedTrainer(pl.Trainer):
         compress_upload: Optional[Codec] = None,
         compress_download: Optional[Codec] = None,
         privacy: Optional[LocalDP] = None,
+        client_runner: Literal["sequential", "vectorized"] = "sequential",
+        max_parallel_clients: Optional[int] = None,
         callbacks: Optional[list[Callback]] = None,
         num_sanity_val_steps: int = 0,
         **kwargs: Any,
@@ -129,6 +135,15 @@ class FederatedTrainer(pl.Trainer):
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
         self.fit_loop = FederatedLoop(self, settings, availability=availability)
+        if client_runner == "vectorized":
+            from fedpeft_pl.vectorized import VectorizedRunner
+
+            self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
+        elif client_runner != "sequential":
+            raise ConfigError(f"trainer.client_runner must be 'sequential' or 'vectorized', got {client_runner!r}")
+        elif max_parallel_clients is not None:
+            raise ConfigError("trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized")
+        self.client_runner = client_runner
 
     @property
     def federation(self) -> Federation:
@@ -278,6 +293,7 @@ class FederatedTrainer(pl.Trainer):
         notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
         if availability.dropout or availability.stragglers:
             notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
+        notes.append(f"clients run on the {self.client_runner} runner")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:

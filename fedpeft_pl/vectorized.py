@@ -398,3 +398,163 @@ def _masked_step(optimizer: torch.optim.Optimizer, stacked: list[torch.Tensor], 
                 continue
             before = state.get(key, torch.zeros_like(value))
             value.copy_(torch.where(keep, value, before))
+
+
+class VectorizedRunner:
+    """A client runner that trains a round's clients at once with :func:`train_clients`.
+
+    It is a :class:`~fedpeft_pl.federation.ClientRunner`: clients receive the round's message
+    through the same :class:`~fedpeft_pl.exchange.ClientSession` as in the sequential runner
+    (decoding, their own stored state, a personalised method's local part), train side by side
+    through the one frozen backbone, and reply through the same session (encoding, the
+    strategy's ``client_end``). A strategy's ``client_loss`` and ``client_gradient`` run vmapped
+    per client; a per-client tensor that a client does not have yet counts as zero (SCAFFOLD's
+    and FedDyn's first participation). Choose it with ``trainer.client_runner: vectorized``.
+
+    Where the stacked form is not the same training, a round runs on the sequential runner
+    instead, with a log line once: local DP (its noise and secret batches stay with the
+    sequential path for now), FedRep's two-phase schedule, and precisions other than 32-bit,
+    ``bf16-mixed`` and ``16-mixed``. With stochastic layers (dropout, drop path) the random draws
+    differ from the sequential runner's; data, order and optimizer steps do not.
+
+    Args:
+        loop: the trainer's federated loop.
+        max_parallel_clients: at most this many clients train at once (bounds memory); all of a
+            round's clients by default.
+    """
+
+    def __init__(self, loop: Any, max_parallel_clients: Optional[int] = None) -> None:
+        from fedpeft_pl.loop import SequentialRunner
+
+        if max_parallel_clients is not None and max_parallel_clients < 1:
+            raise ConfigError(f"trainer.max_parallel_clients must be >= 1, got {max_parallel_clients}")
+        self.loop = loop
+        self.max_parallel_clients = max_parallel_clients
+        self.fallback = SequentialRunner(loop)
+        self._told = False
+
+    def reason_not_to_vectorise(self) -> Optional[str]:
+        """Why this run's rounds go to the sequential runner, or None."""
+        trainer = self.loop.trainer
+        module = trainer.lightning_module
+        if getattr(module, "privacy", None) is not None:
+            return "local DP trains on the sequential runner"
+        if getattr(module, "local_first_epochs", 0):
+            return "FedRep's two-phase schedule trains on the sequential runner"
+        if _autocast_for(trainer) is False:
+            return f"precision {trainer.precision!r} trains on the sequential runner"
+        return None
+
+    def run(self, round: Any) -> Iterator[Any]:
+        reason = self.reason_not_to_vectorise()
+        if reason is not None:
+            if not self._told:
+                log.info(f"vectorised client runner: {reason}")
+                self._told = True
+            yield from self.fallback.run(round)
+            return
+        yield from self._run(round)
+
+    def evaluate(self, round: Any, clients: list[int]) -> Iterator[Any]:
+        return self.fallback.evaluate(round, clients)
+
+    def _run(self, round: Any) -> Iterator[Any]:
+        from fedpeft_pl.federation import ClientContext
+        from fedpeft_pl.loop import client_metrics
+        from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
+        from fedpeft_pl.seeds import client_seed
+        from fedpeft_pl.strategies import Strategy
+
+        loop = self.loop
+        trainer = loop.trainer
+        module = trainer.lightning_module
+        datamodule = trainer.datamodule
+        federation = loop.federation
+        strategy = trainer.aggregation.strategy
+        start = trainable_state(module)
+        local = local_names(module)
+        shared_like = {n: t for n, t in start.items() if n not in local}
+        local_init = {n: t for n, t in start.items() if n in local}
+
+        early: dict[int, Any] = {}
+        sessions = []
+        for client in round.share:
+            dropped = loop.start_client(round, client)
+            if dropped is not None:
+                early[client] = dropped
+            else:
+                sessions.append(loop.open_session(round, client, shared_like, local_init))
+        # what a strategy's client hooks see, stacked per client: received state, server extras, own state
+        own_keys = sorted({k for s in sessions for k in s.context.state if not k.startswith("local.")})
+        jobs = []
+        for session in sessions:
+            context = session.context
+            extras = {f"received.{n}": t for n, t in context.received.items()}
+            extras.update({f"extras.{k}": t for k, t in context.extras.items()})
+            extras.update({f"state.{k}": context.state.get(k, torch.zeros_like(_like(k, context.received))) for k in own_keys})
+            jobs.append(ClientJob(
+                session.client, client_seed(federation.seed, round.number, session.client),
+                round.plans[session.client].batches, {**context.received, **session.local_state()}, extras,
+            ))
+
+        def context_of(extras: State) -> ClientContext:
+            return ClientContext(
+                0, round.number,
+                received={k[len("received."):]: v for k, v in extras.items() if k.startswith("received.")},
+                extras={k[len("extras."):]: v for k, v in extras.items() if k.startswith("extras.")},
+                state={k[len("state."):]: v for k, v in extras.items() if k.startswith("state.")},
+            )
+
+        loss_term = grad_correction = None
+        if type(strategy).client_loss is not Strategy.client_loss:
+            def loss_term(params: State, extras: State) -> torch.Tensor:
+                term = strategy.client_loss(params, context_of(extras))
+                return term if term is not None else torch.zeros(())
+        if sessions and sessions[0].corrects_gradients:
+            def grad_correction(grads: State, extras: State) -> State:
+                return strategy.client_gradient(grads, {}, context_of(extras))
+
+        autocast = _autocast_for(trainer)
+        outcomes = train_clients(
+            module, datamodule, jobs, federation.local_epochs, module.optimizer_factory,
+            loss_term=loss_term, grad_correction=grad_correction, autocast=autocast or None,
+            max_parallel_clients=self.max_parallel_clients,
+        )
+        lr = float(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
+        by_client = {o.client: o for o in outcomes}
+        results = {}
+        for session in sessions:
+            outcome = by_client[session.client]
+            session.context.steps, session.context.lr = outcome.steps, lr
+            # the module reports the loss of the client it trained; here it is the outcome's
+            module.begin_client(session)
+            if outcome.num_samples_seen:
+                module.track_loss(torch.tensor(outcome.loss_sum, dtype=torch.float64), outcome.num_samples_seen)
+            metrics = client_metrics(trainer, module)
+            module.end_client()
+            results[session.client] = session.finish(outcome.state, datamodule.client_num_samples(session.client), metrics)
+            loop.close_session(session)
+        load_trainable_state(module, start)
+        for client in round.share:
+            yield early[client] if client in early else results[client]
+
+
+def _like(key: str, received: State) -> torch.Tensor:
+    """The tensor a per-client key (``control.<name>``, ``grad.<name>``) stands beside."""
+    name = key.split(".", 1)[1] if "." in key else key
+    if name not in received:
+        raise ConfigError(f"the vectorised runner cannot place the client tensor {key!r}; use trainer.client_runner: sequential")
+    return received[name]
+
+
+def _autocast_for(trainer: Any) -> Any:
+    """The autocast context factory for the trainer's precision; None for 32-bit, False where unsupported."""
+    precision = str(trainer.precision)
+    device_type = trainer.strategy.root_device.type
+    if precision in ("32-true", "32"):
+        return None
+    if precision == "bf16-mixed":
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return lambda: torch.autocast(device_type, dtype=torch.float16)
+    return False

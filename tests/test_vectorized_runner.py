@@ -1,0 +1,77 @@
+"""The vectorised runner inside a federated run: the same global state, bytes and metrics as the sequential runner."""
+
+import logging
+
+import pytest
+import torch
+from helpers import sgd, tiny_backbone, tiny_trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from fedpeft_pl import ClientAvailability, ConfigError, FedPEFTModule, FederatedDataModule, Scaffold
+from fedpeft_pl.data import Digits, Dirichlet
+from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Personalized, Prompt, trainable_state
+from fedpeft_pl.privacy import LocalDP
+
+METHODS = {
+    "head": Head(),
+    "bias": Bias(),
+    "adapter-sequential": Adapter(reduction_factor=4),
+    "adapter-parallel": Adapter(reduction_factor=4, placement="parallel"),
+    "prompt-shallow": Prompt(num_tokens=2, deep=False),
+    "prompt-deep": Prompt(num_tokens=2, deep=True),
+    "lora": LoRA(rank=2, alpha=4),
+    "full": Full(),
+}
+
+
+def run(tmp_path, name, peft, runner, **kwargs):
+    torch.manual_seed(0)
+    module = FedPEFTModule(10, tiny_backbone(), peft, optimizer=sgd(0.05, weight_decay=1e-4))
+    # unequal clients (Dirichlet), short last batches (batch 24), stragglers
+    datamodule = FederatedDataModule(Digits(), num_clients=4, partition=Dirichlet(alpha=0.5, min_samples=10), batch_size=24)
+    logger = CSVLogger(str(tmp_path), name=name)
+    trainer = tiny_trainer(
+        tmp_path, num_rounds=2, clients_per_round=3, local_epochs=2, logger=logger, client_runner=runner,
+        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)), **kwargs,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return trainable_state(module), trainer, metrics
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_vectorised_runner_reaches_the_sequential_runners_state(tmp_path, method):
+    sequential, seq_trainer, seq_metrics = run(tmp_path, "seq", METHODS[method], "sequential")
+    vectorised, vec_trainer, vec_metrics = run(tmp_path, "vec", METHODS[method], "vectorized")
+    for name, tensor in sequential.items():
+        torch.testing.assert_close(vectorised[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    assert vec_trainer.aggregation.cumulative_bytes == seq_trainer.aggregation.cumulative_bytes
+    for key in ("server/acc", "server/loss"):
+        assert vec_metrics[key] == pytest.approx(seq_metrics[key], abs=1e-5), key
+
+
+def test_client_side_strategies_and_personal_parts_run_vectorised(tmp_path):
+    peft = Personalized(Prompt(num_tokens=2), local=["head"])
+    sequential, seq_trainer, _ = run(tmp_path, "seq", peft, "sequential", aggregation=Scaffold())
+    peft = Personalized(Prompt(num_tokens=2), local=["head"])
+    vectorised, vec_trainer, _ = run(tmp_path, "vec", peft, "vectorized", aggregation=Scaffold())
+    for name, tensor in sequential.items():
+        torch.testing.assert_close(vectorised[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    for client in range(4):
+        a, b = seq_trainer.fit_loop.client_states.get(client), vec_trainer.fit_loop.client_states.get(client)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_local_dp_falls_back_to_the_sequential_runner_with_a_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
+        run(tmp_path, "dp", Head(), "vectorized", privacy=LocalDP(epsilon=8.0))
+    assert "vectorised client runner: local DP trains on the sequential runner" in caplog.text
+
+
+def test_runner_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="client_runner must be"):
+        tiny_trainer(tmp_path, client_runner="parallel")
+    with pytest.raises(ConfigError, match="max_parallel_clients applies to the vectorised runner"):
+        tiny_trainer(tmp_path, max_parallel_clients=4)
