@@ -151,11 +151,15 @@ class WireCounter:
         from flwr.app import ConfigRecord
 
         content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
+        if "extras" in content:
+            # Flower sends an object once per message, so an extra tensor equal to one of the state's
+            # (zeros, at first) costs nothing more: measure the whole message
+            self.bytes["down"] += wire_bytes(content)
+            return
         # the round's arrays are the same for every client: measured once, plus this message's own objects
         config = content["config"]
         assert isinstance(config, ConfigRecord)
-        own = wire_bytes(content["extras"]) if "extras" in content else 0
-        self.bytes["down"] += self._arrays_bytes + own + wire_bytes(config) + len(content.deflate())
+        self.bytes["down"] += self._arrays_bytes + wire_bytes(config) + len(content.deflate())
 
     def upload(
         self, payload: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], extras: Mapping[str, torch.Tensor]

@@ -74,7 +74,9 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
         f"done: {rounds} rounds, {sent:.3f} MiB sent, in {seconds:.1f} s; final server accuracy "
         + (f"{float(accuracy):.4f}" if accuracy is not None else "not evaluated")
     ]
-    run_dir: Any = trainer.log_dir if trainer.loggers else None
+    # the first logger's folder, as trainer.log_dir finds it; trainer.log_dir itself is a collective
+    # under DDP, which only rank 0 reaches here
+    run_dir: Any = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
     if run_dir:
         lines.append(f"run folder: {run_dir}")
         logger_root = os.path.dirname(os.path.dirname(os.path.normpath(run_dir)))
