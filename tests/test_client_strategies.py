@@ -35,6 +35,15 @@ def federated(tmp_path, strategy, rounds=ROUNDS):
     return start, trainable_state(module), trainer
 
 
+def reference():
+    """The same module and data as the federated run, set up for training by hand."""
+    module, datamodule = build()
+    datamodule.data_config = module.data_config
+    datamodule.setup("fit")
+    module.configure_model()
+    return module, datamodule
+
+
 def local_sgd(module, datamodule, params, server_round, client, loss_term=None, correction=None):
     """Plain SGD on ``params`` over the client's batches (the same data order as the framework); returns steps."""
     steps = 0
@@ -54,10 +63,7 @@ def local_sgd(module, datamodule, params, server_round, client, loss_term=None, 
 
 def test_scaffold_matches_option_two_of_the_paper_computed_by_hand(tmp_path):
     start, trained, trainer = federated(tmp_path, Scaffold())
-    module, datamodule = build()
-    datamodule.data_config = module.data_config
-    datamodule.setup("fit")
-    module.configure_model()
+    module, datamodule = reference()
     x = start
     c = {n: torch.zeros_like(t) for n, t in x.items()}
     c_own = {}
@@ -85,10 +91,7 @@ def test_scaffold_matches_option_two_of_the_paper_computed_by_hand(tmp_path):
 def test_feddyn_matches_the_paper_computed_by_hand(tmp_path):
     alpha = 0.1
     start, trained, trainer = federated(tmp_path, FedDyn(alpha=alpha))
-    module, datamodule = build()
-    datamodule.data_config = module.data_config
-    datamodule.setup("fit")
-    module.configure_model()
+    module, datamodule = reference()
     x = start
     h = {n: torch.zeros_like(t) for n, t in x.items()}
     grads_own = {}
