@@ -35,6 +35,9 @@ class Federation:
         sampling: ``uniform`` (exactly m, without replacement) or ``poisson`` (each client with
             probability m/N, as DP-FedAvg's accounting assumes).
         seed: the run's seed; client sampling, availability and local training derive from it.
+        sampling_seed: a secret seed for client sampling instead of ``seed`` (central DP's
+            amplification by sampling holds only if nobody can predict who is sampled); set by the
+            loop when the strategy asks for it.
     """
 
     num_clients: int
@@ -43,6 +46,7 @@ class Federation:
     local_epochs: int = 1
     sampling: Sampling = "uniform"
     seed: int = 0
+    sampling_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs"):
@@ -58,8 +62,9 @@ class Federation:
             )
 
     def sample(self, server_round: int) -> list[int]:
-        """The clients of ``server_round``: a function of the seed and the round alone."""
-        return sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round, self.sampling)
+        """The clients of ``server_round``: a function of the (sampling) seed and the round alone."""
+        seed = self.seed if self.sampling_seed is None else self.sampling_seed
+        return sample_clients(seed, server_round, self.num_clients, self.clients_per_round, self.sampling)
 
 
 def sample_clients(

@@ -18,6 +18,7 @@ hooks behave as in plain Lightning); under DDP each process trains its share.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -127,6 +128,19 @@ class FederatedLoop(_FitLoop):
             self._federation = Federation(num_clients=self.trainer.datamodule.num_clients, **self.settings)
         return self._federation
 
+    def _secret_sampling(self) -> None:
+        """A strategy whose privacy rests on unpredictable sampling (DP-FedAvg) samples from a secret seed.
+
+        Drawn from ``os.urandom`` on rank 0 and shared with every process, so all agree on each
+        round's clients; never in the config or the checkpoint (a resumed run draws a new one).
+        """
+        if not self.trainer.aggregation.strategy.needs_secret_sampling:
+            return
+        secret = int.from_bytes(os.urandom(8), "little") >> 1
+        secret = self.gather(secret)[0]
+        self._federation = replace(self.federation, sampling_seed=secret)
+        log.info("client sampling draws from a secret seed (central DP): the config's seed does not say who is sampled")
+
     @property
     def num_rounds(self) -> int:
         return self.max_epochs
@@ -147,6 +161,7 @@ class FederatedLoop(_FitLoop):
             return
         self._resume_at_round_boundary()
         self.on_run_start()
+        self._secret_sampling()
         self._federated(
             "on_federation_start",
             lambda cb, t, m: cb.on_federation_start(t, m, self.federation),

@@ -435,6 +435,11 @@ class DPFedAvg(Strategy):
         self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
         return result
 
+    @property
+    def needs_secret_sampling(self) -> bool:
+        """The accounting's amplification by sampling assumes nobody can predict the sampled clients."""
+        return not self.reproducible_noise
+
     def epsilon_spent(self) -> float:
         return _epsilon(self.accountant, self._history, self.delta)
 

@@ -93,6 +93,11 @@ class Strategy(Component):
         return {}
 
     @property
+    def needs_secret_sampling(self) -> bool:
+        """Whether who is sampled must be unpredictable from the config (central DP's accounting)."""
+        return False
+
+    @property
     def acts_on_clients(self) -> bool:
         """Whether any client hook is overridden (runners skip the hooks' cost otherwise)."""
         base = Strategy

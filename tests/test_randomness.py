@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
-from fedpeft_pl import Federation
+from fedpeft_pl import FederatedCallback, Federation
 from fedpeft_pl.peft import Prompt, trainable_state
 from fedpeft_pl.privacy import DPFedAvg, LocalDP
 from fedpeft_pl.seeds import derive_seed
@@ -141,3 +141,31 @@ def test_local_dp_draws_its_poisson_batches_from_the_secret_source_too(tmp_path)
     plain = ClientBatchSampler(batch_size=64, poisson=True)
     plain.assign(np.arange(200), seed=3)
     assert list(plain) == again[0]  # the reproducible sampler is the seeded one
+
+
+class Sampled(FederatedCallback):
+    def __init__(self):
+        self.clients = []
+
+    def on_round_start(self, trainer, pl_module, round):
+        self.clients.append(round.clients)
+
+
+def sampled_clients(tmp_path, **dp):
+    from helpers import tiny_datamodule, tiny_module, tiny_trainer
+
+    torch.manual_seed(0)
+    recorder = Sampled()
+    trainer = tiny_trainer(
+        tmp_path, num_rounds=3, clients_per_round=4, client_sampling="poisson", callbacks=[recorder],
+        aggregation=DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, **dp), limit_val_batches=0,
+    )
+    trainer.fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule(num_clients=8, batch_size=256))
+    return recorder.clients
+
+
+def test_central_dp_samples_clients_from_a_secret_seed_unless_reproducible_noise_is_asked_for(tmp_path):
+    # DP-FedAvg's accounting amplifies by sampling: who is sampled must not follow from the config's seed
+    runs = [sampled_clients(tmp_path / str(i)) for i in range(3)]
+    assert len({tuple(r) for r in runs}) > 1
+    assert sampled_clients(tmp_path / "a", reproducible_noise=True) == sampled_clients(tmp_path / "b", reproducible_noise=True)
