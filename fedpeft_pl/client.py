@@ -161,7 +161,8 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
 
         Returns the number of samples and ``{"acc": ..., "loss": ...}`` (empty for no samples).
         """
-        accuracy = MulticlassAccuracy(self.num_classes, average="micro").to(self.device)
+        # one client's own figure: torchmetrics must not sum it with other processes' clients under DDP
+        accuracy = MulticlassAccuracy(self.num_classes, average="micro", sync_on_compute=False).to(self.device)
         loss_sum, count = 0.0, 0
         was_training = self.training
         self.eval()

@@ -498,6 +498,10 @@ class _ClientJob(FederatedLoop):
         pass
 
     @override
+    def _secret_sampling(self) -> None:
+        pass  # a deployed client samples no one; the server does
+
+    @override
     def advance(self) -> None:
         module = self.trainer.lightning_module
         client = self.session.client

@@ -209,9 +209,10 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
 
+    assert (deployed_dir / "results.pt").is_file(), output[-8000:] + federation.logs()
     seen = torch.load(deployed_dir / "results.pt")  # everything the server was handed
     individual = torch.load(simulated_dir / "results.pt")
-    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))]
+    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))], output[-6000:]
     assert all(not agg for *_, agg, _ in individual)
     # round 1 starts from the same state in both runs: the mean is exact up to SecAgg+'s rounding
     _, _, samples, clients, mean = seen[0]
