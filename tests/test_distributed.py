@@ -31,6 +31,8 @@ SETTINGS = {
     "local-dp": [
         "--trainer.privacy", "fedpeft_pl.privacy.LocalDP", "--trainer.privacy.epsilon", "8.0",
         "--trainer.privacy.max_grad_norm", "1.0",
+        # secret noise differs between any two runs by design: compare the processes on reproducible noise
+        "--trainer.privacy.reproducible_noise", "true",
     ],
 }
 
