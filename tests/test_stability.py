@@ -139,7 +139,8 @@ def test_a_strategy_sees_the_federations_shape_before_training(tmp_path):
     strategy = Recording()
     fit(tmp_path, rounds=1, aggregation=strategy)
     assert strategy.shape == {
-        "num_clients": 6, "clients_per_round": 4, "num_rounds": 1, "local_epochs": 2, "sampling": "uniform", "seed": 0
+        "num_clients": 6, "clients_per_round": 4, "num_rounds": 1, "local_epochs": 2, "sampling": "uniform", "seed": 0,
+        "sampling_seed": None,
     }
     assert isinstance(strategy, Strategy)
 
