@@ -242,6 +242,7 @@ def test_a_private_run_logs_no_per_client_statistics_unless_asked(tmp_path, capl
         _dp_fit(tmp_path / "plain", None, logger_dir=tmp_path / "plain")
         assert "train/loss" in _logged(tmp_path / "plain")
         assert list((tmp_path / "plain").rglob("client_label_histogram.csv"))
+    caplog.clear()  # only what the private run says
     with caplog.at_level("INFO", logger="fedpeft_pl"):
         _dp_fit(tmp_path / "dp", logger_dir=tmp_path / "dp", **private())
     assert "train/loss" not in _logged(tmp_path / "dp")
