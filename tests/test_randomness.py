@@ -36,8 +36,8 @@ def private_fit(tmp_path, **privacy_kwargs):
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
     privacy = LocalDP(epsilon=None, noise_multiplier=1.0, max_grad_norm=1.0, **privacy_kwargs)
-    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=2, privacy=privacy)
-    trainer.fit(module, datamodule=tiny_datamodule(num_clients=4, batch_size=64))
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=2, privacy=privacy, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_datamodule(num_clients=8, batch_size=64))
     return trainable_state(module)
 
 
