@@ -187,7 +187,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
         self.track_loss(loss.detach() * len(labels), len(labels))
-        if self.session is not None:
+        if self.session is not None and self.session.adds_loss:  # a strategy's term (FedProx, FedDyn)
             term = self.session.loss_term(trainable_parameters(self))
             if term is not None:
                 loss = loss + term
@@ -213,7 +213,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         client = self.session.client if self.session is not None else None
         gradient, losses = self.privacy.private_gradient(self, images, labels, client)
         params = trainable_parameters(self)
-        if self.session is not None:
+        if self.session is not None and self.session.adds_loss:
             # a strategy's loss term depends on no record, so its gradient needs no noise
             term = self.session.loss_term(params)
             if term is not None:

@@ -81,6 +81,10 @@ class ClientSession:
         return self.context.client
 
     @property
+    def adds_loss(self) -> bool:
+        return type(self.strategy).client_loss is not Strategy.client_loss
+
+    @property
     def corrects_gradients(self) -> bool:
         return type(self.strategy).client_gradient is not Strategy.client_gradient
 
