@@ -10,7 +10,7 @@ from fedpeft_pl.data import Digits
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt, load_trainable_state, trainable_parameters, trainable_state
 from fedpeft_pl.vectorized import ClientJob, PrivateTraining, train_clients
-from tests.helpers import tiny_backbone
+from helpers import tiny_backbone
 
 # unequal clients: 37 samples (3 batches, the last of 5), 20 (2 batches, the last of 4), 48 (3 full batches)
 SIZES = [37, 20, 48]
