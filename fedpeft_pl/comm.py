@@ -117,6 +117,63 @@ def wire_bytes(content: Any) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
+def _chunk_size() -> int:
+    from flwr.app.message import array  # the value Flower's arrays slice by
+
+    return array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+
+def _may_share_objects(payload: Mapping[str, torch.Tensor]) -> bool:
+    """Whether Flower could send one object for two parts of ``payload`` (equal arrays or chunks).
+
+    Flower sends each distinct object once: two equal tensors (LoRA's zero ``B`` factors at first)
+    cost one array, and equal chunks of a large array one chunk. Equal tensors need equal dtype and
+    shape; the check compares those groups' contents exactly. A tensor longer than one chunk may
+    repeat a chunk of itself: one of half a chunk or more (with its header) counts as possibly shared.
+    """
+    limit = _chunk_size() // 2
+    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
+    for tensor in payload.values():
+        if tensor.numel() * tensor.element_size() > limit:
+            return True
+        groups.setdefault((tensor.dtype, tuple(tensor.shape)), []).append(tensor)
+    for tensors in groups.values():
+        for i, first in enumerate(tensors):
+            if any(torch.equal(first, other) for other in tensors[i + 1 :]):
+                return True
+    return False
+
+
+class _ReplySizes:
+    """Wire bytes of client replies, without serialising every update again.
+
+    The size of an ArrayRecord whose arrays are all distinct objects depends only on the names,
+    dtypes and shapes of its tensors (object ids are fixed-length digests), so it is measured once
+    per layout with Flower's serialiser and reused; the rest of the reply (sample count, metrics,
+    the RecordDict) is serialised every time. A reply whose objects may be shared
+    (:func:`_may_share_objects`) or that carries extras is serialised whole. Written here because
+    Flower has no size query short of deflating every object (copies and digests of every tensor).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple, int] = {}
+        self._empty: Optional[int] = None
+
+    def __call__(
+        self, payload: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], extras: Mapping[str, torch.Tensor]
+    ) -> int:
+        if extras or _may_share_objects(payload):
+            return wire_bytes(reply_content(payload, num_examples, metrics, extras))
+        from flwr.app import ArrayRecord
+
+        layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in payload.items())
+        if layout not in self._arrays:
+            self._arrays[layout] = wire_bytes(array_record(payload))
+        if self._empty is None:
+            self._empty = wire_bytes(ArrayRecord({}))
+        return wire_bytes(reply_content({}, num_examples, metrics)) - self._empty + self._arrays[layout]
+
+
 class WireCounter:
     """Wire bytes of one round, as a deployment would send them (see the module docstring).
 
@@ -131,6 +188,7 @@ class WireCounter:
         self.bytes: Optional[dict[str, int]] = None
         self._arrays: Any = None
         self._arrays_bytes = 0
+        self._reply_sizes = _ReplySizes()
 
     def start_round(self, payload: Mapping[str, torch.Tensor]) -> None:
         self.bytes = {"down": 0, "up": 0} if self.enabled else None
@@ -167,7 +225,7 @@ class WireCounter:
         if self.bytes is None or self.measured:
             return
         try:
-            self.bytes["up"] += wire_bytes(reply_content(payload, num_examples, metrics, extras))
+            self.bytes["up"] += self._reply_sizes(payload, num_examples, metrics, extras)
         except TypeError:
             self.bytes = None
 

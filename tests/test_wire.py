@@ -39,6 +39,37 @@ def test_wire_bytes_are_the_bytes_flower_serialises_and_inflates_back():
     )
 
 
+
+def test_the_counter_counts_each_reply_as_flower_serialises_it(monkeypatch):
+    """Replies are counted without serialising each update again, yet byte for byte as Flower does."""
+    from flwr.app.message import array
+
+    from fedpeft_pl.comm import WireCounter, reply_content, wire_bytes
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(array, "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 4096)  # chunks within reach
+    replies = [
+        ({"a": torch.randn(30, 4), "b": torch.randn(4)}, 17, {"steps": 2.0, "train_loss": 0.5}, {}),
+        ({"a": torch.randn(30, 4), "b": torch.randn(4)}, 123456, {"steps": 9.0}, {}),  # same layout, other values
+        ({"a": torch.zeros(30, 4), "b": torch.zeros(30, 4)}, 5, {"steps": 1.0}, {}),  # two equal arrays: sent once
+        ({"big": torch.zeros(5000)}, 8, {"steps": 1.0}, {}),  # chunks that repeat: sent once
+        ({"big": torch.randn(5000)}, 8, {"steps": 1.0}, {}),
+        ({"a": torch.randn(30, 4)}, 3, {"steps": 1.0}, {"c": torch.randn(2)}),  # extras
+        ({"a": torch.randn(30, 4).half()}, 3, {"steps": 1.0}, {}),
+    ]
+    counter = WireCounter()
+    counter.start_round({"a": torch.zeros(1)})
+    expected = 0
+    for payload, num_examples, metrics, extras in replies:
+        before = counter.bytes["up"]
+        counter.upload(payload, num_examples, metrics, extras)
+        size = wire_bytes(reply_content(payload, num_examples, metrics, extras))
+        assert counter.bytes["up"] - before == size
+        expected += size
+    assert counter.bytes["up"] == expected
+    # the repeated objects really are sent once
+    assert wire_bytes(reply_content(*replies[2][:3])) < wire_bytes(reply_content(*replies[1][:3])) + 30 * 4 * 4
+
 def fit(tmp_path, **kwargs):
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
