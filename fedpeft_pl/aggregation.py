@@ -25,6 +25,7 @@ from fedpeft_pl.federation import (
     RoundMessage,
     State,
     client_accuracy_summary,
+    first_non_finite,
     weighted_metrics,
 )
 from fedpeft_pl.hooks import FederatedCallback
@@ -153,7 +154,7 @@ class ServerAggregation(FederatedCallback):
         payload = {k: v.to(device) for k, v in result.payload.items()}
         state = decode_update(self.upload, payload, self._received)
         extras = {k: v.to(device) for k, v in result.extras.items()}
-        broken = next((name for name, tensor in {**state, **extras}.items() if not torch.isfinite(tensor).all()), None)
+        broken = first_non_finite({**state, **extras})
         if broken is not None:
             log.warning(
                 f"round {round.number}: client {result.client} sent NaN or Inf values (in {broken}); "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedpeft_pl.compression import Codec
-from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State
+from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State, first_non_finite
 from fedpeft_pl.peft import load_trainable_state
 from fedpeft_pl.strategies import Strategy
 
@@ -34,7 +34,7 @@ def encode_update(codec: Codec, state: State, received: State, client: int) -> S
     if type(codec) is Codec:
         return state
     payload = codec.encode({name: state[name] - received[name] for name in state}, client=client)
-    if all(torch.isfinite(t).all() for t in decode_update(codec, payload, received).values()):
+    if first_non_finite(decode_update(codec, payload, received)) is None:
         codec.commit(client)
     else:
         codec.rollback(client)

@@ -20,6 +20,22 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.seeds import CLIENT_SAMPLING, derive_seed
 
 State = dict[str, torch.Tensor]
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first tensor holding a NaN or an infinity, or None if all are finite.
+
+    One fused norm over all floating tensors first (a NaN or infinity makes its tensor's norm
+    non-finite); only where a norm is not finite, which a huge but finite tensor can also cause,
+    are that tensor's elements checked one by one, so the answer is exact.
+    """
+    names = [n for n, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    norms = torch._foreach_norm([tensors[n].detach() for n in names])
+    if bool(torch.isfinite(torch.stack([norm.float() for norm in norms])).all()):
+        return None
+    return next((n for n, norm in zip(names, norms) if not torch.isfinite(norm) and not torch.isfinite(tensors[n]).all()), None)
 Sampling = Literal["uniform", "poisson"]
 
 

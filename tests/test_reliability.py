@@ -205,3 +205,16 @@ def test_a_client_refuses_to_keep_a_residual_for_a_non_finite_update():
     kept = codec.client_state([4])[4]["w"].clone()
     encode_update(codec, {"w": torch.tensor([1.0, float("nan"), -0.3])}, received, client=4)
     assert torch.equal(codec.client_state([4])[4]["w"], kept)
+
+
+def test_non_finite_tensors_are_found_exactly():
+    from fedpeft_pl.federation import first_non_finite
+
+    huge = torch.full((4, 4), 3e38)  # finite, though its norm overflows
+    assert first_non_finite({"a": torch.randn(3), "huge": huge, "steps": torch.tensor([7])}) is None
+    assert first_non_finite({}) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = torch.randn(5)
+        broken[2] = bad
+        assert first_non_finite({"a": torch.randn(3), "huge": huge, "b": broken, "c": broken.clone()}) == "b"
+    assert first_non_finite({"half": torch.tensor([1.0, float("nan")], dtype=torch.float16)}) == "half"
