@@ -264,8 +264,12 @@ class LoRA(PEFTMethod):
         stacked = sum(n for r, n in self._stack_elements.items() if since < r < server_round)
         if not stacked:
             return 0
-        dense = sum(int(layer.lora_ind.sum()) * layer.in_features for layer in self._layers)
-        return min(stacked, dense) * self._layers[0].flora_delta.element_size()
+        element = self._layers[0].flora_delta.element_size()
+        return min(stacked * element, self.dense_update_bytes())
+
+    def dense_update_bytes(self) -> int:
+        """FLoRA: bytes of the dense merged update of every adapted part (q, v), what a client far behind receives."""
+        return sum(int(layer.lora_ind.sum()) * layer.in_features * layer.flora_delta.element_size() for layer in self._layers)
 
     def delivered(self, clients: list[int], server_round: int) -> None:
         if self.aggregation == "stack":
