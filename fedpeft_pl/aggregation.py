@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from fedpeft_pl.comm import MIB, WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
-from fedpeft_pl.exchange import decode_update
+from fedpeft_pl.exchange import decode_reply
 from fedpeft_pl.federation import (
     ClientEvaluation,
     ClientResult,
@@ -29,7 +29,7 @@ from fedpeft_pl.federation import (
     weighted_metrics,
 )
 from fedpeft_pl.hooks import FederatedCallback
-from fedpeft_pl.peft import load_trainable_state, local_names, shared_state, trainable_state
+from fedpeft_pl.peft import PEFTMethod, load_trainable_state, local_names, shared_state, trainable_state
 from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
@@ -61,6 +61,11 @@ class ServerAggregation(FederatedCallback):
     the client and the tensor. If fewer than ``strategy.min_clients`` updates arrive, the round
     is skipped and the state stays.
 
+    Where the PEFT method gives each client its own view of the state (heterogeneous LoRA ranks,
+    :meth:`~fedpeft_pl.peft.PEFTMethod.client_view`), each client's download and upload are
+    counted at its own view (its own rank), plus what the method says a client receives besides
+    (FLoRA's merged update); wire bytes are not measured then.
+
     Args:
         strategy: the aggregation strategy; FedAvg by default.
         upload: codec for the clients' updates; none by default.
@@ -89,6 +94,10 @@ class ServerAggregation(FederatedCallback):
         self._stragglers = 0
         self.wire = WireCounter()
         self._contributors = 0
+        self._peft: Optional[PEFTMethod] = None  # set where clients exchange their own views
+        self._peft_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until training starts
+        self._sent: State = {}
+        self._delivered: list[int] = []
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,6 +106,13 @@ class ServerAggregation(FederatedCallback):
         local = local_names(pl_module)
         self.global_state = shared_state(pl_module)
         self._local_init = {n: t for n, t in trainable_state(pl_module).items() if n in local}
+        peft = getattr(pl_module, "peft", None)
+        if isinstance(peft, PEFTMethod) and peft.per_client_views:
+            self._peft = peft
+            self.wire.enabled = False  # one message layout per client: not measured
+            if self._peft_state:
+                peft.load_server_state(self._peft_state)
+                self._peft_state = {}
 
     @override
     def on_federation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, federation: Federation) -> None:
@@ -113,11 +129,13 @@ class ServerAggregation(FederatedCallback):
         self._eval = {}
         self._dropped = self._failed = 0
         self._contributors = 0
+        self._delivered = []
 
     def configure_round(self, round: Round) -> RoundMessage:
         """The message every sampled client of ``round`` receives: encoded state, config, extras."""
         state, config = self.strategy.configure_fit(round.number, self.global_state)
         payload = self.download.encode(state)
+        self._sent = state
         self._received = self.download.decode(payload, like=state)
         self._message = RoundMessage(payload, dict(config), self.strategy.client_extras(round.number, self.global_state))
         self.wire.start_round(payload)
@@ -125,8 +143,16 @@ class ServerAggregation(FederatedCallback):
 
     def _count_download(self, round: Round, result: ClientResult) -> None:
         if result.received:  # a securely aggregated result: each of its clients received the message
-            size = payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
-            self._bytes["down"] += size * max(1, len(result.aggregate_of))
+            clients = list(result.aggregate_of) or [result.client]
+            if self._peft is not None:  # each client its own view, at its own rank
+                self._delivered += clients
+                for client in clients:
+                    view = self._peft.client_view(self._sent, client, round.number, upload=False)
+                    self._bytes["down"] += payload_bytes(self.download.encode(view)) + payload_bytes(self._message.extras)
+                    self._bytes["down"] += self._peft.pending_download_bytes(client, round.number)
+            else:
+                size = payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
+                self._bytes["down"] += size * len(clients)
             plan = round.plans.get(result.client)
             self.wire.download(self._message.config, round.number, result.client, plan.batches if plan else 0, self._message.extras)
 
@@ -152,7 +178,7 @@ class ServerAggregation(FederatedCallback):
         self._reports.append((result.client, result.num_samples, dict(result.metrics)))
         device = pl_module.device
         payload = {k: v.to(device) for k, v in result.payload.items()}
-        state = decode_update(self.upload, payload, self._received)
+        state = decode_reply(self.upload, payload, self._received, self._peft, result.client, round.number)
         extras = {k: v.to(device) for k, v in result.extras.items()}
         broken = first_non_finite({**state, **extras})
         if broken is not None:
@@ -181,10 +207,11 @@ class ServerAggregation(FederatedCallback):
             "dropped": self._dropped,
             "failed": self._failed,
             "upload": self.upload.client_state(list(round.share)),
+            "delivered": self._delivered,
         }
         device = pl_module.device
         order = {c: i for i, c in enumerate(round.clients)}
-        updates, reports = [], []
+        updates, reports, self._delivered = [], [], []
         self._bytes, self._dropped, self._failed = {"down": 0, "up": 0}, 0, 0
         self.wire.bytes = {"down": 0, "up": 0} if self.wire.bytes is not None else None
         for part in gather(mine):
@@ -199,6 +226,7 @@ class ServerAggregation(FederatedCallback):
             self._dropped += part["dropped"]
             self._failed += part["failed"]
             self.upload.load_client_state(part["upload"])
+            self._delivered += part["delivered"]
         # the order of a single process, so that every process aggregates to the same bits as one would
         self._updates = sorted(updates, key=lambda u: order[u.client])
         self._reports = sorted(reports, key=lambda r: order[r[0]])
@@ -208,6 +236,8 @@ class ServerAggregation(FederatedCallback):
         arrived = max(len(self._updates), self._contributors)  # under DDP the gathered updates are all ranks' own
         if arrived >= self.strategy.min_clients:
             self.global_state = self.strategy.aggregate_fit(round.number, self.global_state, self._updates)
+            if self._peft is not None:
+                self.global_state = self._peft.aggregate(pl_module.model, self.global_state, self._updates, round.number)
             self._aggregated = arrived
         else:
             log.warning(
@@ -216,6 +246,8 @@ class ServerAggregation(FederatedCallback):
             )
             self._aggregated = 0
         self._updates = []
+        if self._peft is not None:
+            self._peft.delivered(self._delivered, round.number)
         load_trainable_state(pl_module, {**self.global_state, **self._local_init})
         self.cumulative_bytes += self._bytes["down"] + self._bytes["up"]
 
@@ -275,6 +307,7 @@ class ServerAggregation(FederatedCallback):
             "strategy": self.strategy.state_dict(),
             "upload": self.upload.state_dict(),
             "download": self.download.state_dict(),
+            "peft": self._peft.server_state() if self._peft is not None else {},
         }
 
     @override
@@ -283,6 +316,7 @@ class ServerAggregation(FederatedCallback):
         self.strategy.load_state_dict(state_dict["strategy"])
         self.upload.load_state_dict(state_dict["upload"])
         self.download.load_state_dict(state_dict["download"])
+        self._peft_state = dict(state_dict.get("peft", {}))
 
 
 def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:

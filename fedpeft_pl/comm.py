@@ -321,6 +321,7 @@ def communication_report(
     max_batches: int = 1,
     num_examples: int = 1,
     with_loss: bool = True,
+    num_clients: Optional[int] = None,
 ) -> CommReport:
     """Bytes that ``module``'s PEFT method sends with the given codecs, next to full fine-tuning.
 
@@ -329,6 +330,11 @@ def communication_report(
     downloaded and compressed sizes are exact. Wire bytes (with Flower installed) are those of
     the train message to client 0 of round 1 with ``round_config`` and ``max_batches``, and of
     its reply with ``num_examples`` and, if ``with_loss``, the training loss.
+
+    Where clients exchange their own views of the state (heterogeneous LoRA ranks), each of the
+    ``num_clients`` clients (``clients_per_round`` if not given) is counted at its own view: the
+    per-client figures are their mean (what a uniformly sampled client sends), with one note per
+    rank, and wire bytes are those of client 0.
     """
     local = frozenset(getattr(module, "local_names", ()))  # a personalised method's local part never travels
     trainable = {name: p.detach() for name, p in trainable_parameters(module).items() if name not in local}
@@ -340,19 +346,41 @@ def communication_report(
         extras_down = strategy.client_extras(1, trainable)
         context = ClientContext(0, 1, trainable, extras=extras_down, steps=1, lr=1.0)
         extras_up = strategy.client_end(trainable, context)
+    down_state = up_state = trainable
+    peft = getattr(module, "peft", None)
+    mean_down = mean_up = None
+    if getattr(peft, "per_client_views", False):
+        clients = range(num_clients or clients_per_round)
+        sizes: dict[int, list[tuple[int, int]]] = {}
+        for client in clients:
+            down = payload_bytes(download.encode(peft.client_view(trainable, client, 1, upload=False)))
+            up = payload_bytes(upload.encode(peft.client_view(trainable, client, 1, upload=True)))
+            sizes.setdefault(peft.client_rank(client), []).append((down, up))
+        mean_down = round(sum(d for each in sizes.values() for d, _ in each) / len(clients))
+        mean_up = round(sum(u for each in sizes.values() for _, u in each) / len(clients))
+        notes = (*notes, f"per-client figures are the mean over {len(clients)} clients, each at its own rank") + tuple(
+            f"rank {rank} ({len(each)} clients): {each[0][0]:,} bytes down, {each[0][1]:,} bytes up per round"
+            for rank, each in sorted(sizes.items())
+        )
+        if peft.aggregation == "stack":
+            dense = peft.dense_update_bytes()
+            notes += ("FLoRA: each client also downloads the update merged since it last took part (the stacked factors, "
+                      f"or the dense update if smaller, at most {dense:,} bytes): counted in comm/bytes_down, not here",)
+        down_state = peft.client_view(trainable, 0, 1, upload=False)
+        up_state = peft.client_view(trainable, 0, 1, upload=True)
     wire_down = wire_up = None
     if flower_installed():
         metrics = {"train_loss": 0.0, "steps": 0.0} if with_loss else {"steps": 0.0}
         try:
-            wire_down = wire_bytes(train_content(download.encode(trainable), round_config or {}, 1, 0, max_batches, extras_down))
-            wire_up = wire_bytes(reply_content(upload.encode(trainable), num_examples, metrics, extras_up))
+            wire_down = wire_bytes(train_content(download.encode(down_state), round_config or {}, 1, 0, max_batches, extras_down))
+            wire_up = wire_bytes(reply_content(upload.encode(up_state), num_examples, metrics, extras_up))
         except TypeError:  # bfloat16: Flower's ArrayRecord cannot carry it
             wire_down = wire_up = None
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
-        download_bytes=payload_bytes(download.encode(trainable)) + payload_bytes(extras_down),
-        upload_bytes=payload_bytes(upload.encode(trainable)) + payload_bytes(extras_up),
+        download_bytes=(mean_down if mean_down is not None else payload_bytes(download.encode(trainable))) + payload_bytes(extras_down),
+        upload_bytes=(mean_up if mean_up is not None else payload_bytes(upload.encode(trainable))) + payload_bytes(extras_up),
         full_client_bytes=payload_bytes(full),
         clients_per_round=clients_per_round,
         num_rounds=num_rounds,

@@ -50,9 +50,12 @@ class RunSummary(FederatedCallback):
         size = sum(p.numel() * p.element_size() for n, p in trained.items() if n not in local)
         method = getattr(pl_module, "peft", type(pl_module).__name__)
         runner = getattr(trainer, "client_runner", "sequential")
+        exchange = f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec)"
+        if getattr(method, "per_client_views", False):
+            exchange = f"each sampled client exchanges at most {size / 1024:,.1f} KiB of them a round, at its own rank"
         log.info(
             f"method: {method!r} trains {count:,} of {total:,} parameters ({100 * count / max(total, 1):.2f}%); "
-            f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec) | "
+            f"{exchange} | "
             f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} rounds, "
             f"{runner} client runner"
         )

@@ -18,7 +18,7 @@ from torch import nn
 
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State, first_non_finite
-from fedpeft_pl.peft import load_trainable_state
+from fedpeft_pl.peft import PEFTMethod, load_trainable_state
 from fedpeft_pl.strategies import Strategy
 
 LOCAL = "local."  # the key prefix of a personalised method's local tensors in a client's own state
@@ -49,6 +49,35 @@ def decode_update(codec: Codec, payload: State, received: State) -> State:
     return {name: received[name] + decoded[name] for name in received}
 
 
+def _views(peft: Optional[PEFTMethod]) -> bool:
+    return peft is not None and peft.per_client_views
+
+
+def client_start(peft: Optional[PEFTMethod], received: State, client: int, server_round: int) -> State:
+    """What ``client`` starts from, in global shapes: all of ``received`` unless the method gives each
+    client its own view (:meth:`PEFTMethod.client_view`: heterogeneous LoRA ranks), then that view.
+
+    With a download codec the view is taken of the decoded state; the server counts the bytes of the
+    view's encoding (:class:`~fedpeft_pl.aggregation.ServerAggregation`).
+    """
+    if not _views(peft):
+        return received
+    view = peft.client_view(received, client, server_round, upload=False)
+    return peft.from_client_view(view, client, server_round, like=received)
+
+
+def decode_reply(
+    codec: Codec, payload: State, received: State, peft: Optional[PEFTMethod], client: int, server_round: int
+) -> State:
+    """The server's side of :meth:`ClientSession.finish`: the client's trained state, in global shapes,
+    from its ``payload`` and the global state ``received`` that every client of the round was sent."""
+    if not _views(peft):
+        return decode_update(codec, payload, received)
+    started = peft.client_view(client_start(peft, received, client, server_round), client, server_round, upload=True)
+    view = decode_update(codec, payload, started)
+    return peft.from_client_view(view, client, server_round, like=received)
+
+
 @dataclass
 class ClientSession:
     """One client's part of one round: what it received, its strategy hooks, and how it replies.
@@ -59,12 +88,15 @@ class ClientSession:
         context: the client's view of the round (received state, config, extras, own state).
         local_init: a personalised method's local tensors as every client first gets them;
             empty otherwise.
+        peft: the PEFT method, where clients exchange their own views of the state
+            (heterogeneous LoRA ranks); None where every client exchanges all of it.
     """
 
     strategy: Strategy
     upload: Codec
     context: ClientContext
     local_init: Optional[State] = None
+    peft: Optional[PEFTMethod] = None
 
     def local_state(self) -> State:
         """The client's own local tensors: as it left them, or their initial values the first time."""
@@ -107,7 +139,12 @@ class ClientSession:
                 self.context.state[LOCAL + name] = trained[name].detach().clone()
             trained = {name: t for name, t in trained.items() if name not in self.local_init}
         extras = self.strategy.client_end(trained, self.context)
-        payload = encode_update(self.upload, trained, self.context.received, self.context.client)
+        received = self.context.received
+        if _views(self.peft):  # the client sends its own view: at its own rank
+            client, server_round = self.context.client, self.context.server_round
+            trained = self.peft.client_view(trained, client, server_round, upload=True)
+            received = self.peft.client_view(received, client, server_round, upload=True)
+        payload = encode_update(self.upload, trained, received, self.context.client)
         metrics = {**metrics, "steps": float(self.context.steps)}
         return ClientResult(self.context.client, num_samples, payload, extras, metrics)
 
@@ -122,13 +159,15 @@ def open_session(
     like: State,
     own_state: Optional[State] = None,
     local_init: Optional[State] = None,
+    peft: Optional[PEFTMethod] = None,
 ) -> ClientSession:
     """Decode the round's ``message`` for ``client``.
 
     ``like`` gives the shared tensors' names, shapes and dtypes; ``own_state`` is what the client
-    kept from earlier rounds; ``local_init`` a personalised method's initial local tensors.
+    kept from earlier rounds; ``local_init`` a personalised method's initial local tensors;
+    ``peft`` the method, whose :meth:`~PEFTMethod.client_view` says what this client exchanges.
     """
-    received = download.decode(message.payload, like=like)
+    received = client_start(peft, download.decode(message.payload, like=like), client, server_round)
     context = ClientContext(
         client=client,
         server_round=server_round,
@@ -137,4 +176,4 @@ def open_session(
         extras={k: v.to(next(iter(like.values())).device) for k, v in message.extras.items()} if like else dict(message.extras),
         state=dict(own_state or {}),
     )
-    return ClientSession(strategy, upload, context, dict(local_init or {}))
+    return ClientSession(strategy, upload, context, dict(local_init or {}), peft if _views(peft) else None)

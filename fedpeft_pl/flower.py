@@ -71,6 +71,11 @@ def build(config: Union[str, os.PathLike], server: bool) -> tuple[FederatedTrain
             "trainer.privacy (local DP) is not supported in a Flower deployment yet: its accounting runs "
             "beside the server; remove it, or use central DP (trainer.aggregation: fedpeft_pl.privacy.DPFedAvg)"
         )
+    if getattr(module.peft, "per_client_views", False):
+        raise ConfigError(
+            f"{module.peft!r} (heterogeneous LoRA ranks or FLoRA's stacking) is not supported in a Flower deployment "
+            "yet: its clients exchange views the deployed messages do not carry; run it with fedpeft fit"
+        )
     return trainer, module, datamodule, fit_args
 
 

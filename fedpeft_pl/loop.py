@@ -193,6 +193,11 @@ class FederatedLoop(_FitLoop):
                     "this model has buffers, which DDP broadcasts on every forward; set "
                     "trainer.strategy to lightning.pytorch.strategies.DDPStrategy with init_args {broadcast_buffers: false}"
                 )
+        module = self.trainer.lightning_module
+        peft = getattr(module, "peft", None)
+        if getattr(peft, "per_client_views", False) and getattr(module, "privacy", None) is not None:
+            # DP noise on the zero-padded ranks would make a client's LoRA other than rank r_k
+            raise ConfigError(f"trainer.privacy (local DP) cannot run with {peft!r} (heterogeneous ranks or stacking); remove one")
 
     def _resume_at_round_boundary(self) -> None:
         progress = self.epoch_progress
@@ -304,7 +309,7 @@ class FederatedLoop(_FitLoop):
         assert round.message is not None, "the server configures the round before clients run"
         return open_session(
             server.strategy, server.upload, server.download, round.message, client, round.number, like,
-            self.client_states.get(client), local_init,
+            self.client_states.get(client), local_init, getattr(self.trainer.lightning_module, "peft", None),
         )
 
     def close_session(self, session: ClientSession) -> None:

@@ -14,6 +14,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``SERVER_NOISE`` ``(round)``: central DP noise, only with ``reproducible_noise``
 - ``LORA_FROZEN_A`` ``()``: the frozen ``A`` of FFA-LoRA, drawn when the model is built, so every
   client of a deployment draws the same
+- ``LORA_RANK`` ``(client)``: a client's LoRA rank under a seeded rank rule (heterogeneous ranks),
+  the same in every process and every round
+- ``LORA_FRESH_A`` ``(round, client)``: the fresh ``A`` a FLoRA client starts each round from
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ LOCAL_TRAINING = 4
 DP_NOISE = 5
 SERVER_NOISE = 6
 LORA_FROZEN_A = 7
+LORA_RANK = 8
+LORA_FRESH_A = 9
 
 
 def derive_seed(*parts: int) -> int:

@@ -304,6 +304,7 @@ class FederatedTrainer(pl.Trainer):
             model, settings["clients_per_round"], settings["num_rounds"],
             upload=server.upload, download=server.download, notes=tuple(notes), strategy=server.strategy,
             round_config=server.strategy.configure_fit(1, {})[1], with_loss=releases_client_statistics(self),
+            num_clients=num_clients,
         )
         print(report.format())
         return report

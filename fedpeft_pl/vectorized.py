@@ -441,6 +441,8 @@ class VectorizedRunner:
             return "local DP trains on the sequential runner"
         if getattr(module, "local_first_epochs", 0):
             return "FedRep's two-phase schedule trains on the sequential runner"
+        if getattr(getattr(module, "peft", None), "per_client_views", False):
+            return "heterogeneous LoRA ranks and FLoRA's stacking train on the sequential runner"
         if _autocast_for(trainer) is False:
             return f"precision {trainer.precision!r} trains on the sequential runner"
         return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from timm.models import VisionTransformer
@@ -11,6 +11,11 @@ from torch import nn
 
 from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedpeft_pl.strategies import ClientUpdate
+
+State = dict[str, torch.Tensor]
 
 
 class PEFTMethod(ShownByArguments, ABC):
@@ -65,6 +70,53 @@ class PEFTMethod(ShownByArguments, ABC):
     @staticmethod
     def train_head(model: VisionTransformer) -> None:
         model.get_classifier().requires_grad_(True)
+
+    # -- per-client exchange: a method whose clients do not all exchange the same tensors --------
+    # (heterogeneous LoRA ranks). The defaults say every client exchanges the whole shared state.
+
+    @property
+    def per_client_views(self) -> bool:
+        """Whether clients exchange views of the shared state (:meth:`client_view`) rather than all of it."""
+        return False
+
+    def client_view(self, state: State, client: int, server_round: int, upload: bool) -> State:
+        """What of the shared ``state`` (global shapes) ``client`` exchanges in ``server_round``, in its own shapes.
+
+        ``upload`` tells the direction: what the client sends back after training, or (False) what
+        it receives. The server counts the bytes of these views, and codecs encode them.
+        """
+        return state
+
+    def from_client_view(self, view: State, client: int, server_round: int, like: State) -> State:
+        """The inverse of :meth:`client_view`: ``view`` in the global shapes of ``like``.
+
+        What the view lacks is what the client starts from without receiving it (zero padding,
+        a freshly drawn factor). The client starts training from the result; the server decodes
+        each upload through it before the strategy aggregates.
+        """
+        return view
+
+    def aggregate(self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int) -> State:
+        """The next global state, from the strategy's ``aggregated`` one and the clients' ``updates`` (global shapes).
+
+        A method may fold the updates into ``model``'s own buffers here (FLoRA's product).
+        Unchanged by default.
+        """
+        return aggregated
+
+    def pending_download_bytes(self, client: int, server_round: int) -> int:
+        """Bytes ``client`` receives in ``server_round`` besides its view of the state (FLoRA's unmerged update)."""
+        return 0
+
+    def delivered(self, clients: list[int], server_round: int) -> None:
+        """``clients`` received the message of ``server_round`` (a method's bookkeeping of what each client holds)."""
+
+    def server_state(self) -> dict[str, Any]:
+        """What the method keeps on the server across rounds, for the server's checkpoint."""
+        return {}
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state` (the model is built and attached)."""
 
 
 

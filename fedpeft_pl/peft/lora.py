@@ -1,18 +1,25 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
-from collections.abc import Iterable
-from typing import Any, Literal, Optional
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import loralib
+import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod
-from fedpeft_pl.seeds import LORA_FROZEN_A, derive_seed
+from fedpeft_pl.peft.base import PEFTMethod, State
+from fedpeft_pl.seeds import LORA_FRESH_A, LORA_FROZEN_A, LORA_RANK, derive_seed
+
+if TYPE_CHECKING:
+    from fedpeft_pl.strategies import ClientUpdate
+
+_FACTOR = re.compile(r"blocks\.(\d+)\.attn\.qkv\.lora_([AB])$")
 
 
 class LoRA(PEFTMethod):
@@ -27,6 +34,34 @@ class LoRA(PEFTMethod):
             only ``B`` (and the classifier) trains and travels, half of LoRA's factors. With one
             ``A`` on every client, averaging the clients' ``B`` is exactly averaging their updates
             ``B @ A``, which plain LoRA's separate averaging of ``A`` and ``B`` is not.
+        client_ranks: heterogeneous ranks by a per-client map, client id to its rank ``r_k``
+            (1 to ``rank``); clients absent from the map get ``rank``.
+        rank_choices: heterogeneous ranks by a seeded rule: each client's rank is drawn from this
+            list with its own stream of the run's seed (``LORA_RANK``, keyed by the client id), so
+            it is the same in every process and every round. At most one of the two.
+        aggregation: how the server combines the clients' factors.
+            ``average``: the sample-weighted mean of ``A`` and of ``B``. With heterogeneous ranks
+            this is HetLoRA's zero-padding (Cho et al. 2024): the server keeps rank-``rank``
+            factors; client ``k`` receives the first ``r_k`` rows of each ``A`` and columns of each
+            ``B``, trains a rank-``r_k`` LoRA and sends those back; the server pads them with zeros
+            to ``rank`` and averages.
+            ``stack``: FLoRA (Wang et al., NeurIPS 2024): every round each client starts a fresh
+            rank-``r_k`` LoRA (``A`` drawn from its own stream ``LORA_FRESH_A`` of the run's seed,
+            keyed by round and client; ``B`` zero) on the model so far, and the server adds the
+            exact product ``sum_k p_k * s * B_k @ A_k`` (``p_k`` sample weights) to a dense
+            per-block update, which FLoRA realises by stacking the ``A``'s vertically and the
+            weighted ``B``'s horizontally. The head is aggregated by the strategy. Clients receive
+            only the head and the update merged since they last took part (see
+            :meth:`pending_download_bytes`).
+
+    Scale: ``s = alpha / rank`` for every client, ``rank`` being the global (maximum) rank. A
+    client of rank ``r_k`` trains exactly a rank-``r_k`` LoRA with ``alpha_k = alpha * r_k / rank``
+    (the server's rank-``rank`` module with ``A`` rows and ``B`` columns past ``r_k`` at zero, which
+    get zero gradient and stay zero under SGD, momentum, weight decay and Adam), so a factor means
+    the same update on every client and the zero-padded average is an average of like things.
+    Heterogeneous ranks and ``stack`` run on the in-process runners (the vectorised runner falls back
+    to the sequential one); a Flower deployment, ``freeze_a``, ``Personalized``, local DP and secure
+    aggregation with them are refused.
 
     ``A`` starts random and ``B`` at zero (loralib's initialisation). The update is never
     merged into the frozen weight: that weight is shared by every client in the process, and
@@ -39,6 +74,8 @@ class LoRA(PEFTMethod):
     Example::
 
         LoRA(rank=8, alpha=8, targets=["q", "v"], freeze_a=True)   # FFA-LoRA
+        LoRA(rank=8, alpha=8, rank_choices=[2, 4, 8])               # HetLoRA, zero-padding
+        LoRA(rank=8, alpha=8, client_ranks={0: 2, 1: 4}, aggregation="stack")   # FLoRA
     """
 
     def __init__(
@@ -48,16 +85,46 @@ class LoRA(PEFTMethod):
         dropout: float = 0.0,
         targets: Sequence[Literal["q", "k", "v"]] = ("q", "v"),
         freeze_a: bool = False,
+        client_ranks: Optional[dict[int, int]] = None,
+        rank_choices: Optional[Sequence[int]] = None,
+        aggregation: Literal["average", "stack"] = "average",
     ) -> None:
         if rank < 1:
             raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
         if not targets or any(t not in ("q", "k", "v") for t in targets):
             raise ConfigError(f"LoRA targets must be a non-empty list of 'q', 'k' and 'v', got {list(targets)}")
+        if aggregation not in ("average", "stack"):
+            raise ConfigError(f"LoRA aggregation must be 'average' or 'stack', got {aggregation!r}")
+        if client_ranks is not None and rank_choices is not None:
+            raise ConfigError("give LoRA either client_ranks (a per-client map) or rank_choices (a seeded rule), not both")
+        if client_ranks is not None:
+            if not isinstance(client_ranks, Mapping):
+                raise ConfigError(f"LoRA client_ranks must map client ids to ranks, e.g. {{0: 2, 1: 4}}; got {client_ranks!r}")
+            client_ranks = {int(c): r for c, r in client_ranks.items()}
+            _check_ranks(client_ranks.values(), rank, "client_ranks")
+            if any(c < 0 for c in client_ranks):
+                raise ConfigError(f"LoRA client_ranks keys are client ids >= 0, got {sorted(client_ranks)}")
+        if rank_choices is not None:
+            if isinstance(rank_choices, (str, int)) or not list(rank_choices):
+                raise ConfigError(f"LoRA rank_choices must be a non-empty list of ranks, e.g. [2, 4, {rank}]; got {rank_choices!r}")
+            rank_choices = tuple(rank_choices)
+            _check_ranks(rank_choices, rank, "rank_choices")
+        if freeze_a and (client_ranks is not None or rank_choices is not None or aggregation == "stack"):
+            raise ConfigError("LoRA freeze_a (FFA-LoRA) takes one rank on every client and aggregation 'average'; "
+                              "drop client_ranks/rank_choices/aggregation or freeze_a")
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
         self.targets = tuple(targets)
         self.freeze_a = freeze_a
+        self.client_ranks = client_ranks
+        self.rank_choices = rank_choices
+        self.aggregation = aggregation
+        self._seed: Optional[int] = None  # the run's seed, taken when the model is built
+        self._layers: list[loralib.MergedLinear] = []
+        # FLoRA's server bookkeeping: elements of each round's stacked factors, the last round each client merged
+        self._stack_elements: dict[int, int] = {}
+        self._synced: dict[int, int] = {}
 
     def attach(self, model: VisionTransformer) -> None:
         for block in model.blocks:
@@ -80,22 +147,207 @@ class LoRA(PEFTMethod):
             del lora_qkv.lora_ind
             lora_qkv.register_buffer("lora_ind", mask, persistent=False)
             block.attn.qkv = lora_qkv
+            if self.aggregation == "stack":
+                # FLoRA's merged update lives beside the shared frozen weight, never in it
+                delta = torch.zeros(qkv.out_features, qkv.in_features, dtype=qkv.weight.dtype)
+                lora_qkv.register_buffer("flora_delta", delta, persistent=False)
+                lora_qkv.register_forward_hook(_add_merged_update)
         loralib.mark_only_lora_as_trainable(model, bias="none")
         if self.freeze_a:
             freeze_lora_a(block.attn.qkv.lora_A for block in model.blocks)
         self.train_head(model)
+        self._seed = torch.initial_seed()
+        self._layers = [block.attn.qkv for block in model.blocks]
+
+    # -- heterogeneous ranks and FLoRA ----------------------------------------------------------
+
+    @property
+    def heterogeneous(self) -> bool:
+        return self.client_ranks is not None or self.rank_choices is not None
+
+    @property
+    def per_client_views(self) -> bool:
+        return self.heterogeneous or self.aggregation == "stack"
+
+    def client_rank(self, client: int) -> int:
+        """Client ``client``'s rank ``r_k``: from the map, the seeded rule, or ``rank``."""
+        if self.client_ranks is not None:
+            return self.client_ranks.get(client, self.rank)
+        if self.rank_choices is not None:
+            seed = self._seed if self._seed is not None else torch.initial_seed()
+            draw = np.random.default_rng(derive_seed(seed, LORA_RANK, client)).integers(len(self.rank_choices))
+            return int(self.rank_choices[draw])
+        return self.rank
+
+    def client_view(self, state: State, client: int, server_round: int, upload: bool) -> State:
+        """The client's first ``r_k`` rows of each ``A`` and columns of each ``B``, and the rest as is.
+
+        With ``stack`` a client receives no factors (it draws its own) and sends its ``r_k`` ones.
+        """
+        if not self.per_client_views:
+            return state
+        r, groups = self.client_rank(client), len(self.targets)
+        view = {}
+        for name, tensor in state.items():
+            factor = _FACTOR.search(name)
+            if factor is None:
+                view[name] = tensor
+            elif upload or self.aggregation != "stack":
+                view[name] = _first_ranks(tensor, factor.group(2), groups, r)
+        return view
+
+    def from_client_view(self, view: State, client: int, server_round: int, like: State) -> State:
+        """Factors zero-padded to ``rank``; under ``stack`` a received view's factors are fresh (``A`` drawn, ``B`` zero)."""
+        if not self.per_client_views:
+            return view
+        r, groups = self.client_rank(client), len(self.targets)
+        seed = self._seed if self._seed is not None else torch.initial_seed()
+        generator = torch.Generator().manual_seed(derive_seed(seed, LORA_FRESH_A, server_round, client))
+        state = {}
+        for name, reference in like.items():
+            factor = _FACTOR.search(name)
+            if name in view:
+                tensor = view[name]
+                state[name] = tensor if factor is None else _zero_padded(tensor, factor.group(2), groups, self.rank)
+            elif factor is not None and self.aggregation == "stack":
+                fresh = torch.zeros(_first_ranks(reference, factor.group(2), groups, r).shape, dtype=torch.float32)
+                if factor.group(2) == "A":  # loralib's and peft's kaiming-uniform: bound 1 / sqrt(in_features)
+                    bound = 1.0 / math.sqrt(reference.shape[1])
+                    fresh.uniform_(-bound, bound, generator=generator)
+                fresh = fresh.to(device=reference.device, dtype=reference.dtype)
+                state[name] = _zero_padded(fresh, factor.group(2), groups, self.rank)
+            else:
+                raise ValueError(f"client {client}'s view lacks {name}")
+        return state
+
+    @torch.no_grad()
+    def aggregate(self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int) -> State:
+        """FLoRA: add ``sum_k p_k * s * B_k @ A_k`` (each at its own rank) to every block's merged update.
+
+        The global factors are left with ``B`` zero, so the server's model is the merged update plus the
+        aggregated head; the strategy's mean of the factors is discarded.
+        """
+        if self.aggregation != "stack":
+            return aggregated
+        if any(u.aggregate_of for u in updates):
+            raise ConfigError("LoRA aggregation 'stack' needs every client's own factors; it cannot run under secure aggregation")
+        total = sum(u.num_samples for u in updates)
+        groups = len(self.targets)
+        names: dict[int, dict[str, str]] = {}
+        for name in aggregated:
+            factor = _FACTOR.search(name)
+            if factor is not None:
+                names.setdefault(int(factor.group(1)), {})[factor.group(2)] = name
+        elements = 0
+        for index, layer in enumerate(self._layers):
+            a_name, b_name = names[index]["A"], names[index]["B"]
+            factors = []
+            for update in updates:
+                r = self.client_rank(update.client)
+                a = _first_ranks(update.state[a_name], "A", groups, r)
+                b = _first_ranks(update.state[b_name], "B", groups, r)
+                factors.append((update.num_samples / total * layer.scaling, b, a))
+                elements += a.numel() + b.numel()
+            product = stacked_product(factors, groups).to(layer.flora_delta)
+            layer.flora_delta[layer.lora_ind] += product
+            aggregated = {**aggregated, b_name: torch.zeros_like(aggregated[b_name])}
+        self._stack_elements[server_round] = elements
+        return aggregated
+
+    def pending_download_bytes(self, client: int, server_round: int) -> int:
+        """FLoRA: what ``client`` has not merged: the stacked factors of every round since it last received, or
+        the dense per-block update if that is smaller (a client away for long, or new, gets the dense one:
+        sending the stacks would cost more than the ``n * d * d_in`` elements per block they sum to)."""
+        if self.aggregation != "stack" or not self._layers:
+            return 0
+        since = self._synced.get(client, 0)
+        stacked = sum(n for r, n in self._stack_elements.items() if since < r < server_round)
+        if not stacked:
+            return 0
+        element = self._layers[0].flora_delta.element_size()
+        return min(stacked * element, self.dense_update_bytes())
+
+    def dense_update_bytes(self) -> int:
+        """FLoRA: bytes of the dense merged update of every adapted part (q, v), what a client far behind receives."""
+        return sum(int(layer.lora_ind.sum()) * layer.in_features * layer.flora_delta.element_size() for layer in self._layers)
+
+    def delivered(self, clients: list[int], server_round: int) -> None:
+        if self.aggregation == "stack":
+            for client in clients:
+                self._synced[client] = server_round - 1
+
+    def server_state(self) -> dict[str, Any]:
+        if self.aggregation != "stack":
+            return {}
+        return {
+            "merged": [layer.flora_delta.detach().cpu().clone() for layer in self._layers],
+            "stack_elements": {str(r): n for r, n in self._stack_elements.items()},
+            "synced": {str(c): r for c, r in self._synced.items()},
+        }
+
+    @torch.no_grad()
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        if self.aggregation != "stack" or not state:
+            return
+        for layer, merged in zip(self._layers, state["merged"]):
+            layer.flora_delta.copy_(merged)
+        self._stack_elements = {int(r): n for r, n in state["stack_elements"].items()}
+        self._synced = {int(c): r for c, r in state["synced"].items()}
 
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]
     ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """The frozen qkv weights plus each block's ``B @ A * alpha / rank``, as plain timm tensors."""
+        """The frozen qkv weights plus each block's ``B @ A * alpha / rank`` (and FLoRA's merged update), as plain timm tensors."""
         state = model.state_dict()
         merged = {name: state[name].detach().clone() for name in backbone_names}
         with torch.no_grad():
             for index, block in enumerate(model.blocks):
                 qkv = block.attn.qkv
                 merged[f"blocks.{index}.attn.qkv.weight"] += qkv.merge_AB() * qkv.scaling
+                if hasattr(qkv, "flora_delta"):
+                    merged[f"blocks.{index}.attn.qkv.weight"] += qkv.flora_delta
         return merged, {}
+
+
+def stacked_product(factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]], groups: int) -> torch.Tensor:
+    """``sum_k w_k * B_k @ A_k`` for each of loralib's ``groups`` (q, k, v parts), by FLoRA's stacking.
+
+    ``factors`` are ``(w_k, B_k, A_k)`` of any ranks ``r_k``: ``A_k`` is ``(groups * r_k, d_in)``,
+    ``B_k`` is ``(groups * d, r_k)``. Per group the ``A``'s stack vertically and the weighted ``B``'s
+    horizontally, and one product of the stacks is the weighted sum of the clients' products.
+    Returns ``(groups * d, d_in)``, in float64.
+    """
+    parts = []
+    for g in range(groups):
+        a_stack = torch.cat([a.to(torch.float64).view(groups, -1, a.shape[1])[g] for _, _, a in factors])
+        b_stack = torch.cat([w * b.to(torch.float64).view(groups, -1, b.shape[1])[g] for w, b, _ in factors], dim=1)
+        parts.append(b_stack @ a_stack)
+    return torch.cat(parts)
+
+
+def _check_ranks(ranks: Iterable[Any], rank: int, what: str) -> None:
+    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= rank]
+    if bad:
+        raise ConfigError(f"LoRA {what} must be ranks between 1 and rank={rank} (the global, largest rank); got {bad}")
+
+
+def _first_ranks(factor: torch.Tensor, kind: str, groups: int, r: int) -> torch.Tensor:
+    """The first ``r`` ranks of a merged-qkv factor: each group's first ``r`` rows of ``A``, the first ``r`` columns of ``B``."""
+    if kind == "B":
+        return factor[:, :r].contiguous()
+    return factor.view(groups, -1, factor.shape[1])[:, :r].reshape(-1, factor.shape[1])
+
+
+def _zero_padded(factor: torch.Tensor, kind: str, groups: int, rank: int) -> torch.Tensor:
+    """The inverse of :func:`_first_ranks`: the factor at ``rank``, zero past its own rank."""
+    if kind == "B":
+        return F.pad(factor, (0, rank - factor.shape[1]))
+    per_group = factor.view(groups, -1, factor.shape[1])
+    return F.pad(per_group, (0, 0, 0, rank - per_group.shape[1])).reshape(-1, factor.shape[1])
+
+
+def _add_merged_update(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return output + F.linear(inputs[0], module.flora_delta.to(inputs[0].dtype))
 
 
 @torch.no_grad()

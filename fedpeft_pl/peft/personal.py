@@ -50,6 +50,8 @@ class Personalized(PEFTMethod):
             raise ConfigError(f"Personalized needs a PEFT method to split, got {method!r}")
         if isinstance(method, Personalized):
             raise ConfigError("Personalized wraps a plain PEFT method, not another Personalized")
+        if method.per_client_views:
+            raise ConfigError(f"Personalized cannot wrap {method!r}: its clients exchange different tensors (heterogeneous ranks or stacking)")
         if isinstance(local, str) or not local:
             raise ConfigError(f"Personalized local must be a non-empty list of tensor names or patterns, got {local!r}")
         if not isinstance(local_epochs, int) or local_epochs < 0:
