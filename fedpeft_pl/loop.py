@@ -193,7 +193,7 @@ class FederatedLoop(_FitLoop):
         if not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
             elsewhere = f"clients train on the {type(self.runner).__name__}, not in this process"
         elif trainer.world_size > 1:
-            elsewhere = "it is not supported under DDP yet (each process would compute every image's features)"
+            elsewhere = "several processes (DDP) would each compute every image's features; not supported yet"
         features = self.feature_cache.features_for(trainer, elsewhere)
         if features is None:
             yield
