@@ -14,8 +14,8 @@ from fedpeft_pl.data import Digits, Dirichlet, Splits
 from fedpeft_pl.peft import Bias, Head, trainable_state
 
 
-def run(tmp_path, cache, runner="sequential", dataset=None, **backbone):
-    """Two rounds of Head on unequal clients with stragglers and per-client tests; the state, metrics,
+def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, **backbone):
+    """Rounds of Head on unequal clients with stragglers and per-client tests; the state, metrics,
     bytes and the number of images the backbone's first block saw."""
     torch.manual_seed(0)
     module = FedPEFTModule(10, tiny_backbone(**backbone), Head(), optimizer=sgd(0.05, weight_decay=1e-4))
@@ -26,7 +26,7 @@ def run(tmp_path, cache, runner="sequential", dataset=None, **backbone):
     seen = []
     module.model.blocks[0].register_forward_hook(lambda layer, inputs, output: seen.append(len(output)))
     trainer = tiny_trainer(
-        tmp_path, num_rounds=2, clients_per_round=3, local_epochs=2, client_runner=runner, feature_cache=cache,
+        tmp_path, num_rounds=rounds, clients_per_round=3, local_epochs=2, client_runner=runner, feature_cache=cache,
         availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)),
     )
     server, evaluations = trainer.aggregation, []
@@ -92,7 +92,7 @@ class _AugmentedDigits(Digits):
 @pytest.mark.parametrize("augmentation, named", [(v2.RandomHorizontalFlip(), "RandomHorizontalFlip"), (_Jitter(), "reads differently")])
 def test_random_transforms_turn_the_cache_off_with_a_reason(tmp_path, caplog, augmentation, named):
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-        _, _, _, images, datamodule = run(tmp_path, "auto", dataset=_AugmentedDigits(augmentation))
+        _, _, _, images, datamodule = run(tmp_path, "auto", dataset=_AugmentedDigits(augmentation), rounds=1)
     (line,) = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
     assert line.startswith("feature cache off: the training images' transforms are random") and named in line, line
     assert images > len(datamodule.splits.train) + len(datamodule.splits.test)  # every step ran the backbone
@@ -100,10 +100,10 @@ def test_random_transforms_turn_the_cache_off_with_a_reason(tmp_path, caplog, au
 
 def test_a_stochastic_layer_turns_the_cache_off_and_memory_says_how_to_fix_it(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-        run(tmp_path, "auto", kwargs={"drop_path_rate": 0.1})
+        run(tmp_path, "auto", rounds=1, kwargs={"drop_path_rate": 0.1})
     assert "feature cache off: blocks.1.drop_path1 (DropPath) acts randomly in training, before the classifier" in caplog.text
     with pytest.raises(ConfigError, match=r"memory cannot be exact here: .*DropPath.*; set trainer.feature_cache: auto or off"):
-        run(tmp_path, "memory", kwargs={"drop_path_rate": 0.1})
+        run(tmp_path, "memory", rounds=1, kwargs={"drop_path_rate": 0.1})
 
 
 def test_other_methods_never_cache_and_only_an_explicit_request_complains(tmp_path, caplog):
