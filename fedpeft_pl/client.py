@@ -80,6 +80,9 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
         self.session: Optional[ClientSession] = None  # the client being trained, set by the runner
+        # set while the feature cache serves a run (fedpeft_pl.feature_cache): batches hold the
+        # images' pre-logit features, and forward is the classifier alone
+        self.takes_features = False
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_count = 0
         # set by fedpeft_pl.privacy.LocalDP: local steps become DP-SGD steps (manual optimization)
@@ -128,6 +131,8 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.takes_features:
+            return self.model.get_classifier()(images)
         return self.model(images)
 
     @override

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -40,6 +40,7 @@ from typing_extensions import override
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
+from fedpeft_pl.feature_cache import FeatureCache
 from fedpeft_pl.federation import (
     ClientEvaluation,
     ClientResult,
@@ -104,6 +105,8 @@ class FederatedLoop(_FitLoop):
         settings: the federation's shape less ``num_clients``, which the data module gives at fit time.
         availability: dropout and stragglers.
         runner: how clients run; the in-process :class:`SequentialRunner` by default.
+        feature_cache: linear probing on features computed once per run
+            (:class:`~fedpeft_pl.feature_cache.FeatureCache`); ``auto`` by default.
     """
 
     def __init__(
@@ -112,12 +115,14 @@ class FederatedLoop(_FitLoop):
         settings: dict[str, Any],
         availability: Optional[ClientAvailability] = None,
         runner: Optional[ClientRunner] = None,
+        feature_cache: Optional[FeatureCache] = None,
     ) -> None:
         super().__init__(trainer, min_epochs=0, max_epochs=settings["num_rounds"])
         self.epoch_loop = _ClientEpochLoop(trainer)
         self.settings = dict(settings)
         self.availability = availability if availability is not None else ClientAvailability()
         self.runner: ClientRunner = runner if runner is not None else SequentialRunner(self)
+        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
         self.client_states = ClientStore()
         self._federation: Optional[Federation] = None
 
@@ -160,21 +165,50 @@ class FederatedLoop(_FitLoop):
         if self.done:
             return
         self._resume_at_round_boundary()
-        self.on_run_start()
-        self._secret_sampling()
-        self._federated(
-            "on_federation_start",
-            lambda cb, t, m: cb.on_federation_start(t, m, self.federation),
-            lambda m: m.on_federation_start(self.federation),
-        )
-        while not self.done:
-            try:
-                self.on_advance_start()
-                self.advance()
-                self.on_advance_end()
-            finally:
-                self.on_iteration_done()
-        self.on_run_end()
+        with self._cached_features():
+            self.on_run_start()
+            self._secret_sampling()
+            self._federated(
+                "on_federation_start",
+                lambda cb, t, m: cb.on_federation_start(t, m, self.federation),
+                lambda m: m.on_federation_start(self.federation),
+            )
+            while not self.done:
+                try:
+                    self.on_advance_start()
+                    self.advance()
+                    self.on_advance_end()
+                finally:
+                    self.on_iteration_done()
+            self.on_run_end()
+
+    @contextmanager
+    def _cached_features(self) -> Iterator[None]:
+        """Linear probing: the run's images through the backbone once, then the classifier on their
+        features (:mod:`fedpeft_pl.feature_cache`); the images, and the plain forward, come back after."""
+        from fedpeft_pl.vectorized import VectorizedRunner
+
+        trainer = self.trainer
+        elsewhere = None
+        if not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
+            elsewhere = f"clients train on the {type(self.runner).__name__}, not in this process"
+        elif trainer.world_size > 1:
+            elsewhere = "several processes (DDP) would each compute every image's features; not supported yet"
+        features = self.feature_cache.features_for(trainer, elsewhere)
+        if features is None:
+            yield
+            return
+        module, datamodule = trainer.lightning_module, trainer.datamodule
+        images = datamodule.use_splits(replace(datamodule.splits, train=features[0], test=features[1]))
+        val_loop = self.epoch_loop.val_loop
+        val_loop._combined_loader = None  # the server evaluates on the test features (reloaded at first use)
+        module.takes_features = True
+        try:
+            yield
+        finally:
+            module.takes_features = False
+            datamodule.use_splits(images)
+            val_loop._combined_loader = None
 
     def _check_setup(self) -> None:
         for callback in self.trainer.checkpoint_callbacks:
@@ -505,6 +539,10 @@ class _ClientJob(FederatedLoop):
     @override
     def _secret_sampling(self) -> None:
         pass  # a deployed client samples no one; the server does
+
+    @override
+    def _cached_features(self) -> Any:
+        return nullcontext()  # one client of one round: each image is seen once or a few times
 
     @override
     def advance(self) -> None:

@@ -28,6 +28,7 @@ from fedpeft_pl.console import RunSummary
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.export import Exported, export_checkpoint
+from fedpeft_pl.feature_cache import FeatureCache
 from fedpeft_pl.federation import ClientRunner, Federation
 from fedpeft_pl.hooks import runs_on_client
 from fedpeft_pl.loop import FederatedLoop, _ClientJob
@@ -60,6 +61,10 @@ class FederatedTrainer(pl.Trainer):
             or ``vectorized`` (a round's clients at once through the one frozen backbone,
             :class:`~fedpeft_pl.vectorized.VectorizedRunner`).
         max_parallel_clients: with the vectorised runner, at most this many clients train at once.
+        feature_cache: linear probing (Head) on features computed once per run
+            (:class:`~fedpeft_pl.feature_cache.FeatureCache`): ``auto`` caches where that is exact
+            and says on the console why not elsewhere, ``memory`` insists, ``off`` never caches.
+        feature_cache_max_gib: the most memory the cached features may take.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar (only when stderr is a terminal), a run summary and a round-end
             checkpoint (``round=N.ckpt`` and ``last.ckpt``) are added unless given.
@@ -86,10 +91,13 @@ class FederatedTrainer(pl.Trainer):
         privacy: Optional[LocalDP] = None,
         client_runner: Literal["sequential", "vectorized"] = "sequential",
         max_parallel_clients: Optional[int] = None,
+        feature_cache: Literal["auto", "memory", "off"] = "auto",
+        feature_cache_max_gib: float = 4.0,
         callbacks: Optional[list[Callback]] = None,
         num_sanity_val_steps: int = 0,
         **kwargs: Any,
     ) -> None:
+        features = FeatureCache(feature_cache, feature_cache_max_gib)  # checked before Lightning starts
         settings = dict(
             num_rounds=num_rounds, clients_per_round=clients_per_round, local_epochs=local_epochs,
             sampling=client_sampling, seed=seed,
@@ -134,7 +142,7 @@ class FederatedTrainer(pl.Trainer):
                 f"trainer.accelerator {accelerator!r} cannot run here ({detail}); set trainer.accelerator: cpu, "
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
-        self.fit_loop = FederatedLoop(self, settings, availability=availability)
+        self.fit_loop = FederatedLoop(self, settings, availability=availability, feature_cache=features)
         if client_runner == "vectorized":
             from fedpeft_pl.vectorized import VectorizedRunner
 

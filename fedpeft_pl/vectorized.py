@@ -415,7 +415,8 @@ class VectorizedRunner:
     instead, with a log line once: local DP (its noise and secret batches stay with the
     sequential path for now), FedRep's two-phase schedule, and precisions other than 32-bit,
     ``bf16-mixed`` and ``16-mixed``. With stochastic layers (dropout, drop path) the random draws
-    differ from the sequential runner's; data, order and optimizer steps do not.
+    differ from the sequential runner's; data, order and optimizer steps do not. Under the feature
+    cache (``trainer.feature_cache``) the batches are features and only the classifier runs.
 
     Args:
         loop: the trainer's federated loop.
@@ -461,6 +462,7 @@ class VectorizedRunner:
         return self.fallback.evaluate(round, clients)
 
     def _run(self, round: Any) -> Iterator[Any]:
+        from fedpeft_pl.feature_cache import HeadProbe
         from fedpeft_pl.federation import ClientContext
         from fedpeft_pl.loop import client_metrics
         from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
@@ -517,8 +519,10 @@ class VectorizedRunner:
                 return strategy.client_gradient(grads, {}, context_of(extras))
 
         autocast = _autocast_for(trainer)
+        # with the feature cache the batches are features: the classifier alone trains on them
+        network = HeadProbe(module.model) if getattr(module, "takes_features", False) else module
         outcomes = train_clients(
-            module, datamodule, jobs, federation.local_epochs, module.optimizer_factory,
+            network, datamodule, jobs, federation.local_epochs, module.optimizer_factory,
             loss_term=loss_term, grad_correction=grad_correction, autocast=autocast or None,
             max_parallel_clients=self.max_parallel_clients,
         )

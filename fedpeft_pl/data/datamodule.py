@@ -165,6 +165,15 @@ class FederatedDataModule(pl.LightningDataModule):
         self.splits = splits
         self._report_partition()
 
+    def use_splits(self, splits: Splits) -> Splits:
+        """Serve ``splits`` (the same samples in the same order, e.g. their cached features) from now on;
+        returns the splits served until now."""
+        previous = self.splits
+        assert previous is not None, "call setup() first"
+        self.splits = splits
+        self._client_loader = None  # the next client_dataloader reads the new training split
+        return previous
+
     @property
     def label_histogram(self) -> np.ndarray:
         """Label counts per client, shape ``(num_clients, num_classes)``."""
