@@ -305,7 +305,8 @@ class FederatedLoop(_FitLoop):
         self._federated("on_round_end", lambda cb, t, m: cb.on_round_end(t, m, round), lambda m: m.on_round_end(round))
         if self._should_evaluate(round.number):
             self._evaluate()
-            if getattr(self.trainer.datamodule, "has_client_tests", False):
+            # a client's accuracy on its own test split is an un-noised figure of its data: not in a private run
+            if getattr(self.trainer.datamodule, "has_client_tests", False) and releases_client_statistics(self.trainer):
                 self._evaluate_clients(round)
 
     def _evaluate_clients(self, round: Round) -> None:

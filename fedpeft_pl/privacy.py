@@ -44,7 +44,8 @@ ACCOUNTANTS = ("rdp", "prv")
 
 
 def releases_client_statistics(trainer: Any) -> bool:
-    """Whether a run may collect un-noised per-client statistics (training loss, label histograms).
+    """Whether a run may collect un-noised per-client statistics (training loss, label histograms,
+    accuracy on a client's own test split).
 
     Yes in a run without DP; in a private run only if every DP component was given
     ``release_client_statistics: true``. Such statistics are not covered by the DP guarantee.
@@ -62,12 +63,13 @@ def _announce_client_statistics(owner: str, release: bool) -> None:
     if release:
         log.warning(
             f"{owner}: release_client_statistics is on: un-noised per-client statistics (training loss, label "
-            "histograms) are collected and logged; they are not covered by the DP guarantee"
+            "histograms, accuracy on each client's test split) are collected and logged; they are not covered by "
+            "the DP guarantee"
         )
     else:
         log.info(
-            f"{owner}: per-client training loss and label histograms are not collected in this private run "
-            "(release_client_statistics: true collects them, outside the DP guarantee)"
+            f"{owner}: per-client training loss, label histograms and per-client test accuracy are not collected "
+            "in this private run (release_client_statistics: true collects them, outside the DP guarantee)"
         )
 
 
@@ -183,12 +185,15 @@ class LocalDP(FederatedCallback):
         self, module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, client: int
     ) -> tuple[State, torch.Tensor]:
         """Noisy clipped gradient for one Poisson batch of ``client``, and its per-sample losses."""
-        sigma = self._sigma[client]
-        rate, _ = self._rates(client)
-        expected = rate * self._datamodule.client_num_samples(client)  # the Poisson batch's expected size
+        expected = self.expected_batch_size(client)
         sums, losses = clipped_gradient_sum(module, images, labels, self.max_grad_norm, self.chunk_size)
         noisy = {name: (s + self.noise(client, s)) / expected for name, s in sums.items()}
         return noisy, losses
+
+    def expected_batch_size(self, client: int) -> float:
+        """The expected size ``q_k * n_k`` of ``client``'s Poisson batches, by which its noisy sums are divided."""
+        rate, _ = self._rates(client)
+        return rate * self._datamodule.client_num_samples(client)
 
     def noise(self, client: int, like: torch.Tensor, std: Optional[float] = None) -> torch.Tensor:
         """Gaussian noise for ``client``'s current round, shaped, typed and placed like ``like``.

@@ -45,6 +45,7 @@ from torch.utils.data import default_collate
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import trainable_parameters
+from fedpeft_pl.seeds import LOCAL_TRAINING, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,15 @@ class ClientJob:
 
     Args:
         client: the client's index in the data module.
-        seed: its local training seed, ``derive_seed(seed, round, client)`` (data order).
+        seed: the seed of its data order, ``client_seed(seed, round, client)`` (``DATA_ORDER``).
         max_batches: its step cap (a straggler's), over all local epochs.
         start: the state it received, by trainable tensor name.
         extras: per-client tensors handed to ``loss_term`` and ``grad_correction`` (e.g. FedProx's
             anchor, SCAFFOLD's control variates); every job must have the same keys and shapes.
+        training_seed: the seed of the torch generator during its training (dropout, drop path),
+            ``training_seed(seed, round, client)`` (``LOCAL_TRAINING``); by default derived from
+            ``seed`` under that key, so the two never share a stream. A chunk of clients trained
+            at once draws from its first client's.
     """
 
     client: int
@@ -80,6 +85,11 @@ class ClientJob:
     max_batches: int
     start: State
     extras: State = field(default_factory=dict)
+    training_seed: Optional[int] = None
+
+    def torch_seed(self) -> int:
+        """The seed of the torch generator while this job (first of its chunk) trains."""
+        return self.training_seed if self.training_seed is not None else derive_seed(self.seed, LOCAL_TRAINING)
 
 
 @dataclass
@@ -265,7 +275,8 @@ def _train_chunk(
     outer = lambda params: {n: p for n, p in zip(names, params.values())}  # noqa: E731 (inner -> outer names)
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(jobs[0].seed if jobs else 0)
+        # dropout and drop path draw from the training stream, never from the data-order one
+        torch.manual_seed(jobs[0].torch_seed() if jobs else 0)
         for step in range(num_steps):
             active = torch.tensor([step < len(p) for p in plans], device=device)
             batches = [p[step] if step < len(p) else [] for p in plans]
@@ -412,11 +423,14 @@ class VectorizedRunner:
     and FedDyn's first participation). Choose it with ``trainer.client_runner: vectorized``.
 
     Where the stacked form is not the same training, a round runs on the sequential runner
-    instead, with a log line once: local DP (its noise and secret batches stay with the
-    sequential path for now), FedRep's two-phase schedule, and precisions other than 32-bit,
+    instead, with a log line once: FedRep's two-phase schedule, heterogeneous LoRA ranks and
+    FLoRA's stacking, and precisions other than 32-bit,
     ``bf16-mixed`` and ``16-mixed``. With stochastic layers (dropout, drop path) the random draws
     differ from the sequential runner's; data, order and optimizer steps do not. Under the feature
     cache (``trainer.feature_cache``) the batches are features and only the classifier runs.
+    Local DP (:class:`~fedpeft_pl.privacy.LocalDP`) runs vectorised: per-sample gradients by a
+    nested ``vmap``, clipped per sample, each client's noise from its own stream, its accounting
+    through the same hooks as on the sequential runner.
 
     Args:
         loop: the trainer's federated loop.
@@ -438,8 +452,6 @@ class VectorizedRunner:
         """Why this run's rounds go to the sequential runner, or None."""
         trainer = self.loop.trainer
         module = trainer.lightning_module
-        if getattr(module, "privacy", None) is not None:
-            return "local DP trains on the sequential runner"
         if getattr(module, "local_first_epochs", 0):
             return "FedRep's two-phase schedule trains on the sequential runner"
         if getattr(getattr(module, "peft", None), "per_client_views", False):
@@ -466,7 +478,7 @@ class VectorizedRunner:
         from fedpeft_pl.federation import ClientContext
         from fedpeft_pl.loop import client_metrics
         from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-        from fedpeft_pl.seeds import client_seed
+        from fedpeft_pl.seeds import client_seed, training_seed
         from fedpeft_pl.strategies import Strategy
 
         loop = self.loop
@@ -499,6 +511,7 @@ class VectorizedRunner:
             jobs.append(ClientJob(
                 session.client, client_seed(federation.seed, round.number, session.client),
                 round.plans[session.client].batches, {**context.received, **session.local_state()}, extras,
+                training_seed=training_seed(federation.seed, round.number, session.client),
             ))
 
         def context_of(extras: State) -> ClientContext:
@@ -518,12 +531,21 @@ class VectorizedRunner:
             def grad_correction(grads: State, extras: State) -> State:
                 return strategy.client_gradient(grads, {}, context_of(extras))
 
+        private = None
+        privacy = getattr(module, "privacy", None)
+        if privacy is not None:
+            # LocalDP's own math per client: its clipping bound, each client's noise from the stream
+            # LocalDP opened for it in on_client_start (secret unless reproducible_noise), drawn in
+            # the sequential runner's order, and its Poisson batches (client_batches samples them
+            # from the same secret or seeded source as the sequential loader)
+            private = PrivateTraining(privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size)
+
         autocast = _autocast_for(trainer)
         # with the feature cache the batches are features: the classifier alone trains on them
         network = HeadProbe(module.model) if getattr(module, "takes_features", False) else module
         outcomes = train_clients(
             network, datamodule, jobs, federation.local_epochs, module.optimizer_factory,
-            loss_term=loss_term, grad_correction=grad_correction, autocast=autocast or None,
+            loss_term=loss_term, grad_correction=grad_correction, private=private, autocast=autocast or None,
             max_parallel_clients=self.max_parallel_clients,
         )
         lr = float(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])

@@ -128,13 +128,14 @@ def test_invalid_privacy_parameters_are_config_errors(make):
 # -- local DP in real federated runs ----------------------------------------------------------------
 
 
-def _dp_fit(tmp_path, privacy, rounds=1, clients=2, num_clients=4, batch_size=32, local_epochs=1, logger_dir=None, **kwargs):
+def _dp_fit(tmp_path, privacy, rounds=1, clients=2, num_clients=4, batch_size=32, local_epochs=1, logger_dir=None,
+            client_test_fraction=0.0, **kwargs):
     from helpers import tiny_datamodule, tiny_trainer
     from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
-    datamodule = tiny_datamodule(num_clients=num_clients, batch_size=batch_size)
+    datamodule = tiny_datamodule(num_clients=num_clients, batch_size=batch_size, client_test_fraction=client_test_fraction)
     logged = privacy is not None or logger_dir is not None
     trainer = tiny_trainer(
         tmp_path, num_rounds=rounds, clients_per_round=clients, local_epochs=local_epochs, privacy=privacy,
@@ -238,20 +239,21 @@ def test_a_private_run_logs_no_per_client_statistics_unless_asked(tmp_path, capl
             return {"privacy": LocalDP(epsilon=None, noise_multiplier=1.0, **flag), "clients": 4}
         return {"privacy": None, "aggregation": DPFedAvg(noise_multiplier=1.0, **flag), "client_sampling": "poisson", "clients": 4}
 
+    tests = {"client_test_fraction": 0.25}  # each client also holds out a test split
     if kind == "local":  # what a run without DP logs
-        _dp_fit(tmp_path / "plain", None, logger_dir=tmp_path / "plain")
-        assert "train/loss" in _logged(tmp_path / "plain")
+        _dp_fit(tmp_path / "plain", None, logger_dir=tmp_path / "plain", **tests)
+        assert {"train/loss", "clients/acc_mean"} <= _logged(tmp_path / "plain")
         assert list((tmp_path / "plain").rglob("client_label_histogram.csv"))
     caplog.clear()  # only what the private run says
     with caplog.at_level("INFO", logger="fedpeft_pl"):
-        _dp_fit(tmp_path / "dp", logger_dir=tmp_path / "dp", **private())
-    assert "train/loss" not in _logged(tmp_path / "dp")
+        _dp_fit(tmp_path / "dp", logger_dir=tmp_path / "dp", **private(), **tests)
+    assert not {"train/loss", "clients/acc_mean"} & _logged(tmp_path / "dp")
     assert not list((tmp_path / "dp").rglob("client_label_histogram.csv"))
     assert any("not collected in this private run" in r.getMessage() for r in caplog.records)
     assert not any("classes per client" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level("INFO", logger="fedpeft_pl"):
-        _dp_fit(tmp_path / "flag", logger_dir=tmp_path / "flag", **private(release_client_statistics=True))
-    assert "train/loss" in _logged(tmp_path / "flag")
+        _dp_fit(tmp_path / "flag", logger_dir=tmp_path / "flag", **private(release_client_statistics=True), **tests)
+    assert {"train/loss", "clients/acc_mean"} <= _logged(tmp_path / "flag")
     assert list((tmp_path / "flag").rglob("client_label_histogram.csv"))
     assert any(r.levelname == "WARNING" and "un-noised per-client statistics" in r.getMessage() for r in caplog.records)

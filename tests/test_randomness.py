@@ -104,6 +104,39 @@ def test_each_consumer_of_a_client_round_draws_from_its_own_stream(tmp_path, mon
     assert not torch.equal(sampler_draws, global_draws)
 
 
+def test_the_vectorised_runner_draws_dropout_from_the_training_stream_not_the_data_order(tmp_path, monkeypatch):
+    """Clients trained at once: the torch generator is seeded from LOCAL_TRAINING, the batches from DATA_ORDER."""
+    from fedpeft_pl import vectorized
+    from fedpeft_pl.seeds import client_seed, training_seed
+
+    module = tiny_module(Prompt(num_tokens=2))
+    seen = {"jobs": [], "global": []}
+    training = {"on": False}
+    module.model.register_forward_pre_hook(lambda *_: seen["global"].append(torch.initial_seed()) if training["on"] else None)
+    original = vectorized.train_clients
+
+    def train_clients(network, datamodule, jobs, *args, **kwargs):
+        seen["jobs"] += jobs
+        training["on"] = True
+        try:
+            return original(network, datamodule, jobs, *args, **kwargs)
+        finally:
+            training["on"] = False
+
+    monkeypatch.setattr(vectorized, "train_clients", train_clients)
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=2, client_runner="vectorized", seed=7)
+    trainer.fit(module, datamodule=tiny_datamodule(num_clients=4, batch_size=64))
+    jobs = seen["jobs"]
+    assert len(jobs) == 2 and seen["global"]
+    for job in jobs:
+        assert job.seed == client_seed(7, 1, job.client)
+        assert job.torch_seed() == training_seed(7, 1, job.client) != job.seed
+    assert set(seen["global"]) == {jobs[0].torch_seed()}
+    order = torch.rand(16, generator=torch.Generator().manual_seed(jobs[0].seed))
+    dropout = torch.rand(16, generator=torch.Generator().manual_seed(jobs[0].torch_seed()))
+    assert not torch.equal(order, dropout)
+
+
 def test_client_sampling_and_availability_use_their_own_streams():
     from fedpeft_pl.availability import ClientAvailability
     from fedpeft_pl.loop import sample_clients

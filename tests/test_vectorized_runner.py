@@ -64,10 +64,28 @@ def test_client_side_strategies_and_personal_parts_run_vectorised(tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-def test_local_dp_falls_back_to_the_sequential_runner_with_a_log_line(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-        run(tmp_path, "dp", Head(), "vectorized", privacy=LocalDP(epsilon=8.0))
-    assert "vectorised client runner: local DP trains on the sequential runner" in caplog.text
+def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounting(tmp_path, caplog):
+    """With reproducible noise both runners draw each client's noise from the same stream: same state, same budget."""
+    runs = {}
+    for runner in ("sequential", "vectorized"):
+        privacy = LocalDP(epsilon=8.0, max_grad_norm=0.5, reproducible_noise=True)
+        with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
+            state, trainer, metrics = run(tmp_path, runner, LoRA(rank=2, alpha=4), runner, privacy=privacy)
+        runs[runner] = state, privacy
+    assert "vectorised client runner:" not in caplog.text  # no fall-back to the sequential runner
+    (sequential, seq_privacy), (vectorised, vec_privacy) = runs["sequential"], runs["vectorized"]
+    for name, tensor in sequential.items():
+        torch.testing.assert_close(vectorised[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    assert seq_privacy._histories.keys() == vec_privacy._histories.keys()
+    for client in seq_privacy._histories:
+        assert vec_privacy.spent(client) == pytest.approx(seq_privacy.spent(client), rel=1e-12)
+
+
+def test_vectorised_local_dp_noise_is_secret_by_default(tmp_path):
+    """Two identical private runs on the vectorised runner end apart: the noise is not a function of the config."""
+    states = [run(tmp_path, f"v{i}", LoRA(rank=2, alpha=4), "vectorized", privacy=LocalDP(epsilon=8.0))[0] for i in range(2)]
+    differs = [name for name in states[0] if not torch.equal(states[0][name], states[1][name])]
+    assert differs, "two private runs with the same config ended bit-identical"
 
 
 def test_runner_settings_are_checked(tmp_path):
