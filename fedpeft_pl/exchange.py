@@ -24,17 +24,18 @@ from fedpeft_pl.strategies import Strategy
 LOCAL = "local."  # the key prefix of a personalised method's local tensors in a client's own state
 
 
-def encode_update(codec: Codec, state: State, received: State, client: int) -> State:
+def encode_update(codec: Codec, state: State, received: State, client: int, extras: Optional[State] = None) -> State:
     """What a client sends after training: its state as it is, or through a codec the encoded change.
 
     The codec's per-client state (an error-feedback residual) is kept only for an update the
-    server will accept (finite, as :meth:`ServerAggregation.on_client_end` checks): the client
-    checks this itself, so it holds also where the client encodes on its own machine (Flower).
+    server will accept (finite, with finite ``extras``, the strategy's tensors sent beside it, as
+    :meth:`ServerAggregation.on_client_end` checks): the client checks this itself, so it holds
+    also where the client encodes on its own machine (Flower).
     """
     if type(codec) is Codec:
         return state
     payload = codec.encode({name: state[name] - received[name] for name in state}, client=client)
-    if first_non_finite(decode_update(codec, payload, received)) is None:
+    if first_non_finite({**decode_update(codec, payload, received), **(extras or {})}) is None:
         codec.commit(client)
     else:
         codec.rollback(client)
@@ -144,7 +145,7 @@ class ClientSession:
             client, server_round = self.context.client, self.context.server_round
             trained = self.peft.client_view(trained, client, server_round, upload=True)
             received = self.peft.client_view(received, client, server_round, upload=True)
-        payload = encode_update(self.upload, trained, received, self.context.client)
+        payload = encode_update(self.upload, trained, received, self.context.client, extras)
         metrics = {**metrics, "steps": float(self.context.steps)}
         return ClientResult(self.context.client, num_samples, payload, extras, metrics)
 

@@ -205,6 +205,9 @@ def test_a_client_refuses_to_keep_a_residual_for_a_non_finite_update():
     kept = codec.client_state([4])[4]["w"].clone()
     encode_update(codec, {"w": torch.tensor([1.0, float("nan"), -0.3])}, received, client=4)
     assert torch.equal(codec.client_state([4])[4]["w"], kept)
+    # a finite update sent beside a non-finite strategy tensor (SCAFFOLD's control variate) is rejected too
+    encode_update(codec, {"w": torch.tensor([0.5, 0.2, 0.1])}, received, client=4, extras={"control.w": torch.full((3,), float("inf"))})
+    assert torch.equal(codec.client_state([4])[4]["w"], kept)
 
 
 def test_non_finite_tensors_are_found_exactly():
