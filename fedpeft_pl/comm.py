@@ -231,8 +231,12 @@ class WireCounter:
 
     def count(self, direction: str, content: Any) -> None:
         """Count a real message's content (a deployment)."""
+        self.add(direction, wire_bytes(content))
+
+    def add(self, direction: str, nbytes: int) -> None:
+        """Count ``nbytes`` already measured with :func:`wire_bytes` (a deployment's protocol messages)."""
         if self.bytes is not None:
-            self.bytes[direction] += wire_bytes(content)
+            self.bytes[direction] += nbytes
 
     def metrics(self) -> dict[str, float]:
         if self.bytes is None:

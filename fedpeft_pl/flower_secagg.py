@@ -28,8 +28,11 @@ the ClientApp); this module only connects it to fedpeft's round loop:
 
 What travels: each client sends two public keys, its encrypted key shares, the masked vector
 (``int64`` per element in Flower 1.42, plus the weight) and its shares for unmasking; the
-server logs those bytes, measured on the serialised messages, every round. ``comm/bytes_up``
-keeps fedpeft's unit (fp32 elements of one update per contributing client).
+server measures every protocol message each way as Flower serialises it and logs the sum as
+``comm/wire_bytes_down`` and ``comm/wire_bytes_up`` (a client that drops out mid-protocol has
+received its task and counts there). ``comm/bytes_*`` keep fedpeft's unit, as in a simulation of
+the same config: fp32 elements of the state sent to, and of one update from, each client that
+takes part.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from fedpeft_pl.comm import wire_bytes
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Round
 from fedpeft_pl.privacy import DPFedAvg
@@ -50,7 +54,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.serde import recorddict_to_proto
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -103,18 +106,27 @@ class _RoundStrategy:
 
 
 class _MeteredGrid:
-    """The ServerApp's grid, counting the serialised content of every protocol message each way."""
+    """The ServerApp's grid, counting every protocol message each way as Flower serialises it.
 
-    def __init__(self, grid: Any) -> None:
+    The bytes go to the server's wire counter too (``comm/wire_bytes_*``), measured as every other
+    deployment's messages are (:func:`~fedpeft_pl.comm.wire_bytes`).
+    """
+
+    def __init__(self, grid: Any, wire: Any) -> None:
         self.grid = grid
+        self.wire = wire
         self.sent = 0
         self.received = 0
 
     def send_and_receive(self, messages: Any, *, timeout: Optional[float] = None) -> Any:
         messages = list(messages)
-        self.sent += sum(recorddict_to_proto(m.content).ByteSize() for m in messages)
+        sent = sum(wire_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.received += sum(recorddict_to_proto(r.content).ByteSize() for r in replies if r.has_content())
+        received = sum(wire_bytes(r.content) for r in replies if r.has_content())
+        self.sent += sent
+        self.received += received
+        self.wire.add("down", sent)
+        self.wire.add("up", received)
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -170,7 +182,7 @@ class SecureFlowerRunner(FlowerRunner):
             }
             instructions[self.nodes[client]] = FitIns(tensors, config)
         strategy = _RoundStrategy(instructions)
-        grid = _MeteredGrid(self.grid)
+        grid = _MeteredGrid(self.grid, self.wire)
         if len(instructions) >= 2:  # SecAgg+ needs two clients at least; the workflow halts otherwise
             legacy = LegacyContext(self.context, strategy=strategy)  # type: ignore[arg-type]
             # the workflow reads the round number and (for configure_fit, which ignores them) the parameters
@@ -179,7 +191,7 @@ class SecureFlowerRunner(FlowerRunner):
         self.last_bytes = (grid.sent, grid.received)
         log.info(
             f"round {round.number}: secure aggregation of {len(strategy.finished)} of {len(instructions)} clients; "
-            f"protocol messages {grid.sent} bytes down, {grid.received} bytes up (serialised content)"
+            f"protocol messages {grid.sent} bytes down, {grid.received} bytes up (as Flower serialises them)"
         )
         client_of = {node: client for client, node in self.nodes.items()}
         finished = {client_of[node]: (int(metrics.pop(_SAMPLES)), metrics) for node, metrics in strategy.finished}

@@ -123,3 +123,25 @@ def test_each_beyond_fedpeft_overlay_composes_and_counts_only_what_travels(capsy
     if "personal" in overlay:
         assert module.local_names and sent < payload_bytes(trainable_state(module))
         assert "personalised: they stay on each client" in out
+
+
+PRIVATE_OVERLAYS = {
+    "local": {"trainer": {"privacy": {"class_path": "fedpeft_pl.privacy.LocalDP", "init_args": {"epsilon": 8.0}}}},
+    "central": {"trainer": {"client_sampling": "poisson", "aggregation": {"class_path": "fedpeft_pl.privacy.DPFedAvg", "init_args": {"epsilon": 8.0}}}},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PRIVATE_OVERLAYS))
+def test_comm_prints_that_a_run_with_reproducible_noise_is_not_private(capsys, monkeypatch, tmp_path, kind):
+    monkeypatch.chdir(REPO)
+    outputs = {}
+    for reproducible in (False, True):
+        overlay = yaml.safe_load(yaml.safe_dump(PRIVATE_OVERLAYS[kind]))
+        component = overlay["trainer"]["privacy" if kind == "local" else "aggregation"]
+        component["init_args"]["reproducible_noise"] = reproducible
+        path = tmp_path / f"{kind}-{reproducible}.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        main(["comm", "--config", "configs/quickstart.yaml", "--config", "configs/quickstart/prompt.yaml", "--config", str(path)])
+        outputs[reproducible] = capsys.readouterr().out
+    assert "NOT private" in outputs[True]
+    assert "NOT private" not in outputs[False]

@@ -236,6 +236,12 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
     for tag in ("comm/bytes_down", "comm/bytes_up", "round/clients_aggregated", "round/clients_dropped"):
         assert deployed_logs[tag] == simulated_logs[tag], tag
+    # the wire bytes are the protocol's messages: keys, shares and masked int64 vectors, also to and
+    # from the client that drops out mid-protocol; more each way than the plain messages of the simulation
+    for tag in ("comm/wire_bytes_down", "comm/wire_bytes_up"):
+        assert [r for r, _ in deployed_logs[tag]] == [r for r, _ in simulated_logs[tag]], tag
+        for (_, secure), (_, plain) in zip(deployed_logs[tag], simulated_logs[tag]):
+            assert secure > plain > 0, (tag, secure, plain)
     print(f"secure aggregation: round-1 error {error:.2e} (bound {bound:.2e})")
 
 

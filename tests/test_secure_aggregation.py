@@ -116,3 +116,51 @@ def test_a_secure_deployment_client_refuses_a_plain_train_message(client_process
         mod(message, secure, lambda m, c: pytest.fail("the train handler ran"))
     plain = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"node-timeout": 300})
     assert mod(message, plain, lambda m, c: "trained") == "trained"
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["fedavg", "dpfedavg"])
+def test_a_secure_client_hands_secagg_its_update_weighted_or_clipped(tmp_path, client_process, dp):
+    """What a SuperNode's train handler gives SecAgg+ to mask: its update (trained minus received),
+    weighted by its sample count; under DPFedAvg clipped to clip_norm and weighted 1, so that the
+    server's unmasked result is the plain sum of clipped updates to which it adds its noise."""
+    pytest.importorskip("flwr")
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedpeft_pl.config import resolve_config
+    from fedpeft_pl.flower_secagg import _NAMES, _SAMPLES, _train_from_fitins
+
+    clip = 0.5
+    extra = ["--trainer.client_sampling", "poisson", "--trainer.aggregation", "fedpeft_pl.privacy.DPFedAvg",
+             "--trainer.aggregation.clip_norm", str(clip)] if dp else []
+    config = tmp_path / "fedpeft.yaml"
+    config.write_text(resolve_config(["--config", QUICKSTART, "--trainer.logger", "false", *extra]))
+    received = {"w": np.zeros((2, 3), np.float32), "b": np.full(3, 0.5, np.float32)}
+    trained = {"w": np.full((2, 3), 2.0, np.float32), "b": np.full(3, -0.5, np.float32)}
+    fitins = FitIns(ndarrays_to_parameters(list(received.values())), {_NAMES: "w\nb", "fedpeft.client": 1})
+    message = Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type=MessageType.TRAIN)
+    settings = SecureAggregation(max_weight=1000.0)
+
+    def train(m, context):  # the ordinary train handler: the client's trained state and its sample count
+        assert set(m.content["arrays"].to_torch_state_dict()) == {"w", "b"}
+        reply = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in trained.items()}),
+                            "metrics": MetricRecord({"num-examples": 40, "train_loss": 1.5})})
+        return Message(reply, reply_to=m)
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=settings.to_run_config())
+    fitres = compat.recorddict_to_fitres(_train_from_fitins(message, context, train, settings, str(config)).content, keep_input=True)
+    update = parameters_to_ndarrays(fitres.parameters)
+    plain = [trained[k] - received[k] for k in ("w", "b")]
+    norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in plain)))
+    assert fitres.metrics[_SAMPLES] == 40  # the real count travels beside the SecAgg+ weight
+    if dp:
+        assert fitres.num_examples == 1000  # weight max_weight / max_weight = 1: the server gets the sum
+        for got, want in zip(update, plain):
+            np.testing.assert_allclose(got, want * clip / norm, rtol=1e-5)
+    else:
+        assert fitres.num_examples == 40
+        for got, want in zip(update, plain):
+            np.testing.assert_array_equal(got, want)
