@@ -6,6 +6,7 @@ what a client does with the message lives in :mod:`fedpeft_pl.exchange`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -16,6 +17,7 @@ from typing_extensions import override
 
 from fedpeft_pl.comm import MIB, WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
+from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import decode_reply
 from fedpeft_pl.federation import (
     ClientEvaluation,
@@ -300,9 +302,43 @@ class ServerAggregation(FederatedCallback):
         if trainer.is_global_zero:
             log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
 
+    def components(self) -> dict[str, str]:
+        """The server's strategy and codecs by setting, as a checkpoint records them for a resume."""
+        def name(part: Any) -> str:
+            return "none" if type(part) is Codec else type(part).__name__
+
+        return {
+            "trainer.aggregation": name(self.strategy),
+            "trainer.compress_upload": name(self.upload),
+            "trainer.compress_download": name(self.download),
+        }
+
+    def check_resume(self, state: dict[str, Any]) -> None:
+        """Refuse, before anything is written, a checkpoint's server state that this run cannot continue.
+
+        Checkpoints record their strategy and codecs (:meth:`components`); the state is also loaded
+        into copies, so a checkpoint from before that record is checked too.
+        """
+        saved = state.get("components", {})
+        for setting, name in self.components().items():
+            if setting in saved and saved[setting] != name:
+                raise ConfigError(
+                    f"the checkpoint was written with {setting} {saved[setting]}, this run has {name}; "
+                    "resume with the configuration that wrote it (its run folder's config.yaml)"
+                )
+        for part, target in (("strategy", self.strategy), ("upload", self.upload), ("download", self.download)):
+            try:
+                copy.deepcopy(target).load_state_dict(state[part])
+            except Exception as error:  # the state of another strategy or codec: KeyError, shape errors
+                raise ConfigError(
+                    f"the checkpoint's server state ({part}) does not fit this run's {type(target).__name__} "
+                    f"({type(error).__name__}: {error}); resume with the configuration that wrote it"
+                ) from None
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "components": self.components(),
             "cumulative_bytes": self.cumulative_bytes,
             "strategy": self.strategy.state_dict(),
             "upload": self.upload.state_dict(),

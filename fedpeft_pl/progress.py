@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from typing_extensions import override
 
@@ -15,6 +18,10 @@ from fedpeft_pl.hooks import FederatedCallback
 
 class FederatedProgressBar(TQDMProgressBar, FederatedCallback):
     """Lightning's TQDM bar, one bar per round: ``Round 3/50 ... client 17 (2/8)``.
+
+    The bars write to standard error, with fedpeft's round lines, so standard output stays clean
+    for what a command prints (``fedpeft comm``) and ``fedpeft fit ... > out.txt`` holds no bar
+    text. The trainer turns the bar on only where standard error is a terminal (or a notebook).
 
     Args:
         refresh_rate: update the bar every this many batches (0 disables it).
@@ -57,3 +64,29 @@ class FederatedProgressBar(TQDMProgressBar, FederatedCallback):
         if self._pending >= self.refresh_rate or bar.n + self._pending >= (bar.total or 0):
             bar.update(self._pending)
             self._pending = 0
+
+    # Lightning's bars name sys.stdout when they are made: make them while it is standard error
+    @override
+    def init_sanity_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    @override
+    def init_train_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    @override
+    def init_validation_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    @override
+    def init_test_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_test_tqdm()
+
+    @override
+    def init_predict_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_predict_tqdm()

@@ -68,6 +68,9 @@ def check_checkpoint_file(path: str) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # random bytes, a truncated file and foreign pickles raise many types
         reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason.lower().replace(" ", "_"):
+            # torch's text goes on to advise loading with weights_only=False: unsafe for a file of unknown origin
+            reason = "it holds objects other than tensors and plain data"
         raise ConfigError(
             f"ckpt_path {path!r} is not a readable checkpoint ({type(err).__name__}: {reason}); it may be truncated "
             "or not a checkpoint at all; give a .ckpt file that fedpeft fit wrote (<run folder>/checkpoints/last.ckpt)"
@@ -93,6 +96,24 @@ def check_resume(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         raise ConfigError(
             f"the checkpoint's trainable tensors do not match this model's {getattr(model, 'peft', '')!r} "
             f"({len(extra)} unknown, {len(wrong)} of another shape, e.g. {example}); resume with the configuration that wrote it"
+        )
+
+
+def check_server_resume(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a checkpoint whose server side this run cannot continue:
+    another strategy or codec (each callback's ``check_resume``), or local DP switched on or off."""
+    saved = checkpoint.get("callbacks", {})
+    for callback in trainer.callbacks:
+        key = getattr(callback, "state_key", None)
+        if hasattr(callback, "check_resume") and key in saved:
+            callback.check_resume(saved[key])
+    was_private = any(str(key).startswith("LocalDP") for key in saved)
+    is_private = getattr(trainer, "privacy", None) is not None
+    if was_private != is_private:
+        written, now = ("with", "without") if was_private else ("without", "with")
+        raise ConfigError(
+            f"the checkpoint was written {written} local DP (trainer.privacy), this run is {now} it; "
+            "resume with the configuration that wrote it (its run folder's config.yaml)"
         )
 
 

@@ -34,10 +34,21 @@ from fedpeft_pl.hooks import runs_on_client
 from fedpeft_pl.loop import FederatedLoop, _ClientJob
 from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
-from fedpeft_pl.run_folder import RoundCheckpoint, check_checkpoint_file, check_resume, removed_if_failed_early
+from fedpeft_pl.run_folder import RoundCheckpoint, check_checkpoint_file, check_resume, check_server_resume, removed_if_failed_early
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
+
+
+# Lightning settings in epochs and steps that a federated run has no use for, with what to use
+# instead; FederatedTrainer refuses them with that advice, and --help does not list them
+NOT_IN_ROUNDS = {
+    "fast_dev_run": "for a quick check run --trainer.num_rounds 1 --trainer.clients_per_round 1 --trainer.local_epochs 1",
+    "overfit_batches": "a client trains trainer.local_epochs over its own data",
+    "limit_train_batches": "a client trains trainer.local_epochs over its own data; cap stragglers' work with trainer.availability",
+    "val_check_interval": "the server model is evaluated after a round: set trainer.check_val_every_n_epoch (every n rounds)",
+    "reload_dataloaders_every_n_epochs": "each client's loader is set up anew every round",
+}
 
 
 class FederatedTrainer(pl.Trainer):
@@ -109,6 +120,10 @@ class FederatedTrainer(pl.Trainer):
         for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
             if kwargs.get(name) not in (None, -1):
                 raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
+            kwargs.pop(name, None)
+        for name, instead in NOT_IN_ROUNDS.items():
+            if kwargs.get(name) not in (None, False, 0, 0.0):
+                raise ConfigError(f"trainer.{name} does not apply to a federated run; remove it: {instead}")
             kwargs.pop(name, None)
         callbacks = list(callbacks or [])
         if privacy is not None:
@@ -193,7 +208,9 @@ class FederatedTrainer(pl.Trainer):
             ckpt_path = self.find_last_checkpoint(continue_logging=True)
         if ckpt_path is not None:
             # everything that can refuse the resume, before the run folder is touched
-            check_resume(model, check_checkpoint_file(str(ckpt_path)))
+            checkpoint = check_checkpoint_file(str(ckpt_path))
+            check_resume(model, checkpoint)
+            check_server_resume(self, checkpoint)
         with removed_if_failed_early(self):
             super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 

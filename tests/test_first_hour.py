@@ -81,18 +81,40 @@ def test_a_refused_resume_leaves_the_earlier_run_byte_identical(tmp_path, monkey
     before = tree_hashes(runs)
     other_method = ["--config", "configs/quickstart/bias.yaml", "--trainer.logger.init_args.name", "prompt"]
     last = runs / "prompt" / "version_0" / "checkpoints" / "last.ckpt"
-    for ckpt in ("last", str(last)):
+    changes = [  # (what changes, the checkpoint, what the one line names)
+        (other_method, "last", "trainable tensors of Bias()"),
+        (other_method, str(last), "trainable tensors of Bias()"),
+        (["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"], "last", "trainer.aggregation FedAvg, this run has Scaffold"),
+        (["--trainer.compress_upload", "fedpeft_pl.compression.Int8"], "last", "trainer.compress_upload none, this run has Int8"),
+        (["--trainer.privacy", "fedpeft_pl.privacy.LocalDP"], "last", "written without local DP"),
+    ]
+    for change, ckpt, named in changes:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", QUICKSTART, *other_method, *ONE_ROUND, "--trainer.num_rounds", "2",
+            main(["fit", "--config", QUICKSTART, *change, *ONE_ROUND, "--trainer.num_rounds", "2",
                   "--trainer.logger.init_args.save_dir", str(runs), "--ckpt_path", ckpt])
         assert exit_info.value.code == 2
-        assert "resume with the configuration that wrote it" in capsys.readouterr().err
-        assert tree_hashes(runs) == before, ckpt
+        err = capsys.readouterr().err
+        assert "resume with the configuration that wrote it" in err and named in err, err[-2000:]
+        assert tree_hashes(runs) == before, (change, ckpt)
     # and README's export of that run still works
     main(["export", "--config", str(runs / "prompt" / "version_0" / "config.yaml"), "--ckpt_path", "last",
           "--output", str(tmp_path / "model.safetensors")])
     assert (tmp_path / "model.safetensors").stat().st_size > 0
+
+
+def test_the_progress_bar_writes_to_standard_error_not_standard_output(capsys):
+    """fedpeft fit ... > out.txt: standard output gets no bar text; the bar is with the round lines on stderr."""
+    from fedpeft_pl.progress import FederatedProgressBar
+
+    bar = FederatedProgressBar().init_train_tqdm()
+    bar.reset(total=3)
+    bar.set_description("Round 1/2")
+    bar.update(2)
+    bar.refresh()
+    bar.close()
+    captured = capsys.readouterr()
+    assert "Round 1/2" in captured.err and captured.out == ""
 
 
 def test_round_metrics_reach_lightning_callbacks(tmp_path):
@@ -123,8 +145,11 @@ def test_fit_help_is_plain_text_and_hides_epoch_limits(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     text = capsys.readouterr().out
-    assert "``" not in text and ":class:" not in text and ":mod:" not in text
-    for hidden in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.min_epochs", "--trainer.min_steps"):
+    assert "``" not in text and not re.search(r":\w+:\s*`", text), re.findall(r".{40}:\w+:\s*`.{20}", text)
+    for hidden in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.min_epochs", "--trainer.min_steps",
+                   "--trainer.fast_dev_run", "--trainer.limit_train_batches", "--trainer.val_check_interval"):
         assert hidden not in text, hidden
+    summary = text[text.index("\n  --trainer.enable_model_summary") :][:300]
+    assert "--verbose" in summary, summary  # what fedpeft does, not Lightning's default
     ckpt = text[text.index("\n  --ckpt_path") :][:400]
     assert "last" in ckpt, ckpt
