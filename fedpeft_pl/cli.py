@@ -26,6 +26,8 @@ from fedpeft_pl.errors import ConfigError
 
 __all__ = ["main", "one_line"]
 
+COMMANDS = ("fit", "comm", "export", "flower-app", "report")
+
 USAGE = """usage: fedpeft [--verbose] [--debug] SUBCOMMAND [--config CONFIG ...] [--key value ...]
 
 fedpeft: federated parameter-efficient fine-tuning (prompts, adapters, LoRA, ...) of frozen ViTs,
@@ -81,6 +83,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             from fedpeft_pl.report import report_command
 
             report_command(argv[1:])
+        elif not argv[0].startswith("-") and argv[0] not in COMMANDS:
+            raise ConfigError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (fedpeft --help says what each does)")
         elif from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv[1:] = argv
             FedPEFTCLI()

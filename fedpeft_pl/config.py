@@ -25,7 +25,7 @@ from fedpeft_pl import yaml_include
 from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.data import FederatedDataModule
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.trainer import FederatedTrainer
+from fedpeft_pl.trainer import NOT_IN_ROUNDS, FederatedTrainer
 
 _NOISE = (
     "Does not validate against any of the Union subtypes",
@@ -110,10 +110,17 @@ _CONFIG_FILES: list[str] = []  # the --config files of the command being parsed,
 
 
 _RST = [
-    (re.compile(r":(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`"), lambda m: m[1].rsplit(".", 1)[-1] if "~" in m[0] else m[1]),
+    (re.compile(r":(?:class|func|meth|mod|attr|data|obj|paramref|ref|exc|doc):`~?([^`]+)`"), lambda m: m[1].rsplit(".", 1)[-1] if "~" in m[0] else m[1]),
     (re.compile(r"``([^`]+)``"), lambda m: m[1]),
 ]
 EPOCH_LIMITS = ("max_epochs", "min_epochs", "max_steps", "min_steps")
+# what fedpeft makes of Lightning flags whose own help would mislead
+HELP = {
+    "check_val_every_n_epoch": "Evaluate the server model every this many rounds (an epoch is a round). Default: 1.",
+    "limit_val_batches": "How much of the server's test split to evaluate on each time (a fraction, or a number of batches; 0 turns evaluation off). Default: all of it.",
+    "enable_progress_bar": "Show a progress bar per round. Default: where standard error is a terminal (or in a notebook); off when it goes to a file.",
+    "enable_model_summary": "Print Lightning's model summary at start. Default: only with --verbose.",
+}
 
 
 def plain_text(text: str) -> str:
@@ -175,9 +182,14 @@ class FedPEFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # FederatedTrainer counts rounds and refuses these; hide them from --help (giving one still
         # gets the one-line error that names trainer.num_rounds)
+        hidden = {f"trainer.{name}" for name in (*EPOCH_LIMITS, *NOT_IN_ROUNDS)}
         for action in parser._actions:
-            if action.dest in {f"trainer.{name}" for name in EPOCH_LIMITS}:
+            if isinstance(action.help, str) and action.help != argparse.SUPPRESS:
+                action.help = plain_text(action.help)  # before argparse wraps a role across lines
+            if action.dest in hidden:
                 action.help = argparse.SUPPRESS
+            elif action.dest.startswith("trainer.") and action.dest[len("trainer."):] in HELP:
+                action.help = HELP[action.dest[len("trainer."):]]
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's version reads the file with torch.load before anything is checked, so a

@@ -72,6 +72,13 @@ def offline_download(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
+def base_with_syntax_error(tmp_path):
+    (tmp_path / "broken_base.yaml").write_text("trainer:\n  num_rounds: [3\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("__base__: broken_base.yaml\ntrainer:\n  local_epochs: 1\n")
+    return str(top)
+
+
 CASES = {
     "unknown-yaml-key": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_round: 3\n")], "num_round"),
     "wrong-yaml-type": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: three\n")], "trainer.num_rounds: expected int"),
@@ -118,12 +125,16 @@ CASES = {
     "checkpoint-state-dict": (lambda t: ["--ckpt_path", bad_checkpoint(t, "plain")], "is not a fedpeft checkpoint"),
     "checkpoint-directory": (lambda t: ["--ckpt_path", str(t)], "is a directory; give a .ckpt file"),
     "not-a-vit": (lambda t: ["--model.backbone.name", "resnet18", "--model.backbone.weights_file", "null"], "'resnet18' is a ResNet, not a timm VisionTransformer"),
+    "convnext": (lambda t: ["--model.backbone.name", "convnext_atto", "--model.backbone.weights_file", "null"], "'convnext_atto' is a ConvNeXt, not a timm VisionTransformer"),
+    "fast-dev-run": (lambda t: ["--trainer.fast_dev_run", "true"], "trainer.fast_dev_run does not apply to a federated run; remove it"),
+    "val-check-interval": (lambda t: ["--trainer.val_check_interval", "0.5"], "set trainer.check_val_every_n_epoch"),
     "distilled-deit": (lambda t: ["--model.backbone.name", "deit_tiny_distilled_patch16_224", "--model.backbone.weights_file", "null"],
                        "distilled"),
     "img-size-not-multiple": (lambda t: ["--model.backbone.img_size", "30"], "not a multiple of the patch size 8"),
     "sampling-typo": (lambda t: ["--trainer.client_sampling", "poison"], "trainer.client_sampling: expected one of 'uniform', 'poisson', got 'poison'"),
     "optimizer-typo": (lambda t: ["--model.optimizer", "torch.optim.SGDX"], "model.optimizer: expected the class path of a torch optimizer"),
     "yaml-syntax": (lambda t: ["--config", yaml_file(t, "trainer:\n  num_rounds: [3\n")], "extra.yaml line 3"),
+    "yaml-syntax-in-base": (lambda t: ["--config", base_with_syntax_error(t)], "broken_base.yaml line 3 (a __base__ file)"),
     "prefix-key": (lambda t: ["--trainer.num_round", "3"], "--trainer.num_round 3; write each key in full"),
     "torchvision-offline": (lambda t: ["--data.dataset", "fedpeft_pl.data.CIFAR10", "--data.dataset.root", str(t / "cifar")],
                             "could not download CIFAR-10"),
@@ -140,6 +151,7 @@ def test_a_mistake_gives_one_line_and_exit_status_2(case, tmp_path, capsys, monk
     line = one_error(args, capsys)
     assert message in line, line
     assert not list((tmp_path / "runs").glob("*/version_*")), "a run that failed before round 1 left its folder"
+    assert not (tmp_path / "cifar").exists(), "a failed download left its data folder"
 
 
 def one_error(args, capsys):
@@ -150,8 +162,14 @@ def one_error(args, capsys):
     errors = [line for line in err.splitlines() if line.startswith("fedpeft: error:")]
     assert exit_info.value.code == 2
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    assert "weights_only=False" not in err  # never advise unpickling an untrusted file
+    assert "weights_only" not in err  # never point at unpickling an untrusted file
     return errors[0]
+
+
+def test_an_unknown_command_names_every_command(capsys):
+    line = one_error(["bogus"], capsys)
+    assert "unknown command 'bogus'" in line
+    assert all(command in line for command in ("fit", "comm", "export", "flower-app", "report"))
 
 
 def test_bare_fit_says_to_pass_a_config(capsys, monkeypatch):

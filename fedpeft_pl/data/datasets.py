@@ -7,6 +7,7 @@ labels (for partitioning) and the number of classes. Downloads happen in :meth:`
 from __future__ import annotations
 
 import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,18 @@ class Digits(ImageDataset):
         )
 
 
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing[::-1]
+
+
 class _TorchvisionDataset(ImageDataset):
     """A torchvision data set with ``train=True/False`` splits and a ``targets`` list."""
 
@@ -118,10 +131,14 @@ class _TorchvisionDataset(ImageDataset):
 
     def prepare(self) -> None:
         if self.download:
+            # folders the failed download would leave behind, empty or half-written: removed again
+            made = _missing_folders(os.path.abspath(self.root))
             try:
                 for train in (True, False):
                     self._make(train, None, download=True)
             except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError; torchvision wraps some
+                for folder in made:
+                    shutil.rmtree(folder, ignore_errors=True)
                 raise ConfigError(
                     f"could not download {self.dataset_name} to data.dataset.root {self.root!r} ({type(err).__name__}: "
                     f"{str(err).splitlines()[0][:100] if str(err) else ''}); offline? download it on a machine with "
