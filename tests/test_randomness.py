@@ -26,10 +26,14 @@ def dp_fedavg_round(**kwargs):
     return strategy.aggregate_fit(1, {"w": torch.zeros(3)}, updates)["w"]
 
 
-def test_central_dp_noise_is_secret_unless_reproducible_noise_is_asked_for():
+def test_central_dp_noise_is_secret_unless_reproducible_noise_is_asked_for(caplog):
     # the same seed, round and updates: an adversary who knows the config must not be able to redo the noise
-    assert not torch.equal(dp_fedavg_round(), dp_fedavg_round())
-    assert torch.equal(dp_fedavg_round(reproducible_noise=True), dp_fedavg_round(reproducible_noise=True))
+    with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
+        assert not torch.equal(dp_fedavg_round(), dp_fedavg_round())
+    assert not any("NOT private" in r.message for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
+        assert torch.equal(dp_fedavg_round(reproducible_noise=True), dp_fedavg_round(reproducible_noise=True))
+    assert any(r.levelname == "WARNING" and "DPFedAvg" in r.message and "NOT private" in r.message for r in caplog.records)
 
 
 def private_fit(tmp_path, **privacy_kwargs):
