@@ -279,34 +279,46 @@ def _train_chunk(
         torch.manual_seed(jobs[0].torch_seed() if jobs else 0)
         for step in range(num_steps):
             active = torch.tensor([step < len(p) for p in plans], device=device)
-            batches = [p[step] if step < len(p) else [] for p in plans]
+            # only the clients with a step left run through the model: a client whose local work is
+            # done costs nothing (its rows get no gradient, and _masked_step keeps them as they are)
+            rows = [k for k in range(m) if step < len(plans[k])]
+            index = None if len(rows) == m else torch.tensor(rows, device=device)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if index is None else t.index_select(0, index)
+
+            params = [pick(p) for p in stacked]  # a differentiable gather: gradients reach the stacked rows
+            batches = [plans[k][step] for k in rows]
             images, labels, mask = _stack_batches(dataset, batches, device)
             counts = mask.sum(dim=1)
-            for k, b in enumerate(batches):
+            for k, b in zip(rows, batches):
                 seen[k] += len(b)
             optimizer.zero_grad(set_to_none=True)
             if private is None:
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    logits = batched_forward(inner_names(stacked), images)
-                per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(m, -1)
+                    logits = batched_forward(inner_names(params), images)
+                per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(len(rows), -1)
                 per_client = (per_sample * mask).sum(dim=1)
-                loss_sums += per_client.detach().double().cpu()
+                loss_sums[rows] += per_client.detach().double().cpu()
                 loss = (per_client / counts.clamp(min=1)).sum()
                 if loss_term is not None:
-                    terms = vmap(loss_term)(outer(inner_names(stacked)), extras)
-                    loss = loss + (terms * active).sum()
+                    terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
+                    loss = loss + terms.sum()
                 loss.backward()
             else:
                 gradients, per_client = _private_gradients(
-                    model, prefix, names, stacked, images, labels, mask, jobs, private, autocast
+                    model, prefix, names, params, images, labels, mask, [jobs[k] for k in rows], private, autocast
                 )
-                loss_sums += per_client.double().cpu()
+                loss_sums[rows] += per_client.double().cpu()
                 if loss_term is not None:
-                    terms = vmap(loss_term)(outer(inner_names(stacked)), extras)
-                    extra_grads = torch.autograd.grad((terms * active).sum(), stacked, allow_unused=True)
+                    terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
+                    extra_grads = torch.autograd.grad(terms.sum(), params, allow_unused=True)
                     gradients = [g if e is None else g + e for g, e in zip(gradients, extra_grads)]
                 for p, g in zip(stacked, gradients):
-                    p.grad = g.to(p.dtype)
+                    if index is None:
+                        p.grad = g.to(p.dtype)
+                    else:
+                        p.grad = torch.zeros_like(p).index_copy_(0, index, g.to(p.dtype))
             if grad_correction is not None:
                 corrected = vmap(grad_correction)({n: p.grad for n, p in zip(names, stacked)}, extras)
                 for n, p in zip(names, stacked):
