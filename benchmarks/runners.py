@@ -1,0 +1,101 @@
+"""The two client runners end to end: the quickstart's fit, sequential against vectorised.
+
+    python benchmarks/runners.py                                   # six methods, 10 rounds, 1 repeat
+    python benchmarks/runners.py --methods lora --rounds 30 --repeats 3
+
+Each run is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml``
+(8 of 16 clients a round, 5 local epochs, evaluation every round) in a fresh process, with
+``--trainer.client_runner sequential`` or ``vectorized`` and the Head feature cache off (it is
+measured in benchmarks/feature_cache.py). Unlike benchmarks/vectorized.py, which times the two
+training engines alone, this times everything a user waits for: data and model set-up, Lightning's
+evaluation, checkpoints and logging. Runs alternate sequential / vectorised. Reported: the fit's
+wall time as the run's closing line prints it, the ratio of medians, the largest difference
+between the two runs' final global states (from their ``last.ckpt``) and both final server
+accuracies. Results go to benchmarks/results/runners.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
+
+
+def run(method: str, runner: str, rounds: int, out: Path) -> tuple[float, dict[str, torch.Tensor], float]:
+    """Fit seconds, final trainable state and final server accuracy of one run."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "fedpeft_pl.cli", "fit",
+        "--config", "configs/quickstart.yaml", "--config", f"configs/quickstart/{method}.yaml",
+        "--trainer.client_runner", runner, "--trainer.feature_cache", "off", "--trainer.num_rounds", str(rounds),
+        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", method,
+        "--trainer.logger.init_args.version", "run", "--trainer.enable_progress_bar", "false",
+    ]
+    done = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    match = re.search(r"done: \d+ rounds, [\d.,]+ MiB sent, in ([\d.]+) s; final server accuracy ([\d.]+)", done.stderr)
+    if match is None:
+        raise RuntimeError(f"no closing line in the run's output:\n{done.stderr[-2000:]}")
+    checkpoint = torch.load(out / method / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return float(match.group(1)), checkpoint["state_dict"], float(match.group(2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in args.methods:
+            times: dict[str, list[float]] = {"sequential": [], "vectorized": []}
+            accuracy: dict[str, float] = {}
+            diff = 0.0
+            for repeat in range(args.repeats):
+                states = {}
+                for runner in times:
+                    seconds, states[runner], accuracy[runner] = run(method, runner, args.rounds, Path(scratch) / runner)
+                    times[runner].append(seconds)
+                    print(f"{method}, {runner}, repeat {repeat + 1}: fit {seconds:.1f} s, "
+                          f"server accuracy {accuracy[runner]:.4f}", flush=True)
+                first, second = states["sequential"], states["vectorized"]
+                diff = max(diff, max(float((first[n].float() - second[n].float()).abs().max()) for n in first))
+            sequential, vectorized = (statistics.median(times[r]) for r in ("sequential", "vectorized"))
+            rows.append(
+                f"| {method} | {sequential:.1f} | {vectorized:.1f} | {sequential / vectorized:.2f}x | {diff:.1e} | "
+                f"{accuracy['sequential']:.4f} / {accuracy['vectorized']:.4f} |"
+            )
+            print(rows[-1], flush=True)
+    lines = [
+        f"# Client runners end to end on the quickstart ({args.rounds} rounds x 5 local epochs, 8 of 16 clients a round, "
+        "evaluation every round, feature cache off)",
+        "",
+        f"Command: `python benchmarks/runners.py --methods {' '.join(args.methods)} --rounds {args.rounds} "
+        f"--repeats {args.repeats}`  ",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average at the end "
+        f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} alternating run(s) per side",
+        "",
+        "| method | sequential fit s | vectorised fit s | speed-up | max final-state diff | final server accuracy "
+        "(sequential / vectorised) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    table = "\n".join(lines) + "\n"
+    (REPO / "benchmarks" / "results" / "runners.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
