@@ -107,8 +107,9 @@ def check_server_resume(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None
         key = getattr(callback, "state_key", None)
         if hasattr(callback, "check_resume") and key in saved:
             callback.check_resume(saved[key])
-    was_private = any(str(key).startswith("LocalDP") for key in saved)
-    is_private = getattr(trainer, "privacy", None) is not None
+    privacy = getattr(trainer, "privacy", None)
+    is_private = privacy is not None
+    was_private = any(str(key).startswith("LocalDP") for key in saved) or (is_private and privacy.state_key in saved)
     if was_private != is_private:
         written, now = ("with", "without") if was_private else ("without", "with")
         raise ConfigError(

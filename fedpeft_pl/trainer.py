@@ -122,7 +122,10 @@ class FederatedTrainer(pl.Trainer):
                 raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
             kwargs.pop(name, None)
         for name, instead in NOT_IN_ROUNDS.items():
-            if kwargs.get(name) not in (None, False, 0, 0.0):
+            value = kwargs.get(name)
+            # Lightning's "no change" values pass: 1.0 is all the batches, or one check an epoch
+            unchanged = value in (None, False, 0) or (name in ("limit_train_batches", "val_check_interval") and isinstance(value, float) and value == 1.0)
+            if not unchanged:
                 raise ConfigError(f"trainer.{name} does not apply to a federated run; remove it: {instead}")
             kwargs.pop(name, None)
         callbacks = list(callbacks or [])

@@ -122,11 +122,14 @@ class PrivateTraining:
         max_grad_norm: C.
         noise: ``noise(client, like) -> Tensor`` shaped like ``like``.
         expected_batch_size: ``expected_batch_size(client) -> float``, ``q_k * n_k``.
+        chunk_size: each client's samples per ``vmap`` call (LocalDP's ``chunk_size``); bounds the
+            memory of the per-sample gradients to ``m * chunk_size`` copies of the trainable tensors.
     """
 
     max_grad_norm: float
     noise: Callable[[int, torch.Tensor], torch.Tensor]
     expected_batch_size: Callable[[int], float]
+    chunk_size: int = 32
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -384,18 +387,28 @@ def _private_gradients(
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
     per_client = vmap(per_sample, in_dims=(0, 0, 0), randomness="different")
     params = {n[len(prefix):]: p.detach() for n, p in zip(names, stacked)}
-    grads, losses = per_client(params, images, labels)  # grads [m, B, ...], losses [m, B]
-    norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()]).norm(dim=0)  # [m, B]
-    factors = (private.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * mask
+    # chunk_size samples of each client at a time, as LocalDP does: the per-sample gradients of a
+    # chunk (m x chunk_size copies of the trainable tensors) bound the memory, not the whole batch
+    sums: dict[str, torch.Tensor] = {}
+    loss_sums = torch.zeros(len(jobs), device=images.device)
+    for start in range(0, images.shape[1], max(1, private.chunk_size)):
+        part = slice(start, start + max(1, private.chunk_size))
+        grads, losses = per_client(params, images[:, part], labels[:, part])  # grads [m, c, ...], losses [m, c]
+        norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()]).norm(dim=0)  # [m, c]
+        factors = (private.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * mask[:, part]
+        for name, g in grads.items():
+            clipped = torch.einsum("mb,mb...->m...", factors.to(g.dtype), g)
+            sums[name] = clipped if name not in sums else sums[name] + clipped
+        loss_sums += (losses.detach() * mask[:, part]).sum(dim=1)
     out = []
     for n in names:
-        sums = torch.einsum("mb,mb...->m...", factors.to(grads[n[len(prefix):]].dtype), grads[n[len(prefix):]])
+        total = sums[n[len(prefix):]]
         rows = [
-            (sums[k] + private.noise(job.client, sums[k])) / private.expected_batch_size(job.client)
+            (total[k] + private.noise(job.client, total[k])) / private.expected_batch_size(job.client)
             for k, job in enumerate(jobs)
         ]
         out.append(torch.stack(rows))
-    return out, (losses * mask).sum(dim=1).detach()
+    return out, loss_sums
 
 
 @torch.no_grad()
@@ -550,7 +563,7 @@ class VectorizedRunner:
             # LocalDP opened for it in on_client_start (secret unless reproducible_noise), drawn in
             # the sequential runner's order, and its Poisson batches (client_batches samples them
             # from the same secret or seeded source as the sequential loader)
-            private = PrivateTraining(privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size)
+            private = PrivateTraining(privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size, privacy.chunk_size)
 
         autocast = _autocast_for(trainer)
         # with the feature cache the batches are features: the classifier alone trains on them

@@ -64,15 +64,13 @@ def _resolve(config: dict[str, Any], directory: Optional[str], seen: tuple[str, 
         path = _absolute(base, directory)
         if path in seen:
             raise ConfigError(f"config {path} includes itself through {BASE_KEY}")
-        text = open(path, encoding="utf-8").read()
         try:
-            yaml.safe_load(text)  # a syntax error named by this file and line, not by the including one
-        except yaml.YAMLError as err:
+            included = get_loader("yaml")(open(path, encoding="utf-8").read())
+        except yaml.YAMLError as err:  # named by this file and line, not by the including one
             mark = getattr(err, "problem_mark", None)
             where = f"{path} line {mark.line + 1}" if mark is not None else path
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"{where} (a {BASE_KEY} file): YAML syntax error ({problem}); fix that file") from None
-        included = get_loader("yaml")(text)
         if not isinstance(included, dict):
             raise ConfigError(f"{BASE_KEY} {base!r} is not a YAML mapping of settings")
         if BASE_KEY in included:

@@ -68,7 +68,7 @@ def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounti
     """With reproducible noise both runners draw each client's noise from the same stream: same state, same budget."""
     runs = {}
     for runner in ("sequential", "vectorized"):
-        privacy = LocalDP(epsilon=8.0, max_grad_norm=0.5, reproducible_noise=True)
+        privacy = LocalDP(epsilon=8.0, max_grad_norm=0.5, reproducible_noise=True, chunk_size=5)  # several chunks a batch
         with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
             state, trainer, metrics = run(tmp_path, runner, LoRA(rank=2, alpha=4), runner, privacy=privacy)
         runs[runner] = state, privacy
@@ -81,11 +81,24 @@ def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounti
         assert vec_privacy.spent(client) == pytest.approx(seq_privacy.spent(client), rel=1e-12)
 
 
-def test_vectorised_local_dp_noise_is_secret_by_default(tmp_path):
-    """Two identical private runs on the vectorised runner end apart: the noise is not a function of the config."""
-    states = [run(tmp_path, f"v{i}", LoRA(rank=2, alpha=4), "vectorized", privacy=LocalDP(epsilon=8.0))[0] for i in range(2)]
-    differs = [name for name in states[0] if not torch.equal(states[0][name], states[1][name])]
-    assert differs, "two private runs with the same config ended bit-identical"
+def test_vectorised_local_dp_noise_is_secret_by_default(tmp_path, monkeypatch):
+    """Two identical private runs on the vectorised runner end apart because of the noise alone: the
+    Poisson batches are made to follow the seed here, and without noise the two runs are identical."""
+    attach = LocalDP.attach
+
+    def seeded_batches(self, module, datamodule):
+        attach(self, module, datamodule)
+        datamodule.secret_sampling = False  # the batches follow the seed; only the noise is secret
+
+    monkeypatch.setattr(LocalDP, "attach", seeded_batches)
+
+    def twice(**privacy):
+        return [run(tmp_path, f"v{i}", LoRA(rank=2, alpha=4), "vectorized", privacy=LocalDP(**privacy))[0] for i in range(2)]
+
+    noiseless = twice(epsilon=None, noise_multiplier=0.0)
+    assert all(torch.equal(noiseless[0][n], noiseless[1][n]) for n in noiseless[0])
+    noisy = twice(epsilon=8.0)
+    assert any(not torch.equal(noisy[0][n], noisy[1][n]) for n in noisy[0]), "two private runs drew the same noise"
 
 
 def test_runner_settings_are_checked(tmp_path):

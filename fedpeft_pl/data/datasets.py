@@ -132,7 +132,7 @@ class _TorchvisionDataset(ImageDataset):
     def prepare(self) -> None:
         if self.download:
             # folders the failed download would leave behind, empty or half-written: removed again
-            made = _missing_folders(os.path.abspath(self.root))
+            made = _missing_folders(os.path.abspath(os.path.expanduser(self.root)))
             try:
                 for train in (True, False):
                     self._make(train, None, download=True)
