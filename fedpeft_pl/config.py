@@ -97,9 +97,7 @@ def _yaml_error(message: str) -> Optional[str]:
         try:
             yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path} line {mark.line + 1}" if mark is not None else path
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            where, problem = yaml_include.syntax_error(path, err)
             return f"{where}: YAML syntax error ({problem}); fix the file, or check it with python -c \"import yaml; yaml.safe_load(open('{path}'))\""
         except OSError:
             continue
@@ -186,10 +184,11 @@ class FedPEFTCLI(LightningCLI):
         for action in parser._actions:
             if isinstance(action.help, str) and action.help != argparse.SUPPRESS:
                 action.help = plain_text(action.help)  # before argparse wraps a role across lines
+            setting = action.dest[len("trainer."):] if action.dest.startswith("trainer.") else None
             if action.dest in hidden:
                 action.help = argparse.SUPPRESS
-            elif action.dest.startswith("trainer.") and action.dest[len("trainer."):] in HELP:
-                action.help = HELP[action.dest[len("trainer."):]]
+            elif setting in HELP:
+                action.help = HELP[setting]
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's version reads the file with torch.load before anything is checked, so a

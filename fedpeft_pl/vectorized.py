@@ -391,8 +391,9 @@ def _private_gradients(
     # chunk (m x chunk_size copies of the trainable tensors) bound the memory, not the whole batch
     sums: dict[str, torch.Tensor] = {}
     loss_sums = torch.zeros(len(jobs), device=images.device)
-    for start in range(0, images.shape[1], max(1, private.chunk_size)):
-        part = slice(start, start + max(1, private.chunk_size))
+    chunk = max(1, private.chunk_size)
+    for start in range(0, images.shape[1], chunk):
+        part = slice(start, start + chunk)
         grads, losses = per_client(params, images[:, part], labels[:, part])  # grads [m, c, ...], losses [m, c]
         norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()]).norm(dim=0)  # [m, c]
         factors = (private.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * mask[:, part]

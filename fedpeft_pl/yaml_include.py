@@ -67,9 +67,7 @@ def _resolve(config: dict[str, Any], directory: Optional[str], seen: tuple[str, 
         try:
             included = get_loader("yaml")(open(path, encoding="utf-8").read())
         except yaml.YAMLError as err:  # named by this file and line, not by the including one
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path} line {mark.line + 1}" if mark is not None else path
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            where, problem = syntax_error(path, err)
             raise ConfigError(f"{where} (a {BASE_KEY} file): YAML syntax error ({problem}); fix that file") from None
         if not isinstance(included, dict):
             raise ConfigError(f"{BASE_KEY} {base!r} is not a YAML mapping of settings")
@@ -77,6 +75,13 @@ def _resolve(config: dict[str, Any], directory: Optional[str], seen: tuple[str, 
             included = _resolve(included, os.path.dirname(path), seen + (path,))
         merged = merge(merged, included)
     return merge(merged, config)
+
+
+def syntax_error(path: str, err: yaml.YAMLError) -> tuple[str, str]:
+    """Where a YAML syntax error is (``path line N``, or the path alone) and what it is."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path} line {mark.line + 1}" if mark is not None else path
+    return where, getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def _absolute(base: Any, directory: Optional[str]) -> str:
