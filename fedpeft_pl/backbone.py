@@ -120,8 +120,10 @@ class Backbone:
                 )
             _check_file_fits(path, self.build(num_classes))
             try:
+                # custom_load False: the registry's source may be a JAX .npz that timm reads with a
+                # model-specific loader; a timm before 1.0.31 kept that flag for an overlaid file
                 return timm.create_model(
-                    self.name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs
+                    self.name, pretrained=True, pretrained_cfg_overlay={"file": path, "custom_load": False}, **kwargs
                 )
             except RuntimeError as err:  # size mismatches from load_state_dict
                 first = str(err).strip().splitlines()

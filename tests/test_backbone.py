@@ -35,6 +35,25 @@ def test_a_local_weights_file_loads_with_new_head_and_resized_position_embedding
     assert state["head.weight"].shape == (5, 48)
 
 
+def test_a_weights_file_loads_where_timm_keeps_the_registrys_npz_loader(tmp_path, monkeypatch):
+    """timm before 1.0.31 kept the registry entry's ``custom_load`` (vit_tiny's JAX .npz reader)
+    for an overlaid file, and the quickstart's safetensors file failed to load there."""
+    path = tmp_path / "weights.safetensors"
+    saved = save_tiny(path)
+    real = timm.create_model
+
+    def older_timm(*args, pretrained_cfg_overlay=None, **kwargs):
+        overlay = dict(pretrained_cfg_overlay or {})
+        overlay.setdefault("custom_load", True)
+        return real(*args, pretrained_cfg_overlay=overlay, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", older_timm)
+    backbone = tiny_backbone(weights_file=str(path))
+    model = backbone.build(num_classes=10)
+    backbone.load_weights(model)
+    torch.testing.assert_close(model.state_dict()["blocks.1.attn.qkv.weight"], saved["blocks.1.attn.qkv.weight"])
+
+
 def test_module_loads_weights_in_configure_model_and_keeps_peft_init(tmp_path):
     path = tmp_path / "weights.safetensors"
     saved = save_tiny(path)
