@@ -178,7 +178,7 @@ class WireCounter:
     """Wire bytes of one round, as a deployment would send them (see the module docstring).
 
     The server callback calls :meth:`start_round`, :meth:`download` and :meth:`upload`; in a
-    deployment the Flower loop sets ``measured`` and :meth:`count`\ s the real messages instead.
+    deployment the Flower loop sets ``measured`` and counts the real messages with :meth:`count` instead.
     ``bytes`` is ``None`` when Flower is not installed or cannot carry a dtype (bfloat16).
     """
 
