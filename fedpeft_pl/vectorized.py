@@ -146,8 +146,10 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
 def vectorisable(module: torch.nn.Module) -> Iterator[None]:
     """Train mode and timm's explicit attention for the duration (restored after).
 
-    ``scaled_dot_product_attention`` has no vmap batching rule on CPU (vmap falls back to a slow
-    per-client loop); timm's ``fused_attn=False`` path computes the same function with plain ops.
+    ``scaled_dot_product_attention`` cannot be trained under vmap: on CPU it has no batching rule
+    (vmap falls back to a slow per-client loop), and on CUDA (torch 2.11, H200) the backward of
+    the batched efficient kernel fails ("LSE is not correctly aligned"). timm's
+    ``fused_attn=False`` path computes the same function with plain ops.
     """
     switched = [m for m in module.modules() if getattr(m, "fused_attn", False)]
     was_training = module.training
@@ -212,6 +214,8 @@ def train_clients(
     if private is not None and not getattr(datamodule, "poisson_sampling", False):
         raise ConfigError("vectorised local DP needs Poisson batches; set datamodule.poisson_sampling = True")
     chunk = max_parallel_clients or max(1, len(jobs))
+    if device is None:
+        device = next(iter(trainable_parameters(module).values())).device
     outcomes: list[ClientOutcome] = []
     with vectorisable(module):
         for start in range(0, len(jobs), chunk):
@@ -264,7 +268,8 @@ def _train_chunk(
     plans = [datamodule.client_batches(job.client, job.seed, local_epochs, job.max_batches) for job in jobs]
     num_steps = max((len(p) for p in plans), default=0)
     dataset = datamodule.splits.train
-    loss_sums = torch.zeros(m, dtype=torch.float64)
+    # summed on the device: no host synchronisation inside the step loop
+    loss_sums = torch.zeros(m, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
     seen = [0] * m
 
     def inner_names(params: list[torch.Tensor]) -> State:
@@ -281,11 +286,12 @@ def _train_chunk(
         # dropout and drop path draw from the training stream, never from the data-order one
         torch.manual_seed(jobs[0].torch_seed() if jobs else 0)
         for step in range(num_steps):
-            active = torch.tensor([step < len(p) for p in plans], device=device)
+            active = [step < len(p) for p in plans]
             # only the clients with a step left run through the model: a client whose local work is
             # done costs nothing (its rows get no gradient, and _masked_step keeps them as they are)
             rows = [k for k in range(m) if step < len(plans[k])]
             index = None if len(rows) == m else torch.tensor(rows, device=device)
+            rows_index = index if index is not None else torch.arange(m, device=device)
 
             def pick(t: torch.Tensor) -> torch.Tensor:
                 return t if index is None else t.index_select(0, index)
@@ -302,7 +308,7 @@ def _train_chunk(
                     logits = batched_forward(inner_names(params), images)
                 per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(len(rows), -1)
                 per_client = (per_sample * mask).sum(dim=1)
-                loss_sums[rows] += per_client.detach().double().cpu()
+                loss_sums.index_add_(0, rows_index, per_client.detach().to(loss_sums.dtype))
                 loss = (per_client / counts.clamp(min=1)).sum()
                 if loss_term is not None:
                     terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
@@ -312,7 +318,7 @@ def _train_chunk(
                 gradients, per_client = _private_gradients(
                     model, prefix, names, params, images, labels, mask, [jobs[k] for k in rows], private, autocast
                 )
-                loss_sums[rows] += per_client.double().cpu()
+                loss_sums.index_add_(0, rows_index, per_client.detach().to(loss_sums.dtype))
                 if loss_term is not None:
                     terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
                     extra_grads = torch.autograd.grad(terms.sum(), params, allow_unused=True)
@@ -328,6 +334,7 @@ def _train_chunk(
                     p.grad = corrected[n]
             _masked_step(optimizer, stacked, active)
 
+    loss_sums = loss_sums.cpu()
     return [
         ClientOutcome(
             client=job.client,
@@ -413,22 +420,23 @@ def _private_gradients(
 
 
 @torch.no_grad()
-def _masked_step(optimizer: torch.optim.Optimizer, stacked: list[torch.Tensor], active: torch.Tensor) -> None:
+def _masked_step(optimizer: torch.optim.Optimizer, stacked: list[torch.Tensor], active: list[bool]) -> None:
     """``optimizer.step()``, then the rows of inactive clients (parameters and state) put back."""
-    if bool(active.all()):
+    if all(active):
         optimizer.step()
         return
-    if not bool(active.any()):
+    if not any(active):
         return
 
     def rows(t: torch.Tensor) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == active.shape[0]
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(active)
 
+    mask = torch.tensor(active, device=stacked[0].device)
     saved_params = [p.detach().clone() for p in stacked]
     saved_state = [{k: v.clone() for k, v in optimizer.state[p].items() if rows(v)} for p in stacked]
     optimizer.step()
     for p, old, state in zip(stacked, saved_params, saved_state):
-        keep = active.view(-1, *([1] * (p.dim() - 1)))
+        keep = mask.view(-1, *([1] * (p.dim() - 1)))
         p.copy_(torch.where(keep, p, old))
         for key, value in optimizer.state[p].items():
             if not rows(value):
