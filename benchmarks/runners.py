@@ -2,6 +2,7 @@
 
     python benchmarks/runners.py                                   # six methods, 10 rounds, 1 repeat
     python benchmarks/runners.py --methods lora --rounds 30 --repeats 3
+    python benchmarks/runners.py --accelerator gpu --precision bf16-mixed --output runners_gpu.md
 
 Each run is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml``
 (8 of 16 clients a round, 5 local epochs, evaluation every round) in a fresh process, with
@@ -33,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
 
 
-def run(method: str, runner: str, rounds: int, out: Path) -> tuple[float, dict[str, torch.Tensor], float]:
+def run(method: str, runner: str, rounds: int, out: Path, accelerator: str = "cpu",
+        precision: str = "32-true") -> tuple[float, dict[str, torch.Tensor], float]:
     """Fit seconds, final trainable state and final server accuracy of one run."""
     shutil.rmtree(out, ignore_errors=True)
     command = [
@@ -42,8 +44,11 @@ def run(method: str, runner: str, rounds: int, out: Path) -> tuple[float, dict[s
         "--trainer.client_runner", runner, "--trainer.feature_cache", "off", "--trainer.num_rounds", str(rounds),
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", method,
         "--trainer.logger.init_args.version", "run", "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", accelerator, "--trainer.precision", precision,
     ]
-    done = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {runner} run of {method} failed:\n{done.stderr[-3000:]}")
     match = re.search(r"done: \d+ rounds, [\d.,]+ MiB sent, in ([\d.]+) s; final server accuracy ([\d.]+)", done.stderr)
     if match is None:
         raise RuntimeError(f"no closing line in the run's output:\n{done.stderr[-2000:]}")
@@ -56,6 +61,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--accelerator", default="cpu", help="Lightning's accelerator, e.g. gpu")
+    parser.add_argument("--precision", default="32-true", help="Lightning's precision, e.g. bf16-mixed")
+    parser.add_argument("--output", default="runners.md", help="file name under benchmarks/results/")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -66,7 +74,9 @@ def main() -> None:
             for repeat in range(args.repeats):
                 states = {}
                 for runner in times:
-                    seconds, states[runner], accuracy[runner] = run(method, runner, args.rounds, Path(scratch) / runner)
+                    seconds, states[runner], accuracy[runner] = run(
+                        method, runner, args.rounds, Path(scratch) / runner, args.accelerator, args.precision
+                    )
                     times[runner].append(seconds)
                     print(f"{method}, {runner}, repeat {repeat + 1}: fit {seconds:.1f} s, "
                           f"server accuracy {accuracy[runner]:.4f}", flush=True)
@@ -78,13 +88,14 @@ def main() -> None:
                 f"{accuracy['sequential']:.4f} / {accuracy['vectorized']:.4f} |"
             )
             print(rows[-1], flush=True)
+    gpu = f", {torch.cuda.get_device_name()}" if args.accelerator in ("gpu", "cuda") else ""
     lines = [
         f"# Client runners end to end on the quickstart ({args.rounds} rounds x 5 local epochs, 8 of 16 clients a round, "
         "evaluation every round, feature cache off)",
         "",
         f"Command: `python benchmarks/runners.py --methods {' '.join(args.methods)} --rounds {args.rounds} "
-        f"--repeats {args.repeats}`  ",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average at the end "
+        f"--repeats {args.repeats} --accelerator {args.accelerator} --precision {args.precision}`  ",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}, load average at the end "
         f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} alternating run(s) per side",
         "",
         "| method | sequential fit s | vectorised fit s | speed-up | max final-state diff | final server accuracy "
@@ -93,7 +104,7 @@ def main() -> None:
         *rows,
     ]
     table = "\n".join(lines) + "\n"
-    (REPO / "benchmarks" / "results" / "runners.md").write_text(table)
+    (REPO / "benchmarks" / "results" / args.output).write_text(table)
     print(table)
 
 

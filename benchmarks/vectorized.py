@@ -3,6 +3,8 @@
     python benchmarks/vectorized.py                          # all methods, (8, 32), (32, 8), (128, 8)
     python benchmarks/vectorized.py --methods head lora --configs 8x32 --repeats 5
     python benchmarks/vectorized.py --memory                 # also training's peak memory, one fresh process per side
+    python benchmarks/vectorized.py --device cuda --model vit-b16 --precision bf16 --max-parallel 32 --memory
+                                                             # the GPU rows: ViT-B/16 shapes at 224 px, bf16 autocast
 
 Work: the quickstart's tiny ViT (benchmarks/workloads.py), m clients of ``steps * batch`` digits
 each (drawn with a fixed seed from the training split, pre-transformed to tensors so that both
@@ -12,11 +14,20 @@ optimizer, the client's loader batches, mean cross entropy, step), what our simu
 1.04x of (benchmarks/overhead.py). The vectorised side is ``fedpeft_pl.vectorized.train_clients``.
 Both end in the same per-client states (checked: the largest difference is printed). Runs
 alternate sequential / vectorised and the ratio of medians is reported.
+
+On a GPU (``--device cuda``) the images sit on the device for both sides, times are taken after a
+device synchronisation, and ``--memory`` reports CUDA's peak allocation above what was allocated
+before: one sequential client against the vectorised round, the bound being m times the former.
+``--model vit-b16`` builds ViT-B/16 at 224 px with random weights (no download; the arithmetic is
+the same as for pre-trained weights), ``--precision bf16`` runs both sides' forward in bf16 autocast,
+and ``--max-parallel`` trains the vectorised side's clients in chunks of that many.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import re
@@ -36,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import peft_method, quickstart_backbone  # noqa: E402
 
-from fedpeft_pl import FedPEFTModule, FederatedDataModule  # noqa: E402
+from fedpeft_pl import Backbone, FedPEFTModule, FederatedDataModule  # noqa: E402
 from fedpeft_pl.client import default_optimizer  # noqa: E402
 from fedpeft_pl.data import Digits  # noqa: E402
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state  # noqa: E402
@@ -46,22 +57,45 @@ METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
 CONFIGS = ["8x32", "32x8", "128x8"]
 
 
-def build(method: str, clients: int, batch: int, steps: int):
-    torch.manual_seed(0)
-    module = FedPEFTModule(10, quickstart_backbone(), peft_method(method))
-    dm = FederatedDataModule(Digits(), num_clients=clients, batch_size=batch)
+def backbone(model: str) -> Backbone:
+    if model == "vit-b16":
+        return Backbone("vit_base_patch16_224")  # ViT-B/16 at 224 px, random weights
+    return quickstart_backbone()
+
+
+@functools.lru_cache(maxsize=2)
+def transformed_digits(model: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split pre-transformed to the model's input size, once per process."""
+    module = FedPEFTModule(10, backbone(model), peft_method("head"))
+    dm = FederatedDataModule(Digits(), num_clients=8, batch_size=32)
     dm.data_config = module.data_config
     dm.setup()
     train = dm.splits.train
     images, labels = zip(*(train[i][:2] for i in range(len(train))))
-    dm.splits.train = TensorDataset(torch.stack(images), torch.as_tensor(labels))
+    return torch.stack(images).to(device), torch.as_tensor(labels).to(device)
+
+
+def build(method: str, clients: int, batch: int, steps: int, model: str = "tiny", device: str = "cpu"):
+    torch.manual_seed(0)
+    module = FedPEFTModule(10, backbone(model), peft_method(method)).to(device)
+    dm = FederatedDataModule(Digits(), num_clients=clients, batch_size=batch)
+    dm.data_config = module.data_config
+    dm.setup()
+    images, labels = transformed_digits(model, device)
+    dm.splits.train = TensorDataset(images, labels)
     rng = np.random.default_rng(0)
-    dm.client_indices = [rng.choice(len(train), steps * batch, replace=False) for _ in range(clients)]
+    dm.client_indices = [rng.choice(len(images), steps * batch, replace=False) for _ in range(clients)]
     jobs = [ClientJob(c, seed=1000 + c, max_batches=10**9, start=trainable_state(module)) for c in range(clients)]
     return module, dm, jobs
 
 
-def sequential(module, dm, jobs):
+def autocast_of(precision: str, device: str):
+    if precision == "bf16":
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return None
+
+
+def sequential(module, dm, jobs, autocast=None):
     states = []
     module.train()
     images, labels = dm.splits.train.tensors
@@ -69,7 +103,9 @@ def sequential(module, dm, jobs):
         load_trainable_state(module, job.start)
         optimizer = default_optimizer(trainable_parameters(module).values())
         for batch in dm.client_batches(job.client, job.seed, 1, job.max_batches):
-            loss = F.cross_entropy(module(images[batch]), labels[batch])
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = module(images[batch])
+            loss = F.cross_entropy(logits.float(), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -78,14 +114,34 @@ def sequential(module, dm, jobs):
     return states
 
 
-def vectorised(module, dm, jobs):
-    return [o.state for o in train_clients(module, dm, jobs, 1, default_optimizer)]
+def vectorised(module, dm, jobs, autocast=None, max_parallel=None):
+    outcomes = train_clients(module, dm, jobs, 1, default_optimizer, autocast=autocast, max_parallel_clients=max_parallel)
+    return [o.state for o in outcomes]
 
 
-def timed(fn, *args):
+def synchronise() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, *args, **kwargs):
+    synchronise()
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
+    synchronise()
     return time.perf_counter() - start, out
+
+
+def cuda_growth_mib(fn, *args, **kwargs) -> float:
+    """CUDA's peak allocation during ``fn`` above what was allocated before it."""
+    synchronise()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(*args, **kwargs)
+    synchronise()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - before) / 2**20
 
 
 def _status_kib(field: str) -> int:
@@ -124,36 +180,59 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="local steps per client")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=["tiny", "vit-b16"], default="tiny")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--max-parallel", type=int, default=None, help="vectorised clients at once (chunks)")
+    parser.add_argument("--skip", nargs="*", default=[], help="method@config pairs to leave out, e.g. full@128x8")
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.child:
         memory_child(*args.child, args.steps)
         return
+    gpu = torch.device(args.device).type == "cuda"
+    if gpu:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}, precision {args.precision}, "
+              f"max parallel {args.max_parallel}", flush=True)
+    autocast = autocast_of(args.precision, args.device)
+    memory_columns = " training peak seq (1 client) / vec MiB | bound m x seq MiB |" if gpu else " training peak seq / vec MiB | bound m x seq MiB |"
     print("| method | m x batch | sequential s (median) | vectorised s (median) | ratio | max state diff |"
-          + (" training peak seq / vec MiB | bound m x seq MiB |" if args.memory else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""))
+          + (memory_columns if args.memory else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""), flush=True)
     for config in args.configs:
         clients, batch = map(int, config.split("x"))
         for method in args.methods:
-            module, dm, jobs = build(method, clients, batch, args.steps)
-            vectorised(module, dm, jobs[:2])  # warm-up of both paths
-            sequential(module, dm, jobs[:2])
+            if f"{method}@{config}" in args.skip:
+                continue
+            module, dm, jobs = build(method, clients, batch, args.steps, args.model, args.device)
+            seq = functools.partial(sequential, autocast=autocast)
+            vec = functools.partial(vectorised, autocast=autocast, max_parallel=args.max_parallel)
+            vec(module, dm, jobs[:2])  # warm-up of both paths
+            seq(module, dm, jobs[:2])
             seq_times, vec_times, diff = [], [], 0.0
             for _ in range(args.repeats):
-                t, seq_states = timed(sequential, module, dm, jobs)
+                t, seq_states = timed(seq, module, dm, jobs)
                 seq_times.append(t)
-                t, vec_states = timed(vectorised, module, dm, jobs)
+                t, vec_states = timed(vec, module, dm, jobs)
                 vec_times.append(t)
                 diff = max(diff, max(float((a[n] - b[n]).abs().max()) for a, b in zip(seq_states, vec_states) for n in a))
+                del seq_states, vec_states
             s, v = statistics.median(seq_times), statistics.median(vec_times)
             row = f"| {method} | {clients} x {batch} | {s:.3f} | {v:.3f} | {s / v:.2f}x | {diff:.1e} |"
-            if args.memory:
+            if args.memory and gpu:
+                one, all_ = cuda_growth_mib(seq, module, dm, jobs[:1]), cuda_growth_mib(vec, module, dm, jobs)
+                row += f" {one:.0f} / {all_:.0f} | {clients * one:.0f} |"
+            elif args.memory:
                 ms, mv = memory(method, config, "sequential", args.steps), memory(method, config, "vectorised", args.steps)
                 # the bound: m clients' worth of what one sequential client needs at its peak
                 # (activations, gradients, optimizer state); the backbone is shared and not in either
                 row += f" {ms['growth_mib']:.0f} / {mv['growth_mib']:.0f} | {clients * ms['growth_mib']:.0f} |"
             print(row, flush=True)
+            del module, dm, jobs
+            if gpu:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
