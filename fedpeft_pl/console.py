@@ -50,6 +50,9 @@ class RunSummary(FederatedCallback):
         size = sum(p.numel() * p.element_size() for n, p in trained.items() if n not in local)
         method = getattr(pl_module, "peft", type(pl_module).__name__)
         runner = getattr(trainer, "client_runner", "sequential")
+        reason = getattr(trainer, "client_runner_reason", "")
+        if reason:
+            runner = f"{runner} ({reason})"
         exchange = f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec)"
         if getattr(method, "per_client_views", False):
             exchange = f"each sampled client exchanges at most {size / 1024:,.1f} KiB of them a round, at its own rank"

@@ -68,10 +68,12 @@ class FederatedTrainer(pl.Trainer):
         compress_download: codec for the global state sent to clients, e.g. ``Float16``.
         privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
             client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
-        client_runner: ``sequential`` (clients one after another through Lightning's epoch loop)
-            or ``vectorized`` (a round's clients at once through the one frozen backbone,
-            :class:`~fedpeft_pl.vectorized.VectorizedRunner`).
-        max_parallel_clients: with the vectorised runner, at most this many clients train at once.
+        client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
+            ``vectorized`` (a round's clients at once through the one frozen backbone,
+            :class:`~fedpeft_pl.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
+            device, where it is faster, sequential elsewhere); the console says which and why.
+        max_parallel_clients: with the vectorised runner, at most this many clients train at once
+            (halved by itself if a chunk runs out of CUDA memory).
         feature_cache: linear probing (Head) on features computed once per run
             (:class:`~fedpeft_pl.feature_cache.FeatureCache`): ``auto`` caches where that is exact
             and says on the console why not elsewhere, ``memory`` insists, ``off`` never caches.
@@ -100,7 +102,7 @@ class FederatedTrainer(pl.Trainer):
         compress_upload: Optional[Codec] = None,
         compress_download: Optional[Codec] = None,
         privacy: Optional[LocalDP] = None,
-        client_runner: Literal["sequential", "vectorized"] = "sequential",
+        client_runner: Literal["auto", "sequential", "vectorized"] = "auto",
         max_parallel_clients: Optional[int] = None,
         feature_cache: Literal["auto", "memory", "off"] = "auto",
         feature_cache_max_gib: float = 4.0,
@@ -161,15 +163,21 @@ class FederatedTrainer(pl.Trainer):
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
         self.fit_loop = FederatedLoop(self, settings, availability=availability, feature_cache=features)
-        if client_runner == "vectorized":
-            from fedpeft_pl.vectorized import VectorizedRunner
+        from fedpeft_pl.vectorized import VectorizedRunner, choose_client_runner
 
-            self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
-        elif client_runner != "sequential":
-            raise ConfigError(f"trainer.client_runner must be 'sequential' or 'vectorized', got {client_runner!r}")
-        elif max_parallel_clients is not None:
+        if client_runner == "sequential" and max_parallel_clients is not None:
             raise ConfigError("trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized")
-        self.client_runner = client_runner
+        self.client_runner, self.client_runner_reason = choose_client_runner(
+            client_runner, self._root_device_type(), self.world_size
+        )
+        if self.client_runner == "vectorized":
+            self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
+
+    def _root_device_type(self) -> str:
+        try:
+            return self.strategy.root_device.type
+        except (AttributeError, IndexError, RuntimeError):  # a strategy that knows its device only once launched
+            return "cpu"
 
     @property
     def federation(self) -> Federation:
@@ -179,6 +187,8 @@ class FederatedTrainer(pl.Trainer):
     def use_runner(self, runner: ClientRunner) -> None:
         """Run clients with ``runner`` instead of in this process one by one (e.g. a Flower runner)."""
         self.fit_loop.runner = runner
+        self.client_runner = type(runner).__name__.removesuffix("Runner").lower() or "custom"
+        self.client_runner_reason = "given to use_runner"
 
     @override
     def fit(
@@ -321,7 +331,7 @@ class FederatedTrainer(pl.Trainer):
         notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
         if availability.dropout or availability.stragglers:
             notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
-        notes.append(f"clients run on the {self.client_runner} runner")
+        notes.append(f"clients run on the {self.client_runner} runner ({self.client_runner_reason})")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:

@@ -227,3 +227,37 @@ def test_head_on_cached_features_equals_training_through_the_backbone():
         assert_states_close(a.state, b.state)
     with pytest.raises(ConfigError, match="linear probing only"):
         cache_features(setup(Bias())[0].model, dm.splits.train)
+
+
+def test_a_chunk_out_of_device_memory_trains_again_in_halves(monkeypatch, caplog):
+    """CUDA running out of memory on a chunk of clients halves the chunk: the same states, a warning, the new size reported."""
+    import fedpeft_pl.vectorized as vectorized
+
+    module, dm = setup(Bias())
+    jobs = jobs_for(module)
+    expected = train_clients(module, dm, jobs, EPOCHS, sgd)
+    real = vectorized._train_chunk
+    tried = []
+
+    def small_device(module, datamodule, part, *args):
+        tried.append(len(part))
+        if len(part) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(module, datamodule, part, *args)
+
+    monkeypatch.setattr(vectorized, "_train_chunk", small_device)
+    sizes = []
+    with caplog.at_level("WARNING", logger="fedpeft_pl.vectorized"):
+        outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, on_smaller_chunks=sizes.append)
+    assert tried == [len(jobs)] + [1] * len(jobs) and sizes == [1]
+    assert "ran out of device memory; training 1 at a time" in caplog.text
+    assert [o.client for o in outcomes] == [j.client for j in jobs]
+    for got, want in zip(outcomes, expected):
+        assert got.steps == want.steps
+        assert_states_close(got.state, want.state)
+
+    # under local DP a failed chunk has drawn noise already: the error is the user's to see
+    dm.poisson_sampling = True
+    private = PrivateTraining(0.1, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=lambda c: 4.0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train_clients(module, dm, jobs, EPOCHS, sgd, private=private)

@@ -105,4 +105,28 @@ def test_runner_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="client_runner must be"):
         tiny_trainer(tmp_path, client_runner="parallel")
     with pytest.raises(ConfigError, match="max_parallel_clients applies to the vectorised runner"):
-        tiny_trainer(tmp_path, max_parallel_clients=4)
+        tiny_trainer(tmp_path, client_runner="sequential", max_parallel_clients=4)
+
+
+def test_auto_chooses_the_vectorised_runner_on_one_cuda_device_only():
+    from fedpeft_pl.vectorized import choose_client_runner
+
+    assert choose_client_runner("auto", "cuda", 1) == ("vectorized", "auto: one CUDA device")
+    assert choose_client_runner("auto", "cuda", 2)[0] == "sequential"
+    runner, why = choose_client_runner("auto", "cpu", 1)
+    assert runner == "sequential" and "not faster" in why
+    assert choose_client_runner("vectorized", "cpu", 1) == ("vectorized", "set in the config")
+    assert choose_client_runner("sequential", "cuda", 1) == ("sequential", "set in the config")
+    with pytest.raises(ConfigError, match="'auto', 'sequential' or 'vectorized'"):
+        choose_client_runner("parallel", "cpu", 1)
+
+
+def test_the_default_runner_on_cpu_is_sequential_and_says_why(tmp_path):
+    from fedpeft_pl.loop import SequentialRunner
+
+    trainer = tiny_trainer(tmp_path, max_parallel_clients=4)  # auto: the setting waits for a GPU, no error
+    assert trainer.client_runner == "sequential" and type(trainer.fit_loop.runner) is SequentialRunner
+    assert trainer.client_runner_reason.startswith("auto:")
+    module = FedPEFTModule(10, tiny_backbone(), Bias())
+    notes = trainer.comm(module, FederatedDataModule(Digits(), num_clients=4)).notes
+    assert "clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end)" in notes
