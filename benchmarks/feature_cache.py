@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (torch's intra-op threads); default: torch's choice")
-    parser.add_argument("--runners", nargs="+", default=["sequential"], choices=["sequential", "vectorized"])
+    parser.add_argument("--runners", nargs="+", default=["sequential"], choices=["sequential", "vectorized", "auto"],
+                        help="trainer.client_runner; auto (the default) trains cached features on the vectorised runner")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -99,6 +100,8 @@ def main() -> None:
     ]
     table = "\n".join(lines) + "\n"
     name = "feature_cache.md" if not args.threads else f"feature_cache-threads{args.threads}.md"
+    if args.runners == ["auto"]:
+        name = name.replace(".md", "-auto.md")
     (REPO / "benchmarks" / "results" / name).write_text(table)
     print(table)
 

@@ -3,6 +3,7 @@
     python benchmarks/vectorized.py                          # all methods, (8, 32), (32, 8), (128, 8)
     python benchmarks/vectorized.py --methods head lora --configs 8x32 --repeats 5
     python benchmarks/vectorized.py --memory                 # also training's peak memory, one fresh process per side
+    python benchmarks/vectorized.py --methods lora --configs 8x32 --repeats 1 --profile   # where each side's time goes
     python benchmarks/vectorized.py --device cuda --model vit-b16 --precision bf16 --max-parallel 32 --memory
                                                              # the GPU rows: ViT-B/16 shapes at 224 px, bf16 autocast
 
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--max-parallel", type=int, default=None, help="vectorised clients at once (chunks)")
     parser.add_argument("--skip", nargs="*", default=[], help="method@config pairs to leave out, e.g. full@128x8")
+    parser.add_argument("--profile", action="store_true", help="print each side's operators by self time (torch.profiler)")
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -230,6 +232,12 @@ def main() -> None:
                 # (activations, gradients, optimizer state); the backbone is shared and not in either
                 row += f" {ms['growth_mib']:.0f} / {mv['growth_mib']:.0f} | {clients * ms['growth_mib']:.0f} |"
             print(row, flush=True)
+            if args.profile:
+                for side, fn in (("sequential", seq), ("vectorised", vec)):
+                    with torch.profiler.profile() as prof:
+                        fn(module, dm, jobs)
+                    print(f"\n{side}, {method}, {config}:\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40), flush=True)
             del module, dm, jobs
             if gpu:
                 torch.cuda.empty_cache()

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "memory", "off")
 
 
+# evaluation batch size on cached features (server and per-client): a few MiB of features, one or
+# a few batches for a test split, where the images' batch size would mean hundreds of tiny steps
+FEATURE_EVAL_BATCH = 4096
+
+
 @torch.no_grad()
 def cache_features(
     model: nn.Module,

@@ -71,7 +71,8 @@ class FederatedTrainer(pl.Trainer):
         client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
             ``vectorized`` (a round's clients at once through the one frozen backbone,
             :class:`~fedpeft_pl.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
-            device, where it is faster, sequential elsewhere); the console says which and why.
+            device, where it is faster, and for Head on cached features; sequential elsewhere); the
+            console says which and why.
         max_parallel_clients: with the vectorised runner, at most this many clients train at once
             (halved by itself if a chunk runs out of CUDA memory).
         feature_cache: linear probing (Head) on features computed once per run
@@ -170,6 +171,8 @@ class FederatedTrainer(pl.Trainer):
         self.client_runner, self.client_runner_reason = choose_client_runner(
             client_runner, self._root_device_type(), self.world_size
         )
+        self.client_runner_setting = client_runner
+        self.max_parallel_clients = max_parallel_clients
         if self.client_runner == "vectorized":
             self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
 
@@ -189,6 +192,7 @@ class FederatedTrainer(pl.Trainer):
         self.fit_loop.runner = runner
         self.client_runner = type(runner).__name__.removesuffix("Runner").lower() or "custom"
         self.client_runner_reason = "given to use_runner"
+        self.client_runner_setting = self.client_runner
 
     @override
     def fit(

@@ -41,7 +41,7 @@ def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, **backbone
     return trainable_state(module), metrics, trainer.aggregation.cumulative_bytes, sum(seen), datamodule
 
 
-@pytest.mark.parametrize("runner", ["sequential", "vectorized"])
+@pytest.mark.parametrize("runner", ["sequential", "vectorized", "auto"])
 def test_the_cache_runs_the_backbone_once_per_image_and_ends_where_the_backbone_does(tmp_path, runner, caplog):
     plain, plain_metrics, plain_bytes, plain_images, _ = run(tmp_path, "off", runner)
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
@@ -55,6 +55,8 @@ def test_the_cache_runs_the_backbone_once_per_image_and_ends_where_the_backbone_
     pool = len(datamodule.splits.train) + len(datamodule.splits.test)
     assert images == pool < plain_images
     assert f"feature cache: the backbone ran once over {len(datamodule.splits.train):,} training and" in caplog.text
+    if runner == "auto":  # on CPU: sequential through the backbone, vectorised on the cached features
+        assert "vectorized (auto: Head on cached features) client runner" in caplog.text
 
 
 class _Lazy(Dataset):

@@ -261,3 +261,27 @@ def test_a_chunk_out_of_device_memory_trains_again_in_halves(monkeypatch, caplog
     private = PrivateTraining(0.1, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=lambda c: 4.0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         train_clients(module, dm, jobs, EPOCHS, sgd, private=private)
+
+
+def test_a_classifier_on_features_is_one_batched_matrix_product():
+    """The engine's fast path for a Linear head on cached features computes what vmap over functional_call does."""
+    from torch.func import functional_call, vmap
+
+    from fedpeft_pl.feature_cache import HeadProbe
+    from fedpeft_pl.vectorized import _linear_forward, _model_of
+
+    module, _ = setup(Head())
+    probe = HeadProbe(module.model)
+    model, prefix = _model_of(probe)
+    names = list(trainable_parameters(probe))
+    fast = _linear_forward(model, names, prefix)
+    assert fast is not None
+    d, classes = model.head.in_features, model.head.out_features
+    params = {"head.weight": torch.randn(3, classes, d), "head.bias": torch.randn(3, classes)}
+    features = torch.randn(3, 5, d)
+    slow = vmap(lambda p, x: functional_call(model, p, (x,)))(params, features)
+    torch.testing.assert_close(fast(params, features), slow, rtol=0, atol=1e-5)
+    # a network that is more than the classifier, or a Head with other trained tensors, takes vmap
+    vit, vit_prefix = _model_of(module)
+    assert _linear_forward(vit, list(trainable_parameters(module)), vit_prefix) is None
+    assert _linear_forward(model, names[:1], prefix) is None

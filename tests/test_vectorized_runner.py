@@ -129,4 +129,5 @@ def test_the_default_runner_on_cpu_is_sequential_and_says_why(tmp_path):
     assert trainer.client_runner_reason.startswith("auto:")
     module = FedPEFTModule(10, tiny_backbone(), Bias())
     notes = trainer.comm(module, FederatedDataModule(Digits(), num_clients=4)).notes
-    assert "clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end)" in notes
+    assert ("clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end, "
+            "but for Head on cached features)") in notes
