@@ -100,7 +100,7 @@ def main() -> None:
     ]
     table = "\n".join(lines) + "\n"
     name = "feature_cache.md" if not args.threads else f"feature_cache-threads{args.threads}.md"
-    if args.runners == ["auto"]:
+    if "auto" in args.runners:
         name = name.replace(".md", "-auto.md")
     (REPO / "benchmarks" / "results" / name).write_text(table)
     print(table)
