@@ -49,10 +49,8 @@ class RunSummary(FederatedCallback):
         count = sum(p.numel() for p in trained.values())
         size = sum(p.numel() * p.element_size() for n, p in trained.items() if n not in local)
         method = getattr(pl_module, "peft", type(pl_module).__name__)
-        runner = getattr(trainer, "client_runner", "sequential")
-        reason = getattr(trainer, "client_runner_reason", "")
-        if reason:
-            runner = f"{runner} ({reason})"
+        describe = getattr(trainer, "describe_client_runner", None)
+        runner = "{} ({})".format(*describe(pl_module)) if describe is not None else "sequential"
         exchange = f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec)"
         if getattr(method, "per_client_views", False):
             exchange = f"each sampled client exchanges at most {size / 1024:,.1f} KiB of them a round, at its own rank"

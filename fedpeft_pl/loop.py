@@ -199,21 +199,24 @@ class FederatedLoop(_FitLoop):
             yield
             return
         module, datamodule = trainer.lightning_module, trainer.datamodule
-        images = datamodule.use_splits(replace(datamodule.splits, train=features[0], test=features[1]))
         val_loop = self.epoch_loop.val_loop
-        val_loop._combined_loader = None  # the server evaluates on the test features (reloaded at first use)
-        module.takes_features = True
-        # evaluating a classifier on features costs Lightning's per-batch machinery, not arithmetic:
-        # the test features go through in batches of FEATURE_EVAL_BATCH (the same metrics)
         eval_batch_size = datamodule.eval_batch_size
-        datamodule.eval_batch_size = max(eval_batch_size, FEATURE_EVAL_BATCH)
         runner, choice = self.runner, (getattr(trainer, "client_runner", None), getattr(trainer, "client_runner_reason", None))
-        if getattr(trainer, "client_runner_setting", None) == "auto" and isinstance(runner, SequentialRunner):
-            # a classifier on features: stacked, the clients' steps are one matrix product each
-            # (2.6x the sequential runner's speed on the quickstart, benchmarks/README.md)
-            self.runner = VectorizedRunner(self, getattr(trainer, "max_parallel_clients", None))
-            trainer.client_runner, trainer.client_runner_reason = "vectorized", "auto: Head on cached features"
+        images = datamodule.use_splits(replace(datamodule.splits, train=features[0], test=features[1]))
         try:
+            val_loop._combined_loader = None  # the server evaluates on the test features (reloaded at first use)
+            module.takes_features = True
+            limit = trainer.limit_val_batches
+            if isinstance(limit, float) and limit == 1.0:
+                # evaluating a classifier on features costs Lightning's per-batch machinery, not
+                # arithmetic: the test features go through in batches of FEATURE_EVAL_BATCH (the same
+                # metrics up to float rounding); kept as it is where limit_val_batches counts batches
+                datamodule.eval_batch_size = max(eval_batch_size, FEATURE_EVAL_BATCH)
+            if getattr(trainer, "client_runner_setting", None) == "auto" and isinstance(runner, SequentialRunner):
+                # a classifier on features: stacked, the clients' steps are one matrix product each
+                # (3.5x the sequential runner's speed on the quickstart, benchmarks/README.md)
+                self.runner = VectorizedRunner(self, getattr(trainer, "max_parallel_clients", None))
+                trainer.client_runner, trainer.client_runner_reason = "vectorized", "auto: Head on cached features"
             yield
         finally:
             module.takes_features = False

@@ -168,6 +168,8 @@ class FederatedTrainer(pl.Trainer):
 
         if client_runner == "sequential" and max_parallel_clients is not None:
             raise ConfigError("trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized")
+        if max_parallel_clients is not None and max_parallel_clients < 1:
+            raise ConfigError(f"trainer.max_parallel_clients must be >= 1, got {max_parallel_clients}")
         self.client_runner, self.client_runner_reason = choose_client_runner(
             client_runner, self._root_device_type(), self.world_size
         )
@@ -175,6 +177,18 @@ class FederatedTrainer(pl.Trainer):
         self.max_parallel_clients = max_parallel_clients
         if self.client_runner == "vectorized":
             self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
+
+    def describe_client_runner(self, module: Optional[pl.LightningModule] = None) -> tuple[str, str]:
+        """Which runner trains the clients and why, e.g. ``("sequential", "auto: ...")``; a
+        vectorised runner that hands this run to the sequential one says so."""
+        from fedpeft_pl.vectorized import VectorizedRunner
+
+        runner = self.fit_loop.runner
+        if isinstance(runner, VectorizedRunner) and (module is not None or self.lightning_module is not None):
+            reason = runner.reason_not_to_vectorise(module)
+            if reason is not None:
+                return "sequential", reason
+        return self.client_runner, self.client_runner_reason
 
     def _root_device_type(self) -> str:
         try:
@@ -335,7 +349,8 @@ class FederatedTrainer(pl.Trainer):
         notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
         if availability.dropout or availability.stragglers:
             notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
-        notes.append(f"clients run on the {self.client_runner} runner ({self.client_runner_reason})")
+        runner, why = self.describe_client_runner(model)
+        notes.append(f"clients run on the {runner} runner ({why})")
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:

@@ -230,22 +230,23 @@ def train_clients(
                     module, datamodule, part, local_epochs, optimizer_factory,
                     loss_term, grad_correction, private, autocast, device,
                 )
+                start += len(part)
+                continue
             except torch.cuda.OutOfMemoryError:
                 # a chunk has no side effects until it returns, so it can run again in halves; not
                 # under local DP, whose noise draws a failed chunk has already taken
                 if private is not None or len(part) == 1:
                     raise
-                chunk = max(1, len(part) // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning(
-                    f"vectorised client runner: {len(part)} clients at once ran out of device memory; "
-                    f"training {chunk} at a time from now on (set trainer.max_parallel_clients: {chunk} to start there)"
-                )
-                if on_smaller_chunks is not None:
-                    on_smaller_chunks(chunk)
-                continue
-            start += len(part)
+            # out of the except block, the failed chunk's frames and tensors are released
+            chunk = max(1, len(part) // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning(
+                f"vectorised client runner: {len(part)} clients at once ran out of device memory; "
+                f"training {chunk} at a time from now on (set trainer.max_parallel_clients: {chunk} to start there)"
+            )
+            if on_smaller_chunks is not None:
+                on_smaller_chunks(chunk)
     return outcomes
 
 
@@ -492,7 +493,7 @@ def choose_client_runner(setting: str, device_type: str, world_size: int) -> tup
     3.2x faster end to end (the quickstart, bf16) and 3.5x to 5.4x faster at 32 or 128 clients of
     batch 8 (ViT-B/16); on CPUs it is not faster end to end (0.8x to 1.1x on the quickstart), and
     across several processes each would train its share of the clients, which is not measured.
-    Elsewhere the loop still switches to it for Head on cached features (2.6x there on a CPU).
+    Elsewhere the loop still switches to it for Head on cached features (3.5x there on a CPU).
     See benchmarks/README.md, "Vectorised clients".
     """
     if setting not in ("auto", "sequential", "vectorized"):
@@ -520,8 +521,10 @@ class VectorizedRunner:
 
     Where the stacked form is not the same training, a round runs on the sequential runner
     instead, with a log line once: FedRep's two-phase schedule, heterogeneous LoRA ranks and
-    FLoRA's stacking, and precisions other than 32-bit,
-    ``bf16-mixed`` and ``16-mixed``. With stochastic layers (dropout, drop path) the random draws
+    FLoRA's stacking, precisions other than 32-bit and ``bf16-mixed`` (``16-mixed`` needs a
+    gradient scaler), and what only Lightning's loop runs (:func:`lightning_step_customised`: a
+    module's own ``training_step`` or per-step hooks, a user callback's per-step hooks, gradient
+    clipping or accumulation, an optimizer that is not elementwise). With stochastic layers (dropout, drop path) the random draws
     differ from the sequential runner's; data, order and optimizer steps do not. Under the feature
     cache (``trainer.feature_cache``) the batches are features and only the classifier runs.
     Local DP (:class:`~fedpeft_pl.privacy.LocalDP`) runs vectorised: per-sample gradients by a
@@ -547,17 +550,17 @@ class VectorizedRunner:
     def _remember_chunk_size(self, size: int) -> None:
         self.max_parallel_clients = size
 
-    def reason_not_to_vectorise(self) -> Optional[str]:
-        """Why this run's rounds go to the sequential runner, or None."""
+    def reason_not_to_vectorise(self, module: Any = None) -> Optional[str]:
+        """Why this run's rounds go to the sequential runner, or None (``module``: the trainer's by default)."""
         trainer = self.loop.trainer
-        module = trainer.lightning_module
+        module = module if module is not None else trainer.lightning_module
         if getattr(module, "local_first_epochs", 0):
             return "FedRep's two-phase schedule trains on the sequential runner"
         if getattr(getattr(module, "peft", None), "per_client_views", False):
             return "heterogeneous LoRA ranks and FLoRA's stacking train on the sequential runner"
         if _autocast_for(trainer) is False:
             return f"precision {trainer.precision!r} trains on the sequential runner"
-        return None
+        return lightning_step_customised(trainer, module)
 
     def run(self, round: Any) -> Iterator[Any]:
         reason = self.reason_not_to_vectorise()
@@ -667,6 +670,48 @@ class VectorizedRunner:
             yield early[client] if client in early else results[client]
 
 
+# what Lightning's loop calls around each local step, and the engine does not
+_BATCH_HOOKS = (
+    "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step", "on_before_zero_grad",
+)
+
+
+def lightning_step_customised(trainer: Any, module: Any) -> Optional[str]:
+    """Why a run's local steps need Lightning's own loop (the sequential runner), or None.
+
+    The engine computes each client's loss and step itself, so a ``training_step`` or per-step
+    hook of a module subclass, a user callback's per-step hook, gradient clipping, gradient
+    accumulation and an optimizer that is not elementwise would be skipped or wrong there.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    from fedpeft_pl.client import FedPEFTModule
+
+    if isinstance(module, FedPEFTModule):
+        for name in ("training_step", "optimizer_step", "configure_gradient_clipping", *_BATCH_HOOKS):
+            if getattr(type(module), name) is not getattr(FedPEFTModule, name):
+                return f"{type(module).__name__} overrides {name}, which only Lightning's loop calls"
+    for callback in trainer.callbacks:
+        if type(callback).__module__.startswith("fedpeft_pl."):
+            continue  # fedpeft's own callbacks know the engine
+        for name in _BATCH_HOOKS:
+            if getattr(type(callback), name, None) is not getattr(Callback, name):
+                return f"callback {type(callback).__name__} has {name}, which only Lightning's loop calls"
+    if trainer.gradient_clip_val:
+        return "gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop"
+    if trainer.accumulate_grad_batches != 1:
+        return "gradient accumulation (trainer.accumulate_grad_batches) runs in Lightning's loop"
+    factory = getattr(module, "optimizer_factory", None)
+    if factory is not None:
+        optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+        try:
+            check_optimizer(optimizer)
+        except ConfigError:
+            return f"the optimizer {type(optimizer).__name__} is not elementwise"
+    return None
+
+
 def _like(key: str, received: State) -> torch.Tensor:
     """The tensor a per-client key (``control.<name>``, ``grad.<name>``) stands beside."""
     name = key.split(".", 1)[1] if "." in key else key
@@ -683,6 +728,4 @@ def _autocast_for(trainer: Any) -> Any:
         return None
     if precision == "bf16-mixed":
         return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return lambda: torch.autocast(device_type, dtype=torch.float16)
-    return False
+    return False  # 16-mixed needs a gradient scaler, which the engine does not run; 64-bit and others

@@ -14,7 +14,7 @@ from fedpeft_pl.data import Digits, Dirichlet, Splits
 from fedpeft_pl.peft import Bias, Head, trainable_state
 
 
-def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, **backbone):
+def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, trainer_kwargs=None, **backbone):
     """Rounds of Head on unequal clients with stragglers and per-client tests; the state, metrics,
     bytes and the number of images the backbone's first block saw."""
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, **backbone
     module.model.blocks[0].register_forward_hook(lambda layer, inputs, output: seen.append(len(output)))
     trainer = tiny_trainer(
         tmp_path, num_rounds=rounds, clients_per_round=3, local_epochs=2, client_runner=runner, feature_cache=cache,
-        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)),
+        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)), **(trainer_kwargs or {}),
     )
     server, evaluations = trainer.aggregation, []
     record = server.record_client_evaluations
@@ -57,6 +57,15 @@ def test_the_cache_runs_the_backbone_once_per_image_and_ends_where_the_backbone_
     assert f"feature cache: the backbone ran once over {len(datamodule.splits.train):,} training and" in caplog.text
     if runner == "auto":  # on CPU: sequential through the backbone, vectorised on the cached features
         assert "vectorized (auto: Head on cached features) client runner" in caplog.text
+
+
+def test_limit_val_batches_counts_the_same_samples_with_the_cache(tmp_path):
+    """On features evaluation runs in large batches, except where limit_val_batches counts batches."""
+    limit = {"limit_val_batches": 2}
+    plain = run(tmp_path, "off", "auto", trainer_kwargs=limit)[1]
+    cached = run(tmp_path, "auto", "auto", trainer_kwargs=limit)[1]
+    for key in ("server/acc", "server/loss"):
+        assert cached[key] == pytest.approx(plain[key], abs=1e-5), key
 
 
 class _Lazy(Dataset):

@@ -131,3 +131,43 @@ def test_the_default_runner_on_cpu_is_sequential_and_says_why(tmp_path):
     notes = trainer.comm(module, FederatedDataModule(Digits(), num_clients=4)).notes
     assert ("clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end, "
             "but for Head on cached features)") in notes
+
+
+def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
+    """What the engine would skip (a module's training_step, a user callback's per-step hook, gradient
+    clipping or accumulation, a non-elementwise optimizer, fp16 without a scaler) hands the run to
+    the sequential runner; fedpeft's own callbacks do not."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Callback
+
+    from fedpeft_pl.vectorized import _autocast_for, lightning_step_customised
+
+    def module(**kwargs):
+        return FedPEFTModule(10, tiny_backbone(), Bias(), **kwargs)
+
+    assert lightning_step_customised(tiny_trainer(tmp_path, enable_progress_bar=True, enable_checkpointing=True), module()) is None
+
+    class OwnStep(FedPEFTModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    class PerStep(Callback):
+        def on_train_batch_end(self, *args):
+            pass
+
+    assert "overrides training_step" in lightning_step_customised(tiny_trainer(tmp_path), OwnStep(10, tiny_backbone(), Bias()))
+    assert "callback PerStep has on_train_batch_end" in lightning_step_customised(tiny_trainer(tmp_path, callbacks=[PerStep()]), module())
+    assert "gradient clipping" in lightning_step_customised(tiny_trainer(tmp_path, gradient_clip_val=1.0), module())
+    assert "accumulation" in lightning_step_customised(tiny_trainer(tmp_path, accumulate_grad_batches=2), module())
+    lbfgs = lightning_step_customised(tiny_trainer(tmp_path), module(optimizer=lambda params: torch.optim.LBFGS(params)))
+    assert lbfgs == "the optimizer LBFGS is not elementwise"
+    fp16 = SimpleNamespace(precision="16-mixed", strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    assert _autocast_for(fp16) is False
+
+    # what the run says: the runner that will train, and why
+    trainer = tiny_trainer(tmp_path, client_runner="vectorized", gradient_clip_val=1.0)
+    notes = trainer.comm(module(), FederatedDataModule(Digits(), num_clients=4)).notes
+    assert "clients run on the sequential runner (gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop)" in notes
+    with pytest.raises(ConfigError, match="max_parallel_clients must be >= 1"):
+        tiny_trainer(tmp_path, max_parallel_clients=0)  # checked whichever runner auto picks
