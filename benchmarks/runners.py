@@ -94,7 +94,8 @@ def main() -> None:
         "evaluation every round, feature cache off)",
         "",
         f"Command: `python benchmarks/runners.py --methods {' '.join(args.methods)} --rounds {args.rounds} "
-        f"--repeats {args.repeats} --accelerator {args.accelerator} --precision {args.precision}`  ",
+        f"--repeats {args.repeats} --accelerator {args.accelerator} --precision {args.precision}"
+        f"{'' if args.output == 'runners.md' else ' --output ' + Path(args.output).name}`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}, load average at the end "
         f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} alternating run(s) per side",
         "",

@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--max-parallel", type=int, default=None, help="vectorised clients at once (chunks)")
     parser.add_argument("--skip", nargs="*", default=[], help="method@config pairs to leave out, e.g. full@128x8")
+    parser.add_argument("--max-diff", type=float, default=None,
+                        help="exit with status 1 if any state difference exceeds this (a check, e.g. 1e-2 in bf16)")
     parser.add_argument("--profile", action="store_true", help="print each side's operators by self time (torch.profiler)")
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
@@ -203,6 +205,7 @@ def main() -> None:
     print("| method | m x batch | sequential s (median) | vectorised s (median) | ratio | max state diff |"
           + (memory_columns if args.memory else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""), flush=True)
+    failures: list[str] = []
     for config in args.configs:
         clients, batch = map(int, config.split("x"))
         for method in args.methods:
@@ -232,6 +235,8 @@ def main() -> None:
                 # (activations, gradients, optimizer state); the backbone is shared and not in either
                 row += f" {ms['growth_mib']:.0f} / {mv['growth_mib']:.0f} | {clients * ms['growth_mib']:.0f} |"
             print(row, flush=True)
+            if args.max_diff is not None and not diff <= args.max_diff:
+                failures.append(f"{method} at {config}: states differ by {diff:.1e} > {args.max_diff:.0e}")
             if args.profile:
                 for side, fn in (("sequential", seq), ("vectorised", vec)):
                     with torch.profiler.profile() as prof:
@@ -241,6 +246,8 @@ def main() -> None:
             del module, dm, jobs
             if gpu:
                 torch.cuda.empty_cache()
+    if failures:
+        sys.exit("the two sides disagree: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
