@@ -184,7 +184,7 @@ class FederatedTrainer(pl.Trainer):
         from fedpeft_pl.vectorized import VectorizedRunner
 
         runner = self.fit_loop.runner
-        if isinstance(runner, VectorizedRunner) and (module is not None or self.lightning_module is not None):
+        if isinstance(runner, VectorizedRunner):
             reason = runner.reason_not_to_vectorise(module)
             if reason is not None:
                 return "sequential", reason

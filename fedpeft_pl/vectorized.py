@@ -268,14 +268,12 @@ def _train_chunk(
     grad_correction: Optional[Callable[[State, State], State]],
     private: Optional[PrivateTraining],
     autocast: Optional[Callable[[], Any]],
-    device: Optional[torch.device],
+    device: torch.device,
 ) -> list[ClientOutcome]:
     model, prefix = _model_of(module)
     names = list(trainable_parameters(module))
     if not all(n.startswith(prefix) for n in names):
         raise ConfigError("the vectorised runner trains the tensors of module.model only")
-    if device is None:
-        device = next(iter(trainable_parameters(module).values())).device
     m = len(jobs)
     for job in jobs:
         if job.start.keys() != set(names):
@@ -313,9 +311,9 @@ def _train_chunk(
             active = [step < len(p) for p in plans]
             # only the clients with a step left run through the model: a client whose local work is
             # done costs nothing (its rows get no gradient, and _masked_step keeps them as they are)
-            rows = [k for k in range(m) if step < len(plans[k])]
-            index = None if len(rows) == m else torch.tensor(rows, device=device)
-            rows_index = index if index is not None else torch.arange(m, device=device)
+            rows = [k for k, a in enumerate(active) if a]
+            rows_index = torch.tensor(rows, device=device)
+            index = None if len(rows) == m else rows_index
 
             def pick(t: torch.Tensor) -> torch.Tensor:
                 return t if index is None else t.index_select(0, index)
@@ -379,7 +377,7 @@ def _linear_forward(model: torch.nn.Module, names: list[str], prefix: str) -> Op
     inner = {n[len(prefix):] for n in names}
     if not isinstance(head, torch.nn.Linear) or head.bias is None or inner != {"head.weight", "head.bias"}:
         return None
-    if any(True for _ in model.children() if _ is not head):
+    if list(model.children()) != [head]:
         return None
 
     def forward(params: State, features: torch.Tensor) -> torch.Tensor:  # [m, B, d] -> [m, B, classes]
