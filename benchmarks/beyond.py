@@ -71,11 +71,30 @@ def main() -> None:
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
             command = [
-                sys.executable, "-m", "fedpeft_pl.cli", "fit", "--config", "configs/quickstart.yaml", "--config", ROWS[row],
-                "--data.client_test_fraction", str(CLIENT_TEST_FRACTION),
-                "--seed_everything", str(seed), "--trainer.seed", str(seed), "--data.seed", str(seed),
-                "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", row,
-                "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false",
+                sys.executable,
+                "-m",
+                "fedpeft_pl.cli",
+                "fit",
+                "--config",
+                "configs/quickstart.yaml",
+                "--config",
+                ROWS[row],
+                "--data.client_test_fraction",
+                str(CLIENT_TEST_FRACTION),
+                "--seed_everything",
+                str(seed),
+                "--trainer.seed",
+                str(seed),
+                "--data.seed",
+                str(seed),
+                "--trainer.logger.init_args.save_dir",
+                str(save_dir),
+                "--trainer.logger.init_args.name",
+                row,
+                "--trainer.logger.init_args.version",
+                f"seed{seed}",
+                "--trainer.enable_progress_bar",
+                "false",
             ]
             if args.rounds is not None:
                 command += ["--trainer.num_rounds", str(args.rounds)]
@@ -88,14 +107,18 @@ def main() -> None:
         shown = [v for v in values if v is not None]
         if not shown:
             return "-"
-        return ", ".join(f"{v:.4f}" for v in shown) + (f" (mean {statistics.fmean(shown):.4f})" if len(shown) > 1 else "")
+        return ", ".join(f"{v:.4f}" for v in shown) + (
+            f" (mean {statistics.fmean(shown):.4f})" if len(shown) > 1 else ""
+        )
 
     lines = [
-        f"Quickstart task (digits, N=16, m=8, Dirichlet 0.5, {args.rounds or 30} rounds x 5 local epochs), each client's data split "
+        f"Quickstart task (digits, N=16, m=8, Dirichlet 0.5, {args.rounds or 30} rounds x 5 local epochs), each "
+        "client's data split "
         f"{1 - CLIENT_TEST_FRACTION:.0%} local train / {CLIENT_TEST_FRACTION:.0%} local test; seeds {args.seeds}.",
         "",
         f"Command: `python benchmarks/beyond.py --rows {' '.join(args.rows)} --seeds {' '.join(map(str, args.seeds))}"
-        + (f" --rounds {args.rounds}" if args.rounds else "") + "`  ",
+        + (f" --rounds {args.rounds}" if args.rounds else "")
+        + "`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}",
         "",
         "| row | server acc | clients acc mean | clients acc worst decile | total MiB sent |",
@@ -103,7 +126,10 @@ def main() -> None:
     ]
     for row, results in rows:
         server, mean, p10, mib = zip(*results)
-        lines.append(f"| {row} | {cells(list(server))} | {cells(list(mean))} | {cells(list(p10))} | {statistics.fmean(mib):,.2f} |")
+        lines.append(
+            f"| {row} | {cells(list(server))} | {cells(list(mean))} | {cells(list(p10))} | "
+            f"{statistics.fmean(mib):,.2f} |"
+        )
     table = "\n".join(lines) + "\n"
     results_dir = REPO / "benchmarks" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -38,11 +38,24 @@ def run(mode: str, runner: str, out: Path, threads: int | None) -> tuple[float, 
     """Fit seconds, process seconds, final trainable state and final server accuracy of one run."""
     shutil.rmtree(out, ignore_errors=True)
     command = [
-        sys.executable, "-m", "fedpeft_pl.cli", "fit",
-        "--config", "configs/quickstart.yaml", "--config", "configs/quickstart/head.yaml",
-        "--trainer.feature_cache", mode, "--trainer.client_runner", runner,
-        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.version", "run",
-        "--trainer.enable_progress_bar", "false",
+        sys.executable,
+        "-m",
+        "fedpeft_pl.cli",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--config",
+        "configs/quickstart/head.yaml",
+        "--trainer.feature_cache",
+        mode,
+        "--trainer.client_runner",
+        runner,
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.version",
+        "run",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     started = time.perf_counter()
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -58,9 +71,16 @@ def run(mode: str, runner: str, out: Path, threads: int | None) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (torch's intra-op threads); default: torch's choice")
-    parser.add_argument("--runners", nargs="+", default=["sequential"], choices=["sequential", "vectorized", "auto"],
-                        help="trainer.client_runner; auto (the default) trains cached features on the vectorised runner")
+    parser.add_argument(
+        "--threads", type=int, help="OMP_NUM_THREADS for every run (torch's intra-op threads); default: torch's choice"
+    )
+    parser.add_argument(
+        "--runners",
+        nargs="+",
+        default=["sequential"],
+        choices=["sequential", "vectorized", "auto"],
+        help="trainer.client_runner; auto (the default) trains cached features on the vectorised runner",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -72,14 +92,19 @@ def main() -> None:
                 for mode in ("off", "auto"):
                     fit, process, states[mode], accuracies[mode] = run(mode, runner, Path(scratch) / mode, args.threads)
                     times[mode].append((fit, process))
-                    print(f"{runner}, feature cache {mode}, repeat {repeat + 1}: fit {fit:.1f} s, process {process:.1f} s, "
-                          f"server accuracy {accuracies[mode]:.4f}", flush=True)
+                    print(
+                        f"{runner}, feature cache {mode}, repeat {repeat + 1}: fit {fit:.1f} s, process {process:.1f} "
+                        "s, "
+                        f"server accuracy {accuracies[mode]:.4f}",
+                        flush=True,
+                    )
                 diff = max(diff, max(float((states["off"][n] - states["auto"][n]).abs().max()) for n in states["off"]))
                 print(f"{runner}, repeat {repeat + 1}: largest final-state difference {diff:.1e}", flush=True)
             fit_off, fit_on = (statistics.median(t[0] for t in times[m]) for m in ("off", "auto"))
             proc_off, proc_on = (statistics.median(t[1] for t in times[m]) for m in ("off", "auto"))
             rows.append(
-                f"| {runner} | {fit_off:.1f} | {fit_on:.1f} | {fit_off / fit_on:.1f}x | {proc_off:.1f} | {proc_on:.1f} | "
+                f"| {runner} | {fit_off:.1f} | {fit_on:.1f} | {fit_off / fit_on:.1f}x | {proc_off:.1f} | {proc_on:.1f} "
+                "| "
                 f"{proc_off / proc_on:.1f}x | {diff:.1e} | {accuracies['off']:.4f} / {accuracies['auto']:.4f} |"
             )
             print(rows[-1], flush=True)
@@ -87,11 +112,13 @@ def main() -> None:
         "# Head feature cache on the quickstart (30 rounds x 5 local epochs, 8 of 16 clients a round)",
         "",
         f"Command: `python benchmarks/feature_cache.py --repeats {args.repeats} --runners {' '.join(args.runners)}"
-        + (f" --threads {args.threads}" if args.threads else "") + "`  ",
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), load average at the end "
         f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} alternating run(s) per side",
         "",
-        "| runner | fit s, no cache | fit s, cache | fit ratio | process s, no cache | process s, cache | process ratio "
+        "| runner | fit s, no cache | fit s, cache | fit ratio | process s, no cache | process s, cache | process "
+        "ratio "
         "| max final-state diff | final server accuracy (no cache / cache) |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,

@@ -29,10 +29,9 @@ def child(clients: int) -> None:
     import logging
 
     import torch
-
     from workloads import quickstart_backbone
 
-    from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
+    from fedpeft_pl import FederatedDataModule, FederatedTrainer, FedPEFTModule
     from fedpeft_pl.compression import Int8
     from fedpeft_pl.data import Digits
     from fedpeft_pl.peft import Prompt, trainable_parameters
@@ -45,16 +44,32 @@ def child(clients: int) -> None:
     datamodule = FederatedDataModule(Digits(), num_clients=clients, batch_size=32)
     codec = Int8(error_feedback=True)
     trainer = FederatedTrainer(
-        num_rounds=2, clients_per_round=clients, local_epochs=1, compress_upload=codec, accelerator="cpu",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_rounds=2,
+        clients_per_round=clients,
+        local_epochs=1,
+        compress_upload=codec,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=datamodule)
     state_bytes = sum(p.numel() * 4 for p in trainable_parameters(module).values())
     kept = sum(sum(t.numel() * t.element_size() for t in r.values()) for r in codec._residuals.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"clients": clients, "peak_rss": peak, "state_bytes": state_bytes, "kept_bytes": kept,
-                      "clients_with_state": len(codec._residuals)}))
+    print(
+        json.dumps(
+            {
+                "clients": clients,
+                "peak_rss": peak,
+                "state_bytes": state_bytes,
+                "kept_bytes": kept,
+                "clients_with_state": len(codec._residuals),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -67,8 +82,9 @@ def main() -> None:
         return
     results = []
     for clients in args.clients:
-        printed = subprocess.run([sys.executable, __file__, "--child", str(clients)], cwd=REPO, check=True,
-                                 capture_output=True, text=True).stdout
+        printed = subprocess.run(
+            [sys.executable, __file__, "--child", str(clients)], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout
         results.append(json.loads(printed.strip().splitlines()[-1]))
         print(results[-1], flush=True)
     base = results[0]

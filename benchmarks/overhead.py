@@ -29,10 +29,9 @@ import lightning
 import timm
 import torch
 import torch.nn.functional as F
-
 from workloads import METHOD_NAMES, peft_method, quickstart_backbone
 
-from fedpeft_pl import FedPEFTModule, FederatedDataModule, FederatedTrainer
+from fedpeft_pl import FederatedDataModule, FederatedTrainer, FedPEFTModule
 from fedpeft_pl.data import Digits
 from fedpeft_pl.federation import sample_clients
 from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state
@@ -44,18 +43,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build(method: str, clients: int) -> tuple[FedPEFTModule, FederatedDataModule]:
     torch.manual_seed(0)
-    module = FedPEFTModule(10, quickstart_backbone(), peft_method(method),
-                           optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    module = FedPEFTModule(
+        10, quickstart_backbone(), peft_method(method), optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)
+    )
     return module, FederatedDataModule(Digits(), num_clients=clients, batch_size=32, seed=0)
 
 
 def run_fedpeft(method: str, args: argparse.Namespace) -> tuple[float, dict]:
     module, datamodule = build(method, args.clients)
     trainer = FederatedTrainer(
-        num_rounds=args.rounds, clients_per_round=args.per_round, local_epochs=args.local_epochs, seed=0,
+        num_rounds=args.rounds,
+        clients_per_round=args.per_round,
+        local_epochs=args.local_epochs,
+        seed=0,
         feature_cache=args.feature_cache,
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -98,8 +105,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per_round", type=int, default=8)
     parser.add_argument("--local_epochs", type=int, default=2)
-    parser.add_argument("--feature_cache", choices=["off", "auto"], default="off",
-                        help="the Head feature cache; off compares the same work (default)")
+    parser.add_argument(
+        "--feature_cache",
+        choices=["off", "auto"],
+        default="off",
+        help="the Head feature cache; off compares the same work (default)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     import logging
@@ -122,8 +133,11 @@ def main() -> None:
         pairs = sorted(a / b for a, b in zip(ours, plain))
         spread = f"{pairs[0]:.3f}-{pairs[-1]:.3f}"
         rows.append((method, statistics.median(ours), statistics.median(plain), ratio, spread, agree))
-        print(f"{method}: fedpeft {statistics.median(ours):.2f} s, plain {statistics.median(plain):.2f} s, "
-              f"ratio {ratio:.3f} (pairs {spread}), same final state: {agree}", flush=True)
+        print(
+            f"{method}: fedpeft {statistics.median(ours):.2f} s, plain {statistics.median(plain):.2f} s, "
+            f"ratio {ratio:.3f} (pairs {spread}), same final state: {agree}",
+            flush=True,
+        )
 
     lines = [
         f"Tiny ViT (quickstart architecture), digits, N={args.clients}, m={args.per_round}, {args.rounds} rounds x "
@@ -131,11 +145,13 @@ def main() -> None:
         f"median of {args.repeats} alternating runs each.",
         "",
         f"Command: `python benchmarks/overhead.py --methods {' '.join(args.methods)} --repeats {args.repeats}"
-        + (f" --feature_cache {args.feature_cache}" if args.feature_cache != "off" else "") + "`  ",
+        + (f" --feature_cache {args.feature_cache}" if args.feature_cache != "off" else "")
+        + "`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
         f"lightning {lightning.__version__}, timm {timm.__version__}",
         "",
-        "| method | fedpeft median s | plain PyTorch median s | ratio | ratio of each run pair, min-max | same final global state |",
+        "| method | fedpeft median s | plain PyTorch median s | ratio | ratio of each run pair, min-max | same final "
+        "global state |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {m} | {a:.2f} | {b:.2f} | {r:.3f} | {sp} | {'yes' if ok else 'NO'} |" for m, a, b, r, sp, ok in rows]

@@ -35,11 +35,26 @@ def run(method: str, seed: int, out: Path) -> float:
     log_dir = out / method / f"seed{seed}"
     shutil.rmtree(log_dir, ignore_errors=True)
     command = [
-        sys.executable, "-m", "fedpeft_pl.cli", "fit",
-        "--config", "configs/quickstart.yaml", "--config", f"configs/quickstart/{method}.yaml",
-        "--seed_everything", str(seed), "--trainer.seed", str(seed), "--data.seed", str(seed),
-        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.version", f"seed{seed}",
-        "--trainer.enable_progress_bar", "false",
+        sys.executable,
+        "-m",
+        "fedpeft_pl.cli",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--config",
+        f"configs/quickstart/{method}.yaml",
+        "--seed_everything",
+        str(seed),
+        "--trainer.seed",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.version",
+        f"seed{seed}",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)
@@ -67,13 +82,15 @@ def main() -> None:
     for method in args.methods:
         first = runs[(method, args.seeds[0])]
         _, upload = first.series("comm/bytes_up")
-        rows.append({
-            "method": method,
-            "accuracy": [runs[(method, s)].final_accuracy for s in args.seeds],
-            "upload_MiB_per_round": upload[-1] / MIB,
-            "total_MiB": first.total_bytes / MIB,
-            "seconds": [seconds[(method, s)] for s in args.seeds],
-        })
+        rows.append(
+            {
+                "method": method,
+                "accuracy": [runs[(method, s)].final_accuracy for s in args.seeds],
+                "upload_MiB_per_round": upload[-1] / MIB,
+                "total_MiB": first.total_bytes / MIB,
+                "seconds": [seconds[(method, s)] for s in args.seeds],
+            }
+        )
 
     full = next((r for r in rows if r["method"] == "full"), None)
     for row in rows:
@@ -86,7 +103,8 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}, "
         f"{_versions()}",
         "",
-        "| method | final server accuracy (per seed) | mean | points below Full | upload MiB/round | total MiB (both directions) | x fewer bytes than Full | wall seconds per run |",
+        "| method | final server accuracy (per seed) | mean | points below Full | upload MiB/round | total MiB (both "
+        "directions) | x fewer bytes than Full | wall seconds per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     checks = []
@@ -99,12 +117,29 @@ def main() -> None:
             f"{row['x_fewer_bytes']:,.1f} | {', '.join(f'{s:.0f}' for s in row['seconds'])} |"
         )
         if row["method"] != "full" and full:
-            checks.append((f"{row['method']}: accuracy >= {TARGET_ACCURACY:.0%}", min(row["accuracy"]) >= TARGET_ACCURACY))
-            checks.append((f"{row['method']}: within {TARGET_GAP_TO_FULL * 100:.0f} points of Full", gap <= TARGET_GAP_TO_FULL * 100))
-            checks.append((f"{row['method']}: >= {TARGET_BYTE_RATIO:.0f}x fewer bytes than Full", row["x_fewer_bytes"] >= TARGET_BYTE_RATIO))
-    checks.append((f"prompt (the quickstart) run <= {TARGET_SECONDS:.0f} s",
-                   all(s <= TARGET_SECONDS for s in next(r for r in rows if r["method"] == "prompt")["seconds"])
-                   if "prompt" in args.methods else False))
+            checks.append(
+                (f"{row['method']}: accuracy >= {TARGET_ACCURACY:.0%}", min(row["accuracy"]) >= TARGET_ACCURACY)
+            )
+            checks.append(
+                (
+                    f"{row['method']}: within {TARGET_GAP_TO_FULL * 100:.0f} points of Full",
+                    gap <= TARGET_GAP_TO_FULL * 100,
+                )
+            )
+            checks.append(
+                (
+                    f"{row['method']}: >= {TARGET_BYTE_RATIO:.0f}x fewer bytes than Full",
+                    row["x_fewer_bytes"] >= TARGET_BYTE_RATIO,
+                )
+            )
+    checks.append(
+        (
+            f"prompt (the quickstart) run <= {TARGET_SECONDS:.0f} s",
+            all(s <= TARGET_SECONDS for s in next(r for r in rows if r["method"] == "prompt")["seconds"])
+            if "prompt" in args.methods
+            else False,
+        )
+    )
     lines += ["", "Targets:", ""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks]
     table = "\n".join(lines) + "\n"
     results = REPO / "benchmarks" / "results"
@@ -115,8 +150,9 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    figure = plot_accuracy([runs[(m, args.seeds[0])] for m in args.methods],
-                           title=f"Quickstart: digits, 16 clients, seed {args.seeds[0]}")
+    figure = plot_accuracy(
+        [runs[(m, args.seeds[0])] for m in args.methods], title=f"Quickstart: digits, 16 clients, seed {args.seeds[0]}"
+    )
     figure.savefig(REPO / "docs" / "quickstart_comparison.png", dpi=120)
 
 

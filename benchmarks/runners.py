@@ -34,17 +34,38 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
 
 
-def run(method: str, runner: str, rounds: int, out: Path, accelerator: str = "cpu",
-        precision: str = "32-true") -> tuple[float, dict[str, torch.Tensor], float]:
+def run(
+    method: str, runner: str, rounds: int, out: Path, accelerator: str = "cpu", precision: str = "32-true"
+) -> tuple[float, dict[str, torch.Tensor], float]:
     """Fit seconds, final trainable state and final server accuracy of one run."""
     shutil.rmtree(out, ignore_errors=True)
     command = [
-        sys.executable, "-m", "fedpeft_pl.cli", "fit",
-        "--config", "configs/quickstart.yaml", "--config", f"configs/quickstart/{method}.yaml",
-        "--trainer.client_runner", runner, "--trainer.feature_cache", "off", "--trainer.num_rounds", str(rounds),
-        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", method,
-        "--trainer.logger.init_args.version", "run", "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", accelerator, "--trainer.precision", precision,
+        sys.executable,
+        "-m",
+        "fedpeft_pl.cli",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--config",
+        f"configs/quickstart/{method}.yaml",
+        "--trainer.client_runner",
+        runner,
+        "--trainer.feature_cache",
+        "off",
+        "--trainer.num_rounds",
+        str(rounds),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.name",
+        method,
+        "--trainer.logger.init_args.version",
+        "run",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.precision",
+        precision,
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -78,8 +99,11 @@ def main() -> None:
                         method, runner, args.rounds, Path(scratch) / runner, args.accelerator, args.precision
                     )
                     times[runner].append(seconds)
-                    print(f"{method}, {runner}, repeat {repeat + 1}: fit {seconds:.1f} s, "
-                          f"server accuracy {accuracy[runner]:.4f}", flush=True)
+                    print(
+                        f"{method}, {runner}, repeat {repeat + 1}: fit {seconds:.1f} s, "
+                        f"server accuracy {accuracy[runner]:.4f}",
+                        flush=True,
+                    )
                 first, second = states["sequential"], states["vectorized"]
                 diff = max(diff, max(float((first[n].float() - second[n].float()).abs().max()) for n in first))
             sequential, vectorized = (statistics.median(times[r]) for r in ("sequential", "vectorized"))
@@ -90,13 +114,15 @@ def main() -> None:
             print(rows[-1], flush=True)
     gpu = f", {torch.cuda.get_device_name()}" if args.accelerator in ("gpu", "cuda") else ""
     lines = [
-        f"# Client runners end to end on the quickstart ({args.rounds} rounds x 5 local epochs, 8 of 16 clients a round, "
+        f"# Client runners end to end on the quickstart ({args.rounds} rounds x 5 local epochs, 8 of 16 clients a "
+        "round, "
         "evaluation every round, feature cache off)",
         "",
         f"Command: `python benchmarks/runners.py --methods {' '.join(args.methods)} --rounds {args.rounds} "
         f"--repeats {args.repeats} --accelerator {args.accelerator} --precision {args.precision}"
         f"{'' if args.output == 'runners.md' else ' --output ' + Path(args.output).name}`  ",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}, load average at the end "
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}, load average at "
+        "the end "
         f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} alternating run(s) per side",
         "",
         "| method | sequential fit s | vectorised fit s | speed-up | max final-state diff | final server accuracy "

@@ -23,7 +23,6 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-
 from workloads import METHOD_NAMES, peft_method, quickstart_backbone
 
 from fedpeft_pl import Backbone, FedPEFTModule
@@ -70,18 +69,30 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                        help="bf16 means fp32 weights under bf16 autocast")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="bf16 means fp32 weights under bf16 autocast",
+    )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (fp32)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    variants = [(name, bf16, False) for name, bf16 in (("fp32", False), ("bf16 autocast", True))
-                if name.split()[0] in args.precisions]
+    variants = [
+        (name, bf16, False)
+        for name, bf16 in (("fp32", False), ("bf16 autocast", True))
+        if name.split()[0] in args.precisions
+    ]
     variants += [("fp32 + compile", False, True)] if args.compile else []
-    machine = (torch.cuda.get_device_name() + " (GPU)") if args.device == "cuda" else f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    machine = (
+        (torch.cuda.get_device_name() + " (GPU)")
+        if args.device == "cuda"
+        else f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    )
     lines = [
         f"Images per second, forward + backward + SGD step, median of {args.steps} steps after {args.warmup} warm-up; "
         "batch 32 (tiny, 32 px) or 8 (ViT-B/16, 224 px).",
@@ -96,12 +107,22 @@ def main() -> None:
     ]
     for model in args.models:
         for method in args.methods:
-            figures = [measure(model, method, args.device, bf16, compile_, args.steps, args.warmup)
-                       for _, bf16, compile_ in variants]
+            figures = [
+                measure(model, method, args.device, bf16, compile_, args.steps, args.warmup)
+                for _, bf16, compile_ in variants
+            ]
             lines.append(f"| {model} | {method} | " + " | ".join(f"{f:,.1f}" for f in figures) + " |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
-    (REPO / "benchmarks" / "results" / f"throughput-{args.device}-{'-'.join(args.models)}-{'-'.join(args.precisions)}{'-compile' if args.compile else ''}.md").write_text(table)
+    (
+        REPO
+        / "benchmarks"
+        / "results"
+        / (
+            f"throughput-{args.device}-{'-'.join(args.models)}-{'-'.join(args.precisions)}"
+            f"{'-compile' if args.compile else ''}.md"
+        )
+    ).write_text(table)
     print(table)
 
 

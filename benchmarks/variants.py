@@ -45,13 +45,32 @@ def main() -> None:
             for seed in args.seeds:
                 save_dir = args.out / args.name / variant
                 shutil.rmtree(save_dir / method / f"seed{seed}", ignore_errors=True)
-                command = [sys.executable, "-m", "fedpeft_pl.cli", "fit", "--config", "configs/quickstart.yaml",
-                           "--config", f"configs/quickstart/{method}.yaml"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "fedpeft_pl.cli",
+                    "fit",
+                    "--config",
+                    "configs/quickstart.yaml",
+                    "--config",
+                    f"configs/quickstart/{method}.yaml",
+                ]
                 for overlay in overlays:
                     command += ["--config", overlay]
-                command += ["--seed_everything", str(seed), "--trainer.seed", str(seed), "--data.seed", str(seed),
-                            "--trainer.logger.init_args.save_dir", str(save_dir),
-                            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
+                command += [
+                    "--seed_everything",
+                    str(seed),
+                    "--trainer.seed",
+                    str(seed),
+                    "--data.seed",
+                    str(seed),
+                    "--trainer.logger.init_args.save_dir",
+                    str(save_dir),
+                    "--trainer.logger.init_args.version",
+                    f"seed{seed}",
+                    "--trainer.enable_progress_bar",
+                    "false",
+                ]
                 print(f"== {variant} / {method} / seed {seed}", flush=True)
                 started = time.perf_counter()
                 subprocess.run(command, cwd=REPO, check=True)
@@ -60,7 +79,9 @@ def main() -> None:
                 accuracy.append(run.final_accuracy)
             _, upload = run.series("comm/bytes_up")
             _, download = run.series("comm/bytes_down")
-            rows.append((variant, method, accuracy, upload[-1] / MIB, download[-1] / MIB, run.total_bytes / MIB, seconds, run))
+            rows.append(
+                (variant, method, accuracy, upload[-1] / MIB, download[-1] / MIB, run.total_bytes / MIB, seconds, run)
+            )
 
     lines = [
         f"Quickstart task (digits, N=16, m=8, Dirichlet 0.5; 30 rounds x 5 local epochs unless an overlay says "
@@ -70,7 +91,8 @@ def main() -> None:
         f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}",
         "",
-        "| variant | method | accuracy per seed | mean | upload MiB/round | download MiB/round | total MiB | wall s per run |",
+        "| variant | method | accuracy per seed | mean | upload MiB/round | download MiB/round | total MiB | wall s "
+        "per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant, method, accuracy, up, down, total, seconds, _ in rows:

@@ -12,7 +12,7 @@ each (drawn with a fixed seed from the training split, pre-transformed to tensor
 sides spend their time in the model), 1 local epoch, SGD with momentum 0.9 and weight decay 1e-4.
 The sequential side is the plain PyTorch per-client loop (load the received state, a fresh
 optimizer, the client's loader batches, mean cross entropy, step), what our simulation runs at
-1.04x of (benchmarks/overhead.py). The vectorised side is ``fedpeft_pl.vectorized.train_clients``.
+1.04x of (benchmarks/overhead.py). The vectorised side is ``fedpeft_pl.runners.vectorized.train_clients``.
 Both end in the same per-client states (checked: the largest difference is printed). Runs
 alternate sequential / vectorised and the ratio of medians is reported.
 
@@ -46,13 +46,13 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workloads import peft_method, quickstart_backbone  # noqa: E402
+from workloads import peft_method, quickstart_backbone
 
-from fedpeft_pl import Backbone, FedPEFTModule, FederatedDataModule  # noqa: E402
-from fedpeft_pl.client import default_optimizer  # noqa: E402
-from fedpeft_pl.data import Digits  # noqa: E402
-from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state  # noqa: E402
-from fedpeft_pl.vectorized import ClientJob, train_clients  # noqa: E402
+from fedpeft_pl import Backbone, FederatedDataModule, FedPEFTModule
+from fedpeft_pl.client import default_optimizer
+from fedpeft_pl.data import Digits
+from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainable_state
+from fedpeft_pl.runners.vectorized import ClientJob, train_clients
 
 METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
 CONFIGS = ["8x32", "32x8", "128x8"]
@@ -116,7 +116,9 @@ def sequential(module, dm, jobs, autocast=None):
 
 
 def vectorised(module, dm, jobs, autocast=None, max_parallel=None):
-    outcomes = train_clients(module, dm, jobs, 1, default_optimizer, autocast=autocast, max_parallel_clients=max_parallel)
+    outcomes = train_clients(
+        module, dm, jobs, 1, default_optimizer, autocast=autocast, max_parallel_clients=max_parallel
+    )
     return [o.state for o in outcomes]
 
 
@@ -169,7 +171,9 @@ def memory_child(method: str, config: str, side: str, steps: int) -> None:
 def memory(method: str, config: str, side: str, steps: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", method, config, side, "--steps", str(steps)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -186,9 +190,15 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--max-parallel", type=int, default=None, help="vectorised clients at once (chunks)")
     parser.add_argument("--skip", nargs="*", default=[], help="method@config pairs to leave out, e.g. full@128x8")
-    parser.add_argument("--max-diff", type=float, default=None,
-                        help="exit with status 1 if any state difference exceeds this (a check, e.g. 1e-2 in bf16)")
-    parser.add_argument("--profile", action="store_true", help="print each side's operators by self time (torch.profiler)")
+    parser.add_argument(
+        "--max-diff",
+        type=float,
+        default=None,
+        help="exit with status 1 if any state difference exceeds this (a check, e.g. 1e-2 in bf16)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print each side's operators by self time (torch.profiler)"
+    )
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -198,12 +208,22 @@ def main() -> None:
         return
     gpu = torch.device(args.device).type == "cuda"
     if gpu:
-        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}, precision {args.precision}, "
-              f"max parallel {args.max_parallel}", flush=True)
+        print(
+            f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}, precision "
+            f"{args.precision}, "
+            f"max parallel {args.max_parallel}",
+            flush=True,
+        )
     autocast = autocast_of(args.precision, args.device)
-    memory_columns = " training peak seq (1 client) / vec MiB | bound m x seq MiB |" if gpu else " training peak seq / vec MiB | bound m x seq MiB |"
-    print("| method | m x batch | sequential s (median) | vectorised s (median) | ratio | max state diff |"
-          + (memory_columns if args.memory else ""))
+    memory_columns = (
+        " training peak seq (1 client) / vec MiB | bound m x seq MiB |"
+        if gpu
+        else " training peak seq / vec MiB | bound m x seq MiB |"
+    )
+    print(
+        "| method | m x batch | sequential s (median) | vectorised s (median) | ratio | max state diff |"
+        + (memory_columns if args.memory else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""), flush=True)
     failures: list[str] = []
     for config in args.configs:
@@ -222,7 +242,9 @@ def main() -> None:
                 seq_times.append(t)
                 t, vec_states = timed(vec, module, dm, jobs)
                 vec_times.append(t)
-                diff = max(diff, max(float((a[n] - b[n]).abs().max()) for a, b in zip(seq_states, vec_states) for n in a))
+                diff = max(
+                    diff, max(float((a[n] - b[n]).abs().max()) for a, b in zip(seq_states, vec_states) for n in a)
+                )
                 del seq_states, vec_states
             s, v = statistics.median(seq_times), statistics.median(vec_times)
             row = f"| {method} | {clients} x {batch} | {s:.3f} | {v:.3f} | {s / v:.2f}x | {diff:.1e} |"
@@ -230,7 +252,10 @@ def main() -> None:
                 one, all_ = cuda_growth_mib(seq, module, dm, jobs[:1]), cuda_growth_mib(vec, module, dm, jobs)
                 row += f" {one:.0f} / {all_:.0f} | {clients * one:.0f} |"
             elif args.memory:
-                ms, mv = memory(method, config, "sequential", args.steps), memory(method, config, "vectorised", args.steps)
+                ms, mv = (
+                    memory(method, config, "sequential", args.steps),
+                    memory(method, config, "vectorised", args.steps),
+                )
                 # the bound: m clients' worth of what one sequential client needs at its peak
                 # (activations, gradients, optimizer state); the backbone is shared and not in either
                 row += f" {ms['growth_mib']:.0f} / {mv['growth_mib']:.0f} | {clients * ms['growth_mib']:.0f} |"
@@ -241,8 +266,13 @@ def main() -> None:
                 for side, fn in (("sequential", seq), ("vectorised", vec)):
                     with torch.profiler.profile() as prof:
                         fn(module, dm, jobs)
-                    print(f"\n{side}, {method}, {config}:\n"
-                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40), flush=True)
+                    print(
+                        f"\n{side}, {method}, {config}:\n"
+                        + prof.key_averages().table(
+                            sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40
+                        ),
+                        flush=True,
+                    )
             del module, dm, jobs
             if gpu:
                 torch.cuda.empty_cache()

@@ -33,14 +33,17 @@ WEIGHTS = str(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors")
 
 def build_module():
     import torch
-
     from workloads import quickstart_backbone
 
     from fedpeft_pl import FedPEFTModule
     from fedpeft_pl.peft import Prompt
 
-    module = FedPEFTModule(10, quickstart_backbone(WEIGHTS), Prompt(num_tokens=10, deep=True),
-                           optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    module = FedPEFTModule(
+        10,
+        quickstart_backbone(WEIGHTS),
+        Prompt(num_tokens=10, deep=True),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    )
     module.configure_model()
     return module
 
@@ -50,8 +53,14 @@ def run_fedpeft() -> None:
     from fedpeft_pl.data import IID, Digits
 
     trainer = FederatedTrainer(
-        num_rounds=ROUNDS, clients_per_round=PER_ROUND, local_epochs=1, accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_rounds=ROUNDS,
+        clients_per_round=PER_ROUND,
+        local_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     datamodule = FederatedDataModule(Digits(), num_clients=NUM_CLIENTS, partition=IID(), batch_size=BATCH)
     trainer.fit(build_module(), datamodule=datamodule)
@@ -97,11 +106,18 @@ def run_flower() -> None:
         splits, indices = _data()
         part = indices[int(context.node_config["partition-id"])]
         loader = DataLoader(Subset(splits.train, part.tolist()), batch_size=BATCH, shuffle=True)
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, loader)
-        content = RecordDict({"arrays": ArrayRecord(trainable_state(model)),
-                              "metrics": MetricRecord({"num-examples": len(part)})})
+        content = RecordDict(
+            {"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord({"num-examples": len(part)})}
+        )
         return Message(content=content, reply_to=msg)
 
     server_app = ServerApp()
@@ -119,22 +135,33 @@ def run_flower() -> None:
             evaluator.validate(model, DataLoader(splits.test, batch_size=BATCH), verbose=False)
             return MetricRecord({"accuracy": float(evaluator.callback_metrics["server/acc"])})
 
-        strategy = FedAvg(fraction_train=PER_ROUND / NUM_CLIENTS, fraction_evaluate=0.0,
-                          min_available_nodes=NUM_CLIENTS)
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(model)),
-                                num_rounds=ROUNDS, evaluate_fn=evaluate)
+        strategy = FedAvg(
+            fraction_train=PER_ROUND / NUM_CLIENTS, fraction_evaluate=0.0, min_available_nodes=NUM_CLIENTS
+        )
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(trainable_state(model)), num_rounds=ROUNDS, evaluate_fn=evaluate
+        )
         print(f"flower final server acc {result.evaluate_metrics_serverapp[ROUNDS]['accuracy']:.4f}")
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=NUM_CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=NUM_CLIENTS,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
 
 
 def measure(engine: str) -> tuple[float, float, str]:
     import psutil
 
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, __file__, "--engine", engine], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--engine", engine],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watched = psutil.Process(process.pid)
     peak = 0
     while process.poll() is None:
@@ -191,10 +218,15 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for engine, runs in results.items():
-        lines.append(f"| {engine} | {', '.join(f'{r[0]:.1f}' for r in runs)} | {median[engine]:.1f} | "
-                     f"{peak[engine]:,.0f} | {runs[-1][2]} |")
-    lines += ["", f"Flower / fedpeft wall time: {median['flower'] / median['fedpeft']:.2f}x; "
-                  f"peak memory: {peak['flower'] / peak['fedpeft']:.2f}x"]
+        lines.append(
+            f"| {engine} | {', '.join(f'{r[0]:.1f}' for r in runs)} | {median[engine]:.1f} | "
+            f"{peak[engine]:,.0f} | {runs[-1][2]} |"
+        )
+    lines += [
+        "",
+        f"Flower / fedpeft wall time: {median['flower'] / median['fedpeft']:.2f}x; "
+        f"peak memory: {peak['flower'] / peak['fedpeft']:.2f}x",
+    ]
     table = "\n".join(lines) + "\n"
     (REPO / "benchmarks" / "results" / "vs_flower.md").write_text(table)
     print(table)

@@ -15,8 +15,12 @@ __all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone"]
 
 def quickstart_backbone(weights_file: Optional[str] = None) -> Backbone:
     """The quickstart's 4-block ViT on 32 px inputs (embedding 128, patch 8); random weights unless a file is given."""
-    return Backbone("vit_tiny_patch16_224", weights_file=weights_file, img_size=32,
-                    kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
+    return Backbone(
+        "vit_tiny_patch16_224",
+        weights_file=weights_file,
+        img_size=32,
+        kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    )
 
 
 def peft_method(name: str, lora_rank: int = 4) -> PEFTMethod:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from fedpeft_pl.comm import MIB, WireCounter, payload_bytes
@@ -74,7 +74,9 @@ class ServerAggregation(FederatedCallback):
         download: codec for the global state sent to clients; none by default.
     """
 
-    def __init__(self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None) -> None:
+    def __init__(
+        self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None
+    ) -> None:
         self.strategy = strategy if strategy is not None else FedAvg()
         self.upload = upload if upload is not None else Codec()
         self.download = download if download is not None else Codec()
@@ -139,7 +141,9 @@ class ServerAggregation(FederatedCallback):
         payload = self.download.encode(state)
         self._sent = state
         self._received = self.download.decode(payload, like=state)
-        self._message = RoundMessage(payload, dict(config), self.strategy.client_extras(round.number, self.global_state))
+        self._message = RoundMessage(
+            payload, dict(config), self.strategy.client_extras(round.number, self.global_state)
+        )
         self.wire.start_round(payload)
         return self._message
 
@@ -150,32 +154,44 @@ class ServerAggregation(FederatedCallback):
                 self._delivered += clients
                 for client in clients:
                     view = self._peft.client_view(self._sent, client, round.number, upload=False)
-                    self._bytes["down"] += payload_bytes(self.download.encode(view)) + payload_bytes(self._message.extras)
+                    self._bytes["down"] += payload_bytes(self.download.encode(view)) + payload_bytes(
+                        self._message.extras
+                    )
                     self._bytes["down"] += self._peft.pending_download_bytes(client, round.number)
             else:
                 size = payload_bytes(self._message.payload) + payload_bytes(self._message.extras)
                 self._bytes["down"] += size * len(clients)
             plan = round.plans.get(result.client)
-            self.wire.download(self._message.config, round.number, result.client, plan.batches if plan else 0, self._message.extras)
+            self.wire.download(
+                self._message.config, round.number, result.client, plan.batches if plan else 0, self._message.extras
+            )
 
     @override
-    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_dropped(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         self._count_download(round, result)
         self._dropped += 1
 
     @override
-    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_failed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         self._count_download(round, result)
         self._failed += 1
 
     @override
-    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         self._count_download(round, result)
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
         # a securely aggregated result stands for that many clients, each of which uploaded an update
-        # of this size (in SecAgg+'s masked form; see fedpeft_pl.flower_secagg for its wire size)
-        self._bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(1, len(result.aggregate_of))
+        # of this size (in SecAgg+'s masked form; see fedpeft_pl.deploy.secagg for its wire size)
+        self._bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(
+            1, len(result.aggregate_of)
+        )
         self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
         self._reports.append((result.client, result.num_samples, dict(result.metrics)))
         device = pl_module.device
@@ -200,7 +216,12 @@ class ServerAggregation(FederatedCallback):
             return
         mine = {
             "updates": [
-                (u.client, u.num_samples, {k: v.cpu() for k, v in u.state.items()}, {k: v.cpu() for k, v in u.extras.items()})
+                (
+                    u.client,
+                    u.num_samples,
+                    {k: v.cpu() for k, v in u.state.items()},
+                    {k: v.cpu() for k, v in u.extras.items()},
+                )
                 for u in self._updates
             ],
             "reports": self._reports,
@@ -218,7 +239,9 @@ class ServerAggregation(FederatedCallback):
         self.wire.bytes = {"down": 0, "up": 0} if self.wire.bytes is not None else None
         for part in gather(mine):
             updates += [
-                ClientUpdate(c, n, {k: v.to(device) for k, v in state.items()}, {k: v.to(device) for k, v in extras.items()})
+                ClientUpdate(
+                    c, n, {k: v.to(device) for k, v in state.items()}, {k: v.to(device) for k, v in extras.items()}
+                )
                 for c, n, state, extras in part["updates"]
             ]
             reports += part["reports"]
@@ -239,7 +262,9 @@ class ServerAggregation(FederatedCallback):
         if arrived >= self.strategy.min_clients:
             self.global_state = self.strategy.aggregate_fit(round.number, self.global_state, self._updates)
             if self._peft is not None:
-                self.global_state = self._peft.aggregate(pl_module.model, self.global_state, self._updates, round.number)
+                self.global_state = self._peft.aggregate(
+                    pl_module.model, self.global_state, self._updates, round.number
+                )
             self._aggregated = arrived
         else:
             log.warning(
@@ -297,13 +322,16 @@ class ServerAggregation(FederatedCallback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)
             if "server/acc" in self._eval:
-                logger.log_metrics({"server/acc_vs_cumulative_bytes": self._eval["server/acc"]}, step=self.cumulative_bytes)
+                logger.log_metrics(
+                    {"server/acc_vs_cumulative_bytes": self._eval["server/acc"]}, step=self.cumulative_bytes
+                )
             logger.save()
         if trainer.is_global_zero:
             log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
 
     def components(self) -> dict[str, str]:
         """The server's strategy and codecs by setting, as a checkpoint records them for a resume."""
+
         def name(part: Any) -> str:
             return "none" if type(part) is Codec else type(part).__name__
 
@@ -359,9 +387,15 @@ def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: di
     parts = [f"round {server_round}/{num_rounds}"]
     if metrics["round/clients_aggregated"] < sampled or metrics["round/stragglers"]:
         details = [f"{metrics['round/clients_aggregated']}/{sampled} clients aggregated"]
-        details += [f"{metrics[key]} {word}" for key, word in
-                    (("round/clients_dropped", "dropped"), ("round/clients_failed", "failed"), ("round/stragglers", "straggled"))
-                    if metrics[key]]
+        details += [
+            f"{metrics[key]} {word}"
+            for key, word in (
+                ("round/clients_dropped", "dropped"),
+                ("round/clients_failed", "failed"),
+                ("round/stragglers", "straggled"),
+            )
+            if metrics[key]
+        ]
         parts.append(", ".join(details))
     if "server/acc" in metrics:
         parts.append(f"server acc {metrics['server/acc']:.4f} loss {metrics['server/loss']:.4f}")

@@ -68,9 +68,7 @@ def load_run(path: PathLike, name: Optional[str] = None) -> Run:
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
     # a resumed run may log a round again; the later value wins, as in TensorBoard
-    scalars = {
-        tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items()) for tag in events.Tags()["scalars"]
-    }
+    scalars = {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items()) for tag in events.Tags()["scalars"]}
     method = _method_of(path)
     return Run(name=name or _default_name(path, method), path=path, method=method, scalars=scalars)
 

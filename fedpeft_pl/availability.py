@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from fedpeft_pl.errors import ConfigError
@@ -38,14 +39,20 @@ class ClientAvailability:
             raise ConfigError(f"availability stragglers must be in [0, 1], got {stragglers}")
         low, high = straggler_work
         if not 0.0 < low <= high <= 1.0:
-            raise ConfigError(f"availability straggler_work must satisfy 0 < low <= high <= 1, got {list(straggler_work)}")
+            raise ConfigError(
+                f"availability straggler_work must satisfy 0 < low <= high <= 1, got {list(straggler_work)}"
+            )
         self.dropout = dropout
         self.stragglers = stragglers
         self.straggler_work = (low, high)
 
     def plan(self, seed: int, server_round: int, client: int, planned_batches: int) -> Plan:
         rng = np.random.default_rng(derive_seed(seed, AVAILABILITY, server_round, client))
-        dropped, straggles, share = rng.random() < self.dropout, rng.random() < self.stragglers, rng.uniform(*self.straggler_work)
+        dropped, straggles, share = (
+            rng.random() < self.dropout,
+            rng.random() < self.stragglers,
+            rng.uniform(*self.straggler_work),
+        )
         if dropped:
             return Plan(True, 0, False)
         if straggles:
@@ -53,5 +60,7 @@ class ClientAvailability:
         return Plan(False, planned_batches, False)
 
     def __repr__(self) -> str:
-        return f"ClientAvailability(dropout={self.dropout}, stragglers={self.stragglers}, straggler_work={list(self.straggler_work)})"
-
+        return (
+            f"ClientAvailability(dropout={self.dropout}, stragglers={self.stragglers}, "
+            f"straggler_work={list(self.straggler_work)})"
+        )

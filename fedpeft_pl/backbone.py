@@ -79,8 +79,10 @@ class Backbone:
         size = model.patch_embed.img_size
         if any(s % p for s, p in zip(size, patch)):
             raise ConfigError(
-                f"model.backbone.img_size {size[0] if size[0] == size[1] else size} is not a multiple of the patch size "
-                f"{patch[0] if patch[0] == patch[1] else patch}: the border would be silently cropped; set img_size to a multiple, "
+                f"model.backbone.img_size {size[0] if size[0] == size[1] else size} is not a multiple of the patch "
+                "size "
+                f"{patch[0] if patch[0] == patch[1] else patch}: the border would be silently cropped; set img_size to "
+                "a multiple, "
                 f"e.g. {(size[0] // patch[0]) * patch[0]} or {(size[0] // patch[0] + 1) * patch[0]}"
             )
         return model
@@ -144,7 +146,10 @@ class Backbone:
 
 
 def _not_a_vit(name: str, kind: str) -> str:
-    return f"{name!r} is a {kind}, not a timm VisionTransformer; fedpeft fine-tunes ViTs: pick one from timm.list_models('vit_*')"
+    return (
+        f"{name!r} is a {kind}, not a timm VisionTransformer; fedpeft fine-tunes ViTs: "
+        "pick one from timm.list_models('vit_*')"
+    )
 
 
 def _architecture_of(name: str) -> Optional[str]:
@@ -200,7 +205,8 @@ def _check_file_fits(path: str, model: VisionTransformer) -> None:
         example = missing[0] if missing else extra[0]
         raise ConfigError(
             f"model.backbone.weights_file {path!r} does not fit {model.default_cfg.get('architecture', '')!r}: "
-            f"{len(missing)} tensors missing, {len(extra)} unexpected (e.g. {example}); check model.backbone.name and kwargs"
+            f"{len(missing)} tensors missing, {len(extra)} unexpected (e.g. {example}); check model.backbone.name and "
+            "kwargs"
         )
 
 
@@ -225,7 +231,6 @@ def data_config(model: VisionTransformer) -> dict[str, Any]:
         "std": tuple(config["std"]),
         "interpolation": config.get("interpolation", "bilinear"),
     }
-
 
 
 def fingerprint(model: VisionTransformer, names: list[str]) -> str:

@@ -16,6 +16,7 @@ The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.confi
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Optional
@@ -73,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
-    config._CONFIG_FILES[:] = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [
+    config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
         a.split("=", 1)[1] for a in argv if a.startswith("--config=")
     ]
     try:
@@ -84,7 +85,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             report_command(argv[1:])
         elif not argv[0].startswith("-") and argv[0] not in COMMANDS:
-            raise ConfigError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (fedpeft --help says what each does)")
+            raise ConfigError(
+                f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (fedpeft --help says what each "
+                "does)"
+            )
         elif from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv[1:] = argv
             FedPEFTCLI()
@@ -111,12 +115,15 @@ def _flower_app(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    from fedpeft_pl.flower_app import write_app
-    from fedpeft_pl.secure_aggregation import split_arguments
+    from fedpeft_pl.deploy.secure_aggregation import split_arguments
+    from fedpeft_pl.deploy.writer import write_app
 
     secure_aggregation, fit_args = split_arguments(argv[1:])
     directory = write_app(argv[0], fit_args, secure_aggregation=secure_aggregation)
-    print(f"wrote the Flower app {directory}/ (pyproject.toml, fedpeft_app.py, fedpeft.yaml); run it with: flwr run {directory} <superlink>")
+    print(
+        f"wrote the Flower app {directory}/ (pyproject.toml, fedpeft_app.py, fedpeft.yaml); run it with: flwr run "
+        f"{directory} <superlink>"
+    )
 
 
 def _config_error_in(err: BaseException) -> Optional[ConfigError]:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
-
 from typing_extensions import override
 
 from fedpeft_pl.backbone import Backbone, data_config, fingerprint
@@ -32,7 +31,9 @@ def _check_optimizer(factory: OptimizerCallable) -> None:
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model.optimizer: {detail[:1].lower() + detail[1:]}; fix it under model.optimizer.init_args") from None
+        raise ConfigError(
+            f"model.optimizer: {detail[:1].lower() + detail[1:]}; fix it under model.optimizer.init_args"
+        ) from None
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -80,7 +81,7 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
         self.session: Optional[ClientSession] = None  # the client being trained, set by the runner
-        # set while the feature cache serves a run (fedpeft_pl.feature_cache): batches hold the
+        # set while the feature cache serves a run (fedpeft_pl.runners.feature_cache): batches hold the
         # images' pre-logit features, and forward is the classifier alone
         self.takes_features = False
         self._loss_sum: Optional[torch.Tensor] = None
@@ -243,7 +244,13 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_acc(logits, labels)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), logger=prefix == "test", sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            F.cross_entropy(logits, labels),
+            batch_size=len(labels),
+            logger=prefix == "test",
+            sync_dist=True,
+        )
         self.log(f"{prefix}/acc", self.val_acc, prog_bar=True, logger=prefix == "test")
 
     @override
@@ -260,10 +267,13 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("backbone")
         if saved is None:
-            raise ConfigError("this checkpoint was not written by fedpeft (it names no backbone); pass a fedpeft checkpoint")
+            raise ConfigError(
+                "this checkpoint was not written by fedpeft (it names no backbone); pass a fedpeft checkpoint"
+            )
         if saved["fingerprint"] != self.backbone_fingerprint:
             raise ConfigError(
-                f"the checkpoint was trained on backbone {saved['name']!r} (fingerprint {saved['fingerprint']}) but this "
+                f"the checkpoint was trained on backbone {saved['name']!r} (fingerprint {saved['fingerprint']}) but "
+                "this "
                 f"run builds {self.backbone.name!r} (fingerprint {self.backbone_fingerprint}); resume with the "
                 "model.backbone settings and weights that wrote it"
             )

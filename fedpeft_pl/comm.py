@@ -5,7 +5,7 @@ Two units:
 - **payload bytes** (:func:`payload_bytes`): each tensor's element count times its dtype's size,
   summed over the tensors that travel. What the paper counts; ``comm/bytes_*``.
 - **wire bytes** (:func:`wire_bytes`): the size of the message as a Flower deployment actually
-  serialises it (:mod:`fedpeft_pl.flower` builds its messages with :func:`train_content` and
+  serialises it (:mod:`fedpeft_pl.deploy.flower` builds its messages with :func:`train_content` and
   :func:`reply_content`): every object of the message's RecordDict as Flower deflates it for
   transfer (records, arrays with their JSON metadata, array chunks, object headers), each
   distinct object once, as Flower sends it. Not counted: the message's routing envelope
@@ -65,7 +65,8 @@ def train_content(
     max_batches: int,
     extras: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Any:
-    """The content of the train message the server sends ``client``: the encoded global state, the config and any extras.
+    """The content of the train message the server sends ``client``: the encoded global state, the config and any
+    extras.
 
     Args:
         arrays: the encoded global state, a mapping of tensors or an ArrayRecord made once per round.
@@ -160,7 +161,11 @@ class _ReplySizes:
         self._empty: Optional[int] = None
 
     def __call__(
-        self, payload: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], extras: Mapping[str, torch.Tensor]
+        self,
+        payload: Mapping[str, torch.Tensor],
+        num_examples: int,
+        metrics: Mapping[str, float],
+        extras: Mapping[str, torch.Tensor],
     ) -> int:
         if extras or _may_share_objects(payload):
             return wire_bytes(reply_content(payload, num_examples, metrics, extras))
@@ -202,7 +207,12 @@ class WireCounter:
             self._arrays_bytes = wire_bytes(self._arrays)
 
     def download(
-        self, round_config: Mapping[str, Any], server_round: int, client: int, max_batches: int, extras: Mapping[str, torch.Tensor]
+        self,
+        round_config: Mapping[str, Any],
+        server_round: int,
+        client: int,
+        max_batches: int,
+        extras: Mapping[str, torch.Tensor],
     ) -> None:
         if self.bytes is None or self.measured:
             return
@@ -220,7 +230,11 @@ class WireCounter:
         self.bytes["down"] += self._arrays_bytes + wire_bytes(config) + len(content.deflate())
 
     def upload(
-        self, payload: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], extras: Mapping[str, torch.Tensor]
+        self,
+        payload: Mapping[str, torch.Tensor],
+        num_examples: int,
+        metrics: Mapping[str, float],
+        extras: Mapping[str, torch.Tensor],
     ) -> None:
         if self.bytes is None or self.measured:
             return
@@ -285,7 +299,10 @@ class CommReport:
         if self.download_bytes == self.upload_bytes:
             rows.append(("per client per direction", _size(self.download_bytes)))
         else:
-            rows += [("per client, download", _size(self.download_bytes)), ("per client, upload", _size(self.upload_bytes))]
+            rows += [
+                ("per client, download", _size(self.download_bytes)),
+                ("per client, upload", _size(self.upload_bytes)),
+            ]
         rows += [
             (f"per round ({self.clients_per_round} clients, both directions)", _size(self.round_bytes)),
             (f"whole run ({self.num_rounds} rounds)", _size(self.run_bytes)),
@@ -300,11 +317,22 @@ class CommReport:
             ]
         rows += [("note", note) for note in self.notes]
         if self.download_wire_bytes is None:
-            rows.append(("note", "wire bytes not measured: " + (NO_FLOWER if not flower_installed() else "Flower cannot carry this dtype")))
+            rows.append(
+                (
+                    "note",
+                    "wire bytes not measured: "
+                    + (NO_FLOWER if not flower_installed() else "Flower cannot carry this dtype"),
+                )
+            )
         else:
-            rows.append(("note", "bytes are tensor elements times dtype size (the paper's unit); wire bytes are the "
-                                 "messages as Flower serialises them (client 0 of round 1; ids and counts are varints, "
-                                 "so other messages differ by a few bytes)"))
+            rows.append(
+                (
+                    "note",
+                    "bytes are tensor elements times dtype size (the paper's unit); wire bytes are the "
+                    "messages as Flower serialises them (client 0 of round 1; ids and counts are varints, "
+                    "so other messages differ by a few bytes)",
+                )
+            )
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -362,29 +390,39 @@ def communication_report(
             sizes.setdefault(peft.client_rank(client), []).append((down, up))
         mean_down = round(sum(d for each in sizes.values() for d, _ in each) / len(clients))
         mean_up = round(sum(u for each in sizes.values() for _, u in each) / len(clients))
-        notes = (*notes, f"per-client figures are the mean over {len(clients)} clients, each at its own rank") + tuple(
-            f"rank {rank} ({len(each)} clients): {each[0][0]:,} bytes down, {each[0][1]:,} bytes up per round"
-            for rank, each in sorted(sizes.items())
+        notes = (
+            *notes,
+            f"per-client figures are the mean over {len(clients)} clients, each at its own rank",
+            *(
+                f"rank {rank} ({len(each)} clients): {each[0][0]:,} bytes down, {each[0][1]:,} bytes up per round"
+                for rank, each in sorted(sizes.items())
+            ),
         )
         if peft.aggregation == "stack":
             dense = peft.dense_update_bytes()
-            notes += ("FLoRA: each client also downloads the update merged since it last took part (the stacked factors, "
-                      f"or the dense update if smaller, at most {dense:,} bytes): counted in comm/bytes_down, not here",)
+            notes += (
+                "FLoRA: each client also downloads the update merged since it last took part (the stacked factors, "
+                f"or the dense update if smaller, at most {dense:,} bytes): counted in comm/bytes_down, not here",
+            )
         down_state = peft.client_view(trainable, 0, 1, upload=False)
         up_state = peft.client_view(trainable, 0, 1, upload=True)
     wire_down = wire_up = None
     if flower_installed():
         metrics = {"train_loss": 0.0, "steps": 0.0} if with_loss else {"steps": 0.0}
         try:
-            wire_down = wire_bytes(train_content(download.encode(down_state), round_config or {}, 1, 0, max_batches, extras_down))
+            wire_down = wire_bytes(
+                train_content(download.encode(down_state), round_config or {}, 1, 0, max_batches, extras_down)
+            )
             wire_up = wire_bytes(reply_content(upload.encode(up_state), num_examples, metrics, extras_up))
         except TypeError:  # bfloat16: Flower's ArrayRecord cannot carry it
             wire_down = wire_up = None
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
-        download_bytes=(mean_down if mean_down is not None else payload_bytes(download.encode(trainable))) + payload_bytes(extras_down),
-        upload_bytes=(mean_up if mean_up is not None else payload_bytes(upload.encode(trainable))) + payload_bytes(extras_up),
+        download_bytes=(mean_down if mean_down is not None else payload_bytes(download.encode(trainable)))
+        + payload_bytes(extras_down),
+        upload_bytes=(mean_up if mean_up is not None else payload_bytes(upload.encode(trainable)))
+        + payload_bytes(extras_up),
         full_client_bytes=payload_bytes(full),
         clients_per_round=clients_per_round,
         num_rounds=num_rounds,

@@ -1,8 +1,8 @@
 """Configuration: the LightningCLI subclass, its parser with one-line errors, logging set-up, and
 building a run (trainer, module, data module) from YAML without the command line.
 
-:mod:`fedpeft_pl.cli` dispatches subcommands to this; :mod:`fedpeft_pl.flower` and
-:mod:`fedpeft_pl.flower_app` build runs through it; it imports neither.
+:mod:`fedpeft_pl.cli` dispatches subcommands to this; :mod:`fedpeft_pl.deploy.flower` and
+:mod:`fedpeft_pl.deploy.writer` build runs through it; it imports neither.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional, Union
+from typing import Any, NoReturn, Optional, Union
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -38,7 +39,10 @@ _NOISE = (
 )
 
 
-SHIPPED_CONFIGS = "configs/quickstart.yaml (offline, a few minutes on a CPU) or configs/<method>.yaml (adapter, bias, full, head, lora, prompt)"
+SHIPPED_CONFIGS = (
+    "configs/quickstart.yaml (offline, a few minutes on a CPU) "
+    "or configs/<method>.yaml (adapter, bias, full, head, lora, prompt)"
+)
 
 
 def one_line(message: str) -> str:
@@ -98,7 +102,10 @@ def _yaml_error(message: str) -> Optional[str]:
             yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
             where, problem = yaml_include.syntax_error(path, err)
-            return f"{where}: YAML syntax error ({problem}); fix the file, or check it with python -c \"import yaml; yaml.safe_load(open('{path}'))\""
+            return (
+                f"{where}: YAML syntax error ({problem}); fix the file, or check it with "
+                f"python -c \"import yaml; yaml.safe_load(open('{path}'))\""
+            )
         except OSError:
             continue
     return None
@@ -108,15 +115,24 @@ _CONFIG_FILES: list[str] = []  # the --config files of the command being parsed,
 
 
 _RST = [
-    (re.compile(r":(?:class|func|meth|mod|attr|data|obj|paramref|ref|exc|doc):`~?([^`]+)`"), lambda m: m[1].rsplit(".", 1)[-1] if "~" in m[0] else m[1]),
+    (
+        re.compile(r":(?:class|func|meth|mod|attr|data|obj|paramref|ref|exc|doc):`~?([^`]+)`"),
+        lambda m: m[1].rsplit(".", 1)[-1] if "~" in m[0] else m[1],
+    ),
     (re.compile(r"``([^`]+)``"), lambda m: m[1]),
 ]
 EPOCH_LIMITS = ("max_epochs", "min_epochs", "max_steps", "min_steps")
 # what fedpeft makes of Lightning flags whose own help would mislead
 HELP = {
     "check_val_every_n_epoch": "Evaluate the server model every this many rounds (an epoch is a round). Default: 1.",
-    "limit_val_batches": "How much of the server's test split to evaluate on each time (a fraction, or a number of batches; 0 turns evaluation off). Default: all of it.",
-    "enable_progress_bar": "Show a progress bar per round. Default: where standard error is a terminal (or in a notebook); off when it goes to a file.",
+    "limit_val_batches": (
+        "How much of the server's test split to evaluate on each time (a fraction, or a number of batches; "
+        "0 turns evaluation off). Default: all of it."
+    ),
+    "enable_progress_bar": (
+        "Show a progress bar per round. Default: where standard error is a terminal (or in a notebook); "
+        "off when it goes to a file."
+    ),
     "enable_model_summary": "Print Lightning's model summary at start. Default: only with --verbose.",
 }
 
@@ -169,8 +185,11 @@ class FedPEFTCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # validate/test/predict are left out: a federated run evaluates the server model every round
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "comm": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "comm": {"model", "datamodule"},
+            "export": {"model", "datamodule"},
+        }
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", "fedpeft: federated parameter-efficient fine-tuning of frozen ViTs.")
@@ -184,7 +203,7 @@ class FedPEFTCLI(LightningCLI):
         for action in parser._actions:
             if isinstance(action.help, str) and action.help != argparse.SUPPRESS:
                 action.help = plain_text(action.help)  # before argparse wraps a role across lines
-            setting = action.dest[len("trainer."):] if action.dest.startswith("trainer.") else None
+            setting = action.dest[len("trainer.") :] if action.dest.startswith("trainer.") else None
             if action.dest in hidden:
                 action.help = argparse.SUPPRESS
             elif setting in HELP:
@@ -236,7 +255,6 @@ def configure_logging(verbose: bool = False) -> None:
             warnings.filterwarnings("ignore", category=category, module=r"(lightning|torch|timm|jsonargparse)\b")
 
 
-
 @contextlib.contextmanager
 def own_argv() -> Iterator[None]:
     """LightningCLI given ``args`` warns about the process's own command line; hide it while building."""
@@ -256,7 +274,9 @@ def build_run(
     configure_logging()
     settings = yaml.safe_load(Path(config).read_text())
     if not isinstance(settings, dict):
-        raise ConfigError(f"{os.fspath(config)!r} is not a fedpeft config (a YAML mapping with trainer, model and data)")
+        raise ConfigError(
+            f"{os.fspath(config)!r} is not a fedpeft config (a YAML mapping with trainer, model and data)"
+        )
     fit_args = {k: settings.pop(k) for k in ("ckpt_path", "weights_only") if k in settings}
     kwargs = {} if save_config else {"save_config_callback": None}
     with own_argv():
@@ -275,5 +295,7 @@ def resolve_config(fit_args: list[str]) -> str:
                 raise
     text = out.getvalue()
     if "trainer:" not in text:
-        raise ConfigError("could not resolve the config; check it with: fedpeft fit <the same arguments> --print_config")
+        raise ConfigError(
+            "could not resolve the config; check it with: fedpeft fit <the same arguments> --print_config"
+        )
     return text

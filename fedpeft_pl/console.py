@@ -57,7 +57,8 @@ class RunSummary(FederatedCallback):
         log.info(
             f"method: {method!r} trains {count:,} of {total:,} parameters ({100 * count / max(total, 1):.2f}%); "
             f"{exchange} | "
-            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} rounds, "
+            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} "
+            "rounds, "
             f"{runner} client runner"
         )
 
@@ -89,6 +90,7 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
             "next:",
             f"  tensorboard --logdir {shlex.quote(logger_root)}   # the curves",
             f"  fedpeft report {shlex.quote(logger_root)} --output report   # compare its runs: a table and figures",
-            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors   # the model",
+            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors   # the "
+            "model",
         ]
     return lines

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from torch import nn
 
 from fedpeft_pl.compression import Codec
@@ -174,7 +173,9 @@ def open_session(
         server_round=server_round,
         received=received,
         config=dict(message.config),
-        extras={k: v.to(next(iter(like.values())).device) for k, v in message.extras.items()} if like else dict(message.extras),
+        extras={k: v.to(next(iter(like.values())).device) for k, v in message.extras.items()}
+        if like
+        else dict(message.extras),
         state=dict(own_state or {}),
     )
     return ClientSession(strategy, upload, context, dict(local_init or {}), peft if _views(peft) else None)

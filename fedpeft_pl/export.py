@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedpeft_pl.comm import payload_bytes
-from fedpeft_pl.peft import load_trainable_state, trainable_parameters
+from fedpeft_pl.peft import load_trainable_state, method_spec, trainable_parameters
 
 if TYPE_CHECKING:
     from fedpeft_pl.client import FedPEFTModule
@@ -71,7 +71,9 @@ def export_model(module: FedPEFTModule, path: Union[str, Path]) -> Exported:
     return Exported(path, merged is not None, len(state), payload_bytes(state))
 
 
-def export_checkpoint(module: FedPEFTModule, checkpoint_path: Union[str, Path], output: Union[str, Path], weights_only: bool = True) -> Exported:
+def export_checkpoint(
+    module: FedPEFTModule, checkpoint_path: Union[str, Path], output: Union[str, Path], weights_only: bool = True
+) -> Exported:
     """Load a fedpeft checkpoint's trainable state into ``module`` and export it to ``output``."""
     module.configure_model()
     checkpoint = torch.load(str(checkpoint_path), map_location="cpu", weights_only=weights_only)
@@ -94,15 +96,3 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
         method.apply(model)
     model.load_state_dict(load_file(str(path)))
     return model.eval()
-
-
-def method_spec(peft: object) -> dict:
-    """``{"class_path": ..., "init_args": ...}`` of a PEFT method, as JSON can hold it."""
-    return {"class_path": f"{type(peft).__module__}.{type(peft).__qualname__}", "init_args": _init_args(peft)}
-
-
-def _init_args(peft: object) -> dict:
-    if hasattr(peft, "export_args"):  # a method whose arguments are objects (HFPeft's peft config)
-        return peft.export_args()
-    args = {k: v for k, v in vars(peft).items() if not k.startswith("_")}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}

@@ -35,7 +35,11 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
     norms = torch._foreach_norm([tensors[n].detach() for n in names])
     if bool(torch.isfinite(torch.stack([norm.float() for norm in norms])).all()):
         return None
-    return next((n for n, norm in zip(names, norms) if not torch.isfinite(norm) and not torch.isfinite(tensors[n]).all()), None)
+    return next(
+        (n for n, norm in zip(names, norms) if not torch.isfinite(norm) and not torch.isfinite(tensors[n]).all()), None
+    )
+
+
 Sampling = Literal["uniform", "poisson"]
 
 

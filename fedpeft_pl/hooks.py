@@ -31,7 +31,8 @@ sets ``runs_on`` itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 
@@ -69,16 +70,22 @@ class FederatedCallback(pl.Callback):
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, client: int) -> None:
         """``client`` is about to receive the round's message; raise ClientDropped to keep it out."""
 
-    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_dropped(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         """``result.client`` was sampled but took no part: ``result.dropped`` says why."""
 
-    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         """``result.client`` finished local training and sent ``result``.
 
         With the in-process sequential runner the module still holds that client's trained state.
         """
 
-    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_failed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         """``result.client``'s local training raised ``result.error``; it sends nothing this round."""
 
     def on_round_gather(

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -39,10 +39,8 @@ from typing_extensions import override
 
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
-from fedpeft_pl.feature_cache import FEATURE_EVAL_BATCH, FeatureCache
+from fedpeft_pl.exchange import ClientSession, open_session
 from fedpeft_pl.federation import (
-    ClientEvaluation,
     ClientResult,
     ClientRunner,
     ClientStore,
@@ -51,8 +49,10 @@ from fedpeft_pl.federation import (
     sample_clients,
 )
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
-from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
+from fedpeft_pl.peft import trainable_state
 from fedpeft_pl.privacy import releases_client_statistics
+from fedpeft_pl.runners import SequentialRunner, VectorizedRunner
+from fedpeft_pl.runners.feature_cache import FEATURE_EVAL_BATCH, FeatureCache
 from fedpeft_pl.seeds import client_seed, training_seed
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class FederatedLoop(_FitLoop):
         availability: dropout and stragglers.
         runner: how clients run; the in-process :class:`SequentialRunner` by default.
         feature_cache: linear probing on features computed once per run
-            (:class:`~fedpeft_pl.feature_cache.FeatureCache`); ``auto`` by default.
+            (:class:`~fedpeft_pl.runners.feature_cache.FeatureCache`); ``auto`` by default.
     """
 
     def __init__(
@@ -185,9 +185,7 @@ class FederatedLoop(_FitLoop):
     @contextmanager
     def _cached_features(self) -> Iterator[None]:
         """Linear probing: the run's images through the backbone once, then the classifier on their
-        features (:mod:`fedpeft_pl.feature_cache`); the images, and the plain forward, come back after."""
-        from fedpeft_pl.vectorized import VectorizedRunner
-
+        features (:mod:`fedpeft_pl.runners.feature_cache`); the images, and the plain forward, come back after."""
         trainer = self.trainer
         elsewhere = None
         if not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
@@ -201,7 +199,10 @@ class FederatedLoop(_FitLoop):
         module, datamodule = trainer.lightning_module, trainer.datamodule
         val_loop = self.epoch_loop.val_loop
         eval_batch_size = datamodule.eval_batch_size
-        runner, choice = self.runner, (getattr(trainer, "client_runner", None), getattr(trainer, "client_runner_reason", None))
+        runner, choice = (
+            self.runner,
+            (getattr(trainer, "client_runner", None), getattr(trainer, "client_runner_reason", None)),
+        )
         images = datamodule.use_splits(replace(datamodule.splits, train=features[0], test=features[1]))
         try:
             val_loop._combined_loader = None  # the server evaluates on the test features (reloaded at first use)
@@ -231,7 +232,8 @@ class FederatedLoop(_FitLoop):
             if isinstance(callback, ModelCheckpoint):
                 if callback._every_n_train_steps or callback._train_time_interval:
                     raise ConfigError(
-                        "ModelCheckpoint must save at round ends only; remove every_n_train_steps and train_time_interval"
+                        "ModelCheckpoint must save at round ends only; remove every_n_train_steps and "
+                        "train_time_interval"
                     )
                 callback._save_on_train_epoch_end = True
         model = self.trainer.strategy.model
@@ -241,20 +243,24 @@ class FederatedLoop(_FitLoop):
                 # different clients for different numbers of steps would not all reach
                 raise ConfigError(
                     "this model has buffers, which DDP broadcasts on every forward; set "
-                    "trainer.strategy to lightning.pytorch.strategies.DDPStrategy with init_args {broadcast_buffers: false}"
+                    "trainer.strategy to lightning.pytorch.strategies.DDPStrategy with init_args "
+                    "{broadcast_buffers: false}"
                 )
         module = self.trainer.lightning_module
         peft = getattr(module, "peft", None)
         if getattr(peft, "per_client_views", False) and getattr(module, "privacy", None) is not None:
             # DP noise on the zero-padded ranks would make a client's LoRA other than rank r_k
-            raise ConfigError(f"trainer.privacy (local DP) cannot run with {peft!r} (heterogeneous ranks or stacking); remove one")
+            raise ConfigError(
+                f"trainer.privacy (local DP) cannot run with {peft!r} (heterogeneous ranks or stacking); remove one"
+            )
 
     def _resume_at_round_boundary(self) -> None:
         progress = self.epoch_progress
         if self.restarting:
             if progress.current.processed != progress.current.started:
                 raise ConfigError(
-                    "this checkpoint was written in the middle of a round; resume from a round-end checkpoint such as last.ckpt"
+                    "this checkpoint was written in the middle of a round; resume from a round-end checkpoint such as "
+                    "last.ckpt"
                 )
             progress.current.completed = progress.current.processed
             progress.total.completed = progress.total.processed
@@ -287,7 +293,9 @@ class FederatedLoop(_FitLoop):
         federation, datamodule = self.federation, self.trainer.datamodule
         clients = federation.sample(number) if clients is None else clients
         plans = {
-            c: self.availability.plan(federation.seed, number, c, federation.local_epochs * datamodule.client_num_batches(c))
+            c: self.availability.plan(
+                federation.seed, number, c, federation.local_epochs * datamodule.client_num_batches(c)
+            )
             for c in clients
         }
         share = clients[self.trainer.global_rank :: self.trainer.world_size]
@@ -297,7 +305,9 @@ class FederatedLoop(_FitLoop):
     def advance(self) -> None:
         """One communication round."""
         round = self.plan_round(self.epoch_progress.current.processed + 1)
-        self._federated("on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round))
+        self._federated(
+            "on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round)
+        )
         round = replace(round, message=self.trainer.aggregation.configure_round(round))
         failures: list[BaseException] = []
         for result in self.runner.run(round):
@@ -345,22 +355,30 @@ class FederatedLoop(_FitLoop):
     def start_client(self, round: Round, client: int) -> Optional[ClientResult]:
         """``on_client_start``, then availability: None if the client takes part, else its dropped result."""
         try:
-            self._federated(
-                "on_client_start", lambda cb, t, m: cb.on_client_start(t, m, round, client), None
-            )
+            self._federated("on_client_start", lambda cb, t, m: cb.on_client_start(t, m, round, client), None)
         except ClientDropped as reason:
             return ClientResult(client, dropped=str(reason), received=False)
         if round.plans[client].dropped:  # unavailable when its round came: it is sent nothing
             return ClientResult(client, dropped="dropped out (client availability)", received=False)
         return None
 
-    def open_session(self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]) -> ClientSession:
+    def open_session(
+        self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]
+    ) -> ClientSession:
         """The client's side of ``round``: the decoded message, its strategy hooks and its own stored state."""
         server = self.trainer.aggregation
         assert round.message is not None, "the server configures the round before clients run"
         return open_session(
-            server.strategy, server.upload, server.download, round.message, client, round.number, like,
-            self.client_states.get(client), local_init, getattr(self.trainer.lightning_module, "peft", None),
+            server.strategy,
+            server.upload,
+            server.download,
+            round.message,
+            client,
+            round.number,
+            like,
+            self.client_states.get(client),
+            local_init,
+            getattr(self.trainer.lightning_module, "peft", None),
         )
 
     def close_session(self, session: ClientSession) -> None:
@@ -386,7 +404,9 @@ class FederatedLoop(_FitLoop):
         model = self.trainer.strategy.model
         return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
 
-    def train_local(self, round_number: int, client: int, max_batches: int, session: Optional[ClientSession] = None) -> None:
+    def train_local(
+        self, round_number: int, client: int, max_batches: int, session: Optional[ClientSession] = None
+    ) -> None:
         """Local training for ``local_epochs`` epochs, stopping after ``max_batches`` batches (stragglers).
 
         A fresh optimizer from the module's ``configure_optimizers``; data order and the torch
@@ -399,7 +419,9 @@ class FederatedLoop(_FitLoop):
         seed = self.federation.seed
         loader = trainer.datamodule.client_dataloader(client, client_seed(seed, round_number, client))
         device = trainer.strategy.root_device
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        rng_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         local_first = module.local_first_epochs
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(training_seed(seed, round_number, client))
@@ -463,78 +485,6 @@ class FederatedLoop(_FitLoop):
         if on_module is not None and isinstance(module, FederatedHooks):
             with trainer.profiler.profile(f"[LightningModule]{type(module).__name__}.{label}"):
                 on_module(module)
-
-
-def client_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
-    """What a client reports besides its update: its training loss, unless the run is private."""
-    metrics = module.local_metrics()
-    if not releases_client_statistics(trainer):  # un-noised per-client statistics stay on the client
-        metrics.pop("train_loss", None)
-    return metrics
-
-
-class SequentialRunner:
-    """The in-process runner: the clients of this process's share, one after another, in one module.
-
-    The module's trainable tensors are swapped in place per client (the backbone exists once),
-    each client trains with Lightning's epoch loop, and its result is yielded as soon as it is
-    done, so ``on_client_end`` sees the client's trained state in the module.
-    """
-
-    def __init__(self, loop: FederatedLoop) -> None:
-        self.loop = loop
-
-    def run(self, round: Round) -> Iterator[ClientResult]:
-        loop = self.loop
-        module = loop.trainer.lightning_module
-        datamodule = loop.trainer.datamodule
-        local = local_names(module)
-        # the module holds the global state and, for a personalised method, the initial local part
-        start = trainable_state(module)
-        shared_like = {n: t for n, t in start.items() if n not in local}
-        local_init = {n: t for n, t in start.items() if n in local}
-        for client in round.share:
-            dropped = loop.start_client(round, client)
-            if dropped is not None:
-                yield dropped
-                continue
-            session = loop.open_session(round, client, shared_like, local_init)
-            session.load_into(module)
-            module.begin_client(session)
-            try:
-                with loop.no_gradient_sync():
-                    loop.train_local(round.number, client, round.plans[client].batches, session)
-                result = session.finish(trainable_state(module), datamodule.client_num_samples(client), client_metrics(loop.trainer, module))
-            except Exception as error:  # one client's failure must not end the run
-                result = ClientResult(client, error=error)
-            else:
-                loop.close_session(session)
-            finally:
-                module.end_client()
-                if local_init:
-                    load_trainable_state(module, local_init, partial=True)
-            yield result
-
-
-    def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
-        """Each client's model (the global state plus its own local part, if any) on its own test split."""
-        loop = self.loop
-        trainer = loop.trainer
-        module = trainer.lightning_module
-        datamodule = trainer.datamodule
-        start = trainable_state(module)
-        local_init = {n: t for n, t in start.items() if n in local_names(module)}
-        try:
-            for client in clients:
-                if local_init:
-                    own = loop.client_states.get(client)
-                    load_trainable_state(module, {n: own.get(LOCAL + n, t) for n, t in local_init.items()}, partial=True)
-                count, metrics = module.evaluate_on(
-                    datamodule.client_test_dataloader(client), trainer.precision_plugin.forward_context()
-                )
-                yield ClientEvaluation(client, count, metrics)
-        finally:
-            load_trainable_state(module, start)
 
 
 class _ClientJob(FederatedLoop):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from opacus.optimizers.optimizer import _generate_noise
@@ -58,7 +59,8 @@ class NoiseSource:
         self._seeds: dict[tuple, int] = {}
 
     def open(self, release: Sequence[int], seed: Optional[int] = None) -> None:
-        """Start the stream of ``release`` (e.g. ``(round, client)``); ``seed`` is the run's, used only when reproducible."""
+        """Start the stream of ``release`` (e.g. ``(round, client)``); ``seed`` is the run's, used only when
+        reproducible."""
         release = tuple(release)
         if self.reproducible:
             if seed is None:

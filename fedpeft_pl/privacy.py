@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -27,14 +28,13 @@ import torch.nn.functional as F
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.func import functional_call, grad_and_value, vmap
-
 from typing_extensions import override
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
-from fedpeft_pl.peft import trainable_parameters
 from fedpeft_pl.noise import NOT_PRIVATE, NoiseSource
+from fedpeft_pl.peft import trainable_parameters
 from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE
 from fedpeft_pl.strategies import ClientUpdate, Strategy
 
@@ -73,7 +73,9 @@ def _announce_client_statistics(owner: str, release: bool) -> None:
         )
 
 
-def check_privacy_arguments(epsilon: Optional[float], delta: float, clip: float, accountant: str, clip_name: str) -> None:
+def check_privacy_arguments(
+    epsilon: Optional[float], delta: float, clip: float, accountant: str, clip_name: str
+) -> None:
     if epsilon is not None and not epsilon > 0:
         raise ConfigError(f"privacy epsilon must be > 0, got {epsilon}")
     if not 0 < delta < 1:
@@ -226,10 +228,15 @@ class LocalDP(FederatedCallback):
             else:
                 rate, steps = self._rates(client)
                 federation = self._federation
-                participations = max(1, math.ceil(federation.num_rounds * federation.clients_per_round / federation.num_clients))
+                participations = max(
+                    1, math.ceil(federation.num_rounds * federation.clients_per_round / federation.num_clients)
+                )
                 self._sigma[client] = get_noise_multiplier(
-                    target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=rate,
-                    steps=participations * steps, accountant=self.accountant,
+                    target_epsilon=self.epsilon,
+                    target_delta=self.delta,
+                    sample_rate=rate,
+                    steps=participations * steps,
+                    accountant=self.accountant,
                 )
         return self._sigma[client]
 
@@ -249,7 +256,9 @@ class LocalDP(FederatedCallback):
         module's manual optimization from the start.
         """
         if not hasattr(module, "privacy"):
-            raise ConfigError("LocalDP needs a FedPEFTModule (or a module with a 'privacy' attribute) to train privately")
+            raise ConfigError(
+                "LocalDP needs a FedPEFTModule (or a module with a 'privacy' attribute) to train privately"
+            )
         if not hasattr(datamodule, "poisson_sampling"):
             raise ConfigError("LocalDP needs a FederatedDataModule, whose local batches can be Poisson samples")
         module.privacy = self
@@ -288,7 +297,9 @@ class LocalDP(FederatedCallback):
         self._noise.open((self._round, client), seed=self._federation.seed)
 
     @override
-    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         client = result.client
         rate, steps = self._rates(client)
         # every planned step is accounted, also a step whose Poisson batch happened to be empty
@@ -296,11 +307,15 @@ class LocalDP(FederatedCallback):
         self._noise.close((self._round, client))
 
     @override
-    def on_client_failed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_failed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         self._noise.close((self._round, result.client))
 
     @override
-    def on_client_dropped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult) -> None:
+    def on_client_dropped(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
+    ) -> None:
         self._noise.close((self._round, result.client))
 
     @override
@@ -408,7 +423,9 @@ class DPFedAvg(Strategy):
 
     def setup(self, federation: Federation) -> None:
         if federation.sampling != "poisson":
-            raise ConfigError("DPFedAvg's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson")
+            raise ConfigError(
+                "DPFedAvg's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson"
+            )
         self._rate = federation.clients_per_round / federation.num_clients
         self._expected_clients = float(federation.clients_per_round)
         self._seed = federation.seed
@@ -416,8 +433,11 @@ class DPFedAvg(Strategy):
         _announce_client_statistics("DPFedAvg", self.release_client_statistics)
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self._rate,
-                steps=federation.num_rounds, accountant=self.accountant,
+                target_epsilon=self.epsilon,
+                target_delta=self.delta,
+                sample_rate=self._rate,
+                steps=federation.num_rounds,
+                accountant=self.accountant,
             )
 
     def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
@@ -434,8 +454,12 @@ class DPFedAvg(Strategy):
         result = {}
         for name, current in global_state.items():
             # drawn on the CPU whatever the state's device, so reproducible noise is the same on every device
-            noise = self._noise.gaussian(current.shape, self.noise_multiplier * self.clip_norm, "cpu", torch.float32, release)
-            result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(current.dtype)
+            noise = self._noise.gaussian(
+                current.shape, self.noise_multiplier * self.clip_norm, "cpu", torch.float32, release
+            )
+            result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(
+                current.dtype
+            )
         self._noise.close(release)
         self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
         return result

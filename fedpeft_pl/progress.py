@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
 from typing_extensions import override
 
 from fedpeft_pl.federation import Round

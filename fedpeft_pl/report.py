@@ -45,7 +45,8 @@ def unfinished_reason(run: Run) -> Optional[str]:
 
 
 def write_report(run_dirs: list[str], output: str = "report") -> Path:
-    """Write the table and the figures of the finished runs under ``run_dirs`` to ``output``; return the table's path."""
+    """Write the table and the figures of the finished runs under ``run_dirs`` to ``output``; return the table's
+    path."""
     try:
         import matplotlib
 
@@ -65,7 +66,9 @@ def write_report(run_dirs: list[str], output: str = "report") -> Path:
         else:
             log.warning(f"skipped {run.path}: it never finished ({reason})")
     if not finished:
-        raise ConfigError(f"no finished run under {', '.join(run_dirs)}; a run counts once it has logged all its rounds")
+        raise ConfigError(
+            f"no finished run under {', '.join(run_dirs)}; a run counts once it has logged all its rounds"
+        )
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     table = folder / "report.md"
@@ -97,8 +100,12 @@ def report_command(argv: list[str]) -> None:
         "figures (PNG) from their TensorBoard logs. Runs that never finished are skipped. Needs fedpeft-pl[analysis].",
         allow_abbrev=False,
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder or a folder of runs, e.g. runs/quickstart")
-    parser.add_argument("--output", default="report", metavar="DIR", help="where to write report.md and the figures (default: report)")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder or a folder of runs, e.g. runs/quickstart"
+    )
+    parser.add_argument(
+        "--output", default="report", metavar="DIR", help="where to write report.md and the figures (default: report)"
+    )
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError(f"report: {message}; see fedpeft report --help"))  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     table = write_report(args.run_dirs, args.output)

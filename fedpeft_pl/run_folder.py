@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -45,7 +46,9 @@ class RoundCheckpoint(ModelCheckpoint):
         super().__init__(filename=filename, **kwargs)
 
     @override
-    def format_checkpoint_name(self, metrics: dict[str, Any], filename: Optional[str] = None, ver: Optional[int] = None, **kwargs: Any) -> str:
+    def format_checkpoint_name(
+        self, metrics: dict[str, Any], filename: Optional[str] = None, ver: Optional[int] = None, **kwargs: Any
+    ) -> str:
         if "epoch" in metrics and "round" not in metrics:
             metrics = {**metrics, "round": int(metrics["epoch"]) + 1}
         return super().format_checkpoint_name(metrics, filename, ver, **kwargs)
@@ -75,10 +78,15 @@ def check_checkpoint_file(path: str) -> dict[str, Any]:
             f"ckpt_path {path!r} is not a readable checkpoint ({type(err).__name__}: {reason}); it may be truncated "
             "or not a checkpoint at all; give a .ckpt file that fedpeft fit wrote (<run folder>/checkpoints/last.ckpt)"
         ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("backbone"), dict) or "state_dict" not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("backbone"), dict)
+        or "state_dict" not in checkpoint
+    ):
         raise ConfigError(
             f"ckpt_path {path!r} is not a fedpeft checkpoint (it names no backbone; a plain state dict or another "
-            "program's file?); give a .ckpt file that fedpeft fit wrote, or load plain weights with model.backbone.weights_file"
+            "program's file?); give a .ckpt file that fedpeft fit wrote, or load plain weights with "
+            "model.backbone.weights_file"
         )
     return checkpoint
 
@@ -95,7 +103,8 @@ def check_resume(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         example = extra[0] if extra else f"{wrong[0]} {tuple(saved[wrong[0]].shape)} vs {tuple(trainable[wrong[0]])}"
         raise ConfigError(
             f"the checkpoint's trainable tensors do not match this model's {getattr(model, 'peft', '')!r} "
-            f"({len(extra)} unknown, {len(wrong)} of another shape, e.g. {example}); resume with the configuration that wrote it"
+            f"({len(extra)} unknown, {len(wrong)} of another shape, e.g. {example}); resume with the configuration "
+            "that wrote it"
         )
 
 

@@ -154,7 +154,11 @@ class FedProx(FedAvg):
     def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
         if self.mu == 0:
             return None
-        distance = sum((p - context.received[name]).pow(2).sum() for name, p in params.items() if name in context.received)
+        distance = sum(
+            (p - context.received[name]).pow(2).sum() for name, p in params.items() if name in context.received
+        )
+        if not isinstance(distance, torch.Tensor):  # nothing of the module travels
+            return None
         return self.mu / 2 * distance
 
 
@@ -256,11 +260,12 @@ class FedDyn(Strategy):
         self._num_clients = federation.num_clients
 
     def client_loss(self, params: State, context: ClientContext) -> Optional[torch.Tensor]:
-        total = 0.0
+        total: Optional[torch.Tensor] = None
         for name, p in params.items():
             if name not in context.received:  # a tensor that does not travel (a personalised local part)
                 continue
-            total = total + self.alpha / 2 * (p - context.received[name]).pow(2).sum()
+            term = self.alpha / 2 * (p - context.received[name]).pow(2).sum()
+            total = term if total is None else total + term
             gradient = context.state.get(f"grad.{name}")
             if gradient is not None:
                 total = total - (gradient * p).sum()
@@ -316,7 +321,9 @@ class FedOpt(FedAvg):
     ) -> None:
         super().__init__(min_clients)
         if lr <= 0 or tau <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
-            raise ConfigError(f"{type(self).__name__} needs lr > 0, tau > 0 and betas in [0, 1); got lr={lr}, tau={tau}")
+            raise ConfigError(
+                f"{type(self).__name__} needs lr > 0, tau > 0 and betas in [0, 1); got lr={lr}, tau={tau}"
+            )
         self.lr = lr
         self.beta1 = beta1
         self.beta2 = beta2

@@ -28,13 +28,19 @@ from fedpeft_pl.console import RunSummary
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.export import Exported, export_checkpoint
-from fedpeft_pl.feature_cache import FeatureCache
 from fedpeft_pl.federation import ClientRunner, Federation
 from fedpeft_pl.hooks import runs_on_client
 from fedpeft_pl.loop import FederatedLoop, _ClientJob
 from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
-from fedpeft_pl.run_folder import RoundCheckpoint, check_checkpoint_file, check_resume, check_server_resume, removed_if_failed_early
+from fedpeft_pl.run_folder import (
+    RoundCheckpoint,
+    check_checkpoint_file,
+    check_resume,
+    check_server_resume,
+    removed_if_failed_early,
+)
+from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -43,10 +49,16 @@ log = logging.getLogger(__name__)
 # Lightning settings in epochs and steps that a federated run has no use for, with what to use
 # instead; FederatedTrainer refuses them with that advice, and --help does not list them
 NOT_IN_ROUNDS = {
-    "fast_dev_run": "for a quick check run --trainer.num_rounds 1 --trainer.clients_per_round 1 --trainer.local_epochs 1",
+    "fast_dev_run": (
+        "for a quick check run --trainer.num_rounds 1 --trainer.clients_per_round 1 --trainer.local_epochs 1"
+    ),
     "overfit_batches": "a client trains trainer.local_epochs over its own data",
-    "limit_train_batches": "a client trains trainer.local_epochs over its own data; cap stragglers' work with trainer.availability",
-    "val_check_interval": "the server model is evaluated after a round: set trainer.check_val_every_n_epoch (every n rounds)",
+    "limit_train_batches": (
+        "a client trains trainer.local_epochs over its own data; cap stragglers' work with trainer.availability"
+    ),
+    "val_check_interval": (
+        "the server model is evaluated after a round: set trainer.check_val_every_n_epoch (every n rounds)"
+    ),
     "reload_dataloaders_every_n_epochs": "each client's loader is set up anew every round",
 }
 
@@ -70,13 +82,13 @@ class FederatedTrainer(pl.Trainer):
             client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
         client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
             ``vectorized`` (a round's clients at once through the one frozen backbone,
-            :class:`~fedpeft_pl.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
+            :class:`~fedpeft_pl.runners.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
             device, where it is faster, and for Head on cached features; sequential elsewhere); the
             console says which and why.
         max_parallel_clients: with the vectorised runner, at most this many clients train at once
             (halved by itself if a chunk runs out of CUDA memory).
         feature_cache: linear probing (Head) on features computed once per run
-            (:class:`~fedpeft_pl.feature_cache.FeatureCache`): ``auto`` caches where that is exact
+            (:class:`~fedpeft_pl.runners.feature_cache.FeatureCache`): ``auto`` caches where that is exact
             and says on the console why not elsewhere, ``memory`` insists, ``off`` never caches.
         feature_cache_max_gib: the most memory the cached features may take.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
@@ -112,22 +124,30 @@ class FederatedTrainer(pl.Trainer):
         **kwargs: Any,
     ) -> None:
         features = FeatureCache(feature_cache, feature_cache_max_gib)  # checked before Lightning starts
-        settings = dict(
-            num_rounds=num_rounds, clients_per_round=clients_per_round, local_epochs=local_epochs,
-            sampling=client_sampling, seed=seed,
-        )
+        settings = {
+            "num_rounds": num_rounds,
+            "clients_per_round": clients_per_round,
+            "local_epochs": local_epochs,
+            "sampling": client_sampling,
+            "seed": seed,
+        }
         try:  # the same checks as at fit time, where the number of clients is known
             Federation(num_clients=max(clients_per_round, 1) if isinstance(clients_per_round, int) else 1, **settings)
         except ConfigError as err:
             raise ConfigError(f"trainer.{err}") from None
         for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
             if kwargs.get(name) not in (None, -1):
-                raise ConfigError(f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set trainer.num_rounds")
+                raise ConfigError(
+                    f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set "
+                    "trainer.num_rounds"
+                )
             kwargs.pop(name, None)
         for name, instead in NOT_IN_ROUNDS.items():
             value = kwargs.get(name)
             # Lightning's "no change" values pass: 1.0 is all the batches, or one check an epoch
-            unchanged = value in (None, False, 0) or (name in ("limit_train_batches", "val_check_interval") and isinstance(value, float) and value == 1.0)
+            unchanged = value in (None, False, 0) or (
+                name in ("limit_train_batches", "val_check_interval") and isinstance(value, float) and value == 1.0
+            )
             if not unchanged:
                 raise ConfigError(f"trainer.{name} does not apply to a federated run; remove it: {instead}")
             kwargs.pop(name, None)
@@ -150,12 +170,16 @@ class FederatedTrainer(pl.Trainer):
             kwargs["enable_model_summary"] = logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
         if kwargs["enable_progress_bar"] is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(FederatedProgressBar())
-        if kwargs.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        if kwargs.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
             callbacks.append(RoundCheckpoint())
         if not any(isinstance(c, RunSummary) for c in callbacks):
             callbacks.append(RunSummary())
         try:
-            super().__init__(max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs)
+            super().__init__(
+                max_epochs=num_rounds, callbacks=callbacks, num_sanity_val_steps=num_sanity_val_steps, **kwargs
+            )
         except MisconfigurationException as err:  # e.g. accelerator: gpu on a machine without one
             detail = str(err).strip().splitlines()[0]
             accelerator = kwargs.get("accelerator", "auto")
@@ -164,10 +188,11 @@ class FederatedTrainer(pl.Trainer):
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
         self.fit_loop = FederatedLoop(self, settings, availability=availability, feature_cache=features)
-        from fedpeft_pl.vectorized import VectorizedRunner, choose_client_runner
 
         if client_runner == "sequential" and max_parallel_clients is not None:
-            raise ConfigError("trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized")
+            raise ConfigError(
+                "trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized"
+            )
         if max_parallel_clients is not None and max_parallel_clients < 1:
             raise ConfigError(f"trainer.max_parallel_clients must be >= 1, got {max_parallel_clients}")
         self.client_runner, self.client_runner_reason = choose_client_runner(
@@ -181,8 +206,6 @@ class FederatedTrainer(pl.Trainer):
     def describe_client_runner(self, module: Optional[pl.LightningModule] = None) -> tuple[str, str]:
         """Which runner trains the clients and why, e.g. ``("sequential", "auto: ...")``; a
         vectorised runner that hands this run to the sequential one says so."""
-        from fedpeft_pl.vectorized import VectorizedRunner
-
         runner = self.fit_loop.runner
         if isinstance(runner, VectorizedRunner):
             reason = runner.reason_not_to_vectorise(module)
@@ -195,6 +218,12 @@ class FederatedTrainer(pl.Trainer):
             return self.strategy.root_device.type
         except (AttributeError, IndexError, RuntimeError):  # a strategy that knows its device only once launched
             return "cpu"
+
+    @property
+    def releases_client_statistics(self) -> bool:
+        """Whether this run may collect un-noised per-client statistics
+        (:func:`fedpeft_pl.privacy.releases_client_statistics`)."""
+        return releases_client_statistics(self)
 
     @property
     def federation(self) -> Federation:
@@ -228,9 +257,14 @@ class FederatedTrainer(pl.Trainer):
             weights_only: as in Lightning; fedpeft checkpoints load tensors-only.
         """
         if train_dataloaders is not None or val_dataloaders is not None:
-            raise ConfigError("FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of dataloaders")
+            raise ConfigError(
+                "FederatedTrainer.fit takes its data from a FederatedDataModule; pass datamodule=... instead of "
+                "dataloaders"
+            )
         if not all(hasattr(datamodule, a) for a in ("num_clients", "client_dataloader", "client_num_samples")):
-            raise ConfigError("FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients")
+            raise ConfigError(
+                "FederatedTrainer.fit needs a FederatedDataModule, passed as datamodule=..., to split data into clients"
+            )
         self._check_clients(datamodule.num_clients)
         privacy = self.privacy
         if privacy is not None:
@@ -254,7 +288,7 @@ class FederatedTrainer(pl.Trainer):
     ) -> int:
         """Train one client of one round from the state ``model`` holds now; return its number of samples.
 
-        The client side of a deployment (:mod:`fedpeft_pl.flower`): no server, no evaluation, no
+        The client side of a deployment (:mod:`fedpeft_pl.deploy.flower`): no server, no evaluation, no
         logging and no checkpoints, and only the callbacks that run on clients
         (:func:`~fedpeft_pl.hooks.runs_on_client`); the trained state is left in ``model``.
         ``max_batches`` caps the local steps (a straggler); by default the client makes all
@@ -293,7 +327,13 @@ class FederatedTrainer(pl.Trainer):
             return None
         newest = max(candidates, key=lambda p: p.stat().st_mtime)
         version_dir = newest.parent.parent
-        if continue_logging and not own_dirs and isinstance(logger, TensorBoardLogger) and not pinned and version_dir.parent == Path(root):
+        if (
+            continue_logging
+            and not own_dirs
+            and isinstance(logger, TensorBoardLogger)
+            and not pinned
+            and version_dir.parent == Path(root)
+        ):
             self.loggers = [_continue_in(logger, version_dir.name)] + [lg for lg in self.loggers if lg is not logger]
         log.info(f"resuming from {newest}")
         return str(newest)
@@ -328,13 +368,22 @@ class FederatedTrainer(pl.Trainer):
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path: a checkpoint file, or last for this config's newest last.ckpt")
         if os.path.isdir(output):
-            raise ConfigError(f"--output {output!r} is a directory; give the file to write, e.g. {os.path.join(output, 'model.safetensors')!r}")
+            raise ConfigError(
+                f"--output {output!r} is a directory; give the file to write, e.g. "
+                f"{os.path.join(output, 'model.safetensors')!r}"
+            )
         path = self.find_last_checkpoint() if ckpt_path == "last" else ckpt_path
         if path is None:
-            raise ConfigError(f"ckpt_path 'last': this config's run folder holds no last.ckpt; give the checkpoint file to export")
+            raise ConfigError(
+                "ckpt_path 'last': this config's run folder holds no last.ckpt; give the checkpoint file to export"
+            )
         check_resume(model, check_checkpoint_file(path))
         exported = export_checkpoint(model, path, output, weights_only=weights_only is not False)
-        kind = "plain timm" if exported.plain_timm else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
+        kind = (
+            "plain timm"
+            if exported.plain_timm
+            else "timm plus the PEFT tensors (load with fedpeft_pl.export.load_exported)"
+        )
         print(f"wrote {exported.path}: {exported.tensors} tensors, {exported.num_bytes:,} bytes, {kind}")
         return exported
 
@@ -346,7 +395,11 @@ class FederatedTrainer(pl.Trainer):
         settings = self.fit_loop.settings
         availability = self.fit_loop.availability
         server = self.aggregation
-        notes = ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
+        notes = (
+            ["clients are Poisson-sampled: m is the expected number per round"]
+            if settings["sampling"] == "poisson"
+            else []
+        )
         if availability.dropout or availability.stragglers:
             notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
         runner, why = self.describe_client_runner(model)
@@ -354,13 +407,21 @@ class FederatedTrainer(pl.Trainer):
         notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:
-            notes.append(f"{sum(p.numel() for p in local):,} further parameters are personalised: they stay on each client")
+            notes.append(
+                f"{sum(p.numel() for p in local):,} further parameters are personalised: they stay on each client"
+            )
         if type(server.upload) is not Codec or type(server.download) is not Codec:
             notes.append(f"upload {server.upload!r}, download {server.download!r}")
         report = communication_report(
-            model, settings["clients_per_round"], settings["num_rounds"],
-            upload=server.upload, download=server.download, notes=tuple(notes), strategy=server.strategy,
-            round_config=server.strategy.configure_fit(1, {})[1], with_loss=releases_client_statistics(self),
+            model,
+            settings["clients_per_round"],
+            settings["num_rounds"],
+            upload=server.upload,
+            download=server.download,
+            notes=tuple(notes),
+            strategy=server.strategy,
+            round_config=server.strategy.configure_fit(1, {})[1],
+            with_loss=releases_client_statistics(self),
             num_clients=num_clients,
         )
         print(report.format())
@@ -373,7 +434,6 @@ def _continue_in(logger: TensorBoardLogger, version: Union[str, int]) -> TensorB
     suffix = name.removeprefix("version_")
     pinned = int(suffix) if name.startswith("version_") and suffix.isdigit() else name
     return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=pinned, sub_dir=logger.sub_dir)
-
 
 
 def _has_version(logger: TensorBoardLogger) -> bool:

@@ -29,7 +29,6 @@ import os
 from typing import Any, Optional, Union
 
 import yaml
-
 from jsonargparse import Path, get_loader, set_loader
 
 from fedpeft_pl.errors import ConfigError
@@ -72,7 +71,7 @@ def _resolve(config: dict[str, Any], directory: Optional[str], seen: tuple[str, 
         if not isinstance(included, dict):
             raise ConfigError(f"{BASE_KEY} {base!r} is not a YAML mapping of settings")
         if BASE_KEY in included:
-            included = _resolve(included, os.path.dirname(path), seen + (path,))
+            included = _resolve(included, os.path.dirname(path), (*seen, path))
         merged = merge(merged, included)
     return merge(merged, config)
 
@@ -92,7 +91,9 @@ def _absolute(base: Any, directory: Optional[str]) -> str:
             return Path(base, mode="fr").absolute
         return Path(os.path.join(directory, base), mode="fr").absolute
     except TypeError as err:
-        raise ConfigError(f"{BASE_KEY} {base!r} is not a readable file (paths are relative to the including file)") from err
+        raise ConfigError(
+            f"{BASE_KEY} {base!r} is not a readable file (paths are relative to the including file)"
+        ) from err
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ EXPERIMENTS = REPO / "configs" / "experiments"
 METHODS = list(METHOD_NAMES)
 SETTINGS = sorted(p.stem for p in (EXPERIMENTS / "settings").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (EXPERIMENTS / "datasets").glob("*.yaml"))
-DP = ["none"] + sorted(p.stem for p in (EXPERIMENTS / "dp").glob("*.yaml"))
+DP = ["none", *sorted(p.stem for p in (EXPERIMENTS / "dp").glob("*.yaml"))]
 
 
 def grid_points(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
@@ -35,25 +35,34 @@ def grid_points(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
 
 
 def command(dataset: str, setting: str, dp: str, method: str, out: Path, extra: list[str]) -> list[str]:
-    configs = [f"configs/{method}.yaml", f"configs/experiments/settings/{setting}.yaml", f"configs/experiments/datasets/{dataset}.yaml"]
+    configs = [
+        f"configs/{method}.yaml",
+        f"configs/experiments/settings/{setting}.yaml",
+        f"configs/experiments/datasets/{dataset}.yaml",
+    ]
     if dp != "none":
         configs.append(f"configs/experiments/dp/{dp}.yaml")
     group = setting if dp == "none" else f"{setting}-{dp}"
     args = ["fedpeft", "fit"]
     for config in configs:
         args += ["--config", config]
-    return args + ["--trainer.logger.init_args.save_dir", str(out / dataset / group), *extra]
+    return [*args, "--trainer.logger.init_args.save_dir", str(out / dataset / group), *extra]
 
 
 def collect(out: Path) -> str:
     from fedpeft_pl.analysis import load_run
 
-    rows = ["| dataset | setting | method | rounds | final server accuracy | total MiB sent |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| dataset | setting | method | rounds | final server accuracy | total MiB sent |",
+        "|---|---|---|---|---|---|",
+    ]
     for run_dir in sorted(out.glob("*/*/*/version_*")):
         dataset, setting, method = run_dir.relative_to(out).parts[:3]
         run = load_run(run_dir)
         accuracy = f"{run.final_accuracy:.4f}" if run.final_accuracy is not None else "-"
-        rows.append(f"| {dataset} | {setting} | {method} | {run.rounds} | {accuracy} | {run.total_bytes / 2**20:,.1f} |")
+        rows.append(
+            f"| {dataset} | {setting} | {method} | {run.rounds} | {accuracy} | {run.total_bytes / 2**20:,.1f} |"
+        )
     return "\n".join(rows)
 
 

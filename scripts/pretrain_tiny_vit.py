@@ -92,8 +92,11 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             accuracy = (model(prepare(images[held_out])).argmax(1) == labels[held_out]).float().mean()
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, held-out MNIST acc {accuracy:.4f}, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, held-out MNIST acc {accuracy:.4f}, "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
 
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     metadata = {

@@ -2,7 +2,7 @@
 
 import torch
 
-from fedpeft_pl import Backbone, FedPEFTModule, FederatedDataModule, FederatedTrainer
+from fedpeft_pl import Backbone, FederatedDataModule, FederatedTrainer, FedPEFTModule
 from fedpeft_pl.data import Digits
 
 TINY_KWARGS = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2}
@@ -29,16 +29,15 @@ def tiny_datamodule(num_clients: int = 4, **kwargs) -> FederatedDataModule:
 
 
 def tiny_trainer(tmp_path, **kwargs) -> FederatedTrainer:
-    defaults = dict(
-        num_rounds=1,
-        clients_per_round=2,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    defaults = {
+        "num_rounds": 1,
+        "clients_per_round": 2,
+        "accelerator": "cpu",
+        "default_root_dir": str(tmp_path),
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
     defaults.update(kwargs)
     return FederatedTrainer(**defaults)
-

@@ -8,7 +8,8 @@ from fedpeft_pl.hooks import FederatedCallback
 
 
 class RecordResults(FederatedCallback):
-    """Saves each round's successful client results (client, samples, aggregate_of, payload) to ``<log_dir>/results.pt``."""
+    """Saves each round's successful client results (client, samples, aggregate_of, payload) to
+    ``<log_dir>/results.pt``."""
 
     def __init__(self) -> None:
         self.results = []

@@ -12,8 +12,16 @@ from fedpeft_pl.cli import main
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
-         "--trainer.enable_progress_bar", "false"]
+SHORT = [
+    "--trainer.num_rounds",
+    "2",
+    "--trainer.clients_per_round",
+    "2",
+    "--trainer.local_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +32,20 @@ def logs(tmp_path_factory):
     os.chdir(REPO)
     try:
         for method, name in (("Prompt", "prompt"), ("Full", "full")):
-            main(["fit", "--config", "configs/quickstart.yaml", *SHORT, "--model.peft", f"fedpeft_pl.peft.{method}",
-                  "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", name])
+            main(
+                [
+                    "fit",
+                    "--config",
+                    "configs/quickstart.yaml",
+                    *SHORT,
+                    "--model.peft",
+                    f"fedpeft_pl.peft.{method}",
+                    "--trainer.logger.init_args.save_dir",
+                    str(root),
+                    "--trainer.logger.init_args.name",
+                    name,
+                ]
+            )
     finally:
         os.chdir(cwd)
     return root

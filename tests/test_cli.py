@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,15 +31,28 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_fit_through_the_console_script_leaves_tensorboard_logs(tmp_path):
     result = fedpeft(
-        "fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
+        "fit",
+        "--config",
+        QUICKSTART,
+        *SHORT,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "round 2/2 | server acc" in result.stderr
     run = tmp_path / "prompt" / "version_0"
     logged = scalars(run)
-    for tag in ("comm/bytes_down", "comm/bytes_up", "comm/cumulative_bytes", "server/acc", "server/loss",
-                "train/loss", "server/acc_vs_cumulative_bytes"):
+    for tag in (
+        "comm/bytes_down",
+        "comm/bytes_up",
+        "comm/cumulative_bytes",
+        "server/acc",
+        "server/loss",
+        "train/loss",
+        "server/acc_vs_cumulative_bytes",
+    ):
         assert tag in logged, tag
     assert [step for step, _ in logged["server/acc"]] == [1, 2]
     # Prompt: 4 blocks x 10 tokens x 128 dims + a 128x10 head with bias, fp32, 3 clients a round
@@ -89,7 +101,19 @@ def test_a_users_own_peft_class_plugs_in_by_class_path(capsys, monkeypatch, tmp_
     main(["comm", "--config", QUICKSTART, "--model.peft", "my_peft.NormOnly"])
     # 4 blocks x 2 LayerNorms + the final norm, each 128 weights + 128 biases; head 128x10 + 10
     assert f"{(4 * 2 + 1) * 256 + 1290:,}" in capsys.readouterr().out
-    main(["fit", "--config", QUICKSTART, "--model.peft", "my_peft.NormOnly", *SHORT,
-          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.peft",
+            "my_peft.NormOnly",
+            *SHORT,
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     config = yaml.safe_load((tmp_path / "prompt" / "version_0" / "config.yaml").read_text())
     assert config["model"]["peft"]["class_path"] == "my_peft.NormOnly"

@@ -12,8 +12,8 @@ from torch.func import functional_call
 
 from fedpeft_pl import FedDyn, FedPEFTModule, Scaffold
 from fedpeft_pl.federation import sample_clients
-from fedpeft_pl.seeds import client_seed
 from fedpeft_pl.peft import Bias, trainable_state
+from fedpeft_pl.seeds import client_seed
 
 LR, ROUNDS, CLIENTS, PER_ROUND, EPOCHS, SEED = 0.05, 2, 4, 2, 2, 7
 
@@ -72,7 +72,9 @@ def test_scaffold_matches_option_two_of_the_paper_computed_by_hand(tmp_path):
         for client in sample_clients(SEED, server_round, CLIENTS, PER_ROUND):
             ci = c_own.get(client, {n: torch.zeros_like(t) for n, t in x.items()})
             y = {n: t.clone().requires_grad_(True) for n, t in x.items()}
-            steps = local_sgd(module, datamodule, y, server_round, client, correction=lambda n, g: g - ci[n] + c[n])
+            steps = local_sgd(
+                module, datamodule, y, server_round, client, correction=lambda n, g, ci=ci, c=c: g - ci[n] + c[n]
+            )
             new = {n: ci[n] - c[n] + (x[n] - y[n].detach()) / (steps * LR) for n in x}
             changes.append({n: new[n] - ci[n] for n in x})
             c_own[client] = new
@@ -81,7 +83,9 @@ def test_scaffold_matches_option_two_of_the_paper_computed_by_hand(tmp_path):
         c = {n: c[n] + sum(d[n] for d in changes) / CLIENTS for n in x}
     for name in x:
         torch.testing.assert_close(trained[name], x[name], rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(trainer.aggregation.strategy.state_dict()["control"][name], c[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            trainer.aggregation.strategy.state_dict()["control"][name], c[name], rtol=1e-5, atol=1e-6
+        )
     stored = trainer.fit_loop.client_states
     for client, own in c_own.items():
         for name, value in own.items():

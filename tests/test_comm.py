@@ -4,8 +4,7 @@ import pytest
 import torch
 import yaml
 
-from fedpeft_pl import Backbone, FedPEFTModule, communication_report, payload_bytes
-from fedpeft_pl import yaml_include
+from fedpeft_pl import Backbone, FedPEFTModule, communication_report, payload_bytes, yaml_include
 from fedpeft_pl.cli import main
 from fedpeft_pl.peft import Bias, Full, Prompt
 
@@ -62,9 +61,14 @@ def test_the_paper_configs_differ_only_in_method_learning_rate_and_run_name():
     assert paper["trainer"]["local_epochs"] == 10  # the paper's code: --epochs 10
     assert paper["data"]["num_clients"] == 64 and paper["data"]["batch_size"] == 64
     assert paper["data"]["partition"] == {
-        "class_path": "fedpeft_pl.data.Dirichlet", "init_args": {"alpha": 0.1, "min_samples": 10}
+        "class_path": "fedpeft_pl.data.Dirichlet",
+        "init_args": {"alpha": 0.1, "min_samples": 10},
     }
-    assert paper["model"]["backbone"] == {"name": "vit_base_patch16_224.augreg_in21k", "pretrained": True, "img_size": 224}
+    assert paper["model"]["backbone"] == {
+        "name": "vit_base_patch16_224.augreg_in21k",
+        "pretrained": True,
+        "img_size": 224,
+    }
     assert paper["model"]["optimizer"]["init_args"] == {"momentum": 0.9, "nesterov": True, "weight_decay": 0.0001}
 
 
@@ -75,7 +79,7 @@ def test_the_paper_configs_differ_only_in_method_learning_rate_and_run_name():
 def test_comm_on_the_paper_configs(capsys, name, params):
     main(["comm", "--config", str(REPO / "configs" / f"{name}.yaml")])
     out = capsys.readouterr().out
-    assert f"trainable parameters" in out and f"{params:,}" in out
+    assert "trainable parameters" in out and f"{params:,}" in out
     assert f"{params * 4:,} bytes" in out
     assert f"{2 * 8 * params * 4:,} bytes" in out
 
@@ -93,9 +97,10 @@ def test_each_quickstart_overlay_selects_its_method_and_sends_30x_less_than_full
     assert ratio >= 30
 
 
-
 BEYOND = sorted(
-    str(p.relative_to(REPO)) for sub in ("personal", "beyond") for p in (REPO / "configs" / "quickstart" / sub).glob("*.yaml")
+    str(p.relative_to(REPO))
+    for sub in ("personal", "beyond")
+    for p in (REPO / "configs" / "quickstart" / sub).glob("*.yaml")
 )
 
 
@@ -114,9 +119,14 @@ def test_each_beyond_fedpeft_overlay_composes_and_counts_only_what_travels(capsy
     sent = payload_bytes(shared_state(module))
     if module.peft.per_client_views:  # heterogeneous ranks: each client at its own, the mean reported
         clients = range(datamodule.num_clients)
-        sent = round(sum(payload_bytes(module.peft.client_view(shared_state(module), c, 1, upload=True)) for c in clients) / len(clients))
+        sent = round(
+            sum(payload_bytes(module.peft.client_view(shared_state(module), c, 1, upload=True)) for c in clients)
+            / len(clients)
+        )
         assert sent < payload_bytes(shared_state(module))
-        line = next(line for line in out.splitlines() if line.startswith(("per client per direction", "per client, upload")))
+        line = next(
+            line for line in out.splitlines() if line.startswith(("per client per direction", "per client, upload"))
+        )
     else:
         line = next(line for line in out.splitlines() if line.startswith("per client per direction"))
     assert line.split()[-4] == f"{sent:,}"  # "... 20,480 bytes (0.020 MiB)"
@@ -127,7 +137,12 @@ def test_each_beyond_fedpeft_overlay_composes_and_counts_only_what_travels(capsy
 
 PRIVATE_OVERLAYS = {
     "local": {"trainer": {"privacy": {"class_path": "fedpeft_pl.privacy.LocalDP", "init_args": {"epsilon": 8.0}}}},
-    "central": {"trainer": {"client_sampling": "poisson", "aggregation": {"class_path": "fedpeft_pl.privacy.DPFedAvg", "init_args": {"epsilon": 8.0}}}},
+    "central": {
+        "trainer": {
+            "client_sampling": "poisson",
+            "aggregation": {"class_path": "fedpeft_pl.privacy.DPFedAvg", "init_args": {"epsilon": 8.0}},
+        }
+    },
 }
 
 
@@ -141,7 +156,17 @@ def test_comm_prints_that_a_run_with_reproducible_noise_is_not_private(capsys, m
         component["init_args"]["reproducible_noise"] = reproducible
         path = tmp_path / f"{kind}-{reproducible}.yaml"
         path.write_text(yaml.safe_dump(overlay))
-        main(["comm", "--config", "configs/quickstart.yaml", "--config", "configs/quickstart/prompt.yaml", "--config", str(path)])
+        main(
+            [
+                "comm",
+                "--config",
+                "configs/quickstart.yaml",
+                "--config",
+                "configs/quickstart/prompt.yaml",
+                "--config",
+                str(path),
+            ]
+        )
         outputs[reproducible] = capsys.readouterr().out
     assert "NOT private" in outputs[True]
     assert "NOT private" not in outputs[False]

@@ -68,7 +68,7 @@ def test_partition_and_test_split_depend_on_the_data_seed_only():
 def test_a_head_that_does_not_match_the_classes_is_a_config_error(tmp_path):
     module = tiny_module(Head())
     module.num_classes = 7
-    with pytest.raises(ConfigError, match="model.num_classes: 10"):
+    with pytest.raises(ConfigError, match=r"model\.num_classes: 10"):
         tiny_trainer(tmp_path).fit(module, datamodule=tiny_datamodule())
 
 

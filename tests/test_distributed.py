@@ -11,28 +11,51 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_cli import QUICKSTART, fedpeft, scalars
 
-SHORT = ["--trainer.num_rounds", "2", "--trainer.clients_per_round", "3", "--trainer.local_epochs", "1",
-         "--trainer.enable_progress_bar", "false"]
+SHORT = [
+    "--trainer.num_rounds",
+    "2",
+    "--trainer.clients_per_round",
+    "3",
+    "--trainer.local_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 SETTINGS = {
     "int8-feedback-fedadam": [
-        "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
-        "--trainer.aggregation", "fedpeft_pl.strategies.FedAdam", "--trainer.aggregation.lr", "0.05",
+        "--trainer.compress_upload",
+        "fedpeft_pl.compression.Int8",
+        "--trainer.compress_upload.error_feedback",
+        "true",
+        "--trainer.aggregation",
+        "fedpeft_pl.strategies.FedAdam",
+        "--trainer.aggregation.lr",
+        "0.05",
     ],
     "scaffold": ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
     # FedDyn's per-client tensors and a personalised local head, plus per-client evaluation
     "feddyn-fedper": [
-        "--config", str(Path(QUICKSTART).parent / "quickstart" / "personal" / "fedper.yaml"),
-        "--trainer.logger.init_args.name", "prompt",
-        "--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01",
+        "--config",
+        str(Path(QUICKSTART).parent / "quickstart" / "personal" / "fedper.yaml"),
+        "--trainer.logger.init_args.name",
+        "prompt",
+        "--trainer.aggregation",
+        "fedpeft_pl.strategies.FedDyn",
+        "--trainer.aggregation.alpha",
+        "0.01",
     ],
     "local-dp": [
-        "--trainer.privacy", "fedpeft_pl.privacy.LocalDP", "--trainer.privacy.epsilon", "8.0",
-        "--trainer.privacy.max_grad_norm", "1.0",
+        "--trainer.privacy",
+        "fedpeft_pl.privacy.LocalDP",
+        "--trainer.privacy.epsilon",
+        "8.0",
+        "--trainer.privacy.max_grad_norm",
+        "1.0",
         # secret noise differs between any two runs by design: compare the processes on reproducible noise
-        "--trainer.privacy.reproducible_noise", "true",
+        "--trainer.privacy.reproducible_noise",
+        "true",
     ],
 }
 
@@ -40,7 +63,13 @@ SETTINGS = {
 def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
     # one thread per process in both runs, so that their float sums agree to the last bit
     result = fedpeft(
-        "fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path / name), *extra,
+        "fit",
+        "--config",
+        QUICKSTART,
+        *SHORT,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / name),
+        *extra,
         env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

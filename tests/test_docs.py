@@ -27,7 +27,8 @@ def test_contributing_peft_example_trains(tmp_path, monkeypatch):
     module = tiny_module(ScaleShift())
     names = set(trainable_parameters(module))
     assert names == {f"model.blocks.{i}.ssf.{p}" for i in range(2) for p in ("scale", "shift")} | {
-        "model.head.weight", "model.head.bias"
+        "model.head.weight",
+        "model.head.bias",
     }
     before = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
     tiny_trainer(tmp_path).fit(module, datamodule=tiny_datamodule())

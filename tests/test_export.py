@@ -34,7 +34,8 @@ def plain_timm(path):
 
 
 @pytest.mark.parametrize(
-    "peft", [Head(), Bias(), Full(), LoRA(rank=2, alpha=4), Prompt(num_tokens=3, deep=False)],
+    "peft",
+    [Head(), Bias(), Full(), LoRA(rank=2, alpha=4), Prompt(num_tokens=3, deep=False)],
     ids=["head", "bias", "full", "lora", "prompt-shallow"],
 )
 def test_mergeable_methods_export_to_plain_timm_with_the_same_predictions(tmp_path, peft):
@@ -45,7 +46,9 @@ def test_mergeable_methods_export_to_plain_timm_with_the_same_predictions(tmp_pa
         torch.testing.assert_close(plain_timm(exported.path)(images), module(images), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("peft", [Adapter(reduction_factor=4), Prompt(num_tokens=3, deep=True)], ids=["adapter", "prompt-deep"])
+@pytest.mark.parametrize(
+    "peft", [Adapter(reduction_factor=4), Prompt(num_tokens=3, deep=True)], ids=["adapter", "prompt-deep"]
+)
 def test_other_methods_export_with_their_tensors_and_reload_through_fedpeft(tmp_path, peft):
     module, images = trained(peft, tmp_path)
     exported = export_model(module, tmp_path / "model.safetensors")
@@ -57,9 +60,25 @@ def test_other_methods_export_with_their_tensors_and_reload_through_fedpeft(tmp_
 def test_fedpeft_export_writes_the_checkpoints_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     save_dir = str(tmp_path / "runs")
-    main(["fit", "--config", "configs/quickstart.yaml", "--config", "configs/quickstart/lora.yaml",
-          "--trainer.num_rounds", "1", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
-          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", save_dir])
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--config",
+            "configs/quickstart/lora.yaml",
+            "--trainer.num_rounds",
+            "1",
+            "--trainer.clients_per_round",
+            "2",
+            "--trainer.local_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            save_dir,
+        ]
+    )
     run = Path(save_dir) / "lora" / "version_0"
     output = tmp_path / "lora.safetensors"
     main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--output", str(output)])
@@ -70,8 +89,12 @@ def test_fedpeft_export_writes_the_checkpoints_model(tmp_path, capsys, monkeypat
     merged = load_file(str(output))["blocks.0.attn.qkv.weight"]
     from fedpeft_pl.backbone import Backbone
 
-    shipped = Backbone("vit_tiny_patch16_224", weights_file="fedpeft_pl/assets/vit_pico_mnist.safetensors", img_size=32,
-                       kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4})
+    shipped = Backbone(
+        "vit_tiny_patch16_224",
+        weights_file="fedpeft_pl/assets/vit_pico_mnist.safetensors",
+        img_size=32,
+        kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    )
     reference = shipped.build(10)
     shipped.load_weights(reference)
     assert not torch.equal(merged, reference.state_dict()["blocks.0.attn.qkv.weight"]), "the LoRA update was merged"

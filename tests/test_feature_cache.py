@@ -2,14 +2,13 @@
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 from helpers import sgd, tiny_backbone, tiny_trainer
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from fedpeft_pl import ClientAvailability, ConfigError, FedPEFTModule, FederatedDataModule
+from fedpeft_pl import ClientAvailability, ConfigError, FederatedDataModule, FedPEFTModule
 from fedpeft_pl.data import Digits, Dirichlet, Splits
 from fedpeft_pl.peft import Bias, Head, trainable_state
 
@@ -20,14 +19,24 @@ def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, trainer_kw
     torch.manual_seed(0)
     module = FedPEFTModule(10, tiny_backbone(**backbone), Head(), optimizer=sgd(0.05, weight_decay=1e-4))
     datamodule = FederatedDataModule(
-        dataset or Digits(), num_clients=4, partition=Dirichlet(alpha=0.5, min_samples=10), batch_size=24,
-        eval_batch_size=50, client_test_fraction=0.2,
+        dataset or Digits(),
+        num_clients=4,
+        partition=Dirichlet(alpha=0.5, min_samples=10),
+        batch_size=24,
+        eval_batch_size=50,
+        client_test_fraction=0.2,
     )
     seen = []
     module.model.blocks[0].register_forward_hook(lambda layer, inputs, output: seen.append(len(output)))
     trainer = tiny_trainer(
-        tmp_path, num_rounds=rounds, clients_per_round=3, local_epochs=2, client_runner=runner, feature_cache=cache,
-        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)), **(trainer_kwargs or {}),
+        tmp_path,
+        num_rounds=rounds,
+        clients_per_round=3,
+        local_epochs=2,
+        client_runner=runner,
+        feature_cache=cache,
+        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)),
+        **(trainer_kwargs or {}),
     )
     server, evaluations = trainer.aggregation, []
     record = server.record_client_evaluations
@@ -97,10 +106,12 @@ class _AugmentedDigits(Digits):
         splits = super().load(v2.Identity(), seed)
         images, targets = splits.train.tensors
         train = _Lazy(images, targets.numpy(), v2.Compose([transform, self.augmentation]))
-        return Splits(train, splits.train_targets, _Lazy(*[t for t in splits.test.tensors], transform), 10)
+        return Splits(train, splits.train_targets, _Lazy(*splits.test.tensors, transform), 10)
 
 
-@pytest.mark.parametrize("augmentation, named", [(v2.RandomHorizontalFlip(), "RandomHorizontalFlip"), (_Jitter(), "reads differently")])
+@pytest.mark.parametrize(
+    "augmentation, named", [(v2.RandomHorizontalFlip(), "RandomHorizontalFlip"), (_Jitter(), "reads differently")]
+)
 def test_random_transforms_turn_the_cache_off_with_a_reason(tmp_path, caplog, augmentation, named):
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
         _, _, _, images, datamodule = run(tmp_path, "auto", dataset=_AugmentedDigits(augmentation), rounds=1)
@@ -112,8 +123,13 @@ def test_random_transforms_turn_the_cache_off_with_a_reason(tmp_path, caplog, au
 def test_a_stochastic_layer_turns_the_cache_off_and_memory_says_how_to_fix_it(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
         run(tmp_path, "auto", rounds=1, kwargs={"drop_path_rate": 0.1})
-    assert "feature cache off: blocks.1.drop_path1 (DropPath) acts randomly in training, before the classifier" in caplog.text
-    with pytest.raises(ConfigError, match=r"memory cannot be exact here: .*DropPath.*; set trainer.feature_cache: auto or off"):
+    assert (
+        "feature cache off: blocks.1.drop_path1 (DropPath) acts randomly in training, before the classifier"
+        in caplog.text
+    )
+    with pytest.raises(
+        ConfigError, match=r"memory cannot be exact here: .*DropPath.*; set trainer.feature_cache: auto or off"
+    ):
         run(tmp_path, "memory", rounds=1, kwargs={"drop_path_rate": 0.1})
 
 
@@ -121,10 +137,16 @@ def test_other_methods_never_cache_and_only_an_explicit_request_complains(tmp_pa
     torch.manual_seed(0)
     module = FedPEFTModule(10, tiny_backbone(), Bias(), optimizer=sgd())
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-        tiny_trainer(tmp_path, num_rounds=1, clients_per_round=1).fit(module, datamodule=FederatedDataModule(Digits(), num_clients=4))
+        tiny_trainer(tmp_path, num_rounds=1, clients_per_round=1).fit(
+            module, datamodule=FederatedDataModule(Digits(), num_clients=4)
+        )
     assert "feature cache" not in caplog.text
-    with pytest.raises(ConfigError, match=r"memory serves linear probing only, but Bias\(\) trains tensors inside the backbone"):
-        tiny_trainer(tmp_path, feature_cache="memory").fit(module, datamodule=FederatedDataModule(Digits(), num_clients=4))
+    with pytest.raises(
+        ConfigError, match=r"memory serves linear probing only, but Bias\(\) trains tensors inside the backbone"
+    ):
+        tiny_trainer(tmp_path, feature_cache="memory").fit(
+            module, datamodule=FederatedDataModule(Digits(), num_clients=4)
+        )
 
 
 def test_settings_are_checked_and_the_size_bound_is_explained(tmp_path, caplog):
@@ -136,5 +158,7 @@ def test_settings_are_checked_and_the_size_bound_is_explained(tmp_path, caplog):
     torch.manual_seed(0)
     module = FedPEFTModule(10, tiny_backbone(), Head(), optimizer=sgd())
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-        tiny_trainer(tmp_path, feature_cache_max_gib=bound).fit(module, datamodule=FederatedDataModule(Digits(), num_clients=4))
+        tiny_trainer(tmp_path, feature_cache_max_gib=bound).fit(
+            module, datamodule=FederatedDataModule(Digits(), num_clients=4)
+        )
     assert "over trainer.feature_cache_max_gib (0.0001); raise it where memory allows" in caplog.text

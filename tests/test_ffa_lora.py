@@ -42,7 +42,9 @@ def test_a_never_changes_and_only_b_and_the_head_travel(tmp_path, name):
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     torch.manual_seed(0)
-    plain = tiny_module(LoRA(rank=2, alpha=4) if name == "loralib" else HFPeft(LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"])))
+    plain = tiny_module(
+        LoRA(rank=2, alpha=4) if name == "loralib" else HFPeft(LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"]))
+    )
     ffa, lora = communication_report(module, 2, 2), communication_report(plain, 2, 2)
     a_bytes = sum(v.numel() * 4 for k, v in trainable_state(plain).items() if "lora_A" in k)
     assert ffa.upload_bytes == lora.upload_bytes - a_bytes

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_datamodule, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from fedpeft_pl.cli import main
 from fedpeft_pl.peft import Prompt
-from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -31,15 +31,40 @@ def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summar
     script = Path(sys.executable).with_name("fedpeft")
     with open(log, "w") as out:  # one file for both streams, as `nohup fedpeft fit ... > out.log 2>&1` gives
         done = subprocess.run(
-            [str(script), "fit", "--config", QUICKSTART, "--trainer.num_rounds", "2", "--trainer.local_epochs", "1",
-             "--trainer.clients_per_round", "3", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
-            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(script),
+                "fit",
+                "--config",
+                QUICKSTART,
+                "--trainer.num_rounds",
+                "2",
+                "--trainer.local_epochs",
+                "1",
+                "--trainer.clients_per_round",
+                "3",
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+            ],
+            cwd=REPO,
+            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             timeout=600,
         )
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
     assert len(text.encode()) < 3000, text
-    for noise in ("Seed set", "GPU available", "TPU available", "Tip", "FLOPs", "Validation DataLoader", "it/s", "\r", "site-packages"):
+    for noise in (
+        "Seed set",
+        "GPU available",
+        "TPU available",
+        "Tip",
+        "FLOPs",
+        "Validation DataLoader",
+        "it/s",
+        "\r",
+        "site-packages",
+    ):
         assert noise not in text, noise
     lines = text.splitlines()
     assert lines[0].startswith("data: Digits")
@@ -47,7 +72,10 @@ def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summar
     rounds = [line for line in lines if "round " in line and "/2" in line and "MiB" in line]
     assert len(rounds) == 2
     for number, line in enumerate(rounds, 1):
-        assert re.fullmatch(rf"round {number}/2 \| server acc [0-9.]+ loss [0-9.]+ \| train loss [0-9.]+ \| sent .* MiB\) \| [0-9.]+ s", line), line
+        assert re.fullmatch(
+            rf"round {number}/2 \| server acc [0-9.]+ loss [0-9.]+ \| train loss [0-9.]+ \| sent .* MiB\) \| [0-9.]+ s",
+            line,
+        ), line
     run = tmp_path / "runs" / "prompt" / "version_0"
     summary = "\n".join(lines[lines.index(rounds[-1]) + 1 :])
     assert re.search(r"final server accuracy [0-9.]+", summary), summary
@@ -70,36 +98,80 @@ def test_comm_prints_only_its_report_and_verbose_brings_lightning_back():
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_refused_resume_leaves_the_earlier_run_byte_identical(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     runs = tmp_path / "runs"
-    main(["fit", "--config", QUICKSTART, *ONE_ROUND, "--trainer.logger.init_args.save_dir", str(runs),
-          "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            *ONE_ROUND,
+            "--trainer.logger.init_args.save_dir",
+            str(runs),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     before = tree_hashes(runs)
     other_method = ["--config", "configs/quickstart/bias.yaml", "--trainer.logger.init_args.name", "prompt"]
     last = runs / "prompt" / "version_0" / "checkpoints" / "last.ckpt"
     changes = [  # (what changes, the checkpoint, what the one line names)
         (other_method, "last", "trainable tensors of Bias()"),
         (other_method, str(last), "trainable tensors of Bias()"),
-        (["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"], "last", "trainer.aggregation FedAvg, this run has Scaffold"),
-        (["--trainer.compress_upload", "fedpeft_pl.compression.Int8"], "last", "trainer.compress_upload none, this run has Int8"),
+        (
+            ["--trainer.aggregation", "fedpeft_pl.strategies.Scaffold"],
+            "last",
+            "trainer.aggregation FedAvg, this run has Scaffold",
+        ),
+        (
+            ["--trainer.compress_upload", "fedpeft_pl.compression.Int8"],
+            "last",
+            "trainer.compress_upload none, this run has Int8",
+        ),
         (["--trainer.privacy", "fedpeft_pl.privacy.LocalDP"], "last", "written without local DP"),
     ]
     for change, ckpt, named in changes:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", QUICKSTART, *change, *ONE_ROUND, "--trainer.num_rounds", "2",
-                  "--trainer.logger.init_args.save_dir", str(runs), "--ckpt_path", ckpt])
+            main(
+                [
+                    "fit",
+                    "--config",
+                    QUICKSTART,
+                    *change,
+                    *ONE_ROUND,
+                    "--trainer.num_rounds",
+                    "2",
+                    "--trainer.logger.init_args.save_dir",
+                    str(runs),
+                    "--ckpt_path",
+                    ckpt,
+                ]
+            )
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "resume with the configuration that wrote it" in err and named in err, err[-2000:]
         assert tree_hashes(runs) == before, (change, ckpt)
     # and README's export of that run still works
-    main(["export", "--config", str(runs / "prompt" / "version_0" / "config.yaml"), "--ckpt_path", "last",
-          "--output", str(tmp_path / "model.safetensors")])
+    main(
+        [
+            "export",
+            "--config",
+            str(runs / "prompt" / "version_0" / "config.yaml"),
+            "--ckpt_path",
+            "last",
+            "--output",
+            str(tmp_path / "model.safetensors"),
+        ]
+    )
     assert (tmp_path / "model.safetensors").stat().st_size > 0
 
 
@@ -119,7 +191,9 @@ def test_the_progress_bar_writes_to_standard_error_not_standard_output(capsys):
 
 def test_round_metrics_reach_lightning_callbacks(tmp_path):
     """comm/* and round/* are in callback_metrics, so EarlyStopping and a monitoring ModelCheckpoint can watch them."""
-    stop = EarlyStopping(monitor="comm/cumulative_bytes", mode="max", stopping_threshold=1.0, check_on_train_epoch_end=True)
+    stop = EarlyStopping(
+        monitor="comm/cumulative_bytes", mode="max", stopping_threshold=1.0, check_on_train_epoch_end=True
+    )
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="round/clients_aggregated", mode="max", filename="best")
     trainer = tiny_trainer(tmp_path, num_rounds=3, enable_checkpointing=True, callbacks=[stop, best])
     trainer.fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule())
@@ -146,8 +220,15 @@ def test_fit_help_is_plain_text_and_hides_epoch_limits(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     assert "``" not in text and not re.search(r":\w+:\s*`", text), re.findall(r".{40}:\w+:\s*`.{20}", text)
-    for hidden in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.min_epochs", "--trainer.min_steps",
-                   "--trainer.fast_dev_run", "--trainer.limit_train_batches", "--trainer.val_check_interval"):
+    for hidden in (
+        "--trainer.max_epochs",
+        "--trainer.max_steps",
+        "--trainer.min_epochs",
+        "--trainer.min_steps",
+        "--trainer.fast_dev_run",
+        "--trainer.limit_train_batches",
+        "--trainer.val_check_interval",
+    ):
         assert hidden not in text, hidden
     summary = text[text.index("\n  --trainer.enable_model_summary") :][:300]
     assert "--verbose" in summary, summary  # what fedpeft does, not Lightning's default

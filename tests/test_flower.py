@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fedpeft_pl.cli import main
 from test_cli import QUICKSTART, REPO, fedpeft, scalars
 from test_distributed import assert_same_rounds
+
+from fedpeft_pl.cli import main
 
 pytest.importorskip("flwr", reason='Flower is an optional dependency: pip install -e ".[flower]"')
 
@@ -38,7 +38,10 @@ class Federation:
         self.root = root
         self.processes: list[subprocess.Popen] = []
         self.env = dict(
-            os.environ, FLWR_HOME=str(root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1",
+            os.environ,
+            FLWR_HOME=str(root / "flwr-home"),
+            FLWR_TELEMETRY_ENABLED="0",
+            HF_HUB_OFFLINE="1",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             # the ServerApp and ClientApp processes import test probes (tests/secagg_probe.py)
             PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parent)) if p),
@@ -47,26 +50,46 @@ class Federation:
 
     def start(self, *command: str, log: str) -> None:
         out = open(self.root / log, "w")
-        self.processes.append(subprocess.Popen(
-            [str(BIN / command[0]), *command[1:]], cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ))
+        self.processes.append(
+            subprocess.Popen(
+                [str(BIN / command[0]), *command[1:]],
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     def up(self) -> None:
-        self.start("flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                   "--port", str(self.port), log="superlink.log")
+        self.start(
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--port",
+            str(self.port),
+            log="superlink.log",
+        )
         for i in range(NUM_NODES):
-            self.start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
-                       log=f"supernode-{i}.log")
+            self.start(
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                f"partition-id={i} num-partitions={NUM_NODES}",
+                log=f"supernode-{i}.log",
+            )
         deadline = time.monotonic() + 120
         while True:  # the SuperLink takes a few seconds to listen
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
-            except OSError:
+            except OSError as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the SuperLink did not start listening within 120 s:\n" + self.logs())
+                    raise RuntimeError("the SuperLink did not start listening within 120 s:\n" + self.logs()) from err
                 time.sleep(0.5)
         home = self.root / "flwr-home"
         home.mkdir(exist_ok=True)
@@ -75,8 +98,14 @@ class Federation:
         )
 
     def run(self, app: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), "run", str(app), "test", "--stream"], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=480)
+        return subprocess.run(
+            [str(BIN / "flwr"), "run", str(app), "test", "--stream"],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
 
     def down(self) -> None:
         for process in self.processes:
@@ -114,16 +143,29 @@ DEPLOYMENTS = {
     # codecs with per-client state on the SuperNode (error-feedback residuals), and a client-side
     # strategy whose extra tensors travel both ways and whose control variates stay on the SuperNode
     "int8-feedback-scaffold": [
-        "--trainer.compress_upload", "fedpeft_pl.compression.Int8", "--trainer.compress_upload.error_feedback", "true",
-        "--trainer.aggregation", "fedpeft_pl.strategies.Scaffold",
+        "--trainer.compress_upload",
+        "fedpeft_pl.compression.Int8",
+        "--trainer.compress_upload.error_feedback",
+        "true",
+        "--trainer.aggregation",
+        "fedpeft_pl.strategies.Scaffold",
         # seed 0 drops client 1 in round 1: the deployment sends it nothing, and the simulation counts nothing
-        "--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.dropout", "0.3",
+        "--trainer.availability",
+        "fedpeft_pl.ClientAvailability",
+        "--trainer.availability.dropout",
+        "0.3",
     ],
     # a local head kept on each SuperNode (FedPer), FedDyn's per-client tensors there too, and
     # per-client evaluation with Flower's evaluate messages
     "feddyn-fedper": [
-        "--config", str(REPO / "configs" / "quickstart" / "personal" / "fedper.yaml"), "--trainer.logger.init_args.name", "prompt",
-        "--trainer.aggregation", "fedpeft_pl.strategies.FedDyn", "--trainer.aggregation.alpha", "0.01",
+        "--config",
+        str(REPO / "configs" / "quickstart" / "personal" / "fedper.yaml"),
+        "--trainer.logger.init_args.name",
+        "prompt",
+        "--trainer.aggregation",
+        "fedpeft_pl.strategies.FedDyn",
+        "--trainer.aggregation.alpha",
+        "0.01",
     ],
 }
 
@@ -132,12 +174,29 @@ DEPLOYMENTS = {
 def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federation, capsys, setting):
     app = tmp_path / "app"
     weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
-    main([
-        "flower-app", str(app), "--config", QUICKSTART, "--data.num_clients", str(NUM_NODES),
-        "--trainer.num_rounds", "2", "--trainer.clients_per_round", "2", "--trainer.local_epochs", "1",
-        "--trainer.enable_progress_bar", "false", *DEPLOYMENTS[setting], "--model.backbone.weights_file", str(weights),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
-    ])
+    main(
+        [
+            "flower-app",
+            str(app),
+            "--config",
+            QUICKSTART,
+            "--data.num_clients",
+            str(NUM_NODES),
+            "--trainer.num_rounds",
+            "2",
+            "--trainer.clients_per_round",
+            "2",
+            "--trainer.local_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            *DEPLOYMENTS[setting],
+            "--model.backbone.weights_file",
+            str(weights),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "deployed"),
+        ]
+    )
     assert "wrote the Flower app" in capsys.readouterr().out
     assert {p.name for p in app.iterdir()} == {"pyproject.toml", "fedpeft_app.py", "fedpeft.yaml"}
 
@@ -147,7 +206,9 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
     assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), result.stdout[-3000:] + federation.logs()
     assert "round 2/2 | server acc" in result.stdout + result.stderr
 
-    simulated = fedpeft("fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated"))
+    simulated = fedpeft(
+        "fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated")
+    )
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
 
@@ -187,14 +248,40 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     assert all(sum(p) == 1 for p in plans), plans  # one dropout a round, two clients left: the threshold
     app = tmp_path / "app"
     weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
-    main([
-        "flower-app", str(app), "--config", QUICKSTART, "--data.num_clients", str(NUM_NODES),
-        "--trainer.num_rounds", str(rounds), "--trainer.clients_per_round", str(NUM_NODES), "--trainer.local_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--model.backbone.weights_file", str(weights),
-        "--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.dropout", str(dropout),
-        "--trainer.callbacks+=secagg_probe.RecordResults", "--trainer.logger.init_args.save_dir", str(tmp_path / "deployed"),
-        "--secure-aggregation", "--num-shares", "3", "--reconstruction-threshold", "2", "--clipping-range", str(clipping),
-    ])
+    main(
+        [
+            "flower-app",
+            str(app),
+            "--config",
+            QUICKSTART,
+            "--data.num_clients",
+            str(NUM_NODES),
+            "--trainer.num_rounds",
+            str(rounds),
+            "--trainer.clients_per_round",
+            str(NUM_NODES),
+            "--trainer.local_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.backbone.weights_file",
+            str(weights),
+            "--trainer.availability",
+            "fedpeft_pl.ClientAvailability",
+            "--trainer.availability.dropout",
+            str(dropout),
+            "--trainer.callbacks+=secagg_probe.RecordResults",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "deployed"),
+            "--secure-aggregation",
+            "--num-shares",
+            "3",
+            "--reconstruction-threshold",
+            "2",
+            "--clipping-range",
+            str(clipping),
+        ]
+    )
     assert "secure-aggregation = true" in (app / "pyproject.toml").read_text()
     capsys.readouterr()
 
@@ -204,8 +291,14 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
     # the run's files, not its streamed log, which the loaded test machine sometimes cuts short
     assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), output[-4000:] + federation.logs()
-    simulated = fedpeft("fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated"),
-                        env={"PYTHONPATH": federation.env["PYTHONPATH"]})
+    simulated = fedpeft(
+        "fit",
+        "--config",
+        str(app / "fedpeft.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "simulated"),
+        env={"PYTHONPATH": federation.env["PYTHONPATH"]},
+    )
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
 
@@ -221,7 +314,8 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     weight = sum(n for n, _ in mine) / 1000.0  # the sum of the clients' SecAgg+ weights (max_weight 1000)
     # one quantisation step per client over the total weight, and the float32 rounding of the result
     bound = len(mine) * 2 * clipping / levels / weight + 4 * torch.finfo(torch.float32).eps * max(
-        float(e.abs().max()) for e in expected.values())
+        float(e.abs().max()) for e in expected.values()
+    )
     error = max(float((mean[k].double() - expected[k]).abs().max()) for k in mean)
     assert error <= bound, (error, bound)
     for server_round, _, samples, clients, mean in seen:
@@ -275,39 +369,47 @@ class FakeGrid:
 
 
 def test_the_server_maps_partitions_to_supernodes(serverapp_process):
-    from fedpeft_pl.flower import discover_clients
+    from fedpeft_pl.deploy.flower import discover_clients
 
     assert discover_clients(FakeGrid({11: (1, 2), 22: (0, 2)}), 2, timeout=5) == {0: 22, 1: 11}
 
 
-@pytest.mark.parametrize("partitions, message", [
-    ({11: (0, 2), 22: (0, 2)}, "two SuperNodes have partition-id=0"),
-    ({11: (0, 3), 22: (1, 3)}, "has num-partitions=3 but data.num_clients is 2"),
-    ({11: (0, 2), 22: (5, 2)}, r"no SuperNode answered for partition\(s\) \[1\]"),
-    ({11: (0, 2)}, "1 SuperNode\\(s\\) connected within 0.2 s, but data.num_clients is 2"),
-], ids=["doubled", "other-count", "missing", "too-few"])
+@pytest.mark.parametrize(
+    "partitions, message",
+    [
+        ({11: (0, 2), 22: (0, 2)}, "two SuperNodes have partition-id=0"),
+        ({11: (0, 3), 22: (1, 3)}, "has num-partitions=3 but data.num_clients is 2"),
+        ({11: (0, 2), 22: (5, 2)}, r"no SuperNode answered for partition\(s\) \[1\]"),
+        ({11: (0, 2)}, "1 SuperNode\\(s\\) connected within 0.2 s, but data.num_clients is 2"),
+    ],
+    ids=["doubled", "other-count", "missing", "too-few"],
+)
 def test_a_wrong_federation_is_one_clear_error(partitions, message, serverapp_process):
+    from fedpeft_pl.deploy.flower import discover_clients
     from fedpeft_pl.errors import ConfigError
-    from fedpeft_pl.flower import discover_clients
 
     with pytest.raises(ConfigError, match=message):
         discover_clients(FakeGrid(partitions), 2, timeout=0.2)
 
 
 def test_local_dp_in_a_deployment_is_refused(tmp_path):
+    from fedpeft_pl.deploy.flower import build, write_app
     from fedpeft_pl.errors import ConfigError
-    from fedpeft_pl.flower import build, write_app
 
-    app = write_app(tmp_path / "app", ["--config", QUICKSTART, "--trainer.privacy", "fedpeft_pl.privacy.LocalDP",
-                                       "--trainer.logger", "false"])
-    with pytest.raises(ConfigError, match="local DP.* not supported in a Flower deployment"):
+    app = write_app(
+        tmp_path / "app",
+        ["--config", QUICKSTART, "--trainer.privacy", "fedpeft_pl.privacy.LocalDP", "--trainer.logger", "false"],
+    )
+    with pytest.raises(ConfigError, match=r"local DP.* not supported in a Flower deployment"):
         build(app / "fedpeft.yaml", server=True)
 
 
 def test_flower_app_mistakes_exit_2_with_one_line(tmp_path):
     result = fedpeft("flower-app", cwd=tmp_path)
     assert result.returncode == 2 and "usage: fedpeft flower-app DIR" in result.stderr
-    result = fedpeft("flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--trainer.num_round", "x", cwd=tmp_path)
+    result = fedpeft(
+        "flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--trainer.num_round", "x", cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("fedpeft: error: ")
     assert not (tmp_path / "app").exists()

@@ -211,10 +211,14 @@ def test_each_client_exchanges_its_own_rank_and_the_server_aggregates_as_the_pap
                 b, a = payload[prefix + "lora_B"].double(), payload[prefix + "lora_A"].double()
                 r = b.shape[1]
                 for g in range(GROUPS):
-                    products[g * EMBED : (g + 1) * EMBED] += n / total * b[g * EMBED : (g + 1) * EMBED] @ a[g * r : (g + 1) * r]
+                    products[g * EMBED : (g + 1) * EMBED] += (
+                        n / total * b[g * EMBED : (g + 1) * EMBED] @ a[g * r : (g + 1) * r]
+                    )
         torch.testing.assert_close(layer.flora_delta[layer.lora_ind].double(), products, rtol=1e-4, atol=1e-7)
     # each round a client starts from a fresh A of its own rank, drawn for that round
     a_name = "model.blocks.0.attn.qkv.lora_A"
     fresh = [client_start(method, server.global_state, 1, r)[a_name].view(GROUPS, 8, -1) for r in (1, 2)]
     assert not torch.equal(fresh[0], fresh[1]) and not fresh[0][:, 8:].any()
-    assert fresh[0][:, :8].any() and torch.equal(fresh[0], client_start(method, start, 1, 1)[a_name].view(GROUPS, 8, -1))
+    assert fresh[0][:, :8].any() and torch.equal(
+        fresh[0], client_start(method, start, 1, 1)[a_name].view(GROUPS, 8, -1)
+    )

@@ -116,11 +116,23 @@ def test_hf_peft_forward_works_under_functional_call():
 def test_fedpeft_comm_takes_a_nested_peft_config_by_class_path(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     overlay = tmp_path / "hf.yaml"
-    overlay.write_text(yaml.safe_dump({"model": {"peft": {
-        "class_path": "fedpeft_pl.peft.HFPeft",
-        "init_args": {"config": {"class_path": "peft.LoraConfig",
-                                 "init_args": {"r": 4, "lora_alpha": 8, "target_modules": ["qkv"]}}},
-    }}}))
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "peft": {
+                        "class_path": "fedpeft_pl.peft.HFPeft",
+                        "init_args": {
+                            "config": {
+                                "class_path": "peft.LoraConfig",
+                                "init_args": {"r": 4, "lora_alpha": 8, "target_modules": ["qkv"]},
+                            }
+                        },
+                    }
+                }
+            }
+        )
+    )
     main(["comm", "--config", "configs/quickstart.yaml", "--config", str(overlay)])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split(None, 1)[1].startswith("HFPeft(LoraConfig(")

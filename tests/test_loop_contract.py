@@ -41,7 +41,9 @@ class Recorder(FederatedCallback):
 
     def on_client_end(self, trainer, pl_module, round, result):
         self.events.append(("client_end", result.client, result.num_samples))
-        self.sent[(round.number, result.client)] = ClientUpdate(result.client, result.num_samples, trainable_state(pl_module))
+        self.sent[(round.number, result.client)] = ClientUpdate(
+            result.client, result.num_samples, trainable_state(pl_module)
+        )
 
     def on_round_end(self, trainer, pl_module, round):
         self.events.append(("round_end", round.number))
@@ -72,7 +74,7 @@ def run(tmp_path, seed=0, rounds=2, clients_per_round=2, local_epochs=2):
 
 
 def test_two_rounds_follow_the_documented_hook_order(tmp_path):
-    trainer, module, datamodule, recorder = run(tmp_path)
+    trainer, _module, datamodule, recorder = run(tmp_path)
     expected = []
     for server_round in (1, 2):
         clients = sample_clients(0, server_round, 4, 2)

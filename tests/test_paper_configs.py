@@ -37,7 +37,10 @@ def test_the_papers_protocol_reaches_the_built_objects(monkeypatch):
     optimizer = cli.model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
-        "lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0001
+        "lr": 0.01,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 0.0001,
     }
     adapter = build("--config", "configs/adapter.yaml").model.peft
     assert isinstance(adapter, Adapter) and adapter.reduction_factor == 8

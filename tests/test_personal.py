@@ -5,12 +5,12 @@ import pytest
 import torch
 from helpers import sgd, tiny_backbone, tiny_datamodule, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from test_cli import scalars
 
-from fedpeft_pl import ConfigError, FedPEFTModule, FederatedCallback
+from fedpeft_pl import ConfigError, FederatedCallback, FedPEFTModule
 from fedpeft_pl.comm import communication_report, payload_bytes
 from fedpeft_pl.exchange import LOCAL
 from fedpeft_pl.peft import Bias, Head, LoRA, Personalized, Prompt, shared_state, trainable_state
-from test_cli import scalars
 
 HEAD = ("model.head.weight", "model.head.bias")
 
@@ -39,8 +39,13 @@ class StartStates(FederatedCallback):
 def fit(tmp_path, module, rounds=2, clients=3, per_round=3, ckpt_path=None, **data):
     recorder = StartStates()
     datamodule = tiny_datamodule(num_clients=clients, **data)
-    trainer = tiny_trainer(tmp_path, num_rounds=rounds, clients_per_round=per_round, callbacks=[recorder],
-                           enable_checkpointing=ckpt_path is not None or rounds == 1)
+    trainer = tiny_trainer(
+        tmp_path,
+        num_rounds=rounds,
+        clients_per_round=per_round,
+        callbacks=[recorder],
+        enable_checkpointing=ckpt_path is not None or rounds == 1,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer, recorder
 
@@ -105,11 +110,15 @@ def test_fedsa_lora_shares_a_and_keeps_b_on_the_clients(tmp_path):
     assert all(LOCAL + n in trainer.fit_loop.client_states.get(0) for n in local)
 
 
-@pytest.mark.parametrize("local, message", [
-    (["blocks.9"], "matches no trainable tensor"),
-    (["head", "pos_embed"], "matches no trainable tensor"),
-    ("head", "non-empty list"),
-], ids=["no-match", "one-of-two", "string"])
+@pytest.mark.parametrize(
+    "local, message",
+    [
+        (["blocks.9"], "matches no trainable tensor"),
+        (["head", "pos_embed"], "matches no trainable tensor"),
+        ("head", "non-empty list"),
+    ],
+    ids=["no-match", "one-of-two", "string"],
+)
 def test_a_wrong_local_part_is_one_clear_error(local, message):
     with pytest.raises(ConfigError, match=message):
         personal(local=local)
@@ -134,8 +143,13 @@ def test_every_client_is_evaluated_on_its_own_held_out_split(tmp_path):
     stored = trainer.fit_loop.client_states
     start = trainable_state(module)
     for client in range(4):
-        module.load_state_dict({"model.head.weight": stored.get(client)[LOCAL + "model.head.weight"],
-                                "model.head.bias": stored.get(client)[LOCAL + "model.head.bias"]}, strict=False)
+        module.load_state_dict(
+            {
+                "model.head.weight": stored.get(client)[LOCAL + "model.head.weight"],
+                "model.head.bias": stored.get(client)[LOCAL + "model.head.bias"],
+            },
+            strict=False,
+        )
         count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
         accuracies.append(metrics["acc"])
         counts.append(count)

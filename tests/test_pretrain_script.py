@@ -17,7 +17,10 @@ def pretrain(output: Path, seed: int) -> tuple[dict, dict]:
     """The tensors and metadata the script writes (safetensors orders metadata keys arbitrarily on disk)."""
     subprocess.run(
         [sys.executable, "scripts/pretrain_tiny_vit.py", "--epochs", "1", "--seed", str(seed), "--output", str(output)],
-        cwd=REPO, check=True, capture_output=True, timeout=600,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     with safe_open(str(output), "pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
@@ -37,7 +40,9 @@ def test_the_shipped_backbone_is_small_headless_and_loads():
         assert not [k for k in handle.keys() if k.startswith("head.")]
         assert "MNIST" in handle.metadata()["pretraining"]
     backbone = Backbone(
-        "vit_tiny_patch16_224", weights_file=str(SHIPPED), img_size=32,
+        "vit_tiny_patch16_224",
+        weights_file=str(SHIPPED),
+        img_size=32,
         kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
     )
     model = backbone.build(10)
@@ -51,7 +56,9 @@ def test_the_shipped_backbone_refuses_another_shape(kwargs):
     from fedpeft_pl import ConfigError
 
     backbone = Backbone(
-        "vit_tiny_patch16_224", weights_file=str(SHIPPED), img_size=32,
+        "vit_tiny_patch16_224",
+        weights_file=str(SHIPPED),
+        img_size=32,
         kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, **kwargs},
     )
     with pytest.raises(ConfigError, match="does not fit"):

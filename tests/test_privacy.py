@@ -85,13 +85,16 @@ def test_dp_fedavg_clips_each_update_and_accounts_each_round():
     strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=0.0)
     strategy.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
     global_state = {"w": torch.zeros(2)}
-    updates = [ClientUpdate(0, 5, {"w": torch.tensor([3.0, 4.0])}), ClientUpdate(1, 50, {"w": torch.tensor([0.1, 0.0])})]
+    updates = [
+        ClientUpdate(0, 5, {"w": torch.tensor([3.0, 4.0])}),
+        ClientUpdate(1, 50, {"w": torch.tensor([0.1, 0.0])}),
+    ]
     result = strategy.aggregate_fit(1, global_state, updates)
     # [3, 4] has norm 5 -> clipped to [0.6, 0.8]; unweighted sum over the expected 2 clients
     torch.testing.assert_close(result["w"], torch.tensor([(0.6 + 0.1) / 2, 0.8 / 2]))
     noisy = DPFedAvg(clip_norm=1.0, epsilon=5.0, delta=1e-3)
     noisy.setup(Federation(10, 2, 5, sampling="poisson", seed=0))
-    first = noisy.aggregate_fit(1, global_state, updates)
+    noisy.aggregate_fit(1, global_state, updates)
     assert noisy.epsilon_spent() > 0
     noisy.aggregate_fit(2, global_state, updates)
     reference = RDPAccountant()
@@ -128,18 +131,35 @@ def test_invalid_privacy_parameters_are_config_errors(make):
 # -- local DP in real federated runs ----------------------------------------------------------------
 
 
-def _dp_fit(tmp_path, privacy, rounds=1, clients=2, num_clients=4, batch_size=32, local_epochs=1, logger_dir=None,
-            client_test_fraction=0.0, **kwargs):
+def _dp_fit(
+    tmp_path,
+    privacy,
+    rounds=1,
+    clients=2,
+    num_clients=4,
+    batch_size=32,
+    local_epochs=1,
+    logger_dir=None,
+    client_test_fraction=0.0,
+    **kwargs,
+):
     from helpers import tiny_datamodule, tiny_trainer
     from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
-    datamodule = tiny_datamodule(num_clients=num_clients, batch_size=batch_size, client_test_fraction=client_test_fraction)
+    datamodule = tiny_datamodule(
+        num_clients=num_clients, batch_size=batch_size, client_test_fraction=client_test_fraction
+    )
     logged = privacy is not None or logger_dir is not None
     trainer = tiny_trainer(
-        tmp_path, num_rounds=rounds, clients_per_round=clients, local_epochs=local_epochs, privacy=privacy,
-        logger=CSVLogger(str(logger_dir or tmp_path), name="run") if logged else False, **kwargs,
+        tmp_path,
+        num_rounds=rounds,
+        clients_per_round=clients,
+        local_epochs=local_epochs,
+        privacy=privacy,
+        logger=CSVLogger(str(logger_dir or tmp_path), name="run") if logged else False,
+        **kwargs,
     )
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, datamodule
@@ -183,7 +203,7 @@ def test_local_dp_accounts_each_client_and_drops_it_when_its_budget_is_spent(tmp
     assert max(once) < budget < min(twice)
     privacy = LocalDP(epsilon=budget, delta=delta, noise_multiplier=sigma, max_grad_norm=1.0)
     with caplog.at_level("INFO", logger="fedpeft_pl"):
-        trainer, module, _ = _dp_fit(tmp_path / "dp", privacy, rounds=2, num_clients=4, clients=4)
+        _trainer, _module, _ = _dp_fit(tmp_path / "dp", privacy, rounds=2, num_clients=4, clients=4)
     for client in range(4):
         assert privacy.spent(client) == pytest.approx(once[client], rel=1e-6)
     rows = list(csv.DictReader(open(next((tmp_path / "dp").rglob("metrics.csv")))))
@@ -200,8 +220,9 @@ def test_local_dp_accounts_each_client_and_drops_it_when_its_budget_is_spent(tmp
     _dp_fit(tmp_path / "calibrated", calibrated, rounds=1, num_clients=4, clients=2)
     client = next(iter(calibrated._sigma))
     assert calibrated._sigma[client] == pytest.approx(
-        get_noise_multiplier(target_epsilon=5.0, target_delta=delta, sample_rate=rates[client],
-                             steps=1 * steps[client], accountant="rdp")
+        get_noise_multiplier(
+            target_epsilon=5.0, target_delta=delta, sample_rate=rates[client], steps=1 * steps[client], accountant="rdp"
+        )
     )
     assert calibrated.spent(client) <= 5.0 + 1e-6
 
@@ -237,7 +258,12 @@ def test_a_private_run_logs_no_per_client_statistics_unless_asked(tmp_path, capl
     def private(**flag):  # every client takes part (q = 1), so that there is a training loss to log
         if kind == "local":
             return {"privacy": LocalDP(epsilon=None, noise_multiplier=1.0, **flag), "clients": 4}
-        return {"privacy": None, "aggregation": DPFedAvg(noise_multiplier=1.0, **flag), "client_sampling": "poisson", "clients": 4}
+        return {
+            "privacy": None,
+            "aggregation": DPFedAvg(noise_multiplier=1.0, **flag),
+            "client_sampling": "poisson",
+            "clients": 4,
+        }
 
     tests = {"client_test_fraction": 0.25}  # each client also holds out a test split
     if kind == "local":  # what a run without DP logs

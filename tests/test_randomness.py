@@ -8,7 +8,6 @@ into reproducible noise. Every consumer of randomness draws from its own stream.
 import logging
 
 import numpy as np
-import pytest
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
@@ -33,7 +32,9 @@ def test_central_dp_noise_is_secret_unless_reproducible_noise_is_asked_for(caplo
     assert not any("NOT private" in r.message for r in caplog.records)
     with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
         assert torch.equal(dp_fedavg_round(reproducible_noise=True), dp_fedavg_round(reproducible_noise=True))
-    assert any(r.levelname == "WARNING" and "DPFedAvg" in r.message and "NOT private" in r.message for r in caplog.records)
+    assert any(
+        r.levelname == "WARNING" and "DPFedAvg" in r.message and "NOT private" in r.message for r in caplog.records
+    )
 
 
 def private_fit(tmp_path, **privacy_kwargs):
@@ -116,7 +117,9 @@ def test_the_vectorised_runner_draws_dropout_from_the_training_stream_not_the_da
     module = tiny_module(Prompt(num_tokens=2))
     seen = {"jobs": [], "global": []}
     training = {"on": False}
-    module.model.register_forward_pre_hook(lambda *_: seen["global"].append(torch.initial_seed()) if training["on"] else None)
+    module.model.register_forward_pre_hook(
+        lambda *_: seen["global"].append(torch.initial_seed()) if training["on"] else None
+    )
     original = vectorized.train_clients
 
     def train_clients(network, datamodule, jobs, *args, **kwargs):
@@ -191,8 +194,13 @@ def sampled_clients(tmp_path, **dp):
     torch.manual_seed(0)
     recorder = Sampled()
     trainer = tiny_trainer(
-        tmp_path, num_rounds=3, clients_per_round=4, client_sampling="poisson", callbacks=[recorder],
-        aggregation=DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, **dp), limit_val_batches=0,
+        tmp_path,
+        num_rounds=3,
+        clients_per_round=4,
+        client_sampling="poisson",
+        callbacks=[recorder],
+        aggregation=DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, **dp),
+        limit_val_batches=0,
     )
     trainer.fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule(num_clients=8, batch_size=256))
     return recorder.clients
@@ -202,4 +210,6 @@ def test_central_dp_samples_clients_from_a_secret_seed_unless_reproducible_noise
     # DP-FedAvg's accounting amplifies by sampling: who is sampled must not follow from the config's seed
     runs = [sampled_clients(tmp_path / str(i)) for i in range(3)]
     assert len({tuple(r) for r in runs}) > 1
-    assert sampled_clients(tmp_path / "a", reproducible_noise=True) == sampled_clients(tmp_path / "b", reproducible_noise=True)
+    assert sampled_clients(tmp_path / "a", reproducible_noise=True) == sampled_clients(
+        tmp_path / "b", reproducible_noise=True
+    )

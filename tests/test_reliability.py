@@ -16,8 +16,18 @@ from fedpeft_pl import ConfigError, FedAvg, FederatedCallback, FedPEFTModule
 from fedpeft_pl.peft import Prompt, trainable_state
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--config", "configs/quickstart.yaml", "--trainer.num_rounds", "4", "--trainer.clients_per_round", "3",
-         "--trainer.local_epochs", "1", "--trainer.enable_progress_bar", "false"]
+QUICK = [
+    "--config",
+    "configs/quickstart.yaml",
+    "--trainer.num_rounds",
+    "4",
+    "--trainer.clients_per_round",
+    "3",
+    "--trainer.local_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 KILLER = '''
 import os, signal
@@ -46,7 +56,11 @@ def fedpeft(*args, env=None):
 def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"] if tag != "round/seconds"}
+    return {
+        tag: {e.step: e.value for e in events.Scalars(tag)}
+        for tag in events.Tags()["scalars"]
+        if tag != "round/seconds"
+    }
 
 
 def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
@@ -58,8 +72,15 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
         "trainer:\n  callbacks:\n    - class_path: killer.KillAt\n      init_args: {server_round: 3, batch: 4}\n"
     )
     crash_dir = str(tmp_path / "crash")
-    crashed = fedpeft("fit", *QUICK, "--config", str(tmp_path / "kill.yaml"), "--trainer.logger.init_args.save_dir",
-                      crash_dir, env={"PYTHONPATH": str(tmp_path)})
+    crashed = fedpeft(
+        "fit",
+        *QUICK,
+        "--config",
+        str(tmp_path / "kill.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        crash_dir,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     assert "round 2/4" in crashed.stderr and "round 3/4" not in crashed.stderr
 
@@ -139,7 +160,7 @@ def test_a_failing_client_and_a_nan_update_are_left_out_and_the_run_goes_on(tmp_
     assert "client 0 failed and is left out of this round: OSError: image file is truncated" in messages
     assert "client 1 sent NaN or Inf values" in messages
     assert recorder.failed == [(0, "OSError")]
-    healthy = [c for c in (2, 3)]
+    healthy = [2, 3]
     from fedpeft_pl import ClientUpdate
 
     expected = FedAvg().aggregate_fit(1, {}, [ClientUpdate(c, *recorder.updates[c]) for c in healthy])
@@ -183,8 +204,9 @@ def test_a_rejected_update_leaves_the_clients_error_feedback_residual_as_it_was(
 
     module = NanInRoundTwo(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd())
     recorder = Residuals()
-    trainer = tiny_trainer(tmp_path, num_rounds=2, clients_per_round=2, callbacks=[recorder],
-                           compress_upload=Int8(error_feedback=True))
+    trainer = tiny_trainer(
+        tmp_path, num_rounds=2, clients_per_round=2, callbacks=[recorder], compress_upload=Int8(error_feedback=True)
+    )
     with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
         trainer.fit(module, datamodule=tiny_datamodule(num_clients=2))
     assert "round 2: client 1 sent NaN or Inf values" in "\n".join(r.getMessage() for r in caplog.records)
@@ -196,8 +218,8 @@ def test_a_rejected_update_leaves_the_clients_error_feedback_residual_as_it_was(
 
 def test_a_client_refuses_to_keep_a_residual_for_a_non_finite_update():
     """What a deployed client runs: it encodes its own update, so it must not keep a NaN residual either."""
-    from fedpeft_pl.exchange import encode_update
     from fedpeft_pl.compression import Int8
+    from fedpeft_pl.exchange import encode_update
 
     codec = Int8(error_feedback=True)
     received = {"w": torch.zeros(3)}
@@ -206,7 +228,13 @@ def test_a_client_refuses_to_keep_a_residual_for_a_non_finite_update():
     encode_update(codec, {"w": torch.tensor([1.0, float("nan"), -0.3])}, received, client=4)
     assert torch.equal(codec.client_state([4])[4]["w"], kept)
     # a finite update sent beside a non-finite strategy tensor (SCAFFOLD's control variate) is rejected too
-    encode_update(codec, {"w": torch.tensor([0.5, 0.2, 0.1])}, received, client=4, extras={"control.w": torch.full((3,), float("inf"))})
+    encode_update(
+        codec,
+        {"w": torch.tensor([0.5, 0.2, 0.1])},
+        received,
+        client=4,
+        extras={"control.w": torch.full((3,), float("inf"))},
+    )
     assert torch.equal(codec.client_state([4])[4]["w"], kept)
 
 

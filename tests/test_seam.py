@@ -6,12 +6,12 @@ import sys
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from test_cli import QUICKSTART, REPO
 
 from fedpeft_pl import ClientResult, FederatedCallback, SequentialRunner
 from fedpeft_pl.exchange import open_session
 from fedpeft_pl.federation import RoundMessage
 from fedpeft_pl.peft import Prompt, trainable_state
-from test_cli import QUICKSTART, REPO
 
 
 class Counting(FederatedCallback):

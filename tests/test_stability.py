@@ -43,15 +43,22 @@ def fit(tmp_path, seed=0, rounds=2, **trainer_kwargs):
     events = Events()
     module = tiny_module(Prompt(num_tokens=2))
     datamodule = tiny_datamodule(num_clients=6, batch_size=32)
-    trainer = tiny_trainer(tmp_path, num_rounds=rounds, clients_per_round=4, local_epochs=2, seed=seed,
-                           callbacks=[events], **trainer_kwargs)
+    trainer = tiny_trainer(
+        tmp_path,
+        num_rounds=rounds,
+        clients_per_round=4,
+        local_epochs=2,
+        seed=seed,
+        callbacks=[events],
+        **trainer_kwargs,
+    )
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, datamodule, events
 
 
 def test_dropout_and_stragglers_follow_the_seeded_plan_and_repeat(tmp_path):
     availability = ClientAvailability(dropout=0.3, stragglers=0.5, straggler_work=(0.2, 0.5))
-    trainer, module, datamodule, events = fit(tmp_path / "a", seed=3, rounds=3, availability=availability)
+    _trainer, module, datamodule, events = fit(tmp_path / "a", seed=3, rounds=3, availability=availability)
     for server_round in (1, 2, 3):
         for client in sample_clients(3, server_round, 6, 4):
             planned = 2 * datamodule.client_num_batches(client)
@@ -74,7 +81,9 @@ def test_a_round_with_too_few_returns_is_skipped_and_the_state_stays(tmp_path, c
 
     availability = ClientAvailability(dropout=0.5)
     with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
-        trainer, module, _, events = fit(tmp_path, seed=1, rounds=2, availability=availability, aggregation=NeedsMany())
+        _trainer, module, _, events = fit(
+            tmp_path, seed=1, rounds=2, availability=availability, aggregation=NeedsMany()
+        )
     skipped = [r for r in (1, 2) if sum(1 for (rr, _) in events.finished if rr == r) < 4]
     assert skipped, "with half of the clients dropping, some round gets fewer than 4 updates"
     assert "fewer than min_clients=4; the round is skipped" in caplog.text
@@ -98,7 +107,7 @@ def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_pulls_clients_towards_the_gl
 
 def test_compressed_bytes_are_logged_exactly(tmp_path):
     logger = CSVLogger(str(tmp_path), name="csv")
-    trainer, module, _, _ = fit(tmp_path, rounds=1, compress_upload=Int8(), compress_download=Float16(), logger=logger)
+    _trainer, module, _, _ = fit(tmp_path, rounds=1, compress_upload=Int8(), compress_download=Float16(), logger=logger)
     state = trainable_state(module)
     elements, tensors = sum(t.numel() for t in state.values()), len(state)
     with open(f"{logger.log_dir}/metrics.csv") as handle:
@@ -117,8 +126,14 @@ def test_server_optimizer_and_error_feedback_state_resume_exactly(tmp_path):
     def run(rounds, root, ckpt_path=None):
         torch.manual_seed(0)
         module = tiny_module(Prompt(num_tokens=2))
-        trainer = tiny_trainer(root, num_rounds=rounds, clients_per_round=3, enable_checkpointing=True,
-                               aggregation=FedAdam(lr=0.05), compress_upload=Int8(error_feedback=True))
+        trainer = tiny_trainer(
+            root,
+            num_rounds=rounds,
+            clients_per_round=3,
+            enable_checkpointing=True,
+            aggregation=FedAdam(lr=0.05),
+            compress_upload=Int8(error_feedback=True),
+        )
         trainer.fit(module, datamodule=tiny_datamodule(num_clients=4, batch_size=64), ckpt_path=ckpt_path)
         return trainer, module
 
@@ -139,7 +154,12 @@ def test_a_strategy_sees_the_federations_shape_before_training(tmp_path):
     strategy = Recording()
     fit(tmp_path, rounds=1, aggregation=strategy)
     assert strategy.shape == {
-        "num_clients": 6, "clients_per_round": 4, "num_rounds": 1, "local_epochs": 2, "sampling": "uniform", "seed": 0,
+        "num_clients": 6,
+        "clients_per_round": 4,
+        "num_rounds": 1,
+        "local_epochs": 2,
+        "sampling": "uniform",
+        "seed": 0,
         "sampling_seed": None,
     }
     assert isinstance(strategy, Strategy)

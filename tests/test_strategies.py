@@ -9,7 +9,6 @@ from fedpeft_pl.comm import payload_bytes
 from fedpeft_pl.compression import BFloat16, Codec, Float16, Int8
 from fedpeft_pl.strategies import (
     ClientUpdate,
-    weighted_average,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -17,12 +16,15 @@ from fedpeft_pl.strategies import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    weighted_average,
 )
 
 
 def updates_from(values, counts=None):
     counts = counts or [1] * len(values)
-    return [ClientUpdate(i, n, {"w": torch.tensor(v, dtype=torch.float32)}) for i, (v, n) in enumerate(zip(values, counts))]
+    return [
+        ClientUpdate(i, n, {"w": torch.tensor(v, dtype=torch.float32)}) for i, (v, n) in enumerate(zip(values, counts))
+    ]
 
 
 def test_fedavg_matches_a_hand_computation():
@@ -87,7 +89,9 @@ def test_server_optimizer_state_round_trips_through_a_checkpoint():
     second = FedYogi(lr=0.05)
     second.load_state_dict(first.state_dict())
     updates = updates_from([[0.5, 0.5, 0.5]])
-    torch.testing.assert_close(first.aggregate_fit(2, state, updates)["w"], second.aggregate_fit(2, state, updates)["w"])
+    torch.testing.assert_close(
+        first.aggregate_fit(2, state, updates)["w"], second.aggregate_fit(2, state, updates)["w"]
+    )
 
 
 def test_fedprox_adds_its_proximal_term_on_the_client_and_aggregates_like_fedavg():
@@ -97,7 +101,9 @@ def test_fedprox_adds_its_proximal_term_on_the_client_and_aggregates_like_fedavg
     term = FedProx(mu=0.1).client_loss({"w": torch.tensor([2.0, 0.0])}, context)
     assert term.item() == pytest.approx(0.1 / 2 * (1.0 + 4.0))
     assert FedProx(mu=0.0).client_loss({"w": torch.tensor([2.0, 0.0])}, context) is None
-    torch.testing.assert_close(FedProx(mu=0.1).aggregate_fit(1, {}, updates)["w"], FedAvg().aggregate_fit(1, {}, updates)["w"])
+    torch.testing.assert_close(
+        FedProx(mu=0.1).aggregate_fit(1, {}, updates)["w"], FedAvg().aggregate_fit(1, {}, updates)["w"]
+    )
 
 
 @pytest.mark.parametrize("strategy", [FedMedian(), FedTrimmedAvg(beta=0.2)], ids=repr)
@@ -105,7 +111,7 @@ def test_robust_aggregation_resists_one_huge_update(strategy):
     torch.manual_seed(0)
     honest = [torch.randn(1000) * 0.1 + 1.0 for _ in range(9)]
     attack = torch.full((1000,), 1e6)
-    updates = [ClientUpdate(i, 10, {"w": w}) for i, w in enumerate(honest + [attack])]
+    updates = [ClientUpdate(i, 10, {"w": w}) for i, w in enumerate([*honest, attack])]
     honest_mean = torch.stack(honest).mean(0)
     robust = strategy.aggregate_fit(1, {}, updates)["w"]
     assert (robust - honest_mean).abs().max() < 0.15
@@ -124,8 +130,13 @@ def test_trimmed_mean_drops_both_ends():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: FedProx(mu=-1), lambda: FedAdam(lr=0), lambda: FedYogi(beta1=1.0), lambda: FedTrimmedAvg(beta=0.5),
-     lambda: FedAvg(min_clients=0)],
+    [
+        lambda: FedProx(mu=-1),
+        lambda: FedAdam(lr=0),
+        lambda: FedYogi(beta1=1.0),
+        lambda: FedTrimmedAvg(beta=0.5),
+        lambda: FedAvg(min_clients=0),
+    ],
 )
 def test_invalid_strategy_arguments_are_config_errors(make):
     with pytest.raises(ConfigError):
@@ -205,7 +216,14 @@ def test_no_availability_model_means_everyone_does_everything():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"dropout": 1.0}, {"dropout": -0.1}, {"stragglers": 1.5}, {"straggler_work": (0.0, 0.5)}, {"straggler_work": (0.8, 0.2)}]
+    "kwargs",
+    [
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+        {"stragglers": 1.5},
+        {"straggler_work": (0.0, 0.5)},
+        {"straggler_work": (0.8, 0.2)},
+    ],
 )
 def test_invalid_availability_is_a_config_error(kwargs):
     with pytest.raises(ConfigError):

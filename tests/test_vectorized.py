@@ -1,16 +1,28 @@
 """The vectorised engine trains every client exactly as a plain sequential PyTorch loop would."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_backbone
 
-from fedpeft_pl import FedPEFTModule, FederatedDataModule
+from fedpeft_pl import FederatedDataModule, FedPEFTModule
 from fedpeft_pl.data import Digits
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt, load_trainable_state, trainable_parameters, trainable_state
-from fedpeft_pl.vectorized import ClientJob, PrivateTraining, train_clients
-from helpers import tiny_backbone
+from fedpeft_pl.peft import (
+    Adapter,
+    Bias,
+    Full,
+    Head,
+    LoRA,
+    Prompt,
+    load_trainable_state,
+    trainable_parameters,
+    trainable_state,
+)
+from fedpeft_pl.runners.vectorized import ClientJob, PrivateTraining, train_clients
 
 # unequal clients: 37 samples (3 batches, the last of 5), 20 (2 batches, the last of 4), 48 (3 full batches)
 SIZES = [37, 20, 48]
@@ -36,13 +48,15 @@ def setup(peft, optimizer=sgd, **backbone):
     rng = np.random.default_rng(0)
     pool = rng.permutation(len(dm.splits.train))
     starts = np.cumsum([0, *SIZES])
-    dm.client_indices = [pool[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    dm.client_indices = [pool[a:b] for a, b in itertools.pairwise(starts)]
     return module, dm
 
 
 def jobs_for(module, extras=lambda state: {}):
     state = trainable_state(module)
-    return [ClientJob(c, seed=1000 + c, max_batches=CAPS[c], start=state, extras=extras(state)) for c in range(len(SIZES))]
+    return [
+        ClientJob(c, seed=1000 + c, max_batches=CAPS[c], start=state, extras=extras(state)) for c in range(len(SIZES))
+    ]
 
 
 def sequential(module, dm, job, optimizer, mu=0.0):
@@ -194,7 +208,9 @@ def test_local_dp_matches_the_sequential_private_gradient():
     jobs = jobs_for(module)
     clip = 0.05
     expected_size = {c: min(1.0, BATCH / n) * n for c, n in enumerate(SIZES)}
-    private = PrivateTraining(clip, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=expected_size.__getitem__)
+    private = PrivateTraining(
+        clip, noise=lambda client, like: torch.zeros_like(like), expected_batch_size=expected_size.__getitem__
+    )
     outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, private=private)
     for job, outcome in zip(jobs, outcomes):
         for sub in module.modules():  # as LocalDP.attach does: timm's fused attention has no vmap rule on CPU
@@ -205,7 +221,10 @@ def test_local_dp_matches_the_sequential_private_gradient():
         params = trainable_parameters(module)
         opt = sgd(params.values())
         for batch in dm.client_batches(job.client, job.seed, EPOCHS, job.max_batches):
-            images, labels = (torch.stack(t) if i == 0 else torch.tensor(t) for i, t in enumerate(zip(*[dm.splits.train[j] for j in batch])))
+            images, labels = (
+                torch.stack(t) if i == 0 else torch.tensor(t)
+                for i, t in enumerate(zip(*[dm.splits.train[j] for j in batch]))
+            )
             sums, _ = clipped_gradient_sum(module, images, labels, clip)
             opt.zero_grad()
             for n, p in params.items():
@@ -215,7 +234,7 @@ def test_local_dp_matches_the_sequential_private_gradient():
 
 
 def test_head_on_cached_features_equals_training_through_the_backbone():
-    from fedpeft_pl.feature_cache import HeadProbe, cache_features, feature_datamodule
+    from fedpeft_pl.runners.feature_cache import HeadProbe, cache_features, feature_datamodule
 
     module, dm = setup(Head())
     jobs = jobs_for(module)
@@ -230,8 +249,9 @@ def test_head_on_cached_features_equals_training_through_the_backbone():
 
 
 def test_a_chunk_out_of_device_memory_trains_again_in_halves(monkeypatch, caplog):
-    """CUDA running out of memory on a chunk of clients halves the chunk: the same states, a warning, the new size reported."""
-    import fedpeft_pl.vectorized as vectorized
+    """CUDA running out of memory on a chunk of clients halves the chunk: the same states, a warning, the new size
+    reported."""
+    import fedpeft_pl.runners.vectorized as vectorized
 
     module, dm = setup(Bias())
     jobs = jobs_for(module)
@@ -247,7 +267,7 @@ def test_a_chunk_out_of_device_memory_trains_again_in_halves(monkeypatch, caplog
 
     monkeypatch.setattr(vectorized, "_train_chunk", small_device)
     sizes = []
-    with caplog.at_level("WARNING", logger="fedpeft_pl.vectorized"):
+    with caplog.at_level("WARNING", logger="fedpeft_pl.runners.vectorized"):
         outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, on_smaller_chunks=sizes.append)
     assert tried == [len(jobs)] + [1] * len(jobs) and sizes == [1]
     assert "ran out of device memory; training 1 at a time" in caplog.text
@@ -267,8 +287,8 @@ def test_a_classifier_on_features_is_one_batched_matrix_product():
     """The engine's fast path for a Linear head on cached features computes what vmap over functional_call does."""
     from torch.func import functional_call, vmap
 
-    from fedpeft_pl.feature_cache import HeadProbe
-    from fedpeft_pl.vectorized import _linear_forward, _model_of
+    from fedpeft_pl.runners.feature_cache import HeadProbe
+    from fedpeft_pl.runners.vectorized import _linear_forward, _model_of
 
     module, _ = setup(Head())
     probe = HeadProbe(module.model)

@@ -7,7 +7,7 @@ import torch
 from helpers import sgd, tiny_backbone, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from fedpeft_pl import ClientAvailability, ConfigError, FedPEFTModule, FederatedDataModule, Scaffold
+from fedpeft_pl import ClientAvailability, ConfigError, FederatedDataModule, FedPEFTModule, Scaffold
 from fedpeft_pl.data import Digits, Dirichlet
 from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Personalized, Prompt, trainable_state
 from fedpeft_pl.privacy import LocalDP
@@ -28,11 +28,19 @@ def run(tmp_path, name, peft, runner, **kwargs):
     torch.manual_seed(0)
     module = FedPEFTModule(10, tiny_backbone(), peft, optimizer=sgd(0.05, weight_decay=1e-4))
     # unequal clients (Dirichlet), short last batches (batch 24), stragglers
-    datamodule = FederatedDataModule(Digits(), num_clients=4, partition=Dirichlet(alpha=0.5, min_samples=10), batch_size=24)
+    datamodule = FederatedDataModule(
+        Digits(), num_clients=4, partition=Dirichlet(alpha=0.5, min_samples=10), batch_size=24
+    )
     logger = CSVLogger(str(tmp_path), name=name)
     trainer = tiny_trainer(
-        tmp_path, num_rounds=2, clients_per_round=3, local_epochs=2, logger=logger, client_runner=runner,
-        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)), **kwargs,
+        tmp_path,
+        num_rounds=2,
+        clients_per_round=3,
+        local_epochs=2,
+        logger=logger,
+        client_runner=runner,
+        availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)),
+        **kwargs,
     )
     trainer.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -68,9 +76,11 @@ def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounti
     """With reproducible noise both runners draw each client's noise from the same stream: same state, same budget."""
     runs = {}
     for runner in ("sequential", "vectorized"):
-        privacy = LocalDP(epsilon=8.0, max_grad_norm=0.5, reproducible_noise=True, chunk_size=5)  # several chunks a batch
+        privacy = LocalDP(
+            epsilon=8.0, max_grad_norm=0.5, reproducible_noise=True, chunk_size=5
+        )  # several chunks a batch
         with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
-            state, trainer, metrics = run(tmp_path, runner, LoRA(rank=2, alpha=4), runner, privacy=privacy)
+            state, _trainer, _metrics = run(tmp_path, runner, LoRA(rank=2, alpha=4), runner, privacy=privacy)
         runs[runner] = state, privacy
     assert "vectorised client runner:" not in caplog.text  # no fall-back to the sequential runner
     (sequential, seq_privacy), (vectorised, vec_privacy) = runs["sequential"], runs["vectorized"]
@@ -93,7 +103,9 @@ def test_vectorised_local_dp_noise_is_secret_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(LocalDP, "attach", seeded_batches)
 
     def twice(**privacy):
-        return [run(tmp_path, f"v{i}", LoRA(rank=2, alpha=4), "vectorized", privacy=LocalDP(**privacy))[0] for i in range(2)]
+        return [
+            run(tmp_path, f"v{i}", LoRA(rank=2, alpha=4), "vectorized", privacy=LocalDP(**privacy))[0] for i in range(2)
+        ]
 
     noiseless = twice(epsilon=None, noise_multiplier=0.0)
     assert all(torch.equal(noiseless[0][n], noiseless[1][n]) for n in noiseless[0])
@@ -109,7 +121,7 @@ def test_runner_settings_are_checked(tmp_path):
 
 
 def test_auto_chooses_the_vectorised_runner_on_one_cuda_device_only():
-    from fedpeft_pl.vectorized import choose_client_runner
+    from fedpeft_pl.runners.choice import choose_client_runner
 
     assert choose_client_runner("auto", "cuda", 1) == ("vectorized", "auto: one CUDA device")
     assert choose_client_runner("auto", "cuda", 2)[0] == "sequential"
@@ -129,8 +141,10 @@ def test_the_default_runner_on_cpu_is_sequential_and_says_why(tmp_path):
     assert trainer.client_runner_reason.startswith("auto:")
     module = FedPEFTModule(10, tiny_backbone(), Bias())
     notes = trainer.comm(module, FederatedDataModule(Digits(), num_clients=4)).notes
-    assert ("clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end, "
-            "but for Head on cached features)") in notes
+    assert (
+        "clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end, "
+        "but for Head on cached features)"
+    ) in notes
 
 
 def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
@@ -141,12 +155,15 @@ def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
 
     from lightning.pytorch.callbacks import Callback
 
-    from fedpeft_pl.vectorized import _autocast_for, lightning_step_customised
+    from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
 
     def module(**kwargs):
         return FedPEFTModule(10, tiny_backbone(), Bias(), **kwargs)
 
-    assert lightning_step_customised(tiny_trainer(tmp_path, enable_progress_bar=True, enable_checkpointing=True), module()) is None
+    assert (
+        lightning_step_customised(tiny_trainer(tmp_path, enable_progress_bar=True, enable_checkpointing=True), module())
+        is None
+    )
 
     class OwnStep(FedPEFTModule):
         def training_step(self, batch, batch_idx):
@@ -156,18 +173,27 @@ def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
         def on_train_batch_end(self, *args):
             pass
 
-    assert "overrides training_step" in lightning_step_customised(tiny_trainer(tmp_path), OwnStep(10, tiny_backbone(), Bias()))
-    assert "callback PerStep has on_train_batch_end" in lightning_step_customised(tiny_trainer(tmp_path, callbacks=[PerStep()]), module())
+    assert "overrides training_step" in lightning_step_customised(
+        tiny_trainer(tmp_path), OwnStep(10, tiny_backbone(), Bias())
+    )
+    assert "callback PerStep has on_train_batch_end" in lightning_step_customised(
+        tiny_trainer(tmp_path, callbacks=[PerStep()]), module()
+    )
     assert "gradient clipping" in lightning_step_customised(tiny_trainer(tmp_path, gradient_clip_val=1.0), module())
     assert "accumulation" in lightning_step_customised(tiny_trainer(tmp_path, accumulate_grad_batches=2), module())
-    lbfgs = lightning_step_customised(tiny_trainer(tmp_path), module(optimizer=lambda params: torch.optim.LBFGS(params)))
+    lbfgs = lightning_step_customised(
+        tiny_trainer(tmp_path), module(optimizer=lambda params: torch.optim.LBFGS(params))
+    )
     assert lbfgs == "the optimizer LBFGS is not elementwise"
     fp16 = SimpleNamespace(precision="16-mixed", strategy=SimpleNamespace(root_device=torch.device("cuda")))
-    assert _autocast_for(fp16) is False
+    assert autocast_for(fp16) is False
 
     # what the run says: the runner that will train, and why
     trainer = tiny_trainer(tmp_path, client_runner="vectorized", gradient_clip_val=1.0)
     notes = trainer.comm(module(), FederatedDataModule(Digits(), num_clients=4)).notes
-    assert "clients run on the sequential runner (gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop)" in notes
+    assert (
+        "clients run on the sequential runner (gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop)"
+        in notes
+    )
     with pytest.raises(ConfigError, match="max_parallel_clients must be >= 1"):
         tiny_trainer(tmp_path, max_parallel_clients=0)  # checked whichever runner auto picks

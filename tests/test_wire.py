@@ -29,7 +29,12 @@ def test_wire_bytes_are_the_bytes_flower_serialises_and_inflates_back():
     again = inflate_object_from_contents(content.object_id, dict(serialised))  # what a receiver rebuilds
     arrays = again["arrays"].to_torch_state_dict()
     assert all(torch.equal(arrays[k], v) for k, v in payload.items())
-    assert dict(again["config"]) == {"proximal_mu": 0.1, "fedpeft.server-round": 3, "fedpeft.client": 2, "fedpeft.max-batches": 7}
+    assert dict(again["config"]) == {
+        "proximal_mu": 0.1,
+        "fedpeft.server-round": 3,
+        "fedpeft.client": 2,
+        "fedpeft.max-batches": 7,
+    }
     # headers, per-array metadata and the config make the message larger than its tensors
     assert wire_bytes(content) > payload_bytes(payload)
     reply = reply_content(payload, num_examples=100, metrics={"steps": 4.0})  # a private run's client: no loss
@@ -37,7 +42,6 @@ def test_wire_bytes_are_the_bytes_flower_serialises_and_inflates_back():
     assert wire_bytes(reply_content(payload, 100, {"train_loss": 1.5, "steps": 20})) == wire_bytes(
         reply_content(payload, 100, {"train_loss": 1e9, "steps": 3})
     )
-
 
 
 def test_the_counter_counts_each_reply_as_flower_serialises_it(monkeypatch):
@@ -70,6 +74,7 @@ def test_the_counter_counts_each_reply_as_flower_serialises_it(monkeypatch):
     # the repeated objects really are sent once
     assert wire_bytes(reply_content(*replies[2][:3])) < wire_bytes(reply_content(*replies[1][:3])) + 30 * 4 * 4
 
+
 def fit(tmp_path, **kwargs):
     torch.manual_seed(0)
     module = tiny_module(Prompt(num_tokens=2))
@@ -86,8 +91,9 @@ def test_a_simulation_logs_the_wire_bytes_of_the_messages_a_deployment_would_sen
     from fedpeft_pl.comm import reply_content, train_content, wire_bytes
 
     availability = ClientAvailability(dropout=0.4)
-    trainer, module, datamodule, rows = fit(tmp_path, compress_upload=Int8(), compress_download=Float16(),
-                                            availability=availability)
+    _trainer, module, datamodule, rows = fit(
+        tmp_path, compress_upload=Int8(), compress_download=Float16(), availability=availability
+    )
     state = trainable_state(module)
     down_payload = Float16().encode(state)
     up_payload = Int8().encode(state)  # same names, shapes and dtypes as every upload

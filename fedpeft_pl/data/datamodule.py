@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
-from typing_extensions import override
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler, Subset, default_collate
+from typing_extensions import override
 
 from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
 from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
@@ -161,7 +161,9 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         self.client_indices = self.partition(splits.train_targets, self.num_clients, np.random.default_rng(self.seed))
         if self.client_test_fraction > 0:
-            self.client_indices, self.client_test_indices = _hold_out(self.client_indices, self.client_test_fraction, self.seed)
+            self.client_indices, self.client_test_indices = _hold_out(
+                self.client_indices, self.client_test_fraction, self.seed
+            )
         self.splits = splits
         self._report_partition()
 
@@ -201,7 +203,8 @@ class FederatedDataModule(pl.LightningDataModule):
         )
 
     def client_batches(self, client: int, seed: int, local_epochs: int, max_batches: int) -> list[list[int]]:
-        """The index batches that ``local_epochs`` passes of ``client_dataloader(client, seed)`` yield, capped at ``max_batches``.
+        """The index batches that ``local_epochs`` passes of ``client_dataloader(client, seed)`` yield, capped at
+        ``max_batches``.
 
         Exactly the sequential loader's batches, in order: a sampler of its own, seeded the same way
         (the shared loader's sampler is left untouched). The vectorised runner stacks these.
@@ -238,7 +241,11 @@ class FederatedDataModule(pl.LightningDataModule):
         assert self.splits is not None, "call setup() first"
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.splits.train, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
+            self.splits.train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
         )
 
     @override
@@ -266,15 +273,14 @@ class FederatedDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def _report_partition(self) -> None:
-        from fedpeft_pl.privacy import releases_client_statistics
-
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
         histogram = self.label_histogram
         sizes = histogram.sum(axis=1)
         classes = (histogram > 0).sum(axis=1)
         assert self.splits is not None
-        if self.trainer is not None and not releases_client_statistics(self.trainer):
+        # the trainer says whether the run is private; a plain Lightning trainer runs no DP
+        if self.trainer is not None and not getattr(self.trainer, "releases_client_statistics", True):
             # a private run: the sample counts are public (they travel as FedAvg weights), the labels are not
             log.info(
                 f"data: {self.dataset!r}, {int(sizes.sum())} training samples over {self.num_clients} clients "

@@ -62,7 +62,6 @@ class ImageDataset(ShownByArguments, ABC):
         """Both splits with ``transform`` applied; ``seed`` fixes any split this class makes itself."""
 
 
-
 def _stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
@@ -300,9 +299,13 @@ class ImageFolder(ImageDataset):
         if os.path.isdir(train_path) and os.path.isdir(test_path):
             train, test = self._folder(train_path, transform), self._folder(test_path, transform)
             if train.classes != test.classes:
-                raise ConfigError(f"the class folders of {train_path!r} and {test_path!r} differ; give both the same classes")
+                raise ConfigError(
+                    f"the class folders of {train_path!r} and {test_path!r} differ; give both the same classes"
+                )
             return Splits(train, np.asarray(train.targets, dtype=np.int64), test, len(train.classes))
         full = self._folder(self.root, transform)
         targets = np.asarray(full.targets, dtype=np.int64)
         train_idx, test_idx = _stratified_split(targets, self.test_fraction, seed)
-        return Splits(Subset(full, train_idx.tolist()), targets[train_idx], Subset(full, test_idx.tolist()), len(full.classes))
+        return Splits(
+            Subset(full, train_idx.tolist()), targets[train_idx], Subset(full, test_idx.tolist()), len(full.classes)
+        )

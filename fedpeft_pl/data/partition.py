@@ -40,7 +40,6 @@ class Partitioner(ShownByArguments, ABC):
         """Index arrays, one per client."""
 
 
-
 class IID(Partitioner):
     """A uniformly random split into near-equal parts."""
 

@@ -96,7 +96,9 @@ class PEFTMethod(ShownByArguments, ABC):
         """
         return view
 
-    def aggregate(self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int) -> State:
+    def aggregate(
+        self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int
+    ) -> State:
         """The next global state, from the strategy's ``aggregated`` one and the clients' ``updates`` (global shapes).
 
         A method may fold the updates into ``model``'s own buffers here (FLoRA's product).
@@ -117,7 +119,6 @@ class PEFTMethod(ShownByArguments, ABC):
 
     def load_server_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`server_state` (the model is built and attached)."""
-
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -156,3 +157,16 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], part
         raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, param in params.items():
         param.copy_(state[name])
+
+
+def method_spec(peft: object) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": ...}`` of a PEFT method, as JSON can hold it."""
+    return {"class_path": f"{type(peft).__module__}.{type(peft).__qualname__}", "init_args": _init_args(peft)}
+
+
+def _init_args(peft: object) -> dict[str, Any]:
+    export_args = getattr(peft, "export_args", None)
+    if export_args is not None:  # a method whose arguments are objects (HFPeft's peft config)
+        return dict(export_args())
+    args = {k: v for k, v in vars(peft).items() if not k.startswith("_")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}

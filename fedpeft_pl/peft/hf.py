@@ -63,19 +63,21 @@ class HFPeft(PEFTMethod):
     """
 
     def __init__(self, config: PeftConfig, freeze_a: bool = False) -> None:
-        if isinstance(config, dict) and "class_path" in config:  # as load_exported passes it back: {"class_path": ..., "init_args": ...}
+        if (
+            isinstance(config, dict) and "class_path" in config
+        ):  # as load_exported passes it back: {"class_path": ..., "init_args": ...}
             config = _config_from_dict(config)
         if not isinstance(config, PeftConfig):
-            raise ConfigError(f"HFPeft config must be a peft config such as peft.LoraConfig, got {type(config).__name__}")
+            raise ConfigError(
+                f"HFPeft config must be a peft config such as peft.LoraConfig, got {type(config).__name__}"
+            )
         if config.is_prompt_learning or config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
             raise ConfigError(
                 f"HFPeft injects adapters into the ViT's layers; {type(config).__name__} is not such a method "
                 "(for prompts use fedpeft_pl.peft.Prompt)"
             )
         if getattr(config, "modules_to_save", None):
-            raise ConfigError(
-                "HFPeft always trains the classifier itself; remove modules_to_save from the peft config"
-            )
+            raise ConfigError("HFPeft always trains the classifier itself; remove modules_to_save from the peft config")
         init = getattr(config, "init_lora_weights", True)
         if isinstance(init, str) and init.startswith(_WEIGHT_DEPENDENT_INITS):
             raise ConfigError(
@@ -203,7 +205,15 @@ def _changed_fields(config: PeftConfig) -> dict[str, Any]:
     return changed
 
 
-_BOOKKEEPING = {"peft_type", "task_type", "revision", "base_model_name_or_path", "inference_mode", "peft_version", "auto_mapping"}
+_BOOKKEEPING = {
+    "peft_type",
+    "task_type",
+    "revision",
+    "base_model_name_or_path",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+}
 
 
 def _config_from_dict(spec: dict[str, Any]) -> PeftConfig:

@@ -96,22 +96,30 @@ class LoRA(PEFTMethod):
         if aggregation not in ("average", "stack"):
             raise ConfigError(f"LoRA aggregation must be 'average' or 'stack', got {aggregation!r}")
         if client_ranks is not None and rank_choices is not None:
-            raise ConfigError("give LoRA either client_ranks (a per-client map) or rank_choices (a seeded rule), not both")
+            raise ConfigError(
+                "give LoRA either client_ranks (a per-client map) or rank_choices (a seeded rule), not both"
+            )
         if client_ranks is not None:
             if not isinstance(client_ranks, Mapping):
-                raise ConfigError(f"LoRA client_ranks must map client ids to ranks, e.g. {{0: 2, 1: 4}}; got {client_ranks!r}")
+                raise ConfigError(
+                    f"LoRA client_ranks must map client ids to ranks, e.g. {{0: 2, 1: 4}}; got {client_ranks!r}"
+                )
             client_ranks = {int(c): r for c, r in client_ranks.items()}
             _check_ranks(client_ranks.values(), rank, "client_ranks")
             if any(c < 0 for c in client_ranks):
                 raise ConfigError(f"LoRA client_ranks keys are client ids >= 0, got {sorted(client_ranks)}")
         if rank_choices is not None:
             if isinstance(rank_choices, (str, int)) or not list(rank_choices):
-                raise ConfigError(f"LoRA rank_choices must be a non-empty list of ranks, e.g. [2, 4, {rank}]; got {rank_choices!r}")
+                raise ConfigError(
+                    f"LoRA rank_choices must be a non-empty list of ranks, e.g. [2, 4, {rank}]; got {rank_choices!r}"
+                )
             rank_choices = tuple(rank_choices)
             _check_ranks(rank_choices, rank, "rank_choices")
         if freeze_a and (client_ranks is not None or rank_choices is not None or aggregation == "stack"):
-            raise ConfigError("LoRA freeze_a (FFA-LoRA) takes one rank on every client and aggregation 'average'; "
-                              "drop client_ranks/rank_choices/aggregation or freeze_a")
+            raise ConfigError(
+                "LoRA freeze_a (FFA-LoRA) takes one rank on every client and aggregation 'average'; "
+                "drop client_ranks/rank_choices/aggregation or freeze_a"
+            )
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -197,7 +205,8 @@ class LoRA(PEFTMethod):
         return view
 
     def from_client_view(self, view: State, client: int, server_round: int, like: State) -> State:
-        """Factors zero-padded to ``rank``; under ``stack`` a received view's factors are fresh (``A`` drawn, ``B`` zero)."""
+        """Factors zero-padded to ``rank``; under ``stack`` a received view's factors are fresh (``A`` drawn,
+        ``B`` zero)."""
         if not self.per_client_views:
             return view
         r, groups = self.client_rank(client), len(self.targets)
@@ -221,7 +230,9 @@ class LoRA(PEFTMethod):
         return state
 
     @torch.no_grad()
-    def aggregate(self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int) -> State:
+    def aggregate(
+        self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int
+    ) -> State:
         """FLoRA: add ``sum_k p_k * s * B_k @ A_k`` (each at its own rank) to every block's merged update.
 
         The global factors are left with ``B`` zero, so the server's model is the merged update plus the
@@ -230,7 +241,9 @@ class LoRA(PEFTMethod):
         if self.aggregation != "stack":
             return aggregated
         if any(u.aggregate_of for u in updates):
-            raise ConfigError("LoRA aggregation 'stack' needs every client's own factors; it cannot run under secure aggregation")
+            raise ConfigError(
+                "LoRA aggregation 'stack' needs every client's own factors; it cannot run under secure aggregation"
+            )
         total = sum(u.num_samples for u in updates)
         groups = len(self.targets)
         names: dict[int, dict[str, str]] = {}
@@ -269,7 +282,9 @@ class LoRA(PEFTMethod):
 
     def dense_update_bytes(self) -> int:
         """FLoRA: bytes of the dense merged update of every adapted part (q, v), what a client far behind receives."""
-        return sum(int(layer.lora_ind.sum()) * layer.in_features * layer.flora_delta.element_size() for layer in self._layers)
+        return sum(
+            int(layer.lora_ind.sum()) * layer.in_features * layer.flora_delta.element_size() for layer in self._layers
+        )
 
     def delivered(self, clients: list[int], server_round: int) -> None:
         if self.aggregation == "stack":
@@ -297,7 +312,8 @@ class LoRA(PEFTMethod):
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]
     ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """The frozen qkv weights plus each block's ``B @ A * alpha / rank`` (and FLoRA's merged update), as plain timm tensors."""
+        """The frozen qkv weights plus each block's ``B @ A * alpha / rank`` (and FLoRA's merged update), as plain
+        timm tensors."""
         state = model.state_dict()
         merged = {name: state[name].detach().clone() for name in backbone_names}
         with torch.no_grad():
@@ -332,7 +348,8 @@ def _check_ranks(ranks: Iterable[Any], rank: int, what: str) -> None:
 
 
 def _first_ranks(factor: torch.Tensor, kind: str, groups: int, r: int) -> torch.Tensor:
-    """The first ``r`` ranks of a merged-qkv factor: each group's first ``r`` rows of ``A``, the first ``r`` columns of ``B``."""
+    """The first ``r`` ranks of a merged-qkv factor: each group's first ``r`` rows of ``A``, the first ``r``
+    columns of ``B``."""
     if kind == "B":
         return factor[:, :r].contiguous()
     return factor.view(groups, -1, factor.shape[1])[:, :r].reshape(-1, factor.shape[1])

@@ -11,7 +11,7 @@ import torch
 from timm.models import VisionTransformer
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod
+from fedpeft_pl.peft.base import PEFTMethod, method_spec
 
 
 class Personalized(PEFTMethod):
@@ -51,7 +51,10 @@ class Personalized(PEFTMethod):
         if isinstance(method, Personalized):
             raise ConfigError("Personalized wraps a plain PEFT method, not another Personalized")
         if method.per_client_views:
-            raise ConfigError(f"Personalized cannot wrap {method!r}: its clients exchange different tensors (heterogeneous ranks or stacking)")
+            raise ConfigError(
+                f"Personalized cannot wrap {method!r}: its clients exchange different tensors (heterogeneous ranks or "
+                "stacking)"
+            )
         if isinstance(local, str) or not local:
             raise ConfigError(f"Personalized local must be a non-empty list of tensor names or patterns, got {local!r}")
         if not isinstance(local_epochs, int) or local_epochs < 0:
@@ -78,8 +81,6 @@ class Personalized(PEFTMethod):
 
     def export_args(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments, for export metadata (:mod:`fedpeft_pl.export`)."""
-        from fedpeft_pl.export import method_spec
-
         return {"method": method_spec(self.method), "local": list(self.local), "local_epochs": self.local_epochs}
 
     def merge(

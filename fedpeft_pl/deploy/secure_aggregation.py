@@ -5,7 +5,7 @@ With secure aggregation on, the ServerApp drives Flower's own SecAgg+ protocol
 ClientApp answers through Flower's ``secaggplus_mod``: every client quantises its
 sample-weighted update to integers, adds pairwise and private masks and uploads only the masked
 vector, so the server can reconstruct the weighted mean of the updates of the clients that
-finished, never one client's update. The protocol is Flower's; :mod:`fedpeft_pl.flower_secagg`
+finished, never one client's update. The protocol is Flower's; :mod:`fedpeft_pl.deploy.secagg`
 only builds its instructions from fedpeft's round message and hands its result to the server.
 
 The settings are deployment settings, not part of the experiment: they live in the Flower app's
@@ -23,8 +23,9 @@ Example::
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 from fedpeft_pl.errors import ConfigError
 
@@ -81,14 +82,19 @@ class SecureAggregation:
             raise ConfigError(f"secure aggregation reconstruction_threshold must be a number, got {threshold!r}")
         if isinstance(threshold, int) and not (2 <= threshold and (isinstance(shares, float) or threshold < shares)):
             raise ConfigError(
-                f"secure aggregation reconstruction_threshold must be an int >= 2 below num_shares ({shares}), got {threshold}"
+                f"secure aggregation reconstruction_threshold must be an int >= 2 below num_shares ({shares}), got "
+                f"{threshold}"
             )
         if isinstance(threshold, float) and not 0 < threshold <= 1:
-            raise ConfigError(f"secure aggregation reconstruction_threshold as a fraction must be in (0, 1], got {threshold}")
+            raise ConfigError(
+                f"secure aggregation reconstruction_threshold as a fraction must be in (0, 1], got {threshold}"
+            )
         if not self.clipping_range > 0:
             raise ConfigError(f"secure aggregation clipping_range must be > 0, got {self.clipping_range}")
         if not isinstance(self.quantization_range, int) or not 1 < self.quantization_range < 2**32:
-            raise ConfigError(f"secure aggregation quantization_range must be an int in (1, 2**32), got {self.quantization_range}")
+            raise ConfigError(
+                f"secure aggregation quantization_range must be an int in (1, 2**32), got {self.quantization_range}"
+            )
         if not self.max_weight > 0:
             raise ConfigError(f"secure aggregation max_weight must be > 0, got {self.max_weight}")
 
@@ -97,12 +103,15 @@ class SecureAggregation:
         return {ENABLE: True, **{_PREFIX + k.replace("_", "-"): v for k, v in asdict(self).items()}}
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> Optional["SecureAggregation"]:
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Optional[SecureAggregation]:
         """The settings in a Flower run config, or None when secure aggregation is off."""
         if not run_config.get(ENABLE, False):
             return None
-        fields = {k: run_config[_PREFIX + k.replace("_", "-")] for k in cls.__dataclass_fields__
-                  if _PREFIX + k.replace("_", "-") in run_config}
+        fields = {
+            k: run_config[_PREFIX + k.replace("_", "-")]
+            for k in cls.__dataclass_fields__
+            if _PREFIX + k.replace("_", "-") in run_config
+        }
         return cls(**fields)
 
 
@@ -122,7 +131,9 @@ def split_arguments(argv: list[str]) -> tuple[Optional[SecureAggregation], list[
         else:
             rest.append(arg)
     if values and not enabled:
-        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in values)} only apply with --secure-aggregation")
+        raise ConfigError(
+            f"{', '.join('--' + k.replace('_', '-') for k in values)} only apply with --secure-aggregation"
+        )
     return (SecureAggregation(**values) if enabled else None), rest
 
 
@@ -142,8 +153,8 @@ def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None
     SecAgg+ gives the server only the sample-weighted mean of the updates, so the strategy must
     be a function of that mean (FedAvg and its subclasses: FedProx, FedAdagrad, FedAdam,
     FedYogi), or DPFedAvg (its clients clip their updates before masking, weigh them equally, and
-    the server adds its noise to the sum), and its clients must send nothing else (no extra tensors). The clients' uploads are
-    SecAgg+'s masked fixed-point vectors, so an upload codec cannot apply.
+    the server adds its noise to the sum), and its clients must send nothing else (no extra tensors). The clients'
+    uploads are SecAgg+'s masked fixed-point vectors, so an upload codec cannot apply.
 
     Args:
         strategy: the strategy, or its class.
@@ -157,20 +168,25 @@ def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None
     name = cls.__name__
     if issubclass(cls, (FedMedian, FedTrimmedAvg)):
         raise ConfigError(
-            f"secure aggregation cannot run {name}: it needs every client's individual update, and the server sees only their sum"
+            f"secure aggregation cannot run {name}: it needs every client's individual update, and the server sees "
+            "only their sum"
         )
-    if (issubclass(cls, FedAvg) or issubclass(cls, DPFedAvg)) and getattr(cls, "client_end") is Strategy.client_end:
+    if (issubclass(cls, FedAvg) or issubclass(cls, DPFedAvg)) and cls.client_end is Strategy.client_end:
         pass
     else:
         raise ConfigError(
-            f"secure aggregation cannot run {name}: the server sees only the sample-weighted sum of the updates, so the strategy "
-            "must aggregate their weighted mean with no per-client tensors (FedAvg, FedProx, FedAdagrad, FedAdam, FedYogi, DPFedAvg)"
+            f"secure aggregation cannot run {name}: the server sees only the sample-weighted sum of the updates, so "
+            "the strategy "
+            "must aggregate their weighted mean with no per-client tensors (FedAvg, FedProx, FedAdagrad, FedAdam, "
+            "FedYogi, DPFedAvg)"
         )
     upload_cls = upload if isinstance(upload, type) or upload is None else type(upload)
     if upload_cls is not None and upload_cls is not Codec:
         raise ConfigError(
-            f"secure aggregation cannot use trainer.compress_upload ({upload_cls.__name__}): SecAgg+ uploads its own masked "
-            "fixed-point vector (int64 per element in Flower), which per-client codec scales cannot be summed under; remove it"
+            f"secure aggregation cannot use trainer.compress_upload ({upload_cls.__name__}): SecAgg+ uploads its own "
+            "masked "
+            "fixed-point vector (int64 per element in Flower), which per-client codec scales cannot be summed under; "
+            "remove it"
         )
 
 

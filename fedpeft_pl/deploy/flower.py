@@ -4,8 +4,8 @@ Flower (https://flower.ai, Message API) moves the messages; everything else is f
 built from the same YAML as ``fedpeft fit``:
 
 - The **ServerApp** runs a :class:`~fedpeft_pl.trainer.FederatedTrainer` whose client runner is a
-  :class:`FlowerRunner`: it sends train messages to SuperNodes instead of training in-process. Client sampling, availability, the
-  aggregation strategy, the codecs, the byte counter, evaluation on the test split, TensorBoard
+  :class:`FlowerRunner`: it sends train messages to SuperNodes instead of training in-process. Client sampling,
+  availability, the aggregation strategy, the codecs, the byte counter, evaluation on the test split, TensorBoard
   tags and checkpoints are exactly those of a simulation.
 - The **ClientApp** answers a train message by loading the received trainable tensors into its
   module, training the one client its SuperNode plays (``partition-id`` in the node config) for
@@ -24,7 +24,7 @@ tensors) lives in Flower's node context, so it persists across rounds on the Sup
 
 With ``secure-aggregation = true`` in the run config (``fedpeft flower-app ... --secure-aggregation``)
 the rounds run Flower's SecAgg+ instead and the server is handed only the weighted mean of the
-clients' updates: see :mod:`fedpeft_pl.flower_secagg`.
+clients' updates: see :mod:`fedpeft_pl.deploy.secagg`.
 
 Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; README,
 "Deploy across machines with Flower", has the commands. Flower is an optional dependency:
@@ -40,23 +40,33 @@ import time
 from collections.abc import Iterator
 from typing import Any, Union
 
-from fedpeft_pl.comm import CLIENT as _CLIENT, MAX_BATCHES as _MAX_BATCHES, ROUND as _ROUND, reply_content, train_content
+from fedpeft_pl.comm import (
+    CLIENT as _CLIENT,
+)
+from fedpeft_pl.comm import (
+    MAX_BATCHES as _MAX_BATCHES,
+)
+from fedpeft_pl.comm import (
+    ROUND as _ROUND,
+)
+from fedpeft_pl.comm import (
+    reply_content,
+    train_content,
+)
 from fedpeft_pl.config import build_run
+from fedpeft_pl.deploy.writer import REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, open_session
 from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
-from fedpeft_pl.flower_app import NODE_TIMEOUT, REPLY_TIMEOUT, write_app  # noqa: F401 (importable from here too)
-from fedpeft_pl.loop import FederatedLoop, client_metrics
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-from fedpeft_pl.secure_aggregation import SecureAggregation, check_composition
+from fedpeft_pl.runners.base import RunnerHost, client_metrics
 from fedpeft_pl.trainer import FederatedTrainer
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp import Grid
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError('fedpeft_pl.flower needs Flower: pip install "fedpeft-pl[flower]"') from err
+    raise ImportError('fedpeft_pl.deploy.flower needs Flower: pip install "fedpeft-pl[flower]"') from err
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +108,9 @@ class FlowerRunner:
             then is left out of the round as failed.
     """
 
-    def __init__(self, loop: FederatedLoop, grid: Grid, nodes: dict[int, int], reply_timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(
+        self, loop: RunnerHost, grid: Grid, nodes: dict[int, int], reply_timeout: float = REPLY_TIMEOUT
+    ) -> None:
         self.loop = loop
         self.grid = grid
         self.nodes = nodes
@@ -124,7 +136,10 @@ class FlowerRunner:
             self.wire.count("down", content)
             sent.append(client)
         client_of = {self.nodes[c]: c for c in sent}
-        replies = {client_of[r.metadata.src_node_id]: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
+        replies = {
+            client_of[r.metadata.src_node_id]: r
+            for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)
+        }
         for client in round.share:  # in sampling order, as one process would aggregate
             if client in early:
                 yield early[client]
@@ -138,12 +153,16 @@ class FlowerRunner:
         messages = [
             Message(
                 RecordDict({"arrays": arrays, "config": ConfigRecord({_ROUND: round.number, _CLIENT: client})}),
-                dst_node_id=self.nodes[client], message_type=MessageType.EVALUATE,
+                dst_node_id=self.nodes[client],
+                message_type=MessageType.EVALUATE,
             )
             for client in clients
         ]
         client_of = {self.nodes[c]: c for c in clients}
-        replies = {client_of[r.metadata.src_node_id]: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
+        replies = {
+            client_of[r.metadata.src_node_id]: r
+            for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)
+        }
         for client in clients:
             reply = replies.get(client)
             if reply is None or reply.has_error():
@@ -194,13 +213,16 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
     nodes: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
-            raise ConfigError(f"SuperNode {reply.metadata.src_node_id} could not say its partition: {reply.error.reason}")
+            raise ConfigError(
+                f"SuperNode {reply.metadata.src_node_id} could not say its partition: {reply.error.reason}"
+            )
         partition = reply.content["partition"]
         pid, count = int(partition["partition-id"]), int(partition["num-partitions"])
         if count != num_clients:
             raise ConfigError(
                 f"SuperNode {reply.metadata.src_node_id} has num-partitions={count} but data.num_clients is "
-                f"{num_clients}; start every SuperNode with --node-config 'partition-id=<i> num-partitions={num_clients}'"
+                f"{num_clients}; start every SuperNode with --node-config 'partition-id=<i> "
+                f"num-partitions={num_clients}'"
             )
         if pid in nodes:
             raise ConfigError(f"two SuperNodes have partition-id={pid}; give every SuperNode its own partition-id")
@@ -210,33 +232,6 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
         raise ConfigError(f"no SuperNode answered for partition(s) {missing}; check their --node-config partition-id")
     log.info(f"{num_clients} SuperNodes, one per partition")
     return nodes
-
-
-def server_app(config: Union[str, os.PathLike]) -> ServerApp:
-    """A ServerApp that runs ``fedpeft fit`` with the given config over Flower's SuperNodes.
-
-    Run config (``[tool.flwr.app.config]``): ``node-timeout`` (seconds to wait for the
-    SuperNodes) and ``reply-timeout`` (seconds to wait for a round's replies); the defaults
-    are :data:`~fedpeft_pl.flower_app.NODE_TIMEOUT` and :data:`~fedpeft_pl.flower_app.REPLY_TIMEOUT`.
-    """
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        trainer, module, datamodule, fit_args = build(config, server=True)
-        nodes = discover_clients(grid, datamodule.num_clients, float(context.run_config.get("node-timeout", NODE_TIMEOUT)))
-        reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
-        secure = SecureAggregation.from_run_config(context.run_config)
-        if secure is None:
-            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
-        else:
-            from fedpeft_pl.flower_secagg import SecureFlowerRunner
-
-            check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
-            trainer.use_runner(SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure))
-        trainer.fit(module, datamodule=datamodule, **fit_args)
-
-    return app
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -250,81 +245,82 @@ def _client(config: str) -> tuple[FederatedTrainer, Any, Any]:
     return trainer, module, datamodule
 
 
-def client_app(config: Union[str, os.PathLike]) -> ClientApp:
-    """A ClientApp that trains the client of its SuperNode's ``partition-id`` with the given config."""
-    app = ClientApp()
+def answer_query(message: Message, context: Context) -> Message:
+    """The partition this SuperNode plays (the server's client discovery)."""
+    partition = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions")})
+    return Message(RecordDict({"partition": partition}), reply_to=message)
 
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        partition = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions")})
-        return Message(RecordDict({"partition": partition}), reply_to=message)
 
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        trainer, module, datamodule = _client(os.fspath(config))
-        client = int(message.content["config"][_CLIENT])
-        partition = int(context.node_config["partition-id"])
-        if client != partition:
-            raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
-        if datamodule.splits is None:  # a fresh process: nothing has set the data up yet
-            datamodule.data_config = module.data_config
-            datamodule.setup("validate")
-        local = local_names(module)
-        start = trainable_state(module)
-        shared = {n: t for n, t in start.items() if n not in local}
-        received = trainer.aggregation.download.decode(message.content["arrays"].to_torch_state_dict(), like=shared)
-        own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
-        mine = {n: own.get(LOCAL + n, t) for n, t in start.items() if n in local}
-        load_trainable_state(module, {**received, **mine})
-        try:
-            count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
-        finally:
-            load_trainable_state(module, start)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
+def answer_evaluate(message: Message, context: Context, config: str) -> Message:
+    """Evaluate the client of this SuperNode on its own test split with the received global state."""
+    trainer, module, datamodule = _client(config)
+    client = int(message.content["config"][_CLIENT])
+    partition = int(context.node_config["partition-id"])
+    if client != partition:
+        raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
+    if datamodule.splits is None:  # a fresh process: nothing has set the data up yet
+        datamodule.data_config = module.data_config
+        datamodule.setup("validate")
+    local = local_names(module)
+    start = trainable_state(module)
+    shared = {n: t for n, t in start.items() if n not in local}
+    received = trainer.aggregation.download.decode(message.content["arrays"].to_torch_state_dict(), like=shared)
+    own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+    mine = {n: own.get(LOCAL + n, t) for n, t in start.items() if n in local}
+    load_trainable_state(module, {**received, **mine})
+    try:
+        count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
+    finally:
+        load_trainable_state(module, start)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
 
-    from fedpeft_pl.flower_secagg import secure_train_mod
 
-    @app.train(mods=[secure_train_mod(os.fspath(config))])
-    def train(message: Message, context: Context) -> Message:
-        started = time.perf_counter()
-        trainer, module, datamodule = _client(os.fspath(config))
-        settings = dict(message.content["config"])
-        client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
-        max_batches = int(settings.pop(_MAX_BATCHES))
-        partition = int(context.node_config["partition-id"])
-        if client != partition:
-            raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
-        server = trainer.aggregation
-        extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
-        round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
-        own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
-        # the module holds the initial state between messages; a personalised method's local part
-        # starts from it the first time and from the node's own copy afterwards
-        local = local_names(module)
-        start = trainable_state(module)
-        local_init = {n: t for n, t in start.items() if n in local}
-        session = open_session(
-            server.strategy, server.upload, server.download, round_message, client, server_round,
-            {n: t for n, t in start.items() if n not in local}, own, local_init,
-        )
-        session.load_into(module)
-        if _RESIDUAL in context.state:
-            server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
-        num_samples = trainer.train_client(module, datamodule, session, max_batches)
-        result = session.finish(trainable_state(module), num_samples, client_metrics(trainer, module))
-        load_trainable_state(module, start)  # the next message in this process starts from the initial state
-        residual = server.upload.client_state([client]).get(client)
-        if residual is not None:
-            context.state[_RESIDUAL] = _to_record(residual)
-        context.state[_OWN_STATE] = _to_record(session.context.state)
-        log.info(
-            f"round {server_round}: client {client} trained on {num_samples} samples in "
-            f"{time.perf_counter() - started:.1f} s (this process)"
-        )
-        content = reply_content(result.payload, num_samples, result.metrics, result.extras)
-        return Message(content, reply_to=message)
-
-    return app
+def answer_train(message: Message, context: Context, config: str) -> Message:
+    """Train the client of this SuperNode for one round and reply with its (encoded) update."""
+    started = time.perf_counter()
+    trainer, module, datamodule = _client(config)
+    settings = dict(message.content["config"])
+    client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
+    max_batches = int(settings.pop(_MAX_BATCHES))
+    partition = int(context.node_config["partition-id"])
+    if client != partition:
+        raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
+    server = trainer.aggregation
+    extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
+    round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
+    own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+    # the module holds the initial state between messages; a personalised method's local part
+    # starts from it the first time and from the node's own copy afterwards
+    local = local_names(module)
+    start = trainable_state(module)
+    local_init = {n: t for n, t in start.items() if n in local}
+    session = open_session(
+        server.strategy,
+        server.upload,
+        server.download,
+        round_message,
+        client,
+        server_round,
+        {n: t for n, t in start.items() if n not in local},
+        own,
+        local_init,
+    )
+    session.load_into(module)
+    if _RESIDUAL in context.state:
+        server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
+    num_samples = trainer.train_client(module, datamodule, session, max_batches)
+    result = session.finish(trainable_state(module), num_samples, client_metrics(trainer, module))
+    load_trainable_state(module, start)  # the next message in this process starts from the initial state
+    residual = server.upload.client_state([client]).get(client)
+    if residual is not None:
+        context.state[_RESIDUAL] = _to_record(residual)
+    context.state[_OWN_STATE] = _to_record(session.context.state)
+    log.info(
+        f"round {server_round}: client {client} trained on {num_samples} samples in "
+        f"{time.perf_counter() - started:.1f} s (this process)"
+    )
+    content = reply_content(result.payload, num_samples, result.metrics, result.extras)
+    return Message(content, reply_to=message)
 
 
 def _to_record(state: State) -> ArrayRecord:

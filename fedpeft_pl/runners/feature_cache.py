@@ -25,7 +25,6 @@ import contextlib
 import copy
 import logging
 import random
-from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -70,7 +69,9 @@ def cache_features(
         train = cache_features(module.model, datamodule.splits.train)
     """
     if any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head.")):
-        raise ConfigError("the feature cache serves linear probing only: every tensor but the classifier must be frozen")
+        raise ConfigError(
+            "the feature cache serves linear probing only: every tensor but the classifier must be frozen"
+        )
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # no stochastic layer may act: the features must be those of every training step
@@ -100,7 +101,7 @@ class _Classifier(nn.Module):
 class HeadProbe(nn.Module):
     """The classifier of a ViT as a module of features, with the ViT's tensor names (``model.head.*``).
 
-    It shares the ViT's classifier tensors, so a :class:`~fedpeft_pl.vectorized.ClientJob` built from
+    It shares the ViT's classifier tensors, so a :class:`~fedpeft_pl.runners.vectorized.ClientJob` built from
     ``trainable_state(fed_module)`` fits it, and outcomes load back into the full model unchanged.
     """
 
@@ -112,7 +113,9 @@ class HeadProbe(nn.Module):
 def feature_datamodule(datamodule: Any, train_features: TensorDataset) -> Any:
     """A shallow copy of ``datamodule`` whose training split is the cached features (same indices, same batches)."""
     if len(train_features) != len(datamodule.splits.train):
-        raise ConfigError("the cached features do not cover the training split; compute them from datamodule.splits.train")
+        raise ConfigError(
+            "the cached features do not cover the training split; compute them from datamodule.splits.train"
+        )
     cached = copy.copy(datamodule)
     cached.splits = copy.copy(datamodule.splits)
     cached.splits.train = train_features
@@ -159,7 +162,9 @@ class FeatureCache:
         self.max_gib = max_gib
         self.note: Optional[str] = None  # what the console was told, for this run
 
-    def features_for(self, trainer: Any, clients_elsewhere: Optional[str] = None) -> Optional[tuple[TensorDataset, TensorDataset]]:
+    def features_for(
+        self, trainer: Any, clients_elsewhere: Optional[str] = None
+    ) -> Optional[tuple[TensorDataset, TensorDataset]]:
         """This run's ``(train, test)`` features, or None where the run goes through the backbone.
 
         ``clients_elsewhere`` says why clients would not train on the cached features (another
@@ -173,21 +178,36 @@ class FeatureCache:
         reason = not_a_probe(module)
         if reason is not None:
             if self.mode == "memory":
-                raise ConfigError(f"trainer.feature_cache: memory serves linear probing only, but {reason}; set trainer.feature_cache: auto")
+                raise ConfigError(
+                    f"trainer.feature_cache: memory serves linear probing only, but {reason}; set "
+                    "trainer.feature_cache: auto"
+                )
             return None  # nothing to say: the method trains inside the backbone
-        reason = clients_elsewhere or not_exact(module.model, datamodule.splits) or self._too_big(module.model, datamodule.splits)
+        reason = (
+            clients_elsewhere
+            or not_exact(module.model, datamodule.splits)
+            or self._too_big(module.model, datamodule.splits)
+        )
         if reason is not None:
             if self.mode == "memory":
-                raise ConfigError(f"trainer.feature_cache: memory cannot be exact here: {reason}; set trainer.feature_cache: auto or off")
+                raise ConfigError(
+                    f"trainer.feature_cache: memory cannot be exact here: {reason}; set trainer.feature_cache: auto or "
+                    "off"
+                )
             self.note = f"feature cache off: {reason}; every step runs the backbone"
             log.info(self.note)
             return None
         splits = datamodule.splits
-        settings = dict(
-            batch_size=datamodule.eval_batch_size, device=trainer.strategy.root_device,
-            precision=trainer.precision_plugin, num_workers=datamodule.num_workers,
+        settings = {
+            "batch_size": datamodule.eval_batch_size,
+            "device": trainer.strategy.root_device,
+            "precision": trainer.precision_plugin,
+            "num_workers": datamodule.num_workers,
+        }
+        train, test = (
+            cache_features(module.model, splits.train, **settings),
+            cache_features(module.model, splits.test, **settings),
         )
-        train, test = cache_features(module.model, splits.train, **settings), cache_features(module.model, splits.test, **settings)
         size = sum(t.tensors[0].numel() * t.tensors[0].element_size() for t in (train, test))
         self.note = (
             f"feature cache: the backbone ran once over {len(train):,} training and {len(test):,} test images "
@@ -198,14 +218,15 @@ class FeatureCache:
 
     def _too_big(self, model: nn.Module, splits: Any) -> Optional[str]:
         classifier = model.get_classifier()
-        width = getattr(classifier, "in_features", None) or getattr(model, "num_features")
+        width = getattr(classifier, "in_features", None) or model.num_features
         element = next(classifier.parameters()).element_size()
         size = (len(splits.train) + len(splits.test)) * width * element
         if size <= self.max_gib * 2**30:
             return None
         return (
             f"the features of {len(splits.train):,} training and {len(splits.test):,} test images would take "
-            f"{size / 2**30:,.1f} GiB, over trainer.feature_cache_max_gib ({self.max_gib:g}); raise it where memory allows"
+            f"{size / 2**30:,.1f} GiB, over trainer.feature_cache_max_gib ({self.max_gib:g}); raise it where memory "
+            "allows"
         )
 
 
@@ -264,7 +285,18 @@ def stochastic_layer(model: nn.Module) -> Optional[str]:
 
 
 # torchvision's transforms that draw at random but whose names do not start with "Random"
-_RANDOM_TRANSFORMS = {"AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix", "ColorJitter", "ElasticTransform", "GaussianBlur", "GaussianNoise", "MixUp", "CutMix"}
+_RANDOM_TRANSFORMS = {
+    "AutoAugment",
+    "RandAugment",
+    "TrivialAugmentWide",
+    "AugMix",
+    "ColorJitter",
+    "ElasticTransform",
+    "GaussianBlur",
+    "GaussianNoise",
+    "MixUp",
+    "CutMix",
+}
 
 
 def random_transform(dataset: Dataset) -> Optional[str]:

@@ -1,7 +1,7 @@
 """Write a Flower app directory for a ``fedpeft fit`` config: ``fedpeft flower-app DIR --config ...``.
 
 Writing the app needs no Flower; running it does (``pip install "fedpeft-pl[flower]"`` on
-every machine). The app's entry points are in :mod:`fedpeft_pl.flower`.
+every machine). The app's entry points are in :mod:`fedpeft_pl.deploy.apps`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from fedpeft_pl.config import resolve_config
-from fedpeft_pl.secure_aggregation import SecureAggregation, check_resolved_config
+from fedpeft_pl.deploy.secure_aggregation import SecureAggregation, check_resolved_config
 
 # one default for both the written app and a ServerApp whose run config leaves them out
 NODE_TIMEOUT = 300.0
@@ -43,7 +43,7 @@ _APP = '''\
 
 from pathlib import Path
 
-from fedpeft_pl.flower import client_app, server_app
+from fedpeft_pl.deploy.apps import client_app, server_app
 
 CONFIG = Path(__file__).with_name("fedpeft.yaml")
 server = server_app(CONFIG)
@@ -61,7 +61,7 @@ def write_app(
 
     The config is resolved (every ``--config`` and override merged) into ``fedpeft.yaml``.
     With ``secure_aggregation``, its settings go into the run config and the config is checked
-    to compose with it first (:func:`~fedpeft_pl.secure_aggregation.check_composition`).
+    to compose with it first (:func:`~fedpeft_pl.deploy.secure_aggregation.check_composition`).
     """
     text = resolve_config(fit_args)
     extra = ""
@@ -75,7 +75,9 @@ def write_app(
     (directory / "fedpeft.yaml").write_text(text)
     (directory / "fedpeft_app.py").write_text(_APP)
     (directory / "pyproject.toml").write_text(
-        _PYPROJECT.format(name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT, extra=extra)
+        _PYPROJECT.format(
+            name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT, extra=extra
+        )
     )
     return directory
 

@@ -44,23 +44,19 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import default_collate
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft import trainable_parameters
-from fedpeft_pl.seeds import LOCAL_TRAINING, derive_seed
+from fedpeft_pl.federation import ClientContext
+from fedpeft_pl.peft import load_trainable_state, local_names, trainable_parameters, trainable_state
+from fedpeft_pl.runners.base import RunnerHost, client_metrics
+from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
+from fedpeft_pl.runners.feature_cache import HeadProbe
+from fedpeft_pl.runners.optim import check_optimizer, masked_step
+from fedpeft_pl.runners.sequential import SequentialRunner
+from fedpeft_pl.seeds import LOCAL_TRAINING, client_seed, derive_seed, training_seed
+from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
-
-# Optimizers whose update of each element depends only on that element's own gradient and state,
-# and whose only non-elementwise state is a step count; for these, one optimizer over stacked rows
-# is exactly one optimizer per row.
-ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adagrad,
-    torch.optim.RMSprop,
-)
 
 
 @dataclass
@@ -130,16 +126,6 @@ class PrivateTraining:
     noise: Callable[[int, torch.Tensor], torch.Tensor]
     expected_batch_size: Callable[[int], float]
     chunk_size: int = 32
-
-
-def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer whose stacked form would not equal one optimizer per client."""
-    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
-        names = ", ".join(cls.__name__ for cls in ELEMENTWISE_OPTIMIZERS)
-        raise ConfigError(
-            f"the vectorised client runner needs an elementwise optimizer ({names}), got {type(optimizer).__name__}; "
-            "use trainer.client_runner: sequential"
-        )
 
 
 @contextlib.contextmanager
@@ -227,8 +213,16 @@ def train_clients(
             part = list(jobs[start : start + chunk])
             try:
                 outcomes += _train_chunk(
-                    module, datamodule, part, local_epochs, optimizer_factory,
-                    loss_term, grad_correction, private, autocast, device,
+                    module,
+                    datamodule,
+                    part,
+                    local_epochs,
+                    optimizer_factory,
+                    loss_term,
+                    grad_correction,
+                    private,
+                    autocast,
+                    device,
                 )
                 start += len(part)
                 continue
@@ -295,14 +289,14 @@ def _train_chunk(
     seen = [0] * m
 
     def inner_names(params: list[torch.Tensor]) -> State:
-        return {n[len(prefix):]: p for n, p in zip(names, params)}
+        return {n[len(prefix) :]: p for n, p in zip(names, params)}
 
     def forward(params: State, images: torch.Tensor) -> torch.Tensor:
         # frozen tensors are not passed: functional_call takes them from the module, unbatched
         return functional_call(model, params, (images,))
 
     batched_forward = _linear_forward(model, names, prefix) or vmap(forward, in_dims=(0, 0), randomness="different")
-    outer = lambda params: {n: p for n, p in zip(names, params.values())}  # noqa: E731 (inner -> outer names)
+    outer = lambda params: dict(zip(names, params.values()))  # noqa: E731 (inner -> outer names)
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         # dropout and drop path draw from the training stream, never from the data-order one
@@ -315,7 +309,7 @@ def _train_chunk(
             rows_index = torch.tensor(rows, device=device)
             index = None if len(rows) == m else rows_index
 
-            def pick(t: torch.Tensor) -> torch.Tensor:
+            def pick(t: torch.Tensor, index: Optional[torch.Tensor] = index) -> torch.Tensor:
                 return t if index is None else t.index_select(0, index)
 
             params = [pick(p) for p in stacked]  # a differentiable gather: gradients reach the stacked rows
@@ -328,7 +322,9 @@ def _train_chunk(
             if private is None:
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     logits = batched_forward(inner_names(params), images)
-                per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(len(rows), -1)
+                per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(
+                    len(rows), -1
+                )
                 per_client = (per_sample * mask).sum(dim=1)
                 loss_sums.index_add_(0, rows_index, per_client.detach().to(loss_sums.dtype))
                 loss = (per_client / counts.clamp(min=1)).sum()
@@ -354,7 +350,7 @@ def _train_chunk(
                 corrected = vmap(grad_correction)({n: p.grad for n, p in zip(names, stacked)}, extras)
                 for n, p in zip(names, stacked):
                     p.grad = corrected[n]
-            _masked_step(optimizer, stacked, active)
+            masked_step(optimizer, stacked, active)
 
     loss_sums = loss_sums.cpu()
     return [
@@ -369,12 +365,14 @@ def _train_chunk(
     ]
 
 
-def _linear_forward(model: torch.nn.Module, names: list[str], prefix: str) -> Optional[Callable[[State, torch.Tensor], torch.Tensor]]:
+def _linear_forward(
+    model: torch.nn.Module, names: list[str], prefix: str
+) -> Optional[Callable[[State, torch.Tensor], torch.Tensor]]:
     """A classifier alone on cached features (``nn.Linear``, weight and bias trained): one batched
     matrix product over the clients instead of vmap's per-call machinery, which costs more than the
     arithmetic at this size. None for any other network."""
     head = getattr(model, "head", None)
-    inner = {n[len(prefix):] for n in names}
+    inner = {n[len(prefix) :] for n in names}
     if not isinstance(head, torch.nn.Linear) or head.bias is None or inner != {"head.weight", "head.bias"}:
         return None
     if list(model.children()) != [head]:
@@ -386,7 +384,9 @@ def _linear_forward(model: torch.nn.Module, names: list[str], prefix: str) -> Op
     return forward
 
 
-def _stack_batches(dataset: Any, batches: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stack_batches(
+    dataset: Any, batches: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images ``[m, B, ...]``, labels ``[m, B]`` and a validity mask, padded to the longest batch.
 
     Padding repeats a real sample (never a made-up one), so padded rows run through the model
@@ -432,7 +432,7 @@ def _private_gradients(
 
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
     per_client = vmap(per_sample, in_dims=(0, 0, 0), randomness="different")
-    params = {n[len(prefix):]: p.detach() for n, p in zip(names, stacked)}
+    params = {n[len(prefix) :]: p.detach() for n, p in zip(names, stacked)}
     # chunk_size samples of each client at a time, as LocalDP does: the per-sample gradients of a
     # chunk (m x chunk_size copies of the trainable tensors) bound the memory, not the whole batch
     sums: dict[str, torch.Tensor] = {}
@@ -449,60 +449,13 @@ def _private_gradients(
         loss_sums += (losses.detach() * mask[:, part]).sum(dim=1)
     out = []
     for n in names:
-        total = sums[n[len(prefix):]]
+        total = sums[n[len(prefix) :]]
         rows = [
             (total[k] + private.noise(job.client, total[k])) / private.expected_batch_size(job.client)
             for k, job in enumerate(jobs)
         ]
         out.append(torch.stack(rows))
     return out, loss_sums
-
-
-@torch.no_grad()
-def _masked_step(optimizer: torch.optim.Optimizer, stacked: list[torch.Tensor], active: list[bool]) -> None:
-    """``optimizer.step()``, then the rows of inactive clients (parameters and state) put back."""
-    if all(active):
-        optimizer.step()
-        return
-    if not any(active):
-        return
-
-    def rows(t: torch.Tensor) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(active)
-
-    mask = torch.tensor(active, device=stacked[0].device)
-    saved_params = [p.detach().clone() for p in stacked]
-    saved_state = [{k: v.clone() for k, v in optimizer.state[p].items() if rows(v)} for p in stacked]
-    optimizer.step()
-    for p, old, state in zip(stacked, saved_params, saved_state):
-        keep = mask.view(-1, *([1] * (p.dim() - 1)))
-        p.copy_(torch.where(keep, p, old))
-        for key, value in optimizer.state[p].items():
-            if not rows(value):
-                continue
-            before = state.get(key, torch.zeros_like(value))
-            value.copy_(torch.where(keep, value, before))
-
-
-def choose_client_runner(setting: str, device_type: str, world_size: int) -> tuple[str, str]:
-    """The runner a ``trainer.client_runner`` setting means on this hardware, and why.
-
-    ``auto`` chooses the vectorised runner on one CUDA device, where it trained a round 2.6x to
-    3.2x faster end to end (the quickstart, bf16) and 3.5x to 5.4x faster at 32 or 128 clients of
-    batch 8 (ViT-B/16); on CPUs it is not faster end to end (0.8x to 1.1x on the quickstart), and
-    across several processes each would train its share of the clients, which is not measured.
-    Elsewhere the loop still switches to it for Head on cached features (3.5x there on a CPU).
-    See benchmarks/README.md, "Vectorised clients".
-    """
-    if setting not in ("auto", "sequential", "vectorized"):
-        raise ConfigError(f"trainer.client_runner must be 'auto', 'sequential' or 'vectorized', got {setting!r}")
-    if setting != "auto":
-        return setting, "set in the config"
-    if device_type == "cuda" and world_size == 1:
-        return "vectorized", "auto: one CUDA device"
-    if device_type == "cuda":
-        return "sequential", f"auto: {world_size} processes (the vectorised runner is chosen on one CUDA device)"
-    return "sequential", f"auto: on {device_type} the vectorised runner is not faster end to end, but for Head on cached features"
 
 
 class VectorizedRunner:
@@ -522,8 +475,9 @@ class VectorizedRunner:
     FLoRA's stacking, precisions other than 32-bit and ``bf16-mixed`` (``16-mixed`` needs a
     gradient scaler), and what only Lightning's loop runs (:func:`lightning_step_customised`: a
     module's own ``training_step`` or per-step hooks, a user callback's per-step hooks, gradient
-    clipping or accumulation, an optimizer that is not elementwise). With stochastic layers (dropout, drop path) the random draws
-    differ from the sequential runner's; data, order and optimizer steps do not. Under the feature
+    clipping or accumulation, an optimizer that is not elementwise). With stochastic layers (dropout,
+    drop path) the random draws differ from the sequential runner's; data, order and optimizer
+    steps do not. Under the feature
     cache (``trainer.feature_cache``) the batches are features and only the classifier runs.
     Local DP (:class:`~fedpeft_pl.privacy.LocalDP`) runs vectorised: per-sample gradients by a
     nested ``vmap``, clipped per sample, each client's noise from its own stream, its accounting
@@ -535,9 +489,7 @@ class VectorizedRunner:
             round's clients by default.
     """
 
-    def __init__(self, loop: Any, max_parallel_clients: Optional[int] = None) -> None:
-        from fedpeft_pl.loop import SequentialRunner
-
+    def __init__(self, loop: RunnerHost, max_parallel_clients: Optional[int] = None) -> None:
         if max_parallel_clients is not None and max_parallel_clients < 1:
             raise ConfigError(f"trainer.max_parallel_clients must be >= 1, got {max_parallel_clients}")
         self.loop = loop
@@ -556,7 +508,7 @@ class VectorizedRunner:
             return "FedRep's two-phase schedule trains on the sequential runner"
         if getattr(getattr(module, "peft", None), "per_client_views", False):
             return "heterogeneous LoRA ranks and FLoRA's stacking train on the sequential runner"
-        if _autocast_for(trainer) is False:
+        if autocast_for(trainer) is False:
             return f"precision {trainer.precision!r} trains on the sequential runner"
         return lightning_step_customised(trainer, module)
 
@@ -574,13 +526,6 @@ class VectorizedRunner:
         return self.fallback.evaluate(round, clients)
 
     def _run(self, round: Any) -> Iterator[Any]:
-        from fedpeft_pl.feature_cache import HeadProbe
-        from fedpeft_pl.federation import ClientContext
-        from fedpeft_pl.loop import client_metrics
-        from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-        from fedpeft_pl.seeds import client_seed, training_seed
-        from fedpeft_pl.strategies import Strategy
-
         loop = self.loop
         trainer = loop.trainer
         module = trainer.lightning_module
@@ -607,27 +552,38 @@ class VectorizedRunner:
             context = session.context
             extras = {f"received.{n}": t for n, t in context.received.items()}
             extras.update({f"extras.{k}": t for k, t in context.extras.items()})
-            extras.update({f"state.{k}": context.state.get(k, torch.zeros_like(_like(k, context.received))) for k in own_keys})
-            jobs.append(ClientJob(
-                session.client, client_seed(federation.seed, round.number, session.client),
-                round.plans[session.client].batches, {**context.received, **session.local_state()}, extras,
-                training_seed=training_seed(federation.seed, round.number, session.client),
-            ))
+            extras.update(
+                {f"state.{k}": context.state.get(k, torch.zeros_like(_like(k, context.received))) for k in own_keys}
+            )
+            jobs.append(
+                ClientJob(
+                    session.client,
+                    client_seed(federation.seed, round.number, session.client),
+                    round.plans[session.client].batches,
+                    {**context.received, **session.local_state()},
+                    extras,
+                    training_seed=training_seed(federation.seed, round.number, session.client),
+                )
+            )
 
         def context_of(extras: State) -> ClientContext:
             return ClientContext(
-                0, round.number,
-                received={k[len("received."):]: v for k, v in extras.items() if k.startswith("received.")},
-                extras={k[len("extras."):]: v for k, v in extras.items() if k.startswith("extras.")},
-                state={k[len("state."):]: v for k, v in extras.items() if k.startswith("state.")},
+                0,
+                round.number,
+                received={k[len("received.") :]: v for k, v in extras.items() if k.startswith("received.")},
+                extras={k[len("extras.") :]: v for k, v in extras.items() if k.startswith("extras.")},
+                state={k[len("state.") :]: v for k, v in extras.items() if k.startswith("state.")},
             )
 
         loss_term = grad_correction = None
         if type(strategy).client_loss is not Strategy.client_loss:
+
             def loss_term(params: State, extras: State) -> torch.Tensor:
                 term = strategy.client_loss(params, context_of(extras))
                 return term if term is not None else torch.zeros(())
+
         if sessions and sessions[0].corrects_gradients:
+
             def grad_correction(grads: State, extras: State) -> State:
                 return strategy.client_gradient(grads, {}, context_of(extras))
 
@@ -638,14 +594,23 @@ class VectorizedRunner:
             # LocalDP opened for it in on_client_start (secret unless reproducible_noise), drawn in
             # the sequential runner's order, and its Poisson batches (client_batches samples them
             # from the same secret or seeded source as the sequential loader)
-            private = PrivateTraining(privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size, privacy.chunk_size)
+            private = PrivateTraining(
+                privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size, privacy.chunk_size
+            )
 
-        autocast = _autocast_for(trainer)
+        autocast = autocast_for(trainer)
         # with the feature cache the batches are features: the classifier alone trains on them
         network = HeadProbe(module.model) if getattr(module, "takes_features", False) else module
         outcomes = train_clients(
-            network, datamodule, jobs, federation.local_epochs, module.optimizer_factory,
-            loss_term=loss_term, grad_correction=grad_correction, private=private, autocast=autocast or None,
+            network,
+            datamodule,
+            jobs,
+            federation.local_epochs,
+            module.optimizer_factory,
+            loss_term=loss_term,
+            grad_correction=grad_correction,
+            private=private,
+            autocast=autocast or None,
             max_parallel_clients=self.max_parallel_clients,
             on_smaller_chunks=self._remember_chunk_size,
         )
@@ -661,69 +626,20 @@ class VectorizedRunner:
                 module.track_loss(torch.tensor(outcome.loss_sum, dtype=torch.float64), outcome.num_samples_seen)
             metrics = client_metrics(trainer, module)
             module.end_client()
-            results[session.client] = session.finish(outcome.state, datamodule.client_num_samples(session.client), metrics)
+            results[session.client] = session.finish(
+                outcome.state, datamodule.client_num_samples(session.client), metrics
+            )
             loop.close_session(session)
         load_trainable_state(module, start)
         for client in round.share:
             yield early[client] if client in early else results[client]
 
 
-# what Lightning's loop calls around each local step, and the engine does not
-_BATCH_HOOKS = (
-    "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-    "on_before_optimizer_step", "on_before_zero_grad",
-)
-
-
-def lightning_step_customised(trainer: Any, module: Any) -> Optional[str]:
-    """Why a run's local steps need Lightning's own loop (the sequential runner), or None.
-
-    The engine computes each client's loss and step itself, so a ``training_step`` or per-step
-    hook of a module subclass, a user callback's per-step hook, gradient clipping, gradient
-    accumulation and an optimizer that is not elementwise would be skipped or wrong there.
-    """
-    from lightning.pytorch.callbacks import Callback
-
-    from fedpeft_pl.client import FedPEFTModule
-
-    if isinstance(module, FedPEFTModule):
-        for name in ("training_step", "optimizer_step", "configure_gradient_clipping", *_BATCH_HOOKS):
-            if getattr(type(module), name) is not getattr(FedPEFTModule, name):
-                return f"{type(module).__name__} overrides {name}, which only Lightning's loop calls"
-    for callback in trainer.callbacks:
-        if type(callback).__module__.startswith("fedpeft_pl."):
-            continue  # fedpeft's own callbacks know the engine
-        for name in _BATCH_HOOKS:
-            if getattr(type(callback), name, None) is not getattr(Callback, name):
-                return f"callback {type(callback).__name__} has {name}, which only Lightning's loop calls"
-    if trainer.gradient_clip_val:
-        return "gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop"
-    if trainer.accumulate_grad_batches != 1:
-        return "gradient accumulation (trainer.accumulate_grad_batches) runs in Lightning's loop"
-    factory = getattr(module, "optimizer_factory", None)
-    if factory is not None:
-        optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
-        try:
-            check_optimizer(optimizer)
-        except ConfigError:
-            return f"the optimizer {type(optimizer).__name__} is not elementwise"
-    return None
-
-
 def _like(key: str, received: State) -> torch.Tensor:
     """The tensor a per-client key (``control.<name>``, ``grad.<name>``) stands beside."""
     name = key.split(".", 1)[1] if "." in key else key
     if name not in received:
-        raise ConfigError(f"the vectorised runner cannot place the client tensor {key!r}; use trainer.client_runner: sequential")
+        raise ConfigError(
+            f"the vectorised runner cannot place the client tensor {key!r}; use trainer.client_runner: sequential"
+        )
     return received[name]
-
-
-def _autocast_for(trainer: Any) -> Any:
-    """The autocast context factory for the trainer's precision; None for 32-bit, False where unsupported."""
-    precision = str(trainer.precision)
-    device_type = trainer.strategy.root_device.type
-    if precision in ("32-true", "32"):
-        return None
-    if precision == "bf16-mixed":
-        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
-    return False  # 16-mixed needs a gradient scaler, which the engine does not run; 64-bit and others

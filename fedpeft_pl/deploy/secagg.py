@@ -38,18 +38,11 @@ takes part.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
-
-from fedpeft_pl.comm import wire_bytes
-from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.federation import ClientResult, Round
-from fedpeft_pl.privacy import DPFedAvg
-from fedpeft_pl.flower import _CLIENT, _MAX_BATCHES, _ROUND, FlowerRunner
-from fedpeft_pl.secure_aggregation import SecureAggregation
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -57,6 +50,16 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+
+from fedpeft_pl.comm import CLIENT as _CLIENT
+from fedpeft_pl.comm import MAX_BATCHES as _MAX_BATCHES
+from fedpeft_pl.comm import ROUND as _ROUND
+from fedpeft_pl.comm import wire_bytes
+from fedpeft_pl.deploy.flower import FlowerRunner, _client
+from fedpeft_pl.deploy.secure_aggregation import SecureAggregation
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.federation import ClientResult, Round
+from fedpeft_pl.privacy import DPFedAvg
 
 # a client that availability drops still joins the protocol and fails inside it (a dropout mid-protocol)
 _DROP = "fedpeft.drop"
@@ -134,10 +137,10 @@ class _MeteredGrid:
 
 
 class SecureFlowerRunner(FlowerRunner):
-    """A :class:`~fedpeft_pl.flower.FlowerRunner` whose rounds run Flower's SecAgg+ protocol.
+    """A :class:`~fedpeft_pl.deploy.flower.FlowerRunner` whose rounds run Flower's SecAgg+ protocol.
 
     Args:
-        loop, grid, nodes, reply_timeout: as for :class:`~fedpeft_pl.flower.FlowerRunner`.
+        loop, grid, nodes, reply_timeout: as for :class:`~fedpeft_pl.deploy.flower.FlowerRunner`.
         context: the ServerApp's context (the workflow runs on a ``LegacyContext`` made from it).
         settings: the SecAgg+ settings.
 
@@ -147,14 +150,24 @@ class SecureFlowerRunner(FlowerRunner):
                                               SecureAggregation(num_shares=3, reconstruction_threshold=2)))
     """
 
-    def __init__(self, loop: Any, grid: Any, nodes: dict[int, int], reply_timeout: float, context: Context,
-                 settings: SecureAggregation) -> None:
+    def __init__(
+        self,
+        loop: Any,
+        grid: Any,
+        nodes: dict[int, int],
+        reply_timeout: float,
+        context: Context,
+        settings: SecureAggregation,
+    ) -> None:
         super().__init__(loop, grid, nodes, reply_timeout)
         self.context = context
         self.settings = settings
         self.workflow = SecAggPlusWorkflow(
-            settings.num_shares, settings.reconstruction_threshold, max_weight=settings.max_weight,
-            clipping_range=settings.clipping_range, quantization_range=settings.quantization_range,
+            settings.num_shares,
+            settings.reconstruction_threshold,
+            max_weight=settings.max_weight,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
             timeout=reply_timeout,
         )
         self.last_bytes = (0, 0)  # (sent, received) by the last round's protocol messages
@@ -177,16 +190,22 @@ class SecureFlowerRunner(FlowerRunner):
             # a client that drops out (availability) takes part in the key exchange, receives its
             # task and then fails: a dropout in the middle of the protocol, which SecAgg+ recovers from
             config = {
-                **message.config, _ROUND: round.number, _CLIENT: client,
-                _MAX_BATCHES: round.plans[client].batches, _DROP: int(dropped is not None), _NAMES: "\n".join(names),
+                **message.config,
+                _ROUND: round.number,
+                _CLIENT: client,
+                _MAX_BATCHES: round.plans[client].batches,
+                _DROP: int(dropped is not None),
+                _NAMES: "\n".join(names),
             }
             instructions[self.nodes[client]] = FitIns(tensors, config)
         strategy = _RoundStrategy(instructions)
         grid = _MeteredGrid(self.grid, self.wire)
         if len(instructions) >= 2:  # SecAgg+ needs two clients at least; the workflow halts otherwise
-            legacy = LegacyContext(self.context, strategy=strategy)  # type: ignore[arg-type]
+            legacy = LegacyContext(self.context, strategy=strategy)
             # the workflow reads the round number and (for configure_fit, which ignores them) the parameters
-            legacy.state = RecordDict({"config": ConfigRecord({"current_round": round.number}), "parameters": ArrayRecord()})
+            legacy.state = RecordDict(
+                {"config": ConfigRecord({"current_round": round.number}), "parameters": ArrayRecord()}
+            )
             self.workflow(grid, legacy)
         self.last_bytes = (grid.sent, grid.received)
         log.info(
@@ -203,20 +222,28 @@ class SecureFlowerRunner(FlowerRunner):
                 if client == aggregate.aggregate_of[0]:
                     yield aggregate
             else:
-                why = "failed during secure aggregation" if strategy.mean is not None else (
-                    "secure aggregation did not complete (fewer clients than SecAgg+ needs, or below reconstruction_threshold)"
+                why = (
+                    "failed during secure aggregation"
+                    if strategy.mean is not None
+                    else (
+                        "secure aggregation did not complete (fewer clients than SecAgg+ needs, or below "
+                        "reconstruction_threshold)"
+                    )
                 )
                 yield ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]}: {why}"))
 
-    def _aggregate(self, round: Round, names: list[str], mean: list[np.ndarray],
-                   finished: dict[int, tuple[int, dict[str, Any]]]) -> ClientResult:
+    def _aggregate(
+        self, round: Round, names: list[str], mean: list[np.ndarray], finished: dict[int, tuple[int, dict[str, Any]]]
+    ) -> ClientResult:
         server = self.loop.trainer.aggregation
         received = server.download.decode(round.message.payload, like=server.global_state)
         # DPFedAvg's clients weigh 1 each, so the mean times their number is the sum of their clipped updates
         scale = len(finished) if isinstance(server.strategy, DPFedAvg) else 1
         payload = {
-            n: (received[n].float() + scale * torch.from_numpy(np.asarray(m, dtype=np.float64)).float().reshape(received[n].shape))
-            .to(received[n].dtype)
+            n: (
+                received[n].float()
+                + scale * torch.from_numpy(np.asarray(m, dtype=np.float64)).float().reshape(received[n].shape)
+            ).to(received[n].dtype)
             for n, m in zip(names, mean)
         }
         total = sum(count for count, _ in finished.values())
@@ -248,24 +275,31 @@ def secure_train_mod(config: str) -> Any:
         settings = SecureAggregation.from_run_config(context.run_config)
         if RECORD_KEY_CONFIGS in message.content.config_records:
             return secaggplus_mod(
-                message, context, lambda m, c: _train_from_fitins(m, c, call_next, settings or SecureAggregation(), config)
+                message,
+                context,
+                lambda m, c: _train_from_fitins(m, c, call_next, settings or SecureAggregation(), config),
             )
         if settings is not None:
-            raise ConfigError("this deployment uses secure aggregation; the client refuses to send its update in the clear")
+            raise ConfigError(
+                "this deployment uses secure aggregation; the client refuses to send its update in the clear"
+            )
         return call_next(message, context)
 
     return mod
 
 
-def _train_from_fitins(message: Message, context: Context, call_next: Any, settings: SecureAggregation, config: str) -> Message:
+def _train_from_fitins(
+    message: Message, context: Context, call_next: Any, settings: SecureAggregation, config: str
+) -> Message:
     """fedpeft's train handler behind SecAgg+'s collect stage: FitIns in, the client's update as FitRes out."""
-    from fedpeft_pl.flower import _client
 
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     round_config = dict(fitins.config)
     names = str(round_config.pop(_NAMES)).split("\n")
     if int(round_config.get(_DROP, 0)):  # client availability: it received its task and goes offline
-        raise RuntimeError(f"client {round_config[_CLIENT]} dropped out during secure aggregation (client availability)")
+        raise RuntimeError(
+            f"client {round_config[_CLIENT]} dropped out during secure aggregation (client availability)"
+        )
     arrays = {n: torch.from_numpy(a) for n, a in zip(names, parameters_to_ndarrays(fitins.parameters))}
     message.content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(round_config)})
     reply = call_next(message, context)
@@ -288,5 +322,7 @@ def _train_from_fitins(message: Message, context: Context, call_next: Any, setti
             f"client {round_config[_CLIENT]}: its weighted update reaches {largest:.3g}, beyond secure aggregation's "
             f"clipping_range {settings.clipping_range:g}; SecAgg+ clips it (raise --clipping-range)"
         )
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight_count, {**metrics, _SAMPLES: num_examples})
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters(update), weight_count, {**metrics, _SAMPLES: num_examples}
+    )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)

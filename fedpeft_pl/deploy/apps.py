@@ -1,0 +1,70 @@
+"""The Flower apps of a deployment: a ServerApp and a ClientApp built from a ``fedpeft fit`` config.
+
+``fedpeft flower-app`` writes an app directory whose ``app.py`` calls :func:`server_app` and
+:func:`client_app` (:mod:`fedpeft_pl.deploy.writer`). This module chooses between the plain rounds
+of :mod:`fedpeft_pl.deploy.flower` and Flower's SecAgg+ rounds of :mod:`fedpeft_pl.deploy.secagg`;
+both of those import nothing from here. Needs Flower: ``pip install "fedpeft-pl[flower]"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft_pl.deploy.flower import FlowerRunner, answer_evaluate, answer_query, answer_train, build, discover_clients
+from fedpeft_pl.deploy.secagg import SecureFlowerRunner, secure_train_mod
+from fedpeft_pl.deploy.secure_aggregation import SecureAggregation, check_composition
+from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
+
+__all__ = ["client_app", "server_app"]
+
+
+def server_app(config: Union[str, os.PathLike]) -> ServerApp:
+    """A ServerApp that runs ``fedpeft fit`` with the given config over Flower's SuperNodes.
+
+    Run config (``[tool.flwr.app.config]``): ``node-timeout`` (seconds to wait for the
+    SuperNodes) and ``reply-timeout`` (seconds to wait for a round's replies); the defaults
+    are :data:`~fedpeft_pl.deploy.writer.NODE_TIMEOUT` and :data:`~fedpeft_pl.deploy.writer.REPLY_TIMEOUT`.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        trainer, module, datamodule, fit_args = build(config, server=True)
+        nodes = discover_clients(
+            grid, datamodule.num_clients, float(context.run_config.get("node-timeout", NODE_TIMEOUT))
+        )
+        reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
+        secure = SecureAggregation.from_run_config(context.run_config)
+        if secure is None:
+            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
+        else:
+            check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
+            trainer.use_runner(SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure))
+        trainer.fit(module, datamodule=datamodule, **fit_args)
+
+    return app
+
+
+def client_app(config: Union[str, os.PathLike]) -> ClientApp:
+    """A ClientApp that trains the client of its SuperNode's ``partition-id`` with the given config."""
+    app = ClientApp()
+    path = os.fspath(config)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return answer_query(message, context)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return answer_evaluate(message, context, path)
+
+    @app.train(mods=[secure_train_mod(path)])
+    def train(message: Message, context: Context) -> Message:
+        return answer_train(message, context, path)
+
+    return app

@@ -1,0 +1,27 @@
+"""How a round's clients train: one after another, all at once, and the choice between them.
+
+- :class:`SequentialRunner` (``sequential.py``): Lightning's epoch loop, client by client.
+- :class:`VectorizedRunner` (``vectorized.py``): a round's clients at once through the one frozen
+  backbone.
+- :func:`choose_client_runner` (``choice.py``): what ``trainer.client_runner`` means on this
+  hardware, and why.
+- :class:`FeatureCache` (``feature_cache.py``): linear probing on features computed once per run.
+
+A runner sees the loop only through :class:`RunnerHost` (``base.py``); the Flower runner lives with
+the deployment in :mod:`fedpeft_pl.deploy`.
+"""
+
+from fedpeft_pl.runners.base import RunnerHost, client_metrics
+from fedpeft_pl.runners.choice import choose_client_runner
+from fedpeft_pl.runners.feature_cache import FeatureCache
+from fedpeft_pl.runners.sequential import SequentialRunner
+from fedpeft_pl.runners.vectorized import VectorizedRunner
+
+__all__ = [
+    "FeatureCache",
+    "RunnerHost",
+    "SequentialRunner",
+    "VectorizedRunner",
+    "choose_client_runner",
+    "client_metrics",
+]
