@@ -205,12 +205,15 @@ class FederatedTrainer(pl.Trainer):
 
     def describe_client_runner(self, module: Optional[pl.LightningModule] = None) -> tuple[str, str]:
         """Which runner trains the clients and why, e.g. ``("sequential", "auto: ...")``; a
-        vectorised runner that hands this run to the sequential one says so."""
+        vectorised runner that hands this run to the sequential one says so, and otherwise which
+        path of the engine trains (``stacked``, ``vmap``) and why."""
         runner = self.fit_loop.runner
         if isinstance(runner, VectorizedRunner):
             reason = runner.reason_not_to_vectorise(module)
             if reason is not None:
                 return "sequential", reason
+            path, why = runner.engine_path(module)
+            return self.client_runner, f"{self.client_runner_reason}; {path} path: {why}"
         return self.client_runner, self.client_runner_reason
 
     def _root_device_type(self) -> str:

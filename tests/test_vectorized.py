@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_backbone
+from peft import LoraConfig
 
 from fedpeft_pl import FederatedDataModule, FedPEFTModule
 from fedpeft_pl.data import Digits
@@ -16,6 +17,7 @@ from fedpeft_pl.peft import (
     Bias,
     Full,
     Head,
+    HFPeft,
     LoRA,
     Prompt,
     load_trainable_state,
@@ -95,19 +97,40 @@ METHODS = {
     "prompt-shallow": lambda: Prompt(num_tokens=3, deep=False),
     "prompt-deep": lambda: Prompt(num_tokens=3, deep=True),
     "lora": lambda: LoRA(rank=2),
+    "lora-qkv": lambda: LoRA(rank=2, targets=["q", "k", "v"]),
+    "ffa-lora": lambda: LoRA(rank=2, freeze_a=True),
+    "hf-lora": lambda: HFPeft(LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "fc2"])),
     "full": Full,
 }
+# what has no stacked form trains through vmap
+VMAP_ONLY = {"full"}
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_equals_sequential_training(name):
+def test_every_method_equals_sequential_training(name, monkeypatch):
+    import fedpeft_pl.runners.vectorized as vectorized
+    from fedpeft_pl.runners.stacked import engine_path
+
     module, dm = setup(METHODS[name]())
-    if name == "lora":  # B starts at zero; make it nonzero so both LoRA factors and their product matter
+    if "lora" in name:  # B starts at zero; make it nonzero so both LoRA factors and their product matter
         with torch.no_grad():
             for p in trainable_parameters(module).values():
                 p.add_(torch.randn_like(p) * 0.02)
     frozen = {n: t.clone() for n, t in module.state_dict().items() if n not in trainable_parameters(module)}
     jobs = jobs_for(module)
+    path, why = engine_path(module)
+    if name in VMAP_ONLY:
+        assert (path, why) == (
+            "vmap",
+            f"{type(module.peft).__name__} has no stacked form (PEFTMethod.stacked_forwards)",
+        )
+    else:
+        assert path == "stacked", why
+
+        def no_vmap(*args, **kwargs):
+            raise AssertionError("the stacked path does not use vmap")
+
+        monkeypatch.setattr(vectorized, "vmap", no_vmap)
     outcomes = train_clients(module, dm, jobs, EPOCHS, sgd, max_parallel_clients=2 if name == "full" else None)
     # the module is untouched by vectorised training: frozen tensors bit-identical, trainable ones too
     assert all(torch.equal(t, module.state_dict()[n]) for n, t in frozen.items())
@@ -305,3 +328,65 @@ def test_a_classifier_on_features_is_one_batched_matrix_product():
     vit, vit_prefix = _model_of(module)
     assert _linear_forward(vit, list(trainable_parameters(module)), vit_prefix) is None
     assert _linear_forward(model, names[:1], prefix) is None
+
+
+def _contributing_module(tmp_path, monkeypatch, first_line, name):
+    import re
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith(first_line))
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+    return __import__(name)
+
+
+def test_the_contributing_stacked_example(tmp_path, monkeypatch):
+    """A user's method with a stacked form trains on the stacked path, exactly; one without says why it takes vmap."""
+    from fedpeft_pl.runners.stacked import engine_path
+
+    stacked_example = _contributing_module(tmp_path, monkeypatch, "# my_stacked_methods.py", "my_stacked_methods")
+    plain_example = _contributing_module(tmp_path, monkeypatch, "# my_methods.py", "my_methods")
+    module, dm = setup(stacked_example.StackedScaleShift())
+    with torch.no_grad():  # away from the identity, so every client's own scale and shift matter
+        for p in trainable_parameters(module).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert engine_path(module) == ("stacked", "StackedScaleShift has a stacked form")
+    assert engine_path(module, private=True) == ("vmap", "local DP needs per-sample gradients")
+    jobs = jobs_for(module)
+    for job, outcome in zip(jobs, train_clients(module, dm, jobs, EPOCHS, sgd)):
+        reference, _ = sequential(module, dm, job, sgd)
+        assert_states_close(outcome.state, reference)
+
+    plain, _ = setup(plain_example.ScaleShift())
+    assert engine_path(plain) == ("vmap", "ScaleShift has no stacked form (PEFTMethod.stacked_forwards)")
+    # a mapping that lacks the type of a module holding a trainable tensor: vmap, and which module says why
+    monkeypatch.setattr(stacked_example.StackedScaleShift, "stacked_forwards", lambda self: {torch.nn.Linear: None})
+    assert engine_path(module) == (
+        "vmap",
+        "StackedScaleShift has no stacked forward for ScaleShiftParams, which holds model.blocks.0.ssf.scale",
+    )
+
+
+def test_the_stacked_path_equals_vmap_in_one_step():
+    """Both paths compute the same per-client logits for stacked tensors that differ per client (LoRA q, k, v)."""
+    from torch.func import functional_call, vmap
+
+    from fedpeft_pl.runners.stacked import stacked_forward, stacked_forwards_of
+
+    module, _ = setup(LoRA(rank=2, targets=["q", "k", "v"]))
+    model = module.model
+    model.eval()
+    names = [n[len("model.") :] for n in trainable_parameters(module)]
+    params = {n: torch.randn(3, *dict(model.named_parameters())[n].shape) * 0.1 for n in names}
+    images = torch.randn(3, 4, 3, 32, 32)
+    forwards, _ = stacked_forwards_of(module)
+    fast = stacked_forward(model, forwards)(params, images)
+    for sub in model.modules():
+        if hasattr(sub, "fused_attn"):
+            sub.fused_attn = False
+    slow = vmap(lambda p, x: functional_call(model, p, (x,)))(params, images)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert not any("forward" in sub.__dict__ for sub in model.modules())  # every override removed

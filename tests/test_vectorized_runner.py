@@ -197,3 +197,16 @@ def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
     )
     with pytest.raises(ConfigError, match="max_parallel_clients must be >= 1"):
         tiny_trainer(tmp_path, max_parallel_clients=0)  # checked whichever runner auto picks
+
+
+def test_the_run_says_which_path_of_the_engine_trains(tmp_path):
+    """fedpeft comm (and the start line, through the same describe_client_runner) names the stacked or vmap path."""
+    trainer = tiny_trainer(tmp_path, client_runner="vectorized")
+    data = FederatedDataModule(Digits(), num_clients=4)
+    notes = trainer.comm(FedPEFTModule(10, tiny_backbone(), LoRA(rank=2)), data).notes
+    assert "clients run on the vectorized runner (set in the config; stacked path: LoRA has a stacked form)" in notes
+    notes = trainer.comm(FedPEFTModule(10, tiny_backbone(), Full()), data).notes
+    assert (
+        "clients run on the vectorized runner (set in the config; vmap path: Full has no stacked form "
+        "(PEFTMethod.stacked_forwards))"
+    ) in notes

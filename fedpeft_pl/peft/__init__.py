@@ -2,10 +2,14 @@
 
 from fedpeft_pl.peft.adapter import Adapter
 from fedpeft_pl.peft.base import (
+    STACKED_LAYERS,
     PEFTMethod,
+    StackedForward,
+    along,
     load_trainable_state,
     local_names,
     method_spec,
+    per_client,
     shared_state,
     trainable_parameters,
     trainable_state,
@@ -22,6 +26,7 @@ METHOD_NAMES = ("head", "bias", "adapter", "prompt", "lora", "full")
 
 __all__ = [
     "METHOD_NAMES",
+    "STACKED_LAYERS",
     "Adapter",
     "Bias",
     "Full",
@@ -31,9 +36,12 @@ __all__ = [
     "PEFTMethod",
     "Personalized",
     "Prompt",
+    "StackedForward",
+    "along",
     "load_trainable_state",
     "local_names",
     "method_spec",
+    "per_client",
     "shared_state",
     "trainable_parameters",
     "trainable_state",

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Optional
 
 import torch
@@ -8,7 +8,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward
 
 
 class Bottleneck(nn.Module):
@@ -82,3 +82,7 @@ class Adapter(PEFTMethod):
                 sublayer.add_module("adapter", Bottleneck(model.embed_dim, hidden, self.scale))
                 sublayer.register_forward_hook(hook)
         self.train_head(model)
+
+    def stacked_forwards(self) -> Mapping[type[nn.Module], StackedForward]:
+        # the bottleneck's layers are nn.Linear: the hooks run as they are, each client's rows through its own
+        return STACKED_LAYERS

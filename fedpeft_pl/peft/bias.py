@@ -1,6 +1,9 @@
-from timm.models import VisionTransformer
+from collections.abc import Mapping
 
-from fedpeft_pl.peft.base import PEFTMethod
+from timm.models import VisionTransformer
+from torch import nn
+
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward
 
 
 class Bias(PEFTMethod):
@@ -11,3 +14,6 @@ class Bias(PEFTMethod):
             if name.endswith(".bias"):
                 param.requires_grad_(True)
         self.train_head(model)
+
+    def stacked_forwards(self) -> Mapping[type[nn.Module], StackedForward]:
+        return STACKED_LAYERS

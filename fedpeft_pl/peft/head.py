@@ -1,6 +1,9 @@
-from timm.models import VisionTransformer
+from collections.abc import Mapping
 
-from fedpeft_pl.peft.base import PEFTMethod
+from timm.models import VisionTransformer
+from torch import nn
+
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward
 
 
 class Head(PEFTMethod):
@@ -8,3 +11,6 @@ class Head(PEFTMethod):
 
     def attach(self, model: VisionTransformer) -> None:
         self.train_head(model)
+
+    def stacked_forwards(self) -> Mapping[type[nn.Module], StackedForward]:
+        return STACKED_LAYERS

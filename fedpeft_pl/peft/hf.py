@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -13,7 +14,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward
 from fedpeft_pl.peft.lora import freeze_lora_a
 
 ADAPTER = "default"
@@ -88,6 +89,7 @@ class HFPeft(PEFTMethod):
             raise ConfigError(f"HFPeft freeze_a (FFA-LoRA) needs a peft.LoraConfig, got {type(config).__name__}")
         self.config = config
         self.freeze_a = freeze_a
+        self._plain_lora = False  # whether every adapted layer is vanilla LoRA (known once attached)
 
     def attach(self, model: VisionTransformer) -> None:
         tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[self.config.peft_type]
@@ -115,6 +117,15 @@ class HFPeft(PEFTMethod):
         if self.freeze_a:
             freeze_lora_a(p for name, p in model.named_parameters() if ".lora_A." in name)
         self.train_head(model)
+        self._plain_lora = self.config.peft_type.value == "LORA" and not any(
+            getattr(module, "lora_variant", None) for module in model.modules() if isinstance(module, BaseTunerLayer)
+        )
+
+    def stacked_forwards(self) -> Optional[Mapping[type[nn.Module], StackedForward]]:
+        """Vanilla LoRA only: peft's layer calls its ``lora_A`` and ``lora_B`` (``nn.Linear``) on the input, so
+        their stacked forwards make each client's update its own. DoRA and the other variants read the factors'
+        weights directly, and IA3, LoHa, LoKr and VeRA keep theirs in the layer: those train through vmap."""
+        return STACKED_LAYERS if self._plain_lora else None
 
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]

@@ -13,7 +13,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod, State
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward, State
 from fedpeft_pl.seeds import LORA_FRESH_A, LORA_FROZEN_A, LORA_RANK, derive_seed
 
 if TYPE_CHECKING:
@@ -166,6 +166,9 @@ class LoRA(PEFTMethod):
         self.train_head(model)
         self._seed = torch.initial_seed()
         self._layers = [block.attn.qkv for block in model.blocks]
+
+    def stacked_forwards(self) -> Mapping[type[nn.Module], StackedForward]:
+        return {**STACKED_LAYERS, loralib.MergedLinear: stacked_merged_linear}
 
     # -- heterogeneous ranks and FLoRA ----------------------------------------------------------
 
@@ -361,6 +364,28 @@ def _zero_padded(factor: torch.Tensor, kind: str, groups: int, rank: int) -> tor
         return F.pad(factor, (0, rank - factor.shape[1]))
     per_group = factor.view(groups, -1, factor.shape[1])
     return F.pad(per_group, (0, 0, 0, rank - per_group.shape[1])).reshape(-1, factor.shape[1])
+
+
+def stacked_merged_linear(module: loralib.MergedLinear, stacked: State, x: torch.Tensor) -> torch.Tensor:
+    """loralib's ``MergedLinear`` with per-client factors: the frozen projection once over every client's rows,
+    plus each client's low-rank update ``x @ A_k^T @ B_k^T`` as two batched products (never the dense ``B_k @ A_k``).
+
+    ``A`` may be the module's own, shared by every client (FFA-LoRA's frozen ``A``).
+    """
+    result = F.linear(x, module.weight, module.bias)
+    b = stacked["lora_B"]  # [m, enabled outputs, r]
+    clients = b.shape[0]
+    a = stacked.get("lora_A", module.lora_A)  # [m, r * groups, in] or shared [r * groups, in]
+    if a.dim() == 2:
+        a = a.expand(clients, -1, -1)
+    rows = module.lora_dropout(x).reshape(clients, -1, x.shape[-1])  # [m, B * N, in]
+    low = torch.bmm(rows, a.transpose(1, 2))  # [m, B * N, r * groups]
+    groups = sum(module.enable_lora)
+    # loralib's grouped conv1d: output group g uses rank rows g * r to (g + 1) * r of A
+    parts = [torch.bmm(lo, bg.transpose(1, 2)) for lo, bg in zip(low.chunk(groups, dim=2), b.chunk(groups, dim=1))]
+    update = torch.cat(parts, dim=2).reshape(*x.shape[:-1], -1) * module.scaling
+    enabled = module.lora_ind.nonzero().squeeze(1)
+    return result.index_add(-1, enabled, update.to(result.dtype))
 
 
 def _add_merged_update(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from timm.models import VisionTransformer
+from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod, method_spec
+from fedpeft_pl.peft.base import PEFTMethod, StackedForward, method_spec
 
 
 class Personalized(PEFTMethod):
@@ -75,6 +76,9 @@ class Personalized(PEFTMethod):
             )
         if len(local) == len(trainable):
             raise ConfigError("Personalized local covers every trainable tensor; nothing would be federated")
+
+    def stacked_forwards(self) -> Optional[Mapping[type[nn.Module], StackedForward]]:
+        return self.method.stacked_forwards()
 
     def local_names(self, trainable: Sequence[str]) -> set[str]:
         return {name for name in trainable if any(_matches(pattern, name) for pattern in self.local)}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -9,7 +10,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import PEFTMethod
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward, State
 
 
 class PromptTokens(nn.Module):
@@ -30,6 +31,15 @@ class PromptTokens(nn.Module):
         tokens = self.dropout(self.tokens).to(x.dtype).expand(x.shape[0], -1, -1)
         rest = self.start if self.insert else self.start + self.tokens.shape[0]
         return torch.cat([x[:, : self.start], tokens, x[:, rest:]], dim=1)
+
+
+def _stacked_prompt(module: PromptTokens, stacked: State, x: torch.Tensor) -> torch.Tensor:
+    """Each client's tokens ``[m, n, d]`` in its own samples of the folded batch ``[m * B, N, d]``."""
+    tokens = module.dropout(stacked["tokens"]).to(x.dtype)
+    grouped = x.unflatten(0, (tokens.shape[0], -1))  # [m, B, N, d]
+    tokens = tokens.unsqueeze(1).expand(-1, grouped.shape[1], -1, -1)
+    rest = module.start if module.insert else module.start + tokens.shape[2]
+    return torch.cat([grouped[:, :, : module.start], tokens, grouped[:, :, rest:]], dim=2).flatten(0, 1)
 
 
 def _prompt_block_input(block: nn.Module, args: tuple) -> tuple:
@@ -75,6 +85,9 @@ class Prompt(PEFTMethod):
             block.register_forward_pre_hook(_prompt_block_input)
         model.norm.register_forward_pre_hook(functools.partial(_drop_prompts, start=start, count=self.num_tokens))
         self.train_head(model)
+
+    def stacked_forwards(self) -> Mapping[type[nn.Module], StackedForward]:
+        return {**STACKED_LAYERS, PromptTokens: _stacked_prompt}
 
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]

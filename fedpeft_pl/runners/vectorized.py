@@ -46,11 +46,13 @@ from torch.utils.data import default_collate
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientContext
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_parameters, trainable_state
+from fedpeft_pl.privacy import LocalDP
 from fedpeft_pl.runners.base import RunnerHost, client_metrics
 from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
 from fedpeft_pl.runners.feature_cache import HeadProbe
 from fedpeft_pl.runners.optim import check_optimizer, masked_step
 from fedpeft_pl.runners.sequential import SequentialRunner
+from fedpeft_pl.runners.stacked import engine_path, stacked_forward, stacked_forwards_of
 from fedpeft_pl.seeds import LOCAL_TRAINING, client_seed, derive_seed, training_seed
 from fedpeft_pl.strategies import Strategy
 
@@ -129,15 +131,15 @@ class PrivateTraining:
 
 
 @contextlib.contextmanager
-def vectorisable(module: torch.nn.Module) -> Iterator[None]:
-    """Train mode and timm's explicit attention for the duration (restored after).
+def vectorisable(module: torch.nn.Module, explicit_attention: bool = True) -> Iterator[None]:
+    """Train mode and (for the vmap path) timm's explicit attention for the duration (restored after).
 
     ``scaled_dot_product_attention`` cannot be trained under vmap: on CPU it has no batching rule
     (vmap falls back to a slow per-client loop), and on CUDA (torch 2.11, H200) the backward of
     the batched efficient kernel fails ("LSE is not correctly aligned"). timm's
     ``fused_attn=False`` path computes the same function with plain ops.
     """
-    switched = [m for m in module.modules() if getattr(m, "fused_attn", False)]
+    switched = [m for m in module.modules() if getattr(m, "fused_attn", False)] if explicit_attention else []
     was_training = module.training
     for m in switched:
         m.fused_attn = False
@@ -164,6 +166,7 @@ def train_clients(
     max_parallel_clients: Optional[int] = None,
     device: Optional[torch.device] = None,
     on_smaller_chunks: Optional[Callable[[int], None]] = None,
+    stacked: bool = True,
 ) -> list[ClientOutcome]:
     """Train ``jobs`` simultaneously; the module's own trainable tensors are left as they were.
 
@@ -188,6 +191,8 @@ def train_clients(
             local DP.
         device: where to train; defaults to the device of the module's parameters.
         on_smaller_chunks: called with the new chunk size when out-of-memory halved it.
+        stacked: train on the stacked path where the module's PEFT method has a stacked form
+            (:mod:`fedpeft_pl.runners.stacked`; not under local DP); False: always vmap.
 
     Returns:
         one :class:`ClientOutcome` per job, in the order of ``jobs``.
@@ -206,8 +211,10 @@ def train_clients(
     chunk = max_parallel_clients or max(1, len(jobs))
     if device is None:
         device = next(iter(trainable_parameters(module).values())).device
+    # the stacked path runs the plain model on the folded batch (fused attention kept); else vmap
+    forwards = stacked_forwards_of(module)[0] if stacked and private is None else None
     outcomes: list[ClientOutcome] = []
-    with vectorisable(module):
+    with vectorisable(module, explicit_attention=forwards is None):
         start = 0
         while start < len(jobs):
             part = list(jobs[start : start + chunk])
@@ -223,6 +230,7 @@ def train_clients(
                     private,
                     autocast,
                     device,
+                    forwards,
                 )
                 start += len(part)
                 continue
@@ -263,6 +271,7 @@ def _train_chunk(
     private: Optional[PrivateTraining],
     autocast: Optional[Callable[[], Any]],
     device: torch.device,
+    forwards: Optional[Any] = None,
 ) -> list[ClientOutcome]:
     model, prefix = _model_of(module)
     names = list(trainable_parameters(module))
@@ -295,7 +304,11 @@ def _train_chunk(
         # frozen tensors are not passed: functional_call takes them from the module, unbatched
         return functional_call(model, params, (images,))
 
-    batched_forward = _linear_forward(model, names, prefix) or vmap(forward, in_dims=(0, 0), randomness="different")
+    batched_forward = (
+        _linear_forward(model, names, prefix)
+        or (stacked_forward(model, forwards) if forwards is not None else None)
+        or vmap(forward, in_dims=(0, 0), randomness="different")
+    )
     outer = lambda params: dict(zip(names, params.values()))  # noqa: E731 (inner -> outer names)
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -511,6 +524,15 @@ class VectorizedRunner:
         if autocast_for(trainer) is False:
             return f"precision {trainer.precision!r} trains on the sequential runner"
         return lightning_step_customised(trainer, module)
+
+    def engine_path(self, module: Any = None) -> tuple[str, str]:
+        """How the engine trains this run's clients (``stacked``, ``vmap`` or ``batched head``), and why."""
+        trainer = self.loop.trainer
+        module = module if module is not None else trainer.lightning_module
+        private = getattr(module, "privacy", None) is not None or any(
+            isinstance(c, LocalDP) for c in getattr(trainer, "callbacks", [])
+        )
+        return engine_path(module, private=private, features=bool(getattr(module, "takes_features", False)))
 
     def run(self, round: Any) -> Iterator[Any]:
         reason = self.reason_not_to_vectorise()
