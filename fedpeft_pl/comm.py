@@ -145,6 +145,24 @@ def _may_share_objects(payload: Mapping[str, torch.Tensor]) -> bool:
     return False
 
 
+def _distinct(payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of ``payload``'s names, dtypes and shapes whose contents all differ, as trained ones do.
+
+    A message's size depends on its layout and on which of its objects are equal (Flower sends those
+    once): at the start some are (LoRA's zero ``B`` factors, adapters' zero up-projections), after
+    a round of training none are. Seeded noise gives the layout without any equal array or chunk.
+    """
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for name, tensor in payload.items():
+        if tensor.dtype.is_floating_point:
+            out[name] = torch.rand(tensor.shape, generator=generator).to(tensor.dtype)
+        else:  # codes (Int8) and masks: values every integer dtype and bool can hold
+            out[name] = torch.randint(0, 2 if tensor.dtype == torch.bool else 100, tensor.shape, generator=generator)
+            out[name] = out[name].to(tensor.dtype)
+    return out
+
+
 class _ReplySizes:
     """Wire bytes of client replies, without serialising every update again.
 
@@ -270,9 +288,12 @@ class CommReport:
     clients_per_round: int
     num_rounds: int
     notes: tuple[str, ...] = ()
-    # the same messages as a Flower deployment serialises them; None without Flower
+    # the same messages as a Flower deployment serialises them, once training has made every array
+    # distinct; None without Flower
     download_wire_bytes: Optional[int] = None
     upload_wire_bytes: Optional[int] = None
+    # round 1's download, whose equal arrays (zero-initialised factors) Flower sends once
+    first_download_wire_bytes: Optional[int] = None
 
     @property
     def round_bytes(self) -> int:
@@ -289,10 +310,19 @@ class CommReport:
         return 2 * self.full_client_bytes / (self.download_bytes + self.upload_bytes)
 
     @property
+    def first_round_savings(self) -> int:
+        """Wire bytes that deduplication saves on one client's download of round 1."""
+        if self.download_wire_bytes is None or self.first_download_wire_bytes is None:
+            return 0
+        return self.download_wire_bytes - self.first_download_wire_bytes
+
+    @property
     def run_wire_bytes(self) -> Optional[int]:
+        """Both directions, all rounds: round 1's download as deduplicated, every later message without."""
         if self.download_wire_bytes is None or self.upload_wire_bytes is None:
             return None
-        return self.num_rounds * self.clients_per_round * (self.download_wire_bytes + self.upload_wire_bytes)
+        per_client = self.num_rounds * (self.download_wire_bytes + self.upload_wire_bytes) - self.first_round_savings
+        return self.clients_per_round * per_client
 
     def format(self) -> str:
         rows = [("method", self.method), ("trainable parameters", f"{self.trainable_params:,}")]
@@ -313,8 +343,16 @@ class CommReport:
             rows += [
                 ("wire, per client, download", _size(self.download_wire_bytes)),
                 ("wire, per client, upload", _size(self.upload_wire_bytes)),
-                (f"wire, whole run ({self.num_rounds} rounds)", _size(self.run_wire_bytes or 0)),
             ]
+            if self.first_round_savings:
+                rows.append(
+                    (
+                        "wire, round 1 deduplication",
+                        f"{self.first_round_savings:,} bytes fewer per client download: equal arrays "
+                        "(zero-initialised factors) are sent once while they are equal",
+                    )
+                )
+            rows.append((f"wire, whole run ({self.num_rounds} rounds)", _size(self.run_wire_bytes or 0)))
         rows += [("note", note) for note in self.notes]
         if self.download_wire_bytes is None:
             rows.append(
@@ -329,8 +367,8 @@ class CommReport:
                 (
                     "note",
                     "bytes are tensor elements times dtype size (the paper's unit); wire bytes are the "
-                    "messages as Flower serialises them (client 0 of round 1; ids and counts are varints, "
-                    "so other messages differ by a few bytes)",
+                    "messages as Flower serialises them (client 0's, once training has made its arrays "
+                    "differ; ids and counts are varints, so other messages differ by a few bytes)",
                 )
             )
         width = max(len(name) for name, _ in rows)
@@ -360,8 +398,10 @@ def communication_report(
     Counts come from the built architecture, the codecs' actual payloads and the tensors the
     strategy sends besides the state (SCAFFOLD's control variates), so no weights are
     downloaded and compressed sizes are exact. Wire bytes (with Flower installed) are those of
-    the train message to client 0 of round 1 with ``round_config`` and ``max_batches``, and of
-    its reply with ``num_examples`` and, if ``with_loss``, the training loss.
+    the train message to client 0 with ``round_config`` and ``max_batches``, and of its reply
+    with ``num_examples`` and, if ``with_loss``, the training loss, with every array distinct, as
+    after training; round 1's download is measured as well on the initial state, where Flower
+    sends equal arrays once (LoRA's zero ``B`` factors), and the whole run counts it so.
 
     Where clients exchange their own views of the state (heterogeneous LoRA ranks), each of the
     ``num_clients`` clients (``clients_per_round`` if not given) is counted at its own view: the
@@ -406,16 +446,19 @@ def communication_report(
             )
         down_state = peft.client_view(trainable, 0, 1, upload=False)
         up_state = peft.client_view(trainable, 0, 1, upload=True)
-    wire_down = wire_up = None
+    wire_down = wire_up = wire_first = None
     if flower_installed():
         metrics = {"train_loss": 0.0, "steps": 0.0} if with_loss else {"steps": 0.0}
+        config = round_config or {}
         try:
-            wire_down = wire_bytes(
-                train_content(download.encode(down_state), round_config or {}, 1, 0, max_batches, extras_down)
+            first = download.encode(down_state)
+            wire_first = wire_bytes(train_content(first, config, 1, 0, max_batches, extras_down))
+            wire_down = wire_bytes(train_content(_distinct(first), config, 2, 0, max_batches, _distinct(extras_down)))
+            wire_up = wire_bytes(
+                reply_content(_distinct(upload.encode(up_state)), num_examples, metrics, _distinct(extras_up))
             )
-            wire_up = wire_bytes(reply_content(upload.encode(up_state), num_examples, metrics, extras_up))
         except TypeError:  # bfloat16: Flower's ArrayRecord cannot carry it
-            wire_down = wire_up = None
+            wire_down = wire_up = wire_first = None
     return CommReport(
         method=repr(module.peft),
         trainable_params=sum(p.numel() for p in trainable.values()),
@@ -429,4 +472,5 @@ def communication_report(
         notes=notes,
         download_wire_bytes=wire_down,
         upload_wire_bytes=wire_up,
+        first_download_wire_bytes=wire_first,
     )

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from fedpeft_pl import ClientAvailability, payload_bytes
 from fedpeft_pl.compression import Float16, Int8
 from fedpeft_pl.loop import sample_clients
-from fedpeft_pl.peft import Prompt, trainable_state
+from fedpeft_pl.peft import LoRA, Prompt, trainable_state
 
 pytest.importorskip("flwr", reason='wire bytes are measured with Flower: pip install -e ".[flower]"')
 
@@ -75,12 +75,12 @@ def test_the_counter_counts_each_reply_as_flower_serialises_it(monkeypatch):
     assert wire_bytes(reply_content(*replies[2][:3])) < wire_bytes(reply_content(*replies[1][:3])) + 30 * 4 * 4
 
 
-def fit(tmp_path, **kwargs):
+def fit(tmp_path, module=None, num_rounds=2, **kwargs):
     torch.manual_seed(0)
-    module = tiny_module(Prompt(num_tokens=2))
+    module = module if module is not None else tiny_module(Prompt(num_tokens=2))
     datamodule = tiny_datamodule(num_clients=4, batch_size=64)
     logger = CSVLogger(str(tmp_path), name="csv")
-    trainer = tiny_trainer(tmp_path, num_rounds=2, clients_per_round=3, logger=logger, **kwargs)
+    trainer = tiny_trainer(tmp_path, num_rounds=num_rounds, clients_per_round=3, logger=logger, **kwargs)
     trainer.fit(module, datamodule=datamodule)
     with open(f"{logger.log_dir}/metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("comm/bytes_up")]
@@ -124,3 +124,21 @@ def test_comm_shows_payload_and_wire_bytes(capsys):
     assert report.upload_wire_bytes > report.upload_bytes and report.download_wire_bytes > report.download_bytes
     text = report.format()
     assert "wire" in text and f"{report.upload_wire_bytes:,}" in text
+
+
+def test_comm_predicts_the_wire_bytes_a_lora_run_logs(tmp_path):
+    """Round 1 sends LoRA's equal zero B factors once; later rounds send every trained array."""
+    from fedpeft_pl.comm import communication_report
+
+    module = tiny_module(LoRA(rank=4))
+    report = communication_report(module, clients_per_round=3, num_rounds=3)
+    *_, rows = fit(tmp_path, module=module, num_rounds=3)
+    down = [float(r["comm/wire_bytes_down"]) for r in rows]
+    up = [float(r["comm/wire_bytes_up"]) for r in rows]
+    assert report.run_wire_bytes == pytest.approx(sum(down) + sum(up), rel=0.02)
+    # what deduplication saves, said apart, is what the run's first download saved (ids are varints)
+    assert report.first_round_savings > 0
+    assert down[1] - down[0] == pytest.approx(3 * report.first_round_savings, abs=3 * 8)
+    assert down[1] == pytest.approx(3 * report.download_wire_bytes, abs=3 * 8)
+    assert up[0] == pytest.approx(3 * report.upload_wire_bytes, abs=3 * 8)
+    assert "round 1 deduplication" in report.format() and f"{report.first_round_savings:,}" in report.format()
