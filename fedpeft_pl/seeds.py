@@ -17,6 +17,14 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``LORA_RANK`` ``(client)``: a client's LoRA rank under a seeded rank rule (heterogeneous ranks),
   the same in every process and every round
 - ``LORA_FRESH_A`` ``(round, client)``: the fresh ``A`` a FLoRA client starts each round from
+
+Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
+
+- ``PARTITION_ORDER`` ``()``: the order in which the samples reach a Flower Datasets partitioner
+  (as Flower's ``FederatedDataset`` shuffles before partitioning)
+- ``PARTITIONER`` ``()``: the ``seed`` a Flower Datasets partitioner draws from
+- ``NATURAL_CLIENTS`` ``()``: which natural clients (writers, ...) take part when ``data.num_clients``
+  asks for fewer than the data holds
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ SERVER_NOISE = 6
 LORA_FROZEN_A = 7
 LORA_RANK = 8
 LORA_FRESH_A = 9
+PARTITION_ORDER = 10
+PARTITIONER = 11
+NATURAL_CLIENTS = 12
 
 
 def derive_seed(*parts: int) -> int:

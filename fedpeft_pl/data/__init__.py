@@ -2,6 +2,8 @@
 
 from fedpeft_pl.data.datamodule import ClientBatchSampler, FederatedDataModule
 from fedpeft_pl.data.datasets import CIFAR10, CIFAR100, PCAM, Digits, ImageDataset, ImageFolder, Splits, image_transform
+from fedpeft_pl.data.flower import FlowerPartition
+from fedpeft_pl.data.hub import HuggingFace
 from fedpeft_pl.data.partition import IID, Dirichlet, Partitioner, Shards, label_histogram
 
 __all__ = [
@@ -13,6 +15,8 @@ __all__ = [
     "Digits",
     "Dirichlet",
     "FederatedDataModule",
+    "FlowerPartition",
+    "HuggingFace",
     "ImageDataset",
     "ImageFolder",
     "Partitioner",

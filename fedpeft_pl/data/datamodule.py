@@ -6,7 +6,8 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from typing import Any, Optional
+from importlib import import_module
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 from typing_extensions import override
 
 from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
+from fedpeft_pl.data.flower import FlowerPartition
 from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
 from fedpeft_pl.errors import ConfigError
 
@@ -72,8 +74,11 @@ class FederatedDataModule(pl.LightningDataModule):
 
     Args:
         dataset: the data set; scikit-learn's digits (offline) by default.
-        num_clients: N, the number of clients.
-        partition: how samples are split among clients: ``IID``, ``Dirichlet`` or ``Shards``.
+        num_clients: N, the number of clients; by default 16, or, with a partitioner that finds its
+            clients in the data (Flower's ``NaturalIdPartitioner``), all of those.
+        partition: how samples are split among clients: ``IID``, ``Dirichlet`` or ``Shards``, or any
+            Flower Datasets partitioner by ``class_path`` (``flwr_datasets.partitioner.DirichletPartitioner``;
+            :class:`~fedpeft_pl.data.flower.FlowerPartition` says which arguments fedpeft fills in).
         batch_size: local training batch size.
         eval_batch_size: batch size of the server's evaluation; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -90,8 +95,10 @@ class FederatedDataModule(pl.LightningDataModule):
     def __init__(
         self,
         dataset: Optional[ImageDataset] = None,
-        num_clients: int = 16,
-        partition: Optional[Partitioner] = None,
+        num_clients: Optional[int] = None,
+        # a dict: a Flower Datasets partitioner's class_path and init_args, whose required arguments
+        # fedpeft fills in, so jsonargparse cannot build it
+        partition: Optional[Union[Partitioner, dict[str, Any]]] = None,
         batch_size: int = 32,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
@@ -101,15 +108,19 @@ class FederatedDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 <= client_test_fraction < 1.0:
             raise ConfigError(f"data.client_test_fraction must be in [0, 1), got {client_test_fraction}")
-        if num_clients < 1:
+        if num_clients is not None and num_clients < 1:
             raise ConfigError(f"data.num_clients must be >= 1, got {num_clients}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         self.dataset = dataset if dataset is not None else Digits()
-        self.num_clients = num_clients
-        self.partition = partition if partition is not None else IID()
+        self.partition = _partitioner(partition)
+        if isinstance(self.partition, FlowerPartition):
+            self._num_clients = self.partition.check(num_clients)
+        else:
+            self._num_clients = num_clients if num_clients is not None else 16
+        self._clients_note = ""
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -121,6 +132,19 @@ class FederatedDataModule(pl.LightningDataModule):
         self.client_indices: list[np.ndarray] = []
         self._sampler = ClientBatchSampler(batch_size)
         self._client_loader: Optional[DataLoader] = None
+
+    @property
+    def num_clients(self) -> int:
+        """N; read from the data (its natural clients) the first time where the partitioner finds them there."""
+        if self._num_clients is None:
+            assert isinstance(self.partition, FlowerPartition)
+            columns, label = self.dataset.columns(self.seed)
+            self._num_clients = self.partition.count(columns, label, self.seed)
+            self._clients_note = f"data.num_clients is {self._num_clients}: every client {self.partition!r} finds; "
+            log.info(
+                f"data: {self.partition!r} finds {self._num_clients} clients in the data; data.num_clients is null"
+            )
+        return self._num_clients
 
     @property
     def poisson_sampling(self) -> bool:
@@ -159,13 +183,33 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"{self.dataset!r} has {splits.num_classes} classes but model.num_classes is {model_classes}; "
                 f"set model.num_classes: {splits.num_classes}"
             )
-        self.client_indices = self.partition(splits.train_targets, self.num_clients, np.random.default_rng(self.seed))
+        self.client_indices = self._split(splits)
         if self.client_test_fraction > 0:
             self.client_indices, self.client_test_indices = _hold_out(
                 self.client_indices, self.client_test_fraction, self.seed
             )
         self.splits = splits
         self._report_partition()
+
+    def _split(self, splits: Splits) -> list[np.ndarray]:
+        if not isinstance(self.partition, FlowerPartition):
+            return self.partition(splits.train_targets, self.num_clients, np.random.default_rng(self.seed))
+        columns = splits.columns or {splits.label_column: splits.train_targets}
+        parts = self.partition.split(columns, splits.label_column, self.num_clients, self.seed)
+        if self.partition.from_data and not self._clients_note:
+            found = self.partition.found
+            self._clients_note = (
+                f"data.num_clients is {found}: every client {self.partition!r} finds; "
+                if found == self.num_clients
+                else f"{self.num_clients} of the {found} clients it finds, chosen by data.seed; "
+            )
+        empty = sum(len(p) == 0 for p in parts)
+        if empty:
+            raise ConfigError(
+                f"{self.partition!r} left {empty} of {self.num_clients} clients without data; use fewer clients or a "
+                "milder split"
+            )
+        return parts
 
     def use_splits(self, splits: Splits) -> Splits:
         """Serve ``splits`` (the same samples in the same order, e.g. their cached features) from now on;
@@ -290,7 +334,8 @@ class FederatedDataModule(pl.LightningDataModule):
             return
         log.info(
             f"data: {self.dataset!r}, {int(sizes.sum())} training samples over {self.num_clients} clients "
-            f"({self.partition!r}): {sizes.min()}-{sizes.max()} samples per client (median {int(np.median(sizes))}), "
+            f"({self.partition!r}): {self._clients_note}{sizes.min()}-{sizes.max()} samples per client "
+            f"(median {int(np.median(sizes))}), "
             f"{classes.min()}-{classes.max()} classes per client (median {int(np.median(classes))}); "
             f"{len(self.splits.test)} test samples"
         )
@@ -341,3 +386,23 @@ class _EmptyBatchCollate:
         if samples:
             return default_collate(samples)
         return tuple(t[:0] for t in default_collate([self.dataset[0]]))
+
+
+def _partitioner(value: Union[Partitioner, dict[str, Any], None]) -> Union[Partitioner, FlowerPartition]:
+    """``data.partition`` as given: one of ours, or a Flower Datasets partitioner by class path."""
+    if value is None:
+        return IID()
+    if not isinstance(value, dict):
+        return value
+    if "class_path" not in value:
+        raise ConfigError("data.partition needs a class_path, e.g. flwr_datasets.partitioner.DirichletPartitioner")
+    class_path, init_args = str(value["class_path"]), dict(value.get("init_args") or {})
+    module_name, _, name = class_path.rpartition(".")
+    ours = getattr(import_module("fedpeft_pl.data"), name, None) if module_name.startswith("fedpeft_pl") else None
+    if not (isinstance(ours, type) and issubclass(ours, Partitioner)):
+        return FlowerPartition(class_path, init_args)
+    # one of ours that jsonargparse could not build: say why in one line
+    try:
+        return ours(**init_args)
+    except TypeError as err:
+        raise ConfigError(f"data.partition {name}: {err}; fix data.partition.init_args") from None

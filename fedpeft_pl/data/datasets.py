@@ -11,7 +11,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -26,12 +26,19 @@ Transform = Callable[[Any], torch.Tensor]
 
 @dataclass
 class Splits:
-    """A data set's training split (with its labels), its test split and its class count."""
+    """A data set's training split (with its labels), its test split and its class count.
+
+    ``columns`` holds the training split's plain columns by name, in sample order (the labels under
+    ``label_column``, and any others, such as a writer's ID): what a Flower Datasets partitioner
+    splits by. Without it the labels alone are the columns.
+    """
 
     train: Dataset
     train_targets: np.ndarray
     test: Dataset
     num_classes: int
+    columns: Optional[dict[str, np.ndarray]] = None
+    label_column: str = "label"
 
 
 def image_transform(data_config: dict[str, Any]) -> v2.Compose:
@@ -60,6 +67,15 @@ class ImageDataset(ShownByArguments, ABC):
     @abstractmethod
     def load(self, transform: Transform, seed: int) -> Splits:
         """Both splits with ``transform`` applied; ``seed`` fixes any split this class makes itself."""
+
+    def columns(self, seed: int) -> tuple[dict[str, np.ndarray], str]:
+        """The training split's plain columns by name (see :class:`Splits`) and the label column's name.
+
+        What a partitioner that takes its number of clients from the data needs before set-up; by
+        default read from an untransformed :meth:`load`.
+        """
+        splits = self.load(lambda image: image, seed)
+        return splits.columns or {splits.label_column: splits.train_targets}, splits.label_column
 
 
 def _stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
