@@ -1,6 +1,7 @@
 """Sequential against vectorised local training of a round's clients, on the same work.
 
-    python benchmarks/vectorized.py                          # all methods, (8, 32), (32, 8), (128, 8)
+    python benchmarks/vectorized.py                          # all methods, (1, 256), (8, 32), (32, 8), (128, 8)
+    python benchmarks/vectorized.py --path vmap              # the engine's vmap path for every method
     python benchmarks/vectorized.py --methods head lora --configs 8x32 --repeats 5
     python benchmarks/vectorized.py --memory                 # also training's peak memory, one fresh process per side
     python benchmarks/vectorized.py --methods lora --configs 8x32 --repeats 1 --profile   # where each side's time goes
@@ -13,8 +14,14 @@ sides spend their time in the model), 1 local epoch, SGD with momentum 0.9 and w
 The sequential side is the plain PyTorch per-client loop (load the received state, a fresh
 optimizer, the client's loader batches, mean cross entropy, step), what our simulation runs at
 1.04x of (benchmarks/overhead.py). The vectorised side is ``fedpeft_pl.runners.vectorized.train_clients``.
-Both end in the same per-client states (checked: the largest difference is printed). Runs
-alternate sequential / vectorised and the ratio of medians is reported.
+Both end in the same per-client states (checked: the largest difference is printed). The
+reference is one client with a batch of ``m * B`` ("centralised": the same images, the same number
+of steps, as one centralised training job would see them) through the same plain loop; at
+``1 x 256`` it is the sequential side itself, the plain model. Runs alternate sequential /
+vectorised / centralised and the ratios of medians are reported: the vectorised engine against
+the sequential loop, and the engine's throughput as a fraction of the centralised reference's.
+``--path`` chooses the engine's path (``stacked``, where the method has a stacked form, or
+``vmap``); ``--compile`` compiles the stacked step (``train_clients(compile=True)``).
 
 On a GPU (``--device cuda``) the images sit on the device for both sides, times are taken after a
 device synchronisation, and ``--memory`` reports CUDA's peak allocation above what was allocated
@@ -55,7 +62,7 @@ from fedpeft_pl.peft import load_trainable_state, trainable_parameters, trainabl
 from fedpeft_pl.runners.vectorized import ClientJob, train_clients
 
 METHODS = ["head", "bias", "adapter", "prompt", "lora", "full"]
-CONFIGS = ["8x32", "32x8", "128x8"]
+CONFIGS = ["1x256", "8x32", "32x8", "128x8"]
 
 
 def backbone(model: str) -> Backbone:
@@ -115,9 +122,16 @@ def sequential(module, dm, jobs, autocast=None):
     return states
 
 
-def vectorised(module, dm, jobs, autocast=None, max_parallel=None):
+def vectorised(module, dm, jobs, autocast=None, max_parallel=None, path="stacked"):
     outcomes = train_clients(
-        module, dm, jobs, 1, default_optimizer, autocast=autocast, max_parallel_clients=max_parallel
+        module,
+        dm,
+        jobs,
+        1,
+        default_optimizer,
+        autocast=autocast,
+        max_parallel_clients=max_parallel,
+        stacked=path == "stacked",
     )
     return [o.state for o in outcomes]
 
@@ -151,7 +165,7 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def memory_child(method: str, config: str, side: str, steps: int) -> None:
+def memory_child(method: str, config: str, side: str, steps: int, path: str = "stacked") -> None:
     """Peak resident memory of training alone: the high-water mark is reset after the set-up.
 
     The process's peak is otherwise set while the digits are loaded and transformed, which hides
@@ -163,14 +177,17 @@ def memory_child(method: str, config: str, side: str, steps: int) -> None:
     module, dm, jobs = build(method, clients, batch, steps)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
-    (sequential if side == "sequential" else vectorised)(module, dm, jobs)
+    if side == "sequential":
+        sequential(module, dm, jobs)
+    else:
+        vectorised(module, dm, jobs, path=path)
     peak = _status_kib("VmHWM")
     print(json.dumps({"peak_mib": peak / 1024, "growth_mib": (peak - before) / 1024}))
 
 
-def memory(method: str, config: str, side: str, steps: int) -> dict:
+def memory(method: str, config: str, side: str, steps: int, path: str = "stacked") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", method, config, side, "--steps", str(steps)],
+        [sys.executable, __file__, "--child", method, config, side, "--steps", str(steps), "--path", path],
         capture_output=True,
         text=True,
         check=True,
@@ -199,12 +216,16 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print each side's operators by self time (torch.profiler)"
     )
+    parser.add_argument("--path", choices=["stacked", "vmap"], default="stacked", help="the engine's path")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (1 keeps a shared, loaded machine's figures steady)"
+    )
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
     if args.device == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     if args.child:
-        memory_child(*args.child, args.steps)
+        memory_child(*args.child, args.steps, args.path)
         return
     gpu = torch.device(args.device).type == "cuda"
     if gpu:
@@ -220,11 +241,13 @@ def main() -> None:
         if gpu
         else " training peak seq / vec MiB | bound m x seq MiB |"
     )
+    print(f"# engine path: {args.path}", flush=True)
     print(
-        "| method | m x batch | sequential s (median) | vectorised s (median) | ratio | max state diff |"
+        "| method | m x batch | sequential s (median) | vectorised s (median) | centralised 1 x m*B s (median) "
+        "| vectorised vs sequential | vectorised / centralised throughput | max state diff |"
         + (memory_columns if args.memory else "")
     )
-    print("|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""), flush=True)
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.memory else ""), flush=True)
     failures: list[str] = []
     for config in args.configs:
         clients, batch = map(int, config.split("x"))
@@ -233,28 +256,38 @@ def main() -> None:
                 continue
             module, dm, jobs = build(method, clients, batch, args.steps, args.model, args.device)
             seq = functools.partial(sequential, autocast=autocast)
-            vec = functools.partial(vectorised, autocast=autocast, max_parallel=args.max_parallel)
-            vec(module, dm, jobs[:2])  # warm-up of both paths
+            vec = functools.partial(vectorised, autocast=autocast, max_parallel=args.max_parallel, path=args.path)
+            # the centralised reference: one client with all m * B images of a step in one batch
+            central = build(method, 1, clients * batch, args.steps, args.model, args.device) if clients > 1 else None
+            vec(module, dm, jobs[:2])  # warm-up of every side
             seq(module, dm, jobs[:2])
-            seq_times, vec_times, diff = [], [], 0.0
+            if central is not None:
+                seq(*central)
+            seq_times, vec_times, central_times, diff = [], [], [], 0.0
             for _ in range(args.repeats):
                 t, seq_states = timed(seq, module, dm, jobs)
                 seq_times.append(t)
                 t, vec_states = timed(vec, module, dm, jobs)
                 vec_times.append(t)
+                if central is not None:
+                    central_times.append(timed(seq, *central)[0])
                 diff = max(
                     diff, max(float((a[n] - b[n]).abs().max()) for a, b in zip(seq_states, vec_states) for n in a)
                 )
                 del seq_states, vec_states
             s, v = statistics.median(seq_times), statistics.median(vec_times)
-            row = f"| {method} | {clients} x {batch} | {s:.3f} | {v:.3f} | {s / v:.2f}x | {diff:.1e} |"
+            c = statistics.median(central_times) if central_times else s
+            row = (
+                f"| {method} | {clients} x {batch} | {s:.3f} | {v:.3f} | {c:.3f} | {s / v:.2f}x | {c / v:.2f} "
+                f"| {diff:.1e} |"
+            )
             if args.memory and gpu:
                 one, all_ = cuda_growth_mib(seq, module, dm, jobs[:1]), cuda_growth_mib(vec, module, dm, jobs)
                 row += f" {one:.0f} / {all_:.0f} | {clients * one:.0f} |"
             elif args.memory:
                 ms, mv = (
                     memory(method, config, "sequential", args.steps),
-                    memory(method, config, "vectorised", args.steps),
+                    memory(method, config, "vectorised", args.steps, args.path),
                 )
                 # the bound: m clients' worth of what one sequential client needs at its peak
                 # (activations, gradients, optimizer state); the backbone is shared and not in either
@@ -273,7 +306,7 @@ def main() -> None:
                         ),
                         flush=True,
                     )
-            del module, dm, jobs
+            del module, dm, jobs, central
             if gpu:
                 torch.cuda.empty_cache()
     if failures:
