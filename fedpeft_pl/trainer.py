@@ -41,6 +41,7 @@ from fedpeft_pl.run_folder import (
     removed_if_failed_early,
 )
 from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
+from fedpeft_pl.runners.device_data import DeviceData
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class FederatedTrainer(pl.Trainer):
             (:class:`~fedpeft_pl.runners.feature_cache.FeatureCache`): ``auto`` caches where that is exact
             and says on the console why not elsewhere, ``memory`` insists, ``off`` never caches.
         feature_cache_max_gib: the most memory the cached features may take.
+        device_data_max_gib: with the vectorised runner, the most memory the training samples,
+            transformed once per run where the transforms are deterministic, may take on the device
+            (:class:`~fedpeft_pl.runners.device_data.DeviceData`); beyond it they stay in host memory
+            where they fit, else every step transforms them in DataLoader workers.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar (only when stderr is a terminal), a run summary and a round-end
             checkpoint (``round=N.ckpt`` and ``last.ckpt``) are added unless given.
@@ -119,11 +124,13 @@ class FederatedTrainer(pl.Trainer):
         max_parallel_clients: Optional[int] = None,
         feature_cache: Literal["auto", "memory", "off"] = "auto",
         feature_cache_max_gib: float = 4.0,
+        device_data_max_gib: float = 4.0,
         callbacks: Optional[list[Callback]] = None,
         num_sanity_val_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         features = FeatureCache(feature_cache, feature_cache_max_gib)  # checked before Lightning starts
+        device_data = DeviceData(device_data_max_gib)
         settings = {
             "num_rounds": num_rounds,
             "clients_per_round": clients_per_round,
@@ -200,6 +207,7 @@ class FederatedTrainer(pl.Trainer):
         )
         self.client_runner_setting = client_runner
         self.max_parallel_clients = max_parallel_clients
+        self.device_data = device_data  # where the vectorised runner keeps the transformed training samples
         if self.client_runner == "vectorized":
             self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
 

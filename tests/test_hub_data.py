@@ -117,12 +117,15 @@ def test_natural_ids_set_the_number_of_clients_and_say_so(hub_copy, caplog):
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
         assert datamodule.num_clients == WRITERS  # known before set-up: the trainer checks m against it
         ready(datamodule)
-    assert f"data.num_clients is {WRITERS}: every client NaturalIdPartitioner(partition_by='writer_id')" in caplog.text
+    assert f"NaturalIdPartitioner(partition_by='writer_id')): all {WRITERS} clients found in the data" in caplog.text
     writers = datamodule.splits.columns["writer_id"]
     assert sorted(writers[part[0]] for part in datamodule.client_indices) == [f"writer{w}" for w in range(WRITERS)]
     assert all(len(set(writers[part])) == 1 for part in datamodule.client_indices)
 
-    fewer = ready(hub_datamodule(hub_copy, NATURAL, num_clients=3, seed=5))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
+        fewer = ready(hub_datamodule(hub_copy, NATURAL, num_clients=3, seed=5))
+    assert f"3 of the {WRITERS} clients it finds, chosen by data.seed" in caplog.text
     assert len(fewer.client_indices) == 3
     assert all(len(set(writers[part])) == 1 for part in fewer.client_indices)
     with pytest.raises(ConfigError, match=f"data.num_clients \\(7\\) exceeds the {WRITERS} clients"):

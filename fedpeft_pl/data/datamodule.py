@@ -140,7 +140,7 @@ class FederatedDataModule(pl.LightningDataModule):
             assert isinstance(self.partition, FlowerPartition)
             columns, label = self.dataset.columns(self.seed)
             self._num_clients = self.partition.count(columns, label, self.seed)
-            self._clients_note = f"data.num_clients is {self._num_clients}: every client {self.partition!r} finds; "
+            self._clients_note = f"all {self._num_clients} clients found in the data (data.num_clients null); "
             log.info(
                 f"data: {self.partition!r} finds {self._num_clients} clients in the data; data.num_clients is null"
             )
@@ -199,7 +199,7 @@ class FederatedDataModule(pl.LightningDataModule):
         if self.partition.from_data and not self._clients_note:
             found = self.partition.found
             self._clients_note = (
-                f"data.num_clients is {found}: every client {self.partition!r} finds; "
+                f"all {found} clients found in the data; "
                 if found == self.num_clients
                 else f"{self.num_clients} of the {found} clients it finds, chosen by data.seed; "
             )

@@ -1,9 +1,15 @@
 """Partitioners: split a training set's indices among clients, from labels and a seeded generator.
 
-Written here rather than taken from flwr-datasets because its partitioners work on Hugging
-Face ``datasets`` tables; these take a plain label array, which every torchvision data set
-and ImageFolder already provides. Each returns one sorted index array per client: disjoint,
-together covering every sample, and a function of the labels and the generator alone.
+Any Flower Datasets partitioner serves as ``data.partition`` too (:mod:`fedpeft_pl.data.flower`),
+and Flower has a counterpart of each of these three: ``IidPartitioner``, ``DirichletPartitioner``
+and ``PathologicalPartitioner`` (not its ``ShardPartitioner``, which deals sorted shards). These
+three stay, written here, for two things Flower's do not give: they run on a plain label array
+without the optional ``datasets`` extra (pyarrow, Hugging Face ``datasets``), so the core install
+partitions digits, CIFAR and ImageFolder; and they keep the splits of the shipped seeded configs
+(``paper.yaml``, ``quickstart.yaml``) and of every run made with them: Flower's draw differently
+from the same seed (its Dirichlet also rebalances and gives up after 10 draws), which would change
+users' results. Each returns one sorted index array per client: disjoint, together covering every
+sample, and a function of the labels and the generator alone.
 """
 
 from __future__ import annotations

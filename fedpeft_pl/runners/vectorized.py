@@ -41,7 +41,6 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import default_collate
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientContext
@@ -49,6 +48,7 @@ from fedpeft_pl.peft import load_trainable_state, local_names, trainable_paramet
 from fedpeft_pl.privacy import LocalDP
 from fedpeft_pl.runners.base import RunnerHost, client_metrics
 from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
+from fedpeft_pl.runners.device_data import DeviceData, step_batches
 from fedpeft_pl.runners.feature_cache import HeadProbe
 from fedpeft_pl.runners.optim import check_optimizer, masked_step
 from fedpeft_pl.runners.sequential import SequentialRunner
@@ -292,7 +292,9 @@ def _train_chunk(
 
     plans = [datamodule.client_batches(job.client, job.seed, local_epochs, job.max_batches) for job in jobs]
     num_steps = max((len(p) for p in plans), default=0)
-    dataset = datamodule.splits.train
+    # each step's stacked batches: gathered from samples transformed once, or read by the data module's workers
+    workers, seed = getattr(datamodule, "num_workers", 0), jobs[0].torch_seed() if jobs else 0
+    steps = step_batches(datamodule.splits.train, plans, device, workers, seed)
     # summed on the device: no host synchronisation inside the step loop
     loss_sums = torch.zeros(m, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
     seen = [0] * m
@@ -327,7 +329,7 @@ def _train_chunk(
 
             params = [pick(p) for p in stacked]  # a differentiable gather: gradients reach the stacked rows
             batches = [plans[k][step] for k in rows]
-            images, labels, mask = _stack_batches(dataset, batches, device)
+            images, labels, mask = next(steps)
             counts = mask.sum(dim=1)
             for k, b in zip(rows, batches):
                 seen[k] += len(b)
@@ -395,32 +397,6 @@ def _linear_forward(
         return torch.baddbmm(params["head.bias"].unsqueeze(1), features, params["head.weight"].transpose(1, 2))
 
     return forward
-
-
-def _stack_batches(
-    dataset: Any, batches: list[list[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images ``[m, B, ...]``, labels ``[m, B]`` and a validity mask, padded to the longest batch.
-
-    Padding repeats a real sample (never a made-up one), so padded rows run through the model
-    like real data; the mask zeroes their loss and gradient.
-    """
-    width = max(1, max(len(b) for b in batches))
-    probe = next((b[0] for b in batches if b), 0)
-    padded = [list(b) + [b[0] if b else probe] * (width - len(b)) for b in batches]
-    mask = torch.zeros(len(batches), width)
-    for k, batch in enumerate(batches):
-        mask[k, : len(batch)] = 1.0
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None:  # a TensorDataset (e.g. pre-transformed images): one gather, no per-sample collate
-        index = torch.as_tensor(padded)
-        return tensors[0][index].to(device), tensors[1][index].to(device), mask.to(device)
-    rows, labels = [], []
-    for indices in padded:
-        images, targets = default_collate([dataset[i] for i in indices])[:2]
-        rows.append(images)
-        labels.append(targets)
-    return torch.stack(rows).to(device), torch.stack(labels).to(device), mask.to(device)
 
 
 def _private_gradients(
@@ -509,6 +485,7 @@ class VectorizedRunner:
         self.max_parallel_clients = max_parallel_clients
         self.fallback = SequentialRunner(loop)
         self._told = False
+        self._data = DeviceData()  # where the trainer names none (a plain Lightning trainer)
 
     def _remember_chunk_size(self, size: int) -> None:
         self.max_parallel_clients = size
@@ -623,6 +600,9 @@ class VectorizedRunner:
         autocast = autocast_for(trainer)
         # with the feature cache the batches are features: the classifier alone trains on them
         network = HeadProbe(module.model) if getattr(module, "takes_features", False) else module
+        # the training samples, transformed once per run where that is exact (device_data.py)
+        data = getattr(trainer, "device_data", None) or self._data
+        datamodule = data.serving(datamodule, trainer.strategy.root_device)
         outcomes = train_clients(
             network,
             datamodule,
