@@ -166,7 +166,8 @@ def run(tmp_path, path, name, partition, runner, peft=None, **trainer_kwargs):
     module = FedPEFTModule(CLASSES, tiny_backbone(), peft or Bias(), optimizer=sgd(0.05))
     clients = None if partition is NATURAL else 4  # a natural split counts its writers
     datamodule = FederatedDataModule(HuggingFace(path), partition=partition, num_clients=clients, batch_size=16)
-    trainer = tiny_trainer(tmp_path / name, num_rounds=2, clients_per_round=3, client_runner=runner, **trainer_kwargs)
+    settings = {"num_rounds": 2, "clients_per_round": 3, **trainer_kwargs}
+    trainer = tiny_trainer(tmp_path / name, client_runner=runner, **settings)
     trainer.fit(module, datamodule=datamodule)
     return trainable_state(module), trainer
 
@@ -189,6 +190,38 @@ def test_the_feature_cache_bound_holds_on_a_data_set_read_from_disk(tmp_path, hu
     note = trainer.fit_loop.feature_cache.note
     assert note is not None and "over trainer.feature_cache_max_gib (1e-06)" in note, note
     assert trainer.current_epoch == 2
+
+
+@pytest.mark.slow  # two runs: about 15 s on 2 idle cores
+def test_the_vectorised_runners_device_data_bound_holds_on_a_data_set_read_from_disk(tmp_path, hub_copy, monkeypatch):
+    """Under the bound the run keeps every transformed sample; over it nothing is materialised, and the states agree."""
+    decoded = []
+    decode = datasets.Image.decode_example
+    monkeypatch.setattr(
+        datasets.Image, "decode_example", lambda self, *a, **k: decoded.append(1) or decode(self, *a, **k)
+    )
+    states, notes, reads = [], [], []
+    for bound in (1.0, 1e-6):
+        decoded.clear()
+        state, trainer = run(
+            tmp_path,
+            hub_copy,
+            f"bound{bound}",
+            DIRICHLET,
+            "vectorized",
+            num_rounds=1,
+            clients_per_round=2,
+            device_data_max_gib=bound,
+        )
+        states.append(state)
+        notes.append(trainer.device_data.note)
+        reads.append(len(decoded))
+    assert "kept on cpu" in notes[0] and "over trainer.device_data_max_gib (1e-06)" in notes[1], notes
+    # kept: all 240 training images decoded once, plus the 60 test images; over the bound: only the two
+    # sampled clients' images (of 4), as their steps came, plus the test images and the checks' few reads
+    assert reads[0] >= 240 + 60 and reads[1] < 240, reads
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(states[1][name], tensor, rtol=0, atol=0, msg=name)
 
 
 # ---- mistakes on the command line: one line, exit status 2, no run folder
