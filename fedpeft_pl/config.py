@@ -21,6 +21,7 @@ from typing import Any, NoReturn, Optional, Union
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from fedpeft_pl import yaml_include
 from fedpeft_pl.client import FedPEFTModule
@@ -253,6 +254,9 @@ def configure_logging(verbose: bool = False) -> None:
     if not verbose:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=r"(lightning|torch|timm|jsonargparse)\b")
+        # Lightning's advice to raise a loader's num_workers (on a many-core machine): data.num_workers is the
+        # user's setting, and the server's evaluation loader reads it like every other; the advice shows with verbose
+        warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers", category=PossibleUserWarning)
 
 
 @contextlib.contextmanager

@@ -234,3 +234,21 @@ def test_fit_help_is_plain_text_and_hides_epoch_limits(capsys):
     assert "--verbose" in summary, summary  # what fedpeft does, not Lightning's default
     ckpt = text[text.index("\n  --ckpt_path") :][:400]
     assert "last" in ckpt, ckpt
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lightnings_advice_on_loader_workers_stays_off_the_quiet_console(tmp_path, monkeypatch, verbose):
+    """On a many-core machine Lightning advises more workers for the evaluation loader; only --verbose shows it."""
+    import warnings
+
+    import lightning.fabric.utilities.data
+
+    from fedpeft_pl.config import configure_logging
+
+    monkeypatch.setattr(lightning.fabric.utilities.data, "_num_cpus_available", lambda: 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        configure_logging(verbose)
+        tiny_trainer(tmp_path).fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule())
+    advice = [str(w.message) for w in caught if "does not have many workers" in str(w.message)]
+    assert bool(advice) == verbose, advice
