@@ -1,8 +1,9 @@
 """``fedpeft report RUN_DIR... [--output DIR]``: compare finished runs from their TensorBoard logs.
 
-Writes ``DIR/report.md`` (the comparison table of :func:`fedpeft_pl.analysis.summarize`) and two
-figures, ``DIR/accuracy_vs_mib.png`` and ``DIR/accuracy_vs_round.png``. A run that logged fewer
-rounds than its ``config.yaml`` asks for (stopped, crashed, still running) is skipped with a note.
+Writes ``DIR/report.md`` (the comparison table of :func:`fedpeft_pl.analysis.summarize`) and,
+where matplotlib is installed (``pip install 'fedpeft-pl[analysis]'``), two figures,
+``DIR/accuracy_vs_mib.png`` and ``DIR/accuracy_vs_round.png``. A run that logged fewer rounds than
+its ``config.yaml`` asks for (stopped, crashed, still running) is skipped with a note.
 
 Example::
 
@@ -44,16 +45,13 @@ def unfinished_reason(run: Run) -> Optional[str]:
     return None
 
 
-def write_report(run_dirs: list[str], output: str = "report") -> Path:
-    """Write the table and the figures of the finished runs under ``run_dirs`` to ``output``; return the table's
-    path."""
-    try:
-        import matplotlib
+FIGURES = ("accuracy_vs_mib.png", "accuracy_vs_round.png")
+NO_MATPLOTLIB = "figures not drawn: they need matplotlib (pip install 'fedpeft-pl[analysis]')"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("fedpeft report draws with matplotlib: pip install 'fedpeft-pl[analysis]'") from None
+
+def write_report(run_dirs: list[str], output: str = "report") -> tuple[Path, list[Path]]:
+    """Write the table of the finished runs under ``run_dirs`` to ``output``, and their figures where matplotlib
+    is installed; return the table's path and the figures' paths (none without matplotlib)."""
     try:
         runs = load_runs(*run_dirs)
     except FileNotFoundError as err:
@@ -73,9 +71,19 @@ def write_report(run_dirs: list[str], output: str = "report") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table = folder / "report.md"
     table.write_text(f"# fedpeft report\n\nRuns: {', '.join(run_dirs)}\n\n{format_table(summarize(finished))}\n")
-    for name, xlabel, series in (
-        ("accuracy_vs_mib.png", "cumulative communication, both directions (MiB)", Run.accuracy_vs_megabytes),
-        ("accuracy_vs_round.png", "round", lambda run: run.series("server/acc")),
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the table needs none of it; the figures are the analysis extra's
+        log.warning(NO_MATPLOTLIB)
+        return table, []
+    figures = []
+    for name, xlabel, series in zip(
+        FIGURES,
+        ("cumulative communication, both directions (MiB)", "round"),
+        (Run.accuracy_vs_megabytes, lambda run: run.series("server/acc")),
     ):
         figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
         for run in finished:
@@ -89,7 +97,8 @@ def write_report(run_dirs: list[str], output: str = "report") -> Path:
         axis.legend(fontsize="small")
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
-    return table
+        figures.append(folder / name)
+    return table, figures
 
 
 def report_command(argv: list[str]) -> None:
@@ -97,7 +106,8 @@ def report_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fedpeft report",
         description="Compare finished runs: a Markdown table (report.md) and accuracy-vs-MiB and accuracy-vs-round "
-        "figures (PNG) from their TensorBoard logs. Runs that never finished are skipped. Needs fedpeft-pl[analysis].",
+        "figures (PNG) from their TensorBoard logs. Runs that never finished are skipped. The figures need "
+        "matplotlib: pip install 'fedpeft-pl[analysis]'.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -108,6 +118,5 @@ def report_command(argv: list[str]) -> None:
     )
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError(f"report: {message}; see fedpeft report --help"))  # type: ignore[method-assign]
     args = parser.parse_args(argv)
-    table = write_report(args.run_dirs, args.output)
-    folder = table.parent
-    print(f"wrote {table}, {folder / 'accuracy_vs_mib.png'} and {folder / 'accuracy_vs_round.png'}")
+    table, figures = write_report(args.run_dirs, args.output)
+    print("wrote " + ", ".join(str(path) for path in (table, *figures)))

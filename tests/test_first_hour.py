@@ -4,8 +4,11 @@ speaks fedpeft, a report of the runs, and round metrics that Lightning callbacks
 import hashlib
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,66 @@ def fedpeft(*args, cwd=REPO):
     return subprocess.run([str(script), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summary(tmp_path):
+# fedpeft's main as on README's own install (pip install -e ., no extras): matplotlib neither imports nor is
+# found by its metadata (torchmetrics asks the metadata, then imports it)
+WITHOUT_MATPLOTLIB = """
+import importlib.metadata, sys
+sys.modules["matplotlib"] = None
+installed = importlib.metadata.version
+def version(name):
+    if name.lower() == "matplotlib":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return installed(name)
+importlib.metadata.version = version
+from fedpeft_pl.cli import main
+main()
+"""
+
+
+def run_as_suggested(command: str, cwd: Path) -> None:
+    """Run a command the closing summary suggests, as written, where the run was started."""
+    args = shlex.split(command)
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    if args[0] == "fedpeft":
+        done = subprocess.run(
+            [sys.executable, "-c", WITHOUT_MATPLOTLIB, *args[1:]],
+            cwd=cwd,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        return
+    assert args[0] == "tensorboard", command
+    # a server runs until stopped: it counts as working once it serves the run's curves
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tensorboard")), *args[1:]],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = ""
+        while "http://" not in said and server.poll() is None:
+            said += server.stderr.readline()
+        address = re.search(r"http://\S+?/", said)
+        assert address, (command, said[-3000:])
+        for _ in range(120):
+            tags = urllib.request.urlopen(address.group(0) + "data/plugin/scalars/tags", timeout=30).read().decode()
+            if "server/acc" in tags:
+                break
+            time.sleep(1)  # it reads the logs after it starts serving
+        assert "server/acc" in tags, tags
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow  # a quickstart run, then every command its summary suggests
+def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summary_whose_commands_work(tmp_path):
     log = tmp_path / "out.log"
     script = Path(sys.executable).with_name("fedpeft")
     with open(log, "w") as out:  # one file for both streams, as `nohup fedpeft fit ... > out.log 2>&1` gives
@@ -42,10 +104,11 @@ def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summar
                 "1",
                 "--trainer.clients_per_round",
                 "3",
-                "--trainer.logger.init_args.save_dir",
-                str(tmp_path / "runs"),
+                # from a folder of the user's own, where the run folder is the quickstart's runs/quickstart
+                "--model.backbone.weights_file",
+                str(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"),
             ],
-            cwd=REPO,
+            cwd=tmp_path,
             env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -76,13 +139,24 @@ def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summar
             rf"round {number}/2 \| server acc [0-9.]+ loss [0-9.]+ \| train loss [0-9.]+ \| sent .* MiB\) \| [0-9.]+ s",
             line,
         ), line
-    run = tmp_path / "runs" / "prompt" / "version_0"
+    run = tmp_path / "runs" / "quickstart" / "prompt" / "version_0"
     summary = "\n".join(lines[lines.index(rounds[-1]) + 1 :])
     assert re.search(r"final server accuracy [0-9.]+", summary), summary
     assert re.search(r"[0-9.]+ MiB sent", summary) and re.search(r"in [0-9.]+ s", summary), summary
-    assert str(run) in summary
-    assert f"tensorboard --logdir {tmp_path / 'runs'}" in summary
-    assert "fedpeft report" in summary and "fedpeft export" in summary
+    assert "run folder: runs/quickstart/prompt/version_0" in summary
+    # README's own next steps, as the summary words them, each working as written
+    suggested = [line.split("#")[0].strip() for line in lines[lines.index("next:") + 1 :] if line.startswith("  ")]
+    assert [command.split()[:2] for command in suggested] == [
+        ["tensorboard", "--logdir"],
+        ["fedpeft", "report"],
+        ["fedpeft", "export"],
+    ]
+    assert suggested[0] == "tensorboard --logdir runs/quickstart" and "fedpeft report runs/quickstart" in summary
+    for command in suggested:
+        run_as_suggested(command, tmp_path)
+    assert "| Prompt |" in (tmp_path / "report" / "report.md").read_text()
+    assert not list((tmp_path / "report").glob("*.png"))  # no matplotlib, no figures
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["last.ckpt", "round=2.ckpt"]
 
