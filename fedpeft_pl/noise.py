@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 
 from fedpeft_pl.seeds import derive_seed
 
@@ -97,6 +96,9 @@ class NoiseSource:
             generator = torch.Generator(device=device).manual_seed(self._seeds[release] + len(generators))
             generators[str(device)] = generator
         reference = torch.empty(tuple(shape), device=device, dtype=dtype)
+        # imported here, not with the module: a plain fit imports this module but draws no noise
+        from opacus.optimizers.optimizer import _generate_noise
+
         return _generate_noise(std, reference, generator=generator, secure_mode=True)
 
     def like(self, tensor: torch.Tensor, std: float, release: Sequence[int]) -> torch.Tensor:

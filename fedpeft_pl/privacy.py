@@ -25,8 +25,6 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch.func import functional_call, grad_and_value, vmap
 from typing_extensions import override
 
@@ -231,6 +229,8 @@ class LocalDP(FederatedCallback):
                 participations = max(
                     1, math.ceil(federation.num_rounds * federation.clients_per_round / federation.num_clients)
                 )
+                from opacus.accountants.utils import get_noise_multiplier  # where DP runs: see _epsilon
+
                 self._sigma[client] = get_noise_multiplier(
                     target_epsilon=self.epsilon,
                     target_delta=self.delta,
@@ -432,6 +432,8 @@ class DPFedAvg(Strategy):
         self._noise.warn_if_reproducible("DPFedAvg")
         _announce_client_statistics("DPFedAvg", self.release_client_statistics)
         if self.noise_multiplier is None:
+            from opacus.accountants.utils import get_noise_multiplier  # where DP runs: see _epsilon
+
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.epsilon,
                 target_delta=self.delta,
@@ -506,6 +508,10 @@ def _epsilon(kind: str, history: list, delta: float) -> float:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
+    # opacus is imported where DP runs, not with this module: a plain fit imports this module (its
+    # hooks and the DP checks) and would otherwise load opacus and its dependencies at start-up
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(kind)
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta))

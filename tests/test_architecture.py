@@ -66,13 +66,31 @@ def test_import_contracts_hold():
     assert result.returncode == 0, result.stdout[-3000:]
 
 
-def test_a_plain_fit_loads_no_deployment_code():
-    code = (
-        "import sys, fedpeft_pl, fedpeft_pl.cli, fedpeft_pl.config;"
-        "print(sorted(m for m in sys.modules if m.startswith('fedpeft_pl.deploy')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert out.stdout.strip() == "[]"
+# a plain fit of a tiny ViT in a fresh process; prints what it loaded besides what Lightning itself loads
+# (torchmetrics, imported by Lightning, imports matplotlib when it is installed)
+PLAIN_FIT = """
+import sys, tempfile
+import lightning.pytorch
+lightnings = set(sys.modules)
+sys.path.insert(0, sys.argv[1])
+from helpers import tiny_datamodule, tiny_module, tiny_trainer
+import fedpeft_pl.cli, fedpeft_pl.config
+from fedpeft_pl.peft import Prompt
+with tempfile.TemporaryDirectory() as folder:
+    tiny_trainer(folder).fit(tiny_module(Prompt(num_tokens=2)), datamodule=tiny_datamodule())
+print(sorted({m.split(".")[0] for m in set(sys.modules) - lightnings} & {"peft", "opacus", "matplotlib", "fedpeft_pl"}))
+print(sorted(m for m in sys.modules if m.startswith("fedpeft_pl.deploy")))
+"""
+
+
+def test_a_plain_fit_loads_no_deployment_code_and_no_library_it_does_not_use():
+    """Hugging Face peft only for HFPeft, opacus only with DP, matplotlib only for reports: each costs start-up."""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", PLAIN_FIT, tests], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, deployment = out.stdout.strip().splitlines()[-2:]
+    assert loaded == "['fedpeft_pl']", loaded
+    assert deployment == "[]", deployment
 
 
 @pytest.mark.parametrize(
