@@ -202,7 +202,8 @@ class ServerAggregation(FederatedCallback):
         if broken is not None:
             log.warning(
                 f"round {round.number}: client {result.client} sent NaN or Inf values (in {broken}); "
-                "its update is left out of this round"
+                "its update is left out of this round",
+                extra={"each_process": True},  # only the process that trained the client knows
             )
             return
         self._updates.append(ClientUpdate(result.client, result.num_samples, state, extras, tuple(result.aggregate_of)))
@@ -317,8 +318,15 @@ class ServerAggregation(FederatedCallback):
         if train_loss is not None and releases_client_statistics(trainer):  # un-noised: not in a private run
             metrics["train/loss"] = train_loss
         # through Lightning too (not to its loggers: their step here is the round), so that
-        # callback_metrics hold them for EarlyStopping, ModelCheckpoint(monitor=...) and any callback
-        pl_module.log_dict({k: float(v) for k, v in metrics.items() if k.startswith(("comm/", "round/"))}, logger=False)
+        # callback_metrics hold them for EarlyStopping, ModelCheckpoint(monitor=...) and any callback.
+        # Under DDP every process holds the same gathered figures, so their maximum is the figure
+        # itself (and round/seconds the slowest process's); synced, Lightning does not warn per key.
+        pl_module.log_dict(
+            {k: float(v) for k, v in metrics.items() if k.startswith(("comm/", "round/"))},
+            logger=False,
+            sync_dist=True,
+            reduce_fx="max",
+        )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=server_round)
             if "server/acc" in self._eval:

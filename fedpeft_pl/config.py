@@ -21,6 +21,7 @@ from typing import Any, NoReturn, Optional, Union
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from fedpeft_pl import yaml_include
@@ -235,15 +236,26 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _said_once(record: logging.LogRecord) -> bool:
+    """Under DDP every process runs the same set-up, accounting and server, and says the same lines:
+    rank 0 says them. A process's own news (a client it trained failed or dropped out, its device ran
+    out of memory) carries ``extra={"each_process": True}`` and is said wherever it happens."""
+    return getattr(rank_zero_only, "rank", 0) == 0 or getattr(record, "each_process", False)
+
+
 def configure_logging(verbose: bool = False) -> None:
-    """fedpeft's log lines on stderr, written above any progress bar.
+    """fedpeft's log lines on stderr, written above any progress bar, once across DDP processes.
 
     Lightning's own messages (seed, accelerators, tips, the model summary) and library
     deprecation warnings say nothing about a federated run; they show with ``verbose`` only.
     """
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        # every process accounts the same gathered privacy history, so opacus' advice is rank 0's to give
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\b")
     logger = logging.getLogger("fedpeft_pl")
     if not logger.handlers:
         handler = _TqdmHandler()
+        handler.addFilter(_said_once)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.loops.utilities import _select_data_fetcher
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -57,7 +58,21 @@ from fedpeft_pl.seeds import client_seed, training_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FederatedLoop", "SequentialRunner", "sample_clients"]
+__all__ = ["FederatedLoop", "SequentialRunner", "federated_ddp", "sample_clients"]
+
+
+def federated_ddp(strategy: Any) -> None:
+    """Set what a federated run needs of Lightning's DDP where the user left it open.
+
+    DDP broadcasts rank 0's buffers before every forward by default: a collective that processes
+    training different clients for different numbers of steps would not all reach. A federated
+    run's buffers are constants (LoRA's index mask) or the server's (FLoRA's merged update), the
+    same on every process, so nothing is lost. An explicit ``broadcast_buffers: true`` stays, and
+    the loop refuses it at start. Lightning has no public setter for the arguments it passes to
+    ``DistributedDataParallel``, hence this module.
+    """
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
 
 
 class _ClientEpochLoop(_TrainingEpochLoop):
@@ -242,9 +257,8 @@ class FederatedLoop(_FitLoop):
                 # DDP would broadcast buffers in every forward: a collective that processes training
                 # different clients for different numbers of steps would not all reach
                 raise ConfigError(
-                    "this model has buffers, which DDP broadcasts on every forward; set "
-                    "trainer.strategy to lightning.pytorch.strategies.DDPStrategy with init_args "
-                    "{broadcast_buffers: false}"
+                    "this model has buffers, which DDP would broadcast on every forward while the processes "
+                    "train different clients; remove broadcast_buffers: true from trainer.strategy"
                 )
         module = self.trainer.lightning_module
         peft = getattr(module, "peft", None)
@@ -388,12 +402,16 @@ class FederatedLoop(_FitLoop):
     def report(self, round: Round, result: ClientResult) -> None:
         """Hand one client's result to the hooks."""
         if result.dropped is not None:
-            log.info(f"round {round.number}: client {result.client} takes no part: {result.dropped}")
+            log.info(
+                f"round {round.number}: client {result.client} takes no part: {result.dropped}",
+                extra={"each_process": True},
+            )
             self._federated("on_client_dropped", lambda cb, t, m: cb.on_client_dropped(t, m, round, result), None)
         elif result.error is not None:
             log.warning(
                 f"round {round.number}: client {result.client} failed and is left out of this round: "
-                f"{type(result.error).__name__}: {result.error}"
+                f"{type(result.error).__name__}: {result.error}",
+                extra={"each_process": True},
             )
             self._federated("on_client_failed", lambda cb, t, m: cb.on_client_failed(t, m, round, result), None)
         else:

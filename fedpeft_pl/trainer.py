@@ -30,7 +30,7 @@ from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.export import Exported, export_checkpoint
 from fedpeft_pl.federation import ClientRunner, Federation
 from fedpeft_pl.hooks import runs_on_client
-from fedpeft_pl.loop import FederatedLoop, _ClientJob
+from fedpeft_pl.loop import FederatedLoop, _ClientJob, federated_ddp
 from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
 from fedpeft_pl.run_folder import (
@@ -194,6 +194,7 @@ class FederatedTrainer(pl.Trainer):
                 f"trainer.accelerator {accelerator!r} cannot run here ({detail}); set trainer.accelerator: cpu, "
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
+        federated_ddp(self.strategy)  # "ddp" as a federated run needs it: no buffer broadcast before every forward
         self.fit_loop = FederatedLoop(self, settings, availability=availability, feature_cache=features)
 
         if client_runner == "sequential" and max_parallel_clients is not None:

@@ -4,14 +4,18 @@ Each process trains its share of the sampled clients with its own copy of the on
 updates are gathered before the server aggregates, so both runs must end with the same global
 state, the same server-side state (error-feedback residuals, server optimizer moments, privacy
 accounting), the same per-client state (SCAFFOLD's and FedDyn's client tensors) and the same
-logged bytes.
+logged bytes, and the two processes' console must say what one process says, no more. The
+strategy is README's plain ``ddp``: fedpeft sets what a federated run needs of it (LoRA has buffers).
 """
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from test_cli import QUICKSTART, fedpeft, scalars
+
+pytestmark = pytest.mark.slow  # every case starts two DDP processes
 
 SHORT = [
     "--trainer.num_rounds",
@@ -22,9 +26,19 @@ SHORT = [
     "1",
     "--trainer.enable_progress_bar",
     "false",
+    # one runner for both runs, whatever auto would choose for one process or two
+    "--trainer.client_runner",
+    "sequential",
 ]
 SETTINGS = {
-    "int8-feedback-fedadam": [
+    # LoRA (which has buffers) on the vectorised runner: each process trains its share stacked
+    "lora-vectorized-int8-feedback-fedadam": [
+        "--config",
+        str(Path(QUICKSTART).parent / "quickstart" / "lora.yaml"),
+        "--trainer.logger.init_args.name",
+        "prompt",
+        "--trainer.client_runner",
+        "vectorized",
         "--trainer.compress_upload",
         "fedpeft_pl.compression.Int8",
         "--trainer.compress_upload.error_feedback",
@@ -60,7 +74,7 @@ SETTINGS = {
 }
 
 
-def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
+def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict, str]:
     # one thread per process in both runs, so that their float sums agree to the last bit
     result = fedpeft(
         "fit",
@@ -74,7 +88,8 @@ def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / name / "prompt" / "version_0"
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False), scalars(run_dir)
+    console = re.sub(r"\d+(\.\d+)?", "N", result.stderr.replace(str(tmp_path / name), "RUN"))
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False), scalars(run_dir), console
 
 
 def assert_same_rounds(logs: dict, reference: dict, rounds: int, tolerance: float = 1e-4) -> None:
@@ -102,8 +117,14 @@ def flat(value, prefix=""):
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_two_ddp_processes_end_where_one_process_ends(tmp_path, setting):
-    single, single_logs = run(tmp_path, "single", *SETTINGS[setting])
-    multi, multi_logs = run(tmp_path, "ddp", *SETTINGS[setting], "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    single, single_logs, single_console = run(tmp_path, "single", *SETTINGS[setting])
+    multi, multi_logs, multi_console = run(
+        tmp_path, "ddp", *SETTINGS[setting], "--trainer.strategy", "ddp", "--trainer.devices", "2"
+    )
+    # the same lines, numbers aside: no warning per process, nothing said twice
+    assert multi_console.splitlines() == single_console.splitlines()
+    if "vectorized" in setting:
+        assert "vectorized (set in the config" in multi_console
 
     assert single["state_dict"].keys() == multi["state_dict"].keys()
     for name, tensor in single["state_dict"].items():

@@ -138,3 +138,15 @@ def test_resuming_from_a_round_end_checkpoint_equals_an_uninterrupted_run(tmp_pa
     assert resumed_trainer.aggregation.cumulative_bytes == 3 * first.aggregation.cumulative_bytes / 2
     a, b = trainable_state(straight), trainable_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_as_a_federated_run_needs_it(tmp_path):
+    """No buffer broadcast before every forward (processes train different clients for different numbers
+    of steps), unless the user asks for it; read from the arguments Lightning passes to DDP (private)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    for strategy in ("ddp", "ddp_spawn", DDPStrategy()):
+        trainer = tiny_trainer(tmp_path, strategy=strategy, devices=2)
+        assert trainer.strategy._ddp_kwargs["broadcast_buffers"] is False, strategy
+    trainer = tiny_trainer(tmp_path, strategy=DDPStrategy(broadcast_buffers=True), devices=2)
+    assert trainer.strategy._ddp_kwargs["broadcast_buffers"] is True

@@ -120,11 +120,12 @@ def test_runner_settings_are_checked(tmp_path):
         tiny_trainer(tmp_path, client_runner="sequential", max_parallel_clients=4)
 
 
-def test_auto_chooses_the_vectorised_runner_on_one_cuda_device_only():
+def test_auto_chooses_the_vectorised_runner_on_cuda_also_across_processes():
     from fedpeft_pl.runners.choice import choose_client_runner
 
     assert choose_client_runner("auto", "cuda", 1) == ("vectorized", "auto: one CUDA device")
-    assert choose_client_runner("auto", "cuda", 2)[0] == "sequential"
+    runner, why = choose_client_runner("auto", "cuda", 2)
+    assert runner == "vectorized" and "2 CUDA processes" in why and "share" in why
     runner, why = choose_client_runner("auto", "cpu", 1)
     assert runner == "sequential" and "not faster" in why
     assert choose_client_runner("vectorized", "cpu", 1) == ("vectorized", "set in the config")

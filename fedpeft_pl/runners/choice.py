@@ -15,12 +15,12 @@ __all__ = ["autocast_for", "choose_client_runner", "lightning_step_customised"]
 def choose_client_runner(setting: str, device_type: str, world_size: int) -> tuple[str, str]:
     """The runner a ``trainer.client_runner`` setting means on this hardware, and why.
 
-    ``auto`` chooses the vectorised runner on one CUDA device, where it trained a round 2.6x to
+    ``auto`` chooses the vectorised runner on CUDA, where on one device it trained a round 2.6x to
     3.2x faster end to end (the quickstart, bf16) and 3.5x to 5.4x faster at 32 or 128 clients of
-    batch 8 (ViT-B/16); on CPUs it is not faster end to end (0.8x to 1.1x on the quickstart), and
-    across several processes each would train its share of the clients, which is not measured.
-    Elsewhere the loop still switches to it for Head on cached features (3.5x there on a CPU).
-    See benchmarks/README.md, "Vectorised clients".
+    batch 8 (ViT-B/16). Under DDP each process trains its share of the round's clients, stacked,
+    on its own device: the same per-device work as one device's run of that share. On CPUs it is
+    not faster end to end (0.8x to 1.1x on the quickstart); the loop still switches to it for Head
+    on cached features (3.5x there on a CPU). See benchmarks/README.md, "Vectorised clients".
     """
     if setting not in ("auto", "sequential", "vectorized"):
         raise ConfigError(f"trainer.client_runner must be 'auto', 'sequential' or 'vectorized', got {setting!r}")
@@ -29,7 +29,7 @@ def choose_client_runner(setting: str, device_type: str, world_size: int) -> tup
     if device_type == "cuda" and world_size == 1:
         return "vectorized", "auto: one CUDA device"
     if device_type == "cuda":
-        return "sequential", f"auto: {world_size} processes (the vectorised runner is chosen on one CUDA device)"
+        return "vectorized", f"auto: {world_size} CUDA processes, each trains its share of the round's clients at once"
     return (
         "sequential",
         f"auto: on {device_type} the vectorised runner is not faster end to end, but for Head on cached features",

@@ -245,7 +245,8 @@ def train_clients(
                 torch.cuda.empty_cache()
             log.warning(
                 f"vectorised client runner: {len(part)} clients at once ran out of device memory; "
-                f"training {chunk} at a time from now on (set trainer.max_parallel_clients: {chunk} to start there)"
+                f"training {chunk} at a time from now on (set trainer.max_parallel_clients: {chunk} to start there)",
+                extra={"each_process": True},  # under DDP, this process's device
             )
             if on_smaller_chunks is not None:
                 on_smaller_chunks(chunk)
