@@ -109,6 +109,8 @@ class HuggingFace(ImageDataset):
             return self._opened
         datasets = import_datasets()
         local = os.path.expanduser(self.path)
+        if not os.path.isdir(local):
+            _offline_unless_reachable(datasets)
         try:
             if os.path.isfile(os.path.join(local, "dataset_dict.json")):
                 opened = datasets.load_from_disk(local)
@@ -202,6 +204,17 @@ class HuggingFace(ImageDataset):
             columns=_plain_columns(train, image, label, train_targets),
             label_column=label,
         )
+
+
+def _offline_unless_reachable(datasets: Any) -> None:
+    """Without network, fail at once (or load from the cache) instead of after two minutes of retries."""
+    from huggingface_hub import constants
+
+    from fedpeft_pl.backbone import _check_hub_reachable
+
+    _check_hub_reachable()
+    if constants.HF_HUB_OFFLINE:
+        datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy, read at its import
 
 
 def _only(candidates: list[str], kind: str, path: str, names: str) -> str:
