@@ -160,14 +160,21 @@ def open_session(
     own_state: Optional[State] = None,
     local_init: Optional[State] = None,
     peft: Optional[PEFTMethod] = None,
+    view_sent: bool = False,
 ) -> ClientSession:
     """Decode the round's ``message`` for ``client``.
 
     ``like`` gives the shared tensors' names, shapes and dtypes; ``own_state`` is what the client
     kept from earlier rounds; ``local_init`` a personalised method's initial local tensors;
-    ``peft`` the method, whose :meth:`~PEFTMethod.client_view` says what this client exchanges.
+    ``peft`` the method, whose :meth:`~PEFTMethod.client_view` says what this client exchanges;
+    ``view_sent`` that the message holds only this client's view (a deployment sends no more).
     """
-    received = client_start(peft, download.decode(message.payload, like=like), client, server_round)
+    if view_sent and _views(peft):
+        view_like = peft.client_view(like, client, server_round, upload=False)
+        view = download.decode(message.payload, like=view_like)
+        received = peft.from_client_view(view, client, server_round, like=like)
+    else:
+        received = client_start(peft, download.decode(message.payload, like=like), client, server_round)
     context = ClientContext(
         client=client,
         server_round=server_round,

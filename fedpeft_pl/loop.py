@@ -417,6 +417,19 @@ class FederatedLoop(_FitLoop):
         else:
             self._federated("on_client_end", lambda cb, t, m: cb.on_client_end(t, m, round, result), None)
 
+    def count_steps(self, steps: int) -> None:
+        """Optimizer steps that clients took on other machines (a Flower deployment), counted as Lightning
+        counts this process's own: ``trainer.global_step`` advances as in a simulation, and with it
+        Lightning's checkpoint trigger, which skips a round whose global step did not move."""
+        if steps <= 0:
+            return
+        if self.trainer.lightning_module.automatic_optimization:
+            progress = self.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+        else:
+            progress = self.epoch_loop.manual_optimization.optim_step_progress
+        progress.total.ready += steps
+        progress.total.completed += steps
+
     def no_gradient_sync(self) -> Any:
         """Under DDP every process trains other clients, so their gradients must not be averaged."""
         model = self.trainer.strategy.model

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("rdp", "prv")
 
+# the metric a deployed client reports with its update: the epsilon it has spent so far, by its own accountant
+EPSILON_SPENT = "privacy-epsilon-spent"
+
 
 def releases_client_statistics(trainer: Any) -> bool:
     """Whether a run may collect un-noised per-client statistics (training loss, label histograms,
@@ -126,6 +129,10 @@ class LocalDP(FederatedCallback):
     ``privacy/client_epsilon_mean``); a client whose next participation would exceed
     ``epsilon`` stops taking part, with a log line.
 
+    In a Flower deployment each client keeps its own accountant (:meth:`client_accountant`, stored
+    on its SuperNode) and declines to train when its budget is spent; the server then only logs the
+    spent epsilon the clients report (:meth:`account_on_clients`).
+
     Args:
         epsilon: each client's target budget for the run.
         delta: target delta, in (0, 1).
@@ -178,6 +185,8 @@ class LocalDP(FederatedCallback):
         self._sigma: dict[int, float] = {}
         self._federation: Any = None
         self._datamodule: Any = None
+        self.accounted_on_clients = False
+        self._reported: dict[int, float] = {}
 
     # -- the client side of one local step -------------------------------------------------------
 
@@ -247,6 +256,50 @@ class LocalDP(FederatedCallback):
     def _after(self, client: int, sigma: float, rate: float, steps: int) -> list:
         return _append(self._histories.get(client, []), sigma, rate, steps)
 
+    def begin(self, client: int, server_round: int) -> None:
+        """``client`` is about to train in ``server_round``: raise ClientDropped if that would exceed its
+        budget, else open its noise stream."""
+        self._round = server_round
+        sigma = self.sigma_for(client)
+        rate, steps = self._rates(client)
+        if self.epsilon is not None:
+            after = _epsilon(self.accountant, self._after(client, sigma, rate, steps), self.delta)
+            if after > self.epsilon:
+                raise ClientDropped(
+                    f"its privacy budget is spent ({self.spent(client):.2f} of epsilon {self.epsilon}; this round "
+                    f"would bring it to {after:.2f}); it takes no further part"
+                )
+        self._noise.open((server_round, client), seed=self._federation.seed)
+
+    def end(self, client: int, server_round: int) -> None:
+        """``client`` has trained in ``server_round``: account every planned step, forget its noise stream."""
+        rate, steps = self._rates(client)
+        # every planned step is accounted, also a step whose Poisson batch happened to be empty
+        self._histories[client] = self._after(client, self._sigma[client], rate, steps)
+        self._noise.close((server_round, client))
+
+    def client_accountant(self, client: int) -> dict[str, Any]:
+        """What ``client``'s own accountant holds (noise multiplier and its history of sigma, sample rate and
+        steps), in plain numbers a deployed client stores between rounds."""
+        return {
+            "sigma": self._sigma.get(client),
+            "history": [list(h) for h in self._histories.get(client, [])],
+        }
+
+    def load_client_accountant(self, client: int, state: dict[str, Any]) -> None:
+        """Take over ``client``'s accountant as :meth:`client_accountant` gave it (empty: a fresh client)."""
+        self._histories[client] = [tuple(h) for h in state.get("history", [])]
+        if state.get("sigma") is not None:
+            self._sigma[client] = float(state["sigma"])
+        else:
+            self._sigma.pop(client, None)
+
+    def account_on_clients(self) -> None:
+        """Each client keeps its own accountant (a Flower deployment): the server does not keep a client out for
+        its budget (the client declines itself) and logs the spent epsilon the clients report with their
+        updates (:data:`EPSILON_SPENT`)."""
+        self.accounted_on_clients = True
+
     # -- hooks ---------------------------------------------------------------------------------------
 
     def attach(self, module: pl.LightningModule, datamodule: Any) -> None:
@@ -285,26 +338,17 @@ class LocalDP(FederatedCallback):
 
     @override
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, client: int) -> None:
-        sigma = self.sigma_for(client)
-        rate, steps = self._rates(client)
-        if self.epsilon is not None:
-            after = _epsilon(self.accountant, self._after(client, sigma, rate, steps), self.delta)
-            if after > self.epsilon:
-                raise ClientDropped(
-                    f"its privacy budget is spent ({self.spent(client):.2f} of epsilon {self.epsilon}; this round "
-                    f"would bring it to {after:.2f}); it takes no further part"
-                )
-        self._noise.open((self._round, client), seed=self._federation.seed)
+        if not self.accounted_on_clients:
+            self.begin(client, self._round)
 
     @override
     def on_client_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
     ) -> None:
-        client = result.client
-        rate, steps = self._rates(client)
-        # every planned step is accounted, also a step whose Poisson batch happened to be empty
-        self._histories[client] = self._after(client, self._sigma[client], rate, steps)
-        self._noise.close((self._round, client))
+        if not self.accounted_on_clients:
+            self.end(result.client, self._round)
+        elif EPSILON_SPENT in result.metrics:
+            self._reported[result.client] = float(result.metrics[EPSILON_SPENT])
 
     @override
     def on_client_failed(
@@ -322,7 +366,7 @@ class LocalDP(FederatedCallback):
     def on_round_gather(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, gather: Callable[[Any], list[Any]]
     ) -> None:
-        if trainer.world_size == 1:
+        if trainer.world_size == 1 or self.accounted_on_clients:
             return
         # each process accounted the clients it trained; every process takes over all of them
         mine = {c: (self._histories.get(c), self._sigma.get(c)) for c in round.share}
@@ -335,7 +379,10 @@ class LocalDP(FederatedCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        spent = [self.spent(c) for c in self._histories]
+        if self.accounted_on_clients:
+            spent = list(self._reported.values())
+        else:
+            spent = [self.spent(c) for c in self._histories]
         if not spent:
             return
         metrics = {"privacy/client_epsilon_max": max(spent), "privacy/client_epsilon_mean": sum(spent) / len(spent)}
@@ -351,12 +398,14 @@ class LocalDP(FederatedCallback):
         return {
             "histories": {str(c): [list(h) for h in hist] for c, hist in self._histories.items()},
             "sigma": {str(c): s for c, s in self._sigma.items()},
+            "reported": {str(c): e for c, e in self._reported.items()},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._histories = {int(c): [tuple(h) for h in hist] for c, hist in state_dict["histories"].items()}
         self._sigma = {int(c): float(s) for c, s in state_dict["sigma"].items()}
+        self._reported = {int(c): float(e) for c, e in state_dict.get("reported", {}).items()}
 
     def describe(self) -> str:
         target = f"epsilon {self.epsilon}" if self.epsilon is not None else f"noise multiplier {self.noise_multiplier}"

@@ -19,6 +19,7 @@ from fedpeft_pl.deploy.flower import FlowerRunner, answer_evaluate, answer_query
 from fedpeft_pl.deploy.secagg import SecureFlowerRunner, secure_train_mod
 from fedpeft_pl.deploy.secure_aggregation import SecureAggregation, check_composition
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
+from fedpeft_pl.errors import ConfigError
 
 __all__ = ["client_app", "server_app"]
 
@@ -29,21 +30,30 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     Run config (``[tool.flwr.app.config]``): ``node-timeout`` (seconds to wait for the
     SuperNodes) and ``reply-timeout`` (seconds to wait for a round's replies); the defaults
     are :data:`~fedpeft_pl.deploy.writer.NODE_TIMEOUT` and :data:`~fedpeft_pl.deploy.writer.REPLY_TIMEOUT`.
+    ``resume = true`` continues the experiment from its newest ``last.ckpt`` (a ServerApp that
+    died: ``flwr run DIR FEDERATION --run-config resume=true``).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         trainer, module, datamodule, fit_args = build(config, server=True)
-        nodes = discover_clients(
-            grid, datamodule.num_clients, float(context.run_config.get("node-timeout", NODE_TIMEOUT))
-        )
+        node_timeout = float(context.run_config.get("node-timeout", NODE_TIMEOUT))
+        nodes = discover_clients(grid, datamodule.num_clients, node_timeout)
         reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
+        if context.run_config.get("resume", False):  # continue from the newest round checkpoint of this config
+            fit_args["ckpt_path"] = "last"
         secure = SecureAggregation.from_run_config(context.run_config)
         if secure is None:
-            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout))
+            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, node_timeout))
         else:
             check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
+            if trainer.privacy is not None or getattr(module.peft, "per_client_views", False):
+                raise ConfigError(
+                    "secure aggregation cannot run with local DP (trainer.privacy) or per-client LoRA views "
+                    "(heterogeneous ranks, FLoRA) yet: their clients report figures or views the masked sum hides; "
+                    "remove one of them"
+                )
             trainer.use_runner(SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure))
         trainer.fit(module, datamodule=datamodule, **fit_args)
 

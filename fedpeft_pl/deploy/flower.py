@@ -20,7 +20,14 @@ Flower's SuperNode starts a fresh ClientApp process for every message (Flower's 
 flwrlabs/flower#3670), so the backbone is read from local disk once per message. Within one
 process (Flower's simulation engine reuses its workers) the module with its backbone is built
 once and kept. Per-client state (Int8 error feedback residuals, a strategy's per-client
-tensors) lives in Flower's node context, so it persists across rounds on the SuperNode.
+tensors, a personalised method's local part, the local-DP accountant) lives in Flower's node
+context, or with ``state-dir`` in the node config in files on the SuperNode's disk, which outlive
+a restarted SuperNode and a resumed ServerApp (:class:`NodeStore`).
+
+Faults: before each round the server asks which SuperNodes are connected; a client whose
+SuperNode went away fails that round (``min_clients`` decides whether the round counts), and a
+restarted SuperNode is asked its partition and sampled again. With ``resume = true`` in the run
+config the ServerApp continues from the newest ``last.ckpt`` of its config.
 
 With ``secure-aggregation = true`` in the run config (``fedpeft flower-app ... --secure-aggregation``)
 the rounds run Flower's SecAgg+ instead and the server is handed only the weighted mean of the
@@ -34,11 +41,17 @@ Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
-from typing import Any, Union
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.callbacks import Callback
 
 from fedpeft_pl.comm import (
     CLIENT as _CLIENT,
@@ -54,11 +67,13 @@ from fedpeft_pl.comm import (
     train_content,
 )
 from fedpeft_pl.config import build_run
-from fedpeft_pl.deploy.writer import REPLY_TIMEOUT
+from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, open_session
-from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
+from fedpeft_pl.federation import ClientEvaluation, ClientResult, Federation, Round, RoundMessage, State
+from fedpeft_pl.hooks import ClientDropped
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
+from fedpeft_pl.privacy import EPSILON_SPENT
 from fedpeft_pl.runners.base import RunnerHost, client_metrics
 from fedpeft_pl.trainer import FederatedTrainer
 
@@ -70,23 +85,17 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
-_RESIDUAL, _OWN_STATE = "fedpeft.upload-codec", "fedpeft.client-state"
+_RESIDUAL, _OWN_STATE, _PRIVACY = "fedpeft.upload-codec", "fedpeft.client-state", "fedpeft.privacy"
+# a reply without an update, that says why (a spent privacy budget); what the server sends besides the
+# trainable state (FLoRA's merged update)
+_DECLINED, _MODEL_UPDATE = "fedpeft.declined", "fedpeft.model-update"
+# the key of an experiment that stays when a resumed ServerApp continues it (NodeStore's folder)
+_RUN = "fedpeft.run"
 
 
 def build(config: Union[str, os.PathLike], server: bool) -> tuple[FederatedTrainer, Any, Any, dict[str, Any]]:
     """The trainer, module and data module of a ``fedpeft fit`` config, and the config's ``fit`` arguments."""
-    trainer, module, datamodule, fit_args = build_run(config, save_config=server)
-    if trainer.privacy is not None:
-        raise ConfigError(
-            "trainer.privacy (local DP) is not supported in a Flower deployment yet: its accounting runs "
-            "beside the server; remove it, or use central DP (trainer.aggregation: fedpeft_pl.privacy.DPFedAvg)"
-        )
-    if getattr(module.peft, "per_client_views", False):
-        raise ConfigError(
-            f"{module.peft!r} (heterogeneous LoRA ranks or FLoRA's stacking) is not supported in a Flower deployment "
-            "yet: its clients exchange views the deployed messages do not carry; run it with fedpeft fit"
-        )
-    return trainer, module, datamodule, fit_args
+    return build_run(config, save_config=server)
 
 
 # -- server ---------------------------------------------------------------------------------------
@@ -109,21 +118,39 @@ class FlowerRunner:
     """
 
     def __init__(
-        self, loop: RunnerHost, grid: Grid, nodes: dict[int, int], reply_timeout: float = REPLY_TIMEOUT
+        self,
+        loop: RunnerHost,
+        grid: Grid,
+        nodes: dict[int, int],
+        reply_timeout: float = REPLY_TIMEOUT,
+        node_timeout: float = NODE_TIMEOUT,
     ) -> None:
         self.loop = loop
         self.grid = grid
         self.nodes = nodes
         self.reply_timeout = reply_timeout
+        self.node_timeout = node_timeout
+        self.run_key = DeploymentRun()
+        loop.trainer.callbacks.append(self.run_key)  # its key goes into the checkpoints
+        self._told: set[int] = set()  # nodes that know the run key
+        self._online: set[int] = set(nodes.values())
         # wire bytes are those of the real messages below, not the server's own reckoning
         self.wire = loop.trainer.aggregation.wire
         self.wire.measured = True
+        privacy = getattr(loop.trainer, "privacy", None)
+        if privacy is not None:  # each client keeps its own accountant on its SuperNode
+            privacy.account_on_clients()
 
     def run(self, round: Round) -> Iterator[ClientResult]:
         message = round.message
         assert message is not None, "the server configures the round before clients run"
-        arrays = _to_record(message.payload)  # the same for every client of the round
+        self.refresh()
+        module = self.loop.trainer.lightning_module
+        peft = getattr(module, "peft", None)
+        views = peft if getattr(peft, "per_client_views", False) else None
+        shared = None if views is not None else _to_record(message.payload)  # the same for every client
         extras = _to_record(message.extras) if message.extras else None
+        update = _model_update(module)
         early: dict[int, ClientResult] = {}
         messages, sent = [], []
         for client in round.share:
@@ -131,38 +158,45 @@ class FlowerRunner:
             if dropped is not None:  # a client that drops out is sent nothing
                 early[client] = dropped
                 continue
+            if self.nodes.get(client) not in self._online:  # its SuperNode went away: it fails this round
+                reason = f"the SuperNode of partition {client} is not connected"
+                early[client] = ClientResult(client, error=RuntimeError(reason), received=False)
+                continue
+            arrays = shared
+            if arrays is None:  # each client is sent its own view (heterogeneous LoRA ranks, FLoRA)
+                arrays = _to_record(views.client_view(message.payload, client, round.number, upload=False))
             content = train_content(arrays, message.config, round.number, client, round.plans[client].batches, extras)
+            if update is not None:
+                content[_MODEL_UPDATE] = update
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
             self.wire.count("down", content)
             sent.append(client)
-        client_of = {self.nodes[c]: c for c in sent}
-        replies = {
-            client_of[r.metadata.src_node_id]: r
-            for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)
-        }
+        replies = self._send(messages, sent)
         for client in round.share:  # in sampling order, as one process would aggregate
             if client in early:
                 yield early[client]
                 continue
-            yield self._result(client, replies.get(client))
+            result = self._result(client, replies.get(client))
+            if result.ok:  # without steps the server's global step stands still and Lightning writes no checkpoint
+                self.loop.count_steps(int(result.metrics.get("steps", 0)))
+            yield result
 
     def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
         """Each client evaluates the global state (and its own local part) on its SuperNode; only metrics come back."""
         server = self.loop.trainer.aggregation
         arrays = _to_record(server.download.encode(server.global_state))
-        messages = [
-            Message(
-                RecordDict({"arrays": arrays, "config": ConfigRecord({_ROUND: round.number, _CLIENT: client})}),
-                dst_node_id=self.nodes[client],
-                message_type=MessageType.EVALUATE,
-            )
-            for client in clients
-        ]
-        client_of = {self.nodes[c]: c for c in clients}
-        replies = {
-            client_of[r.metadata.src_node_id]: r
-            for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)
-        }
+        update = _model_update(self.loop.trainer.lightning_module)
+        messages = []
+        gone = [c for c in clients if self.nodes.get(c) not in self._online]
+        if gone:
+            log.warning(f"round {round.number}: client(s) {gone} cannot evaluate: their SuperNodes are not connected")
+        clients = [c for c in clients if c not in gone]
+        for client in clients:
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord({_ROUND: round.number, _CLIENT: client})})
+            if update is not None:
+                content[_MODEL_UPDATE] = update
+            messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.EVALUATE))
+        replies = self._send(messages, clients)
         for client in clients:
             reply = replies.get(client)
             if reply is None or reply.has_error():
@@ -173,11 +207,37 @@ class FlowerRunner:
             count = int(metrics.pop("num-examples"))
             yield ClientEvaluation(client, count, {k: float(v) for k, v in metrics.items()})
 
+    def refresh(self) -> None:
+        """Before a round: which SuperNodes are connected, and the partition of each that joined since the
+        last round (a restarted SuperNode comes back with a new node id and is sampled again)."""
+        self._online = set(self.grid.get_node_ids())
+        new = sorted(self._online - self._told)
+        if not new:
+            return
+        federation = self.loop.federation
+        found = query_partitions(self.grid, new, federation.num_clients, self.node_timeout, self.run_key.key)
+        for partition, node in found.items():
+            if self.nodes.get(partition) not in (None, node):
+                log.info(f"partition {partition} is back on SuperNode {node}")
+            self.nodes[partition] = node
+        self._told |= set(found.values())
+
+    def _send(self, messages: list[Message], clients: list[int]) -> dict[int, Message]:
+        """Each client's reply, by the message it answers: the SuperLink's error reply for a node that went
+        away comes from the SuperLink, not from that node."""
+        replies = self.grid.send_and_receive(messages, timeout=self.reply_timeout)
+        client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
+        return {
+            client_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in client_of
+        }
+
     def _result(self, client: int, reply: Any) -> ClientResult:
         if reply is None or reply.has_error():
             reason = reply.error.reason if reply is not None else f"no reply within {self.reply_timeout:g} s"
             return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]}: {reason}"))
         content = reply.content
+        if _DECLINED in content:  # e.g. its privacy budget is spent: the client says so itself
+            return ClientResult(client, dropped=str(content[_DECLINED]["reason"]))
         if "arrays" not in content:
             return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]} replied without an update"))
         self.wire.count("up", content)
@@ -209,13 +269,26 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
             log.info(f"waiting for SuperNodes: {len(node_ids)} of {num_clients} connected")
             next_report = time.monotonic() + 10
         time.sleep(0.5)
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    nodes = query_partitions(grid, node_ids, num_clients, timeout)
+    missing = sorted(set(range(num_clients)) - nodes.keys())
+    if missing:
+        raise ConfigError(f"no SuperNode answered for partition(s) {missing}; check their --node-config partition-id")
+    log.info(f"{num_clients} SuperNodes, one per partition")
+    return nodes
+
+
+def query_partitions(
+    grid: Grid, node_ids: list[int], num_clients: int, timeout: float, run_key: Optional[str] = None
+) -> dict[int, int]:
+    """Ask ``node_ids`` which partition each plays (and tell them the experiment's ``run_key``); a node
+    that does not answer (one that went away) is left out with a warning."""
+    content = RecordDict({_RUN: ConfigRecord({"key": run_key})}) if run_key else RecordDict()
+    queries = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     nodes: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
-            raise ConfigError(
-                f"SuperNode {reply.metadata.src_node_id} could not say its partition: {reply.error.reason}"
-            )
+            log.warning(f"a SuperNode could not say its partition, and is left out: {reply.error.reason}")
+            continue
         partition = reply.content["partition"]
         pid, count = int(partition["partition-id"]), int(partition["num-partitions"])
         if count != num_clients:
@@ -227,11 +300,21 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
         if pid in nodes:
             raise ConfigError(f"two SuperNodes have partition-id={pid}; give every SuperNode its own partition-id")
         nodes[pid] = reply.metadata.src_node_id
-    missing = sorted(set(range(num_clients)) - nodes.keys())
-    if missing:
-        raise ConfigError(f"no SuperNode answered for partition(s) {missing}; check their --node-config partition-id")
-    log.info(f"{num_clients} SuperNodes, one per partition")
     return nodes
+
+
+class DeploymentRun(Callback):
+    """The key of one experiment across ServerApp restarts: drawn at its start, kept in its checkpoints, so a
+    resumed ServerApp (a new Flower run) finds the state its SuperNodes keep on disk (:class:`NodeStore`)."""
+
+    def __init__(self) -> None:
+        self.key = secrets.token_hex(8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.key = str(state_dict["key"])
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -242,11 +325,84 @@ def _client(config: str) -> tuple[FederatedTrainer, Any, Any]:
     """Built once per process: the backbone stays loaded while the process lives."""
     trainer, module, datamodule, _ = build(config, server=False)
     module.configure_model()
+    privacy = trainer.privacy
+    if privacy is not None:  # local DP-SGD on this client, accounted here (answer_train)
+        privacy.attach(module, datamodule)
+        federation = Federation(num_clients=datamodule.num_clients, **trainer.fit_loop.settings)
+        privacy.on_federation_start(trainer, module, federation)
     return trainer, module, datamodule
+
+
+class NodeStore:
+    """What one client keeps between the rounds it trains in: its own tensors (a personalised method's local
+    part, a strategy's per-client tensors), its upload codec's residual and its DP accountant.
+
+    By default in Flower's node context, which lives as long as the SuperNode process and the Flower
+    run. With ``state-dir`` in the node config, in a file per round the client trained in
+    (``<state-dir>/<run>/client-<c>/round-<r>.pt``, written atomically), so the state survives a
+    restarted SuperNode and a resumed ServerApp (a new Flower run that continues the same
+    experiment, whose key the server sends with its partition query). A round loads the newest file
+    of an earlier round, so a round that the server repeats after a resume starts from the state
+    the first attempt started from, and writes the same file again.
+    """
+
+    def __init__(self, context: Context, client: int, server_round: int) -> None:
+        self.state = context.state
+        self.server_round = server_round
+        directory = context.node_config.get("state-dir")
+        run = str(self.state[_RUN]["key"]) if _RUN in self.state else f"flower-run-{context.run_id}"
+        self.folder = Path(str(directory)) / run / f"client-{client}" if directory else None
+        self._loaded: Optional[Path] = None
+
+    def load(self) -> dict[str, Any]:
+        """``{"own": State, "residual": State or None, "accountant": dict}``, as the client left them."""
+        if self.folder is not None:
+            earlier = [p for p in self._files() if _round_of(p) < self.server_round]
+            if not earlier:
+                return {"own": {}, "residual": None, "accountant": {}}
+            self._loaded = max(earlier, key=_round_of)
+            return dict(torch.load(self._loaded, weights_only=True))
+        state = self.state
+        return {
+            "own": state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in state else {},
+            "residual": state[_RESIDUAL].to_torch_state_dict() if _RESIDUAL in state else None,
+            "accountant": json.loads(str(state[_PRIVACY]["accountant"])) if _PRIVACY in state else {},
+        }
+
+    def save(self, own: State, residual: Optional[State], accountant: dict[str, Any]) -> None:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            entry = {
+                "own": {k: v.detach().cpu() for k, v in own.items()},
+                "residual": None if residual is None else {k: v.detach().cpu() for k, v in residual.items()},
+                "accountant": accountant,
+            }
+            target = self.folder / f"round-{self.server_round}.pt"
+            partial = self.folder / f".round-{self.server_round}.{os.getpid()}.partial"
+            torch.save(entry, partial)
+            os.replace(partial, target)  # a reader, or a killed writer, never leaves half a file
+            for path in self._files():  # files older than the one this round started from are never read again
+                if self._loaded is not None and _round_of(path) < _round_of(self._loaded):
+                    path.unlink(missing_ok=True)
+            return
+        self.state[_OWN_STATE] = _to_record(own)
+        if residual is not None:
+            self.state[_RESIDUAL] = _to_record(residual)
+        if accountant:
+            self.state[_PRIVACY] = ConfigRecord({"accountant": json.dumps(accountant)})
+
+    def _files(self) -> list[Path]:
+        return list(self.folder.glob("round-*.pt")) if self.folder is not None and self.folder.is_dir() else []
+
+
+def _round_of(path: Path) -> int:
+    return int(path.stem.removeprefix("round-"))
 
 
 def answer_query(message: Message, context: Context) -> Message:
     """The partition this SuperNode plays (the server's client discovery)."""
+    if _RUN in message.content:  # the experiment's key, for the state this node keeps on disk
+        context.state[_RUN] = message.content[_RUN]
     partition = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions")})
     return Message(RecordDict({"partition": partition}), reply_to=message)
 
@@ -254,18 +410,18 @@ def answer_query(message: Message, context: Context) -> Message:
 def answer_evaluate(message: Message, context: Context, config: str) -> Message:
     """Evaluate the client of this SuperNode on its own test split with the received global state."""
     trainer, module, datamodule = _client(config)
-    client = int(message.content["config"][_CLIENT])
+    settings = message.content["config"]
+    client = int(settings[_CLIENT])
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
-    if datamodule.splits is None:  # a fresh process: nothing has set the data up yet
-        datamodule.data_config = module.data_config
-        datamodule.setup("validate")
+    _set_up_data(module, datamodule)
+    _load_model_update(module, message)
     local = local_names(module)
     start = trainable_state(module)
     shared = {n: t for n, t in start.items() if n not in local}
     received = trainer.aggregation.download.decode(message.content["arrays"].to_torch_state_dict(), like=shared)
-    own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
+    own = NodeStore(context, client, int(settings[_ROUND]) + 1).load()["own"]
     mine = {n: own.get(LOCAL + n, t) for n, t in start.items() if n in local}
     load_trainable_state(module, {**received, **mine})
     try:
@@ -276,7 +432,11 @@ def answer_evaluate(message: Message, context: Context, config: str) -> Message:
 
 
 def answer_train(message: Message, context: Context, config: str) -> Message:
-    """Train the client of this SuperNode for one round and reply with its (encoded) update."""
+    """Train the client of this SuperNode for one round and reply with its (encoded) update.
+
+    With local DP the client checks its own budget first and declines (a reply without an update
+    that says why) if this round would exceed it; it reports the epsilon it has spent with its update.
+    """
     started = time.perf_counter()
     trainer, module, datamodule = _client(config)
     settings = dict(message.content["config"])
@@ -286,9 +446,20 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
     server = trainer.aggregation
+    store = NodeStore(context, client, server_round)
+    kept = store.load()
+    privacy = trainer.privacy
+    if privacy is not None:
+        _set_up_data(module, datamodule)  # the accountant's sampling rate needs the client's sample count
+        privacy.load_client_accountant(client, kept["accountant"])
+        try:
+            privacy.begin(client, server_round)
+        except ClientDropped as reason:
+            log.info(f"round {server_round}: client {client} declines: {reason}")
+            return Message(RecordDict({_DECLINED: ConfigRecord({"reason": str(reason)})}), reply_to=message)
+    _load_model_update(module, message)
     extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
     round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
-    own = context.state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in context.state else {}
     # the module holds the initial state between messages; a personalised method's local part
     # starts from it the first time and from the node's own copy afterwards
     local = local_names(module)
@@ -302,25 +473,46 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
         client,
         server_round,
         {n: t for n, t in start.items() if n not in local},
-        own,
+        kept["own"],
         local_init,
+        module.peft,
+        view_sent=True,
     )
     session.load_into(module)
-    if _RESIDUAL in context.state:
-        server.upload.load_client_state({client: context.state[_RESIDUAL].to_torch_state_dict()})
+    if kept["residual"] is not None:
+        server.upload.load_client_state({client: kept["residual"]})
     num_samples = trainer.train_client(module, datamodule, session, max_batches)
     result = session.finish(trainable_state(module), num_samples, client_metrics(trainer, module))
     load_trainable_state(module, start)  # the next message in this process starts from the initial state
-    residual = server.upload.client_state([client]).get(client)
-    if residual is not None:
-        context.state[_RESIDUAL] = _to_record(residual)
-    context.state[_OWN_STATE] = _to_record(session.context.state)
+    accountant: dict[str, Any] = {}
+    if privacy is not None:
+        privacy.end(client, server_round)
+        accountant = privacy.client_accountant(client)
+        result.metrics[EPSILON_SPENT] = privacy.spent(client)
+    store.save(session.context.state, server.upload.client_state([client]).get(client), accountant)
     log.info(
         f"round {server_round}: client {client} trained on {num_samples} samples in "
         f"{time.perf_counter() - started:.1f} s (this process)"
     )
     content = reply_content(result.payload, num_samples, result.metrics, result.extras)
     return Message(content, reply_to=message)
+
+
+def _set_up_data(module: Any, datamodule: Any) -> None:
+    if datamodule.splits is None:  # a fresh process: nothing has set the data up yet
+        datamodule.data_config = module.data_config
+        datamodule.setup("fit")
+
+
+def _model_update(module: Any) -> Optional[ArrayRecord]:
+    """What a client needs of the server's model besides the trainable state (FLoRA's merged update)."""
+    update = module.peft.model_update() if hasattr(module, "peft") else {}
+    return _to_record(update) if update else None
+
+
+def _load_model_update(module: Any, message: Message) -> None:
+    if _MODEL_UPDATE in message.content:
+        module.peft.load_model_update(message.content[_MODEL_UPDATE].to_torch_state_dict())
 
 
 def _to_record(state: State) -> ArrayRecord:

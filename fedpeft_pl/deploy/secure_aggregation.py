@@ -194,6 +194,11 @@ def check_resolved_config(trainer: Mapping[str, Any]) -> None:
     """:func:`check_composition` on the ``trainer`` section of a resolved config (before anything is built)."""
     from fedpeft_pl.strategies import FedAvg
 
+    if trainer.get("privacy") is not None:
+        raise ConfigError(
+            "secure aggregation cannot run with local DP (trainer.privacy) yet: each client reports the epsilon it "
+            "spent beside an update the masked sum hides; remove one of them, or use DPFedAvg for central DP"
+        )
     aggregation = trainer.get("aggregation")
     strategy = FedAvg if aggregation is None else _class(aggregation)
     upload = trainer.get("compress_upload")

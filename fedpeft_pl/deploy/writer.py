@@ -36,6 +36,8 @@ clientapp = "fedpeft_app:client"
 [tool.flwr.app.config]
 node-timeout = {node_timeout:g}
 reply-timeout = {reply_timeout:g}
+# true continues from the newest round checkpoint: flwr run DIR FEDERATION --run-config resume=true
+resume = false
 {extra}"""
 
 _APP = '''\

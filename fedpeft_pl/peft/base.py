@@ -146,6 +146,15 @@ class PEFTMethod(ShownByArguments, ABC):
     def load_server_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`server_state` (the model is built and attached)."""
 
+    def model_update(self) -> State:
+        """Tensors of the server's model outside the trainable state that a client on another machine needs
+        before it trains or evaluates (FLoRA's merged update); none by default. A deployment sends them
+        with every message (:mod:`fedpeft_pl.deploy.flower`)."""
+        return {}
+
+    def load_model_update(self, tensors: State) -> None:
+        """Put :meth:`model_update` of the server into this (a client's) model."""
+
 
 def per_client(x: torch.Tensor, clients: int) -> torch.Tensor:
     """A folded batch ``[m * B, ...]`` viewed as ``[m, B, ...]``."""

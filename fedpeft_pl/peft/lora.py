@@ -60,8 +60,9 @@ class LoRA(PEFTMethod):
     get zero gradient and stay zero under SGD, momentum, weight decay and Adam), so a factor means
     the same update on every client and the zero-padded average is an average of like things.
     Heterogeneous ranks and ``stack`` run on the in-process runners (the vectorised runner falls back
-    to the sequential one); a Flower deployment, ``freeze_a``, ``Personalized``, local DP and secure
-    aggregation with them are refused.
+    to the sequential one) and in a Flower deployment (each client is sent its own view, and under
+    ``stack`` the dense merged update, :meth:`model_update`); ``freeze_a``, ``Personalized``, local
+    DP and secure aggregation with them are refused.
 
     ``A`` starts random and ``B`` at zero (loralib's initialisation). The update is never
     merged into the frozen weight: that weight is shared by every client in the process, and
@@ -311,6 +312,19 @@ class LoRA(PEFTMethod):
             layer.flora_delta.copy_(merged)
         self._stack_elements = {int(r): n for r, n in state["stack_elements"].items()}
         self._synced = {int(c): r for c, r in state["synced"].items()}
+
+    def model_update(self) -> State:
+        """FLoRA: each block's dense merged update, what a deployed client adds to its frozen ``qkv``."""
+        if self.aggregation != "stack":
+            return {}
+        return {f"blocks.{i}.attn.qkv.flora_delta": layer.flora_delta for i, layer in enumerate(self._layers)}
+
+    @torch.no_grad()
+    def load_model_update(self, tensors: State) -> None:
+        for i, layer in enumerate(self._layers):
+            name = f"blocks.{i}.attn.qkv.flora_delta"
+            if name in tensors:
+                layer.flora_delta.copy_(tensors[name])
 
     def merge(
         self, model: VisionTransformer, backbone_names: list[str]

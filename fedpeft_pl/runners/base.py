@@ -63,6 +63,10 @@ class RunnerHost(Protocol):
         """A context in which gradients are not averaged across processes (each trains other clients)."""
         ...
 
+    def count_steps(self, steps: int) -> None:
+        """Optimizer steps that clients took elsewhere (a deployment), so the run's global step advances."""
+        ...
+
 
 def client_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
     """What a client reports besides its update: its training loss, unless the run is private."""
