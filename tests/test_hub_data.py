@@ -172,6 +172,7 @@ def run(tmp_path, path, name, partition, runner, peft=None, **trainer_kwargs):
     return trainable_state(module), trainer
 
 
+@pytest.mark.slow  # two runs each, like the device-data comparison: about 15 s on 2 idle cores
 @pytest.mark.parametrize("partition", [DIRICHLET, PATHOLOGICAL, NATURAL], ids=["dirichlet", "pathological", "natural"])
 def test_two_rounds_on_both_client_runners(tmp_path, hub_copy, partition):
     sequential, seq_trainer = run(tmp_path, hub_copy, "seq", partition, "sequential")
