@@ -6,6 +6,8 @@
 - :func:`choose_client_runner` (``choice.py``): what ``trainer.client_runner`` means on this
   hardware, and why.
 - :class:`FeatureCache` (``feature_cache.py``): linear probing on features computed once per run.
+- :class:`~fedpeft_pl.runners.device_data.DeviceData` (``device_data.py``): the vectorised engine's training
+  samples, transformed once per run and kept on the device within a bound.
 
 A runner sees the loop only through :class:`RunnerHost` (``base.py``); the Flower runner lives with
 the deployment in :mod:`fedpeft_pl.deploy`.
