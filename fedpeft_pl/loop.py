@@ -324,6 +324,7 @@ class FederatedLoop(_FitLoop):
         )
         round = replace(round, message=self.trainer.aggregation.configure_round(round))
         failures: list[BaseException] = []
+        steps_before = self.trainer.global_step
         for result in self.runner.run(round):
             self.report(round, result)
             if result.error is not None:
@@ -333,6 +334,11 @@ class FederatedLoop(_FitLoop):
         if self.trainer.world_size > 1:
             for part in self.gather(self.client_states.of(round.share)):
                 self.client_states.update(part)
+            # every process counts every process's steps: the global step is one process's, and the
+            # round checkpoint, which Lightning skips where the global step did not move and which
+            # waits for every process, is written by all or by none
+            mine = self.trainer.global_step - steps_before
+            self.count_steps(sum(self.gather(mine)) - mine)
         self._federated(
             "on_round_gather",
             lambda cb, t, m: cb.on_round_gather(t, m, round, self.gather),

@@ -126,6 +126,7 @@ def test_two_ddp_processes_end_where_one_process_ends(tmp_path, setting):
     if "vectorized" in setting:
         assert "vectorized (set in the config" in multi_console
 
+    assert multi["global_step"] == single["global_step"]  # every process counts every client's steps
     assert single["state_dict"].keys() == multi["state_dict"].keys()
     for name, tensor in single["state_dict"].items():
         torch.testing.assert_close(multi["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
