@@ -7,7 +7,15 @@ import torch
 from helpers import sgd, tiny_backbone, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from fedpeft_pl import ClientAvailability, ConfigError, FederatedDataModule, FedPEFTModule, Scaffold
+from fedpeft_pl import (
+    ClientAvailability,
+    ConfigError,
+    FedDyn,
+    FederatedDataModule,
+    FedPEFTModule,
+    FedProx,
+    Scaffold,
+)
 from fedpeft_pl.data import Digits, Dirichlet
 from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Personalized, Prompt, trainable_state
 from fedpeft_pl.privacy import LocalDP
@@ -24,9 +32,9 @@ METHODS = {
 }
 
 
-def run(tmp_path, name, peft, runner, **kwargs):
+def run(tmp_path, name, peft, runner, optimizer=None, **kwargs):
     torch.manual_seed(0)
-    module = FedPEFTModule(10, tiny_backbone(), peft, optimizer=sgd(0.05, weight_decay=1e-4))
+    module = FedPEFTModule(10, tiny_backbone(), peft, optimizer=optimizer or sgd(0.05, weight_decay=1e-4))
     # unequal clients (Dirichlet), short last batches (batch 24), stragglers
     datamodule = FederatedDataModule(
         Digits(), num_clients=4, partition=Dirichlet(alpha=0.5, min_samples=10), batch_size=24
@@ -54,6 +62,8 @@ def test_the_vectorised_runner_reaches_the_sequential_runners_state(tmp_path, me
     for name, tensor in sequential.items():
         torch.testing.assert_close(vectorised[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     assert vec_trainer.aggregation.cumulative_bytes == seq_trainer.aggregation.cumulative_bytes
+    # the clients' optimizer steps count as Lightning counts them (they trigger the round checkpoints)
+    assert vec_trainer.global_step == seq_trainer.global_step > 0
     for key in ("server/acc", "server/loss"):
         assert vec_metrics[key] == pytest.approx(seq_metrics[key], abs=1e-5), key
 
@@ -67,6 +77,39 @@ def test_client_side_strategies_and_personal_parts_run_vectorised(tmp_path):
         torch.testing.assert_close(vectorised[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     for client in range(4):
         a, b = seq_trainer.fit_loop.client_states.get(client), vec_trainer.fit_loop.client_states.get(client)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def nesterov(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "optimizer"),
+    [(FedDyn, nesterov), (FedProx, adamw)],
+    ids=["feddyn-sgd-nesterov", "fedprox-adamw"],
+)
+def test_client_side_strategies_on_the_stacked_path(tmp_path, strategy, optimizer):
+    """LoRA trains on the stacked path; each strategy's client hooks and each optimizer end where the
+    sequential runner does."""
+    states, trainers = {}, {}
+    for runner in ("sequential", "vectorized"):
+        states[runner], trainers[runner], _ = run(
+            tmp_path, runner, LoRA(rank=2, alpha=4), runner, optimizer=optimizer, aggregation=strategy()
+        )
+    assert "stacked path" in trainers["vectorized"].describe_client_runner()[1]
+    for name, tensor in states["sequential"].items():
+        torch.testing.assert_close(states["vectorized"][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    for client in range(4):
+        a = trainers["sequential"].fit_loop.client_states.get(client)
+        b = trainers["vectorized"].fit_loop.client_states.get(client)
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
@@ -126,26 +169,43 @@ def test_auto_chooses_the_vectorised_runner_on_cuda_also_across_processes():
     assert choose_client_runner("auto", "cuda", 1) == ("vectorized", "auto: one CUDA device")
     runner, why = choose_client_runner("auto", "cuda", 2)
     assert runner == "vectorized" and "2 CUDA processes" in why and "share" in why
-    runner, why = choose_client_runner("auto", "cpu", 1)
-    assert runner == "sequential" and "not faster" in why
+    assert choose_client_runner("auto", "cpu", 1) == (
+        "vectorized",
+        "auto: one CPU process, where the stacked engine trains a round faster",
+    )
+    for device, world_size in (("cpu", 2), ("mps", 1)):
+        runner, why = choose_client_runner("auto", device, world_size)
+        assert runner == "sequential" and "not measured faster" in why
     assert choose_client_runner("vectorized", "cpu", 1) == ("vectorized", "set in the config")
     assert choose_client_runner("sequential", "cuda", 1) == ("sequential", "set in the config")
     with pytest.raises(ConfigError, match="'auto', 'sequential' or 'vectorized'"):
         choose_client_runner("parallel", "cpu", 1)
 
 
-def test_the_default_runner_on_cpu_is_sequential_and_says_why(tmp_path):
-    from fedpeft_pl.loop import SequentialRunner
+def test_the_default_runner_in_one_cpu_process_is_vectorised_and_says_why(tmp_path):
+    from fedpeft_pl.runners import VectorizedRunner
 
-    trainer = tiny_trainer(tmp_path, max_parallel_clients=4)  # auto: the setting waits for a GPU, no error
-    assert trainer.client_runner == "sequential" and type(trainer.fit_loop.runner) is SequentialRunner
-    assert trainer.client_runner_reason.startswith("auto:")
+    trainer = tiny_trainer(tmp_path, max_parallel_clients=4)
+    assert trainer.client_runner == "vectorized" and type(trainer.fit_loop.runner) is VectorizedRunner
+    assert trainer.fit_loop.runner.max_parallel_clients == 4
     module = FedPEFTModule(10, tiny_backbone(), Bias())
     notes = trainer.comm(module, FederatedDataModule(Digits(), num_clients=4)).notes
     assert (
-        "clients run on the sequential runner (auto: on cpu the vectorised runner is not faster end to end, "
-        "but for Head on cached features)"
+        "clients run on the vectorized runner (auto: one CPU process, where the stacked engine trains a round "
+        "faster; stacked path: Bias has a stacked form)"
     ) in notes
+    # on CPUs auto vectorises only what has the stacked path
+    full = FedPEFTModule(10, tiny_backbone(), Full())
+    assert (
+        "clients run on the sequential runner (auto: on CPUs only the stacked path is measured faster, and Full has "
+        "no stacked form (PEFTMethod.stacked_forwards))"
+    ) in trainer.comm(full, FederatedDataModule(Digits(), num_clients=4)).notes
+    # what only Lightning's loop runs still goes to the sequential runner, and the run says so
+    notes = tiny_trainer(tmp_path, gradient_clip_val=1.0).comm(module, FederatedDataModule(Digits(), num_clients=4))
+    assert (
+        "clients run on the sequential runner (gradient clipping (trainer.gradient_clip_val) runs in Lightning's loop)"
+        in notes.notes
+    )
 
 
 def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):

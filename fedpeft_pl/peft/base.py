@@ -178,10 +178,11 @@ def stacked_linear(module: nn.Linear, stacked: State, x: torch.Tensor) -> torch.
         rows = x.reshape(weight.shape[0], -1, x.shape[-1])  # [m, B * ..., in], client-major
         out = torch.bmm(rows, weight.transpose(1, 2)).reshape(*x.shape[:-1], weight.shape[1])
         if bias is None and module.bias is not None:
-            out = out + module.bias
+            out = out + module.bias.to(out.dtype)
     if bias is not None:
+        # in the output's dtype, as F.linear adds its bias (bf16 under autocast): no float32 activations
         grouped = per_client(out, bias.shape[0])
-        out = (grouped + along(bias, grouped)).flatten(0, 1)
+        out = (grouped + along(bias, grouped).to(out.dtype)).flatten(0, 1)
     return out
 
 
@@ -212,7 +213,7 @@ def stacked_conv2d(module: nn.Conv2d, stacked: State, x: torch.Tensor) -> torch.
     if set(stacked) != {"bias"}:
         raise ValueError("stacked_conv2d trains a per-client bias only")
     out = per_client(module._conv_forward(x, module.weight, None), stacked["bias"].shape[0])
-    return (out + along(stacked["bias"], out, dim=0)).flatten(0, 1)
+    return (out + along(stacked["bias"], out, dim=0).to(out.dtype)).flatten(0, 1)
 
 
 # the stacked forwards of torch's layers that PEFT methods train tensors of

@@ -501,6 +501,10 @@ class VectorizedRunner:
             return "heterogeneous LoRA ranks and FLoRA's stacking train on the sequential runner"
         if autocast_for(trainer) is False:
             return f"precision {trainer.precision!r} trains on the sequential runner"
+        if getattr(trainer, "client_runner_setting", None) == "auto" and trainer.strategy.root_device.type == "cpu":
+            path, why = self.engine_path(module)
+            if path == "vmap":  # end to end on the quickstart Full ran at 0.80x there (benchmarks/README.md)
+                return f"auto: on CPUs only the stacked path is measured faster, and {why}"
         return lightning_step_customised(trainer, module)
 
     def engine_path(self, module: Any = None) -> tuple[str, str]:
@@ -617,6 +621,8 @@ class VectorizedRunner:
             max_parallel_clients=self.max_parallel_clients,
             on_smaller_chunks=self._remember_chunk_size,
         )
+        # the steps Lightning would have counted: the run's global step, and the round checkpoints it triggers
+        loop.count_steps(sum(o.steps for o in outcomes))
         lr = float(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
         by_client = {o.client: o for o in outcomes}
         results = {}
