@@ -101,7 +101,8 @@ def test_each_consumer_of_a_client_round_draws_from_its_own_stream(tmp_path, mon
         return step(batch, batch_idx)
 
     monkeypatch.setattr(module, "training_step", training_step)
-    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=1)
+    # the sequential runner's streams (the vectorised runner's are the next test's)
+    trainer = tiny_trainer(tmp_path, num_rounds=1, clients_per_round=1, client_runner="sequential")
     trainer.fit(module, datamodule=datamodule)
     assert seen["sampler"] != seen["global"]
     sampler_draws = torch.rand(16, generator=torch.Generator().manual_seed(seen["sampler"]))
@@ -111,7 +112,7 @@ def test_each_consumer_of_a_client_round_draws_from_its_own_stream(tmp_path, mon
 
 def test_the_vectorised_runner_draws_dropout_from_the_training_stream_not_the_data_order(tmp_path, monkeypatch):
     """Clients trained at once: the torch generator is seeded from LOCAL_TRAINING, the batches from DATA_ORDER."""
-    from fedpeft_pl import vectorized
+    from fedpeft_pl.runners import vectorized
     from fedpeft_pl.seeds import client_seed, training_seed
 
     module = tiny_module(Prompt(num_tokens=2))
