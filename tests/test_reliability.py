@@ -64,7 +64,10 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
-    straight = fedpeft("fit", *QUICK, "--trainer.logger.init_args.save_dir", str(tmp_path / "straight"))
+    # the killer's per-batch hook runs only in Lightning's loop (the sequential runner), so every
+    # run of this comparison trains there: bit-identical results need the same runner
+    quick = [*QUICK, "--trainer.client_runner", "sequential"]
+    straight = fedpeft("fit", *quick, "--trainer.logger.init_args.save_dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     (tmp_path / "killer.py").write_text(KILLER)
@@ -74,7 +77,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
     crash_dir = str(tmp_path / "crash")
     crashed = fedpeft(
         "fit",
-        *QUICK,
+        *quick,
         "--config",
         str(tmp_path / "kill.yaml"),
         "--trainer.logger.init_args.save_dir",
@@ -84,7 +87,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     assert "round 2/4" in crashed.stderr and "round 3/4" not in crashed.stderr
 
-    resumed = fedpeft("fit", *QUICK, "--trainer.logger.init_args.save_dir", crash_dir, "--ckpt_path", "last")
+    resumed = fedpeft("fit", *quick, "--trainer.logger.init_args.save_dir", crash_dir, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "round 1/4" not in resumed.stderr and "round 3/4" in resumed.stderr
 
