@@ -26,6 +26,7 @@ def pretrain(output: Path, seed: int) -> tuple[dict, dict]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
 
 
+@pytest.mark.slow  # processes: whole fits through the console script
 def test_the_same_seed_gives_the_same_weights(tmp_path):
     (first, first_meta), (second, second_meta) = (pretrain(tmp_path / f"{n}.safetensors", seed=3) for n in "ab")
     assert first_meta == second_meta

@@ -63,6 +63,7 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
+@pytest.mark.slow  # processes: whole fits through the console script
 def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path):
     # the killer's per-batch hook runs only in Lightning's loop (the sequential runner), so every
     # run of this comparison trains there: bit-identical results need the same runner
