@@ -1,8 +1,10 @@
 """Modules that moved into sub-packages, still importable by their old names (with a warning).
 
 A user's script or a Flower app directory written by an earlier version may import
-``fedpeft_pl.vectorized`` or ``fedpeft_pl.flower``; each old name is a module that forwards every
-attribute to the new one, so the real module keeps its own name and spec.
+``fedpeft_pl.vectorized`` or ``fedpeft_pl.flower``; each old name is bound to the new module itself
+(which keeps its own name and spec), so that reading, and also setting or patching an attribute
+through the old name (``monkeypatch.setattr("fedpeft_pl.vectorized.train_clients", ...)``), acts on
+the one real module.
 """
 
 from __future__ import annotations
@@ -35,11 +37,9 @@ class _Forwarder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         new = MOVED[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
-        target = importlib.import_module(new)
-        module = types.ModuleType(spec.name, target.__doc__)
-        module.__getattr__ = lambda name: getattr(target, name)  # type: ignore[method-assign]
-        module.__dir__ = lambda: dir(target)  # type: ignore[method-assign]
-        return module
+        # the import system keeps a returned module's own __name__ and __spec__ and binds it under
+        # the old name in sys.modules: one module object with two names
+        return importlib.import_module(new)
 
     def exec_module(self, module: types.ModuleType) -> None:
         pass

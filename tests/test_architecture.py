@@ -107,8 +107,15 @@ def test_moved_modules_keep_their_old_path(old, new, name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+    real = importlib.import_module(new)
+    assert getattr(module, name) is getattr(real, name)
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+    # a patch through the old name reaches the code that uses the new one
+    sentinel = object()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(f"{old}.{name}", sentinel)
+        assert getattr(real, name) is sentinel
+    assert getattr(real, name) is not sentinel
 
 
 def test_every_shipped_config_builds(tmp_path, monkeypatch):
