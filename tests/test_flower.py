@@ -1,7 +1,10 @@
-"""Deployment with Flower: a real SuperLink and three SuperNodes on 127.0.0.1 (insecure), two rounds.
+"""Deployment with Flower: three SuperNodes, one per partition, two rounds.
 
-The deployed run must end with the global state of the in-process simulation of the same config
-(same seed, same client selection), log the same TensorBoard tags and count the same bytes.
+A deployed run must end with the global state of the in-process simulation of the same config
+(same seed, same client selection), log the same TensorBoard tags and count the same bytes. The
+settings run over a loopback grid (``flower_loopback.py``: Flower's messages, serialisation and node
+contexts, in this process); the fault test runs a real SuperLink and real SuperNode processes on
+127.0.0.1, kills some and restarts them.
 """
 
 import json
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_loopback import run_loopback
 from test_cli import QUICKSTART, REPO, fedpeft, scalars
 from test_distributed import assert_same_rounds, flat
 
@@ -144,16 +148,6 @@ def with_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    running = Federation(tmp_path_factory.mktemp("federation"))
-    try:
-        running.up()
-        yield running
-    finally:
-        running.down()
-
-
 DEPLOYMENTS = {
     # codecs with per-client state on the SuperNode (error-feedback residuals), and a client-side
     # strategy whose extra tensors travel both ways and whose control variates stay on the SuperNode
@@ -209,12 +203,9 @@ DEPLOYMENTS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # a deployment and a simulation; more than 600 s on a loaded 2-core machine
-@pytest.mark.parametrize("setting", sorted(DEPLOYMENTS))
-def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federation, capsys, setting):
+def write_deployment(tmp_path: Path, capsys, *options: str, rounds: int = 2, per_round: int = 2) -> Path:
+    """``fedpeft flower-app`` for the quickstart on three partitions, logging under ``tmp_path/deployed``."""
     app = tmp_path / "app"
-    weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
     main(
         [
             "flower-app",
@@ -224,35 +215,42 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
             "--data.num_clients",
             str(NUM_NODES),
             "--trainer.num_rounds",
-            "2",
+            str(rounds),
             "--trainer.clients_per_round",
-            "2",
+            str(per_round),
             "--trainer.local_epochs",
             "1",
             "--trainer.enable_progress_bar",
             "false",
-            *DEPLOYMENTS[setting],
+            *options,
             "--model.backbone.weights_file",
-            str(weights),
+            str(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"),
             "--trainer.logger.init_args.save_dir",
             str(tmp_path / "deployed"),
         ]
     )
     assert "wrote the Flower app" in capsys.readouterr().out
+    return app
+
+
+def simulate(app: Path, save_dir: Path, capsys) -> Path:
+    """The same experiment as one ``fedpeft fit`` (in this process); its log folder."""
+    main(["fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(save_dir)])
+    capsys.readouterr()
+    return save_dir / "prompt" / "version_0"
+
+
+@pytest.mark.parametrize("setting", sorted(DEPLOYMENTS))
+def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, capsys, setting):
+    """Over a loopback grid (``flower_loopback.py``): Flower's messages, serialisation and node contexts,
+    a fresh ClientApp for every message; the real processes are in the fault test below."""
+    app = write_deployment(tmp_path, capsys, *DEPLOYMENTS[setting])
     assert {p.name for p in app.iterdir()} == {"pyproject.toml", "fedpeft_app.py", "fedpeft.yaml"}
-
-    result = federation.run(app)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + federation.logs()
+    grid = run_loopback(app, NUM_NODES)
+    assert grid.messages >= NUM_NODES + 4  # the partition queries, then two rounds of two clients
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
-    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), result.stdout[-3000:] + federation.logs()
-    # the run's files, not its streamed log, which the loaded test machine sometimes cuts short
-    assert (deployed_dir / "checkpoints" / "round=2.ckpt").is_file(), result.stdout[-3000:] + federation.logs()
-
-    simulated = fedpeft(
-        "fit", "--config", str(app / "fedpeft.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "simulated")
-    )
-    assert simulated.returncode == 0, simulated.stderr[-3000:]
-    simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
+    assert (deployed_dir / "checkpoints" / "round=2.ckpt").is_file()
+    simulated_dir = simulate(app, tmp_path / "simulated", capsys)
 
     deployed = torch.load(deployed_dir / "checkpoints" / "last.ckpt", weights_only=False)
     reference = torch.load(simulated_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -300,8 +298,8 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, federati
 
 
 @pytest.mark.slow
-def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation, capsys):
-    """Flower's SecAgg+ in a real deployment: one client drops out mid-protocol in each round.
+def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, capsys):
+    """Flower's SecAgg+ over the loopback grid: one client drops out mid-protocol in each round.
 
     The server is handed only means of at least two clients (recorded by a probe on the server),
     none equal to one client's update; round 1's mean equals the simulation's sample-weighted
@@ -313,66 +311,33 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, federation,
     dropout, rounds, clipping, levels = 0.4, 2, 1.0, 2**22
     plans = [[ClientAvailability(dropout=dropout).plan(0, r, c, 1).dropped for c in range(NUM_NODES)] for r in (1, 2)]
     assert all(sum(p) == 1 for p in plans), plans  # one dropout a round, two clients left: the threshold
-    app = tmp_path / "app"
-    weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
-    main(
-        [
-            "flower-app",
-            str(app),
-            "--config",
-            QUICKSTART,
-            "--data.num_clients",
-            str(NUM_NODES),
-            "--trainer.num_rounds",
-            str(rounds),
-            "--trainer.clients_per_round",
-            str(NUM_NODES),
-            "--trainer.local_epochs",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--model.backbone.weights_file",
-            str(weights),
-            "--trainer.availability",
-            "fedpeft_pl.ClientAvailability",
-            "--trainer.availability.dropout",
-            str(dropout),
-            "--trainer.callbacks+=secagg_probe.RecordResults",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "deployed"),
-            "--secure-aggregation",
-            "--num-shares",
-            "3",
-            "--reconstruction-threshold",
-            "2",
-            "--clipping-range",
-            str(clipping),
-        ]
+    app = write_deployment(
+        tmp_path,
+        capsys,
+        "--trainer.availability",
+        "fedpeft_pl.ClientAvailability",
+        "--trainer.availability.dropout",
+        str(dropout),
+        "--trainer.callbacks+=secagg_probe.RecordResults",
+        "--secure-aggregation",
+        "--num-shares",
+        "3",
+        "--reconstruction-threshold",
+        "2",
+        "--clipping-range",
+        str(clipping),
+        rounds=rounds,
+        per_round=NUM_NODES,
     )
     assert "secure-aggregation = true" in (app / "pyproject.toml").read_text()
-    capsys.readouterr()
-
-    result = federation.run(app)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:] + federation.logs()
+    run_loopback(app, NUM_NODES)
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
-    # the run's files, not its streamed log, which the loaded test machine sometimes cuts short
-    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file(), output[-4000:] + federation.logs()
-    simulated = fedpeft(
-        "fit",
-        "--config",
-        str(app / "fedpeft.yaml"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "simulated"),
-        env={"PYTHONPATH": federation.env["PYTHONPATH"]},
-    )
-    assert simulated.returncode == 0, simulated.stderr[-3000:]
-    simulated_dir = tmp_path / "simulated" / "prompt" / "version_0"
+    assert (deployed_dir / "checkpoints" / "last.ckpt").is_file()
+    simulated_dir = simulate(app, tmp_path / "simulated", capsys)
 
-    assert (deployed_dir / "results.pt").is_file(), output[-8000:] + federation.logs()
     seen = torch.load(deployed_dir / "results.pt")  # everything the server was handed
     individual = torch.load(simulated_dir / "results.pt")
-    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))], output[-6000:]
+    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))]
     assert all(not agg for *_, agg, _ in individual)
     # round 1 starts from the same state in both runs: the mean is exact up to SecAgg+'s rounding
     _, _, samples, clients, mean = seen[0]
