@@ -410,7 +410,8 @@ def communication_report(
     """
     local = frozenset(getattr(module, "local_names", ()))  # a personalised method's local part never travels
     trainable = {name: p.detach() for name, p in trainable_parameters(module).items() if name not in local}
-    full = dict(module.backbone.build(module.num_classes).named_parameters())
+    with torch.device("meta"):  # only the shapes and dtypes of full fine-tuning count: no memory, no init
+        full = dict(module.backbone.build(module.num_classes).named_parameters())
     upload, download = upload or Codec(), download or Codec()
     extras_down: dict[str, torch.Tensor] = {}
     extras_up: dict[str, torch.Tensor] = {}

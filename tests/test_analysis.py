@@ -85,6 +85,7 @@ def test_missing_logs_are_reported(tmp_path):
         load_runs(tmp_path)
 
 
+@pytest.mark.slow  # a notebook kernel
 def test_the_notebook_runs_headless_on_real_logs(logs, monkeypatch):
     monkeypatch.setenv("FEDPEFT_RUNS", str(logs))
     notebook = nbformat.read(REPO / "notebooks" / "accuracy_vs_communication.ipynb", as_version=4)

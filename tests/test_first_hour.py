@@ -161,6 +161,7 @@ def test_the_quickstart_redirected_to_a_file_is_short_whole_and_ends_in_a_summar
     assert checkpoints == ["last.ckpt", "round=2.ckpt"]
 
 
+@pytest.mark.slow  # processes: the console script
 def test_comm_prints_only_its_report_and_verbose_brings_lightning_back():
     quiet = fedpeft("comm", "--config", str(REPO / "configs" / "bias.yaml"))
     assert quiet.returncode == 0, quiet.stderr[-3000:]

@@ -240,7 +240,11 @@ def simulate(app: Path, save_dir: Path, capsys) -> Path:
     return save_dir / "prompt" / "version_0"
 
 
-@pytest.mark.parametrize("setting", sorted(DEPLOYMENTS))
+@pytest.mark.parametrize(
+    "setting",
+    # one setting in the fast tier, the others (about 10 s each) in the slow one
+    [s if s == "int8-feedback-scaffold" else pytest.param(s, marks=pytest.mark.slow) for s in sorted(DEPLOYMENTS)],
+)
 def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, capsys, setting):
     """Over a loopback grid (``flower_loopback.py``): Flower's messages, serialisation and node contexts,
     a fresh ClientApp for every message; the real processes are in the fault test below."""
@@ -435,6 +439,7 @@ def test_local_dp_under_secure_aggregation_is_refused(tmp_path):
     assert not (tmp_path / "app").exists()
 
 
+@pytest.mark.slow  # processes: the console script
 def test_flower_app_mistakes_exit_2_with_one_line(tmp_path):
     result = fedpeft("flower-app", cwd=tmp_path)
     assert result.returncode == 2 and "usage: fedpeft flower-app DIR" in result.stderr

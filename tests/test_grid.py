@@ -14,6 +14,7 @@ GRID = [sys.executable, str(REPO / "scripts" / "grid.py")]
 OVERLAYS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "experiments").glob("*/*.yaml"))
 
 
+@pytest.mark.slow  # the grid script in processes
 def test_the_grid_covers_every_method_setting_and_data_set():
     printed = subprocess.run([*GRID, "print"], cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(printed) == 6 * 4 * 3
@@ -73,6 +74,7 @@ def test_every_experiment_overlay_composes_with_a_method_config(overlay, capsys,
         assert "Int8" in printed
 
 
+@pytest.mark.slow  # whole fits
 def test_collect_tabulates_finished_runs(tmp_path):
     out = tmp_path / "grid"
     main(

@@ -8,6 +8,7 @@ into reproducible noise. Every consumer of randomness draws from its own stream.
 import logging
 
 import numpy as np
+import pytest
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
@@ -207,6 +208,7 @@ def sampled_clients(tmp_path, **dp):
     return recorder.clients
 
 
+@pytest.mark.slow  # several private fits
 def test_central_dp_samples_clients_from_a_secret_seed_unless_reproducible_noise_is_asked_for(tmp_path):
     # DP-FedAvg's accounting amplifies by sampling: who is sampled must not follow from the config's seed
     runs = [sampled_clients(tmp_path / str(i)) for i in range(3)]

@@ -92,6 +92,7 @@ def test_a_round_with_too_few_returns_is_skipped_and_the_state_stays(tmp_path, c
     assert all(torch.equal(after[k], v) for k, v in events.round_start_state[last].items())
 
 
+@pytest.mark.slow  # three fits
 def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_pulls_clients_towards_the_global_state(tmp_path):
     _, fedavg, _, fedavg_events = fit(tmp_path / "avg", aggregation=FedAvg())
     _, prox0, _, _ = fit(tmp_path / "prox0", aggregation=FedProx(mu=0.0))

@@ -115,6 +115,7 @@ def test_client_side_strategies_on_the_stacked_path(tmp_path, strategy, optimize
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow  # two private fits
 def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounting(tmp_path, caplog):
     """With reproducible noise both runners draw each client's noise from the same stream: same state, same budget."""
     runs = {}
@@ -134,6 +135,7 @@ def test_local_dp_runs_vectorised_with_the_sequential_runners_noise_and_accounti
         assert vec_privacy.spent(client) == pytest.approx(seq_privacy.spent(client), rel=1e-12)
 
 
+@pytest.mark.slow  # two private fits
 def test_vectorised_local_dp_noise_is_secret_by_default(tmp_path, monkeypatch):
     """Two identical private runs on the vectorised runner end apart because of the noise alone: the
     Poisson batches are made to follow the seed here, and without noise the two runs are identical."""
