@@ -301,7 +301,6 @@ def test_a_deployment_on_flower_reaches_the_simulations_state(tmp_path, capsys, 
         assert all(value > 0 for _, value in deployed_logs[tag]), tag
 
 
-@pytest.mark.slow
 def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, capsys):
     """Flower's SecAgg+ over the loopback grid: one client drops out mid-protocol in each round.
 
