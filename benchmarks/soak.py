@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,124 +42,19 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedpeft_pl.deploy.local import LocalFederation  # noqa: E402
+
 BIN = Path(sys.executable).parent
 WEIGHTS = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Deployment:
-    """A SuperLink and SuperNodes, each in its own process group; :meth:`down` stops them all."""
-
-    def __init__(self, root: Path, nodes: int) -> None:
-        self.root, self.count = root, nodes
-        self.port = free_port()
-        self.env = dict(
-            os.environ,
-            FLWR_HOME=str(root / "flwr-home"),
-            FLWR_TELEMETRY_ENABLED="0",
-            HF_HUB_OFFLINE="1",
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        self.processes: list[subprocess.Popen] = []
-        self.nodes: dict[int, subprocess.Popen] = {}
-        self.superlink: subprocess.Popen | None = None
-
-    def start(self, *command: str, log: str) -> subprocess.Popen:
-        out = open(self.root / log, "a")
-        process = subprocess.Popen(
-            [str(BIN / command[0]), *command[1:]],
-            cwd=self.root,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    def start_node(self, i: int) -> None:
-        config = f'partition-id={i} num-partitions={self.count} state-dir="{self.root / f"node-{i}"}"'
-        self.nodes[i] = self.start(
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            config,
-            log=f"supernode-{i}.log",
-        )
-
-    def up(self) -> None:
-        self.superlink = self.start(
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(self.port),
-            log="superlink.log",
-        )
-        for i in range(self.count):
-            self.start_node(i)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the SuperLink did not listen within 120 s") from None
-                time.sleep(0.5)
-        home = self.root / "flwr-home"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "soak"\n\n[superlink.soak]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-
-    def kill_node(self, i: int) -> None:
-        _kill_group(self.nodes[i], signal.SIGKILL)
-        self.nodes[i].wait(timeout=10)
-
-    def serverapps(self) -> list[psutil.Process]:
-        assert self.superlink is not None
-        children = psutil.Process(self.superlink.pid).children(recursive=True)
-        return [p for p in children if "flwr-serverapp" in " ".join(_cmdline(p))]
-
-    def flwr_run(self, app: Path, *options: str) -> None:
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "soak", *options],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
-
-    def down(self) -> None:
-        for process in self.processes:
-            _kill_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _kill_group(process, signal.SIGKILL)
-
-
-def _kill_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+def flwr_run(deployment: LocalFederation, app: Path, *options: str) -> None:
+    """Submit the run (``flwr run`` without ``--stream`` returns once the SuperLink has it)."""
+    result = deployment.run(app, *options, stream=False, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"flwr run failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -237,14 +130,14 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
     )
     run_dir = root / "deployed" / "prompt" / "version_0"
     checkpoints = run_dir / "checkpoints"
-    deployment = Deployment(root, args.nodes)
+    deployment = LocalFederation(root, args.nodes, state_dirs=True, name="soak")
     peaks = {"superlink": 0, "supernode": 0, "supernode_with_clientapps": 0}
     restarts: list[tuple[int, int]] = []  # (after round, partition)
     server_killed_at = None
     started = time.monotonic()
     try:
         deployment.up()
-        deployment.flwr_run(app)
+        flwr_run(deployment, app)
         done = 0
         deadline = time.monotonic() + args.timeout
         while done < args.rounds:
@@ -262,7 +155,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
                         process.kill()
                     server_killed_at = done
                     print(f"round {done} ended: ServerApp killed; flwr run --run-config resume=true", flush=True)
-                    deployment.flwr_run(app, "--run-config", "resume=true")
+                    flwr_run(deployment, app, "--run-config", "resume=true")
                 if done < args.rounds and args.nodes > 1:
                     victim = rng.randrange(1, args.nodes)
                     deployment.kill_node(victim)

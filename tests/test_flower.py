@@ -9,10 +9,6 @@ contexts, in this process); the fault test runs a real SuperLink and real SuperN
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,129 +19,11 @@ from test_cli import QUICKSTART, REPO, fedpeft, scalars
 from test_distributed import assert_same_rounds, flat
 
 from fedpeft_pl.cli import main
+from fedpeft_pl.deploy.local import LocalFederation
 
 pytest.importorskip("flwr", reason='Flower is an optional dependency: pip install -e ".[flower]"')
 
-BIN = Path(sys.executable).parent
 NUM_NODES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Federation:
-    """A SuperLink and SuperNodes in their own process groups, always stopped (with their children)."""
-
-    def __init__(self, root: Path, keep_state: bool = False) -> None:
-        self.root = root
-        self.processes: list[subprocess.Popen] = []
-        self.nodes: dict[int, subprocess.Popen] = {}
-        # each SuperNode keeps its clients' state in its own folder (node config state-dir)
-        self.keep_state = keep_state
-        self.env = dict(
-            os.environ,
-            FLWR_HOME=str(root / "flwr-home"),
-            FLWR_TELEMETRY_ENABLED="0",
-            HF_HUB_OFFLINE="1",
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            # the ServerApp and ClientApp processes import test probes (tests/secagg_probe.py)
-            PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parent)) if p),
-        )
-        self.port = free_port()
-
-    def start(self, *command: str, log: str) -> subprocess.Popen:
-        out = open(self.root / log, "a")
-        process = subprocess.Popen(
-            [str(BIN / command[0]), *command[1:]],
-            cwd=self.root,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    def start_node(self, i: int) -> None:
-        config = f"partition-id={i} num-partitions={NUM_NODES}"
-        if self.keep_state:
-            config += f' state-dir="{self.root / f"node-{i}"}"'
-        self.nodes[i] = self.start(
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            config,
-            log=f"supernode-{i}.log",
-        )
-
-    def kill_node(self, i: int) -> None:
-        """SIGKILL, as a machine that goes away: the SuperNode and the ClientApp it runs, no goodbye."""
-        with_group(self.nodes[i], signal.SIGKILL)
-        self.nodes[i].wait(timeout=10)
-
-    def up(self) -> None:
-        self.start(
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(self.port),
-            log="superlink.log",
-        )
-        for i in range(NUM_NODES):
-            self.start_node(i)
-        deadline = time.monotonic() + 120
-        while True:  # the SuperLink takes a few seconds to listen
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError as err:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the SuperLink did not start listening within 120 s:\n" + self.logs()) from err
-                time.sleep(0.5)
-        home = self.root / "flwr-home"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-
-    def run(self, app: Path, *options: str, stream: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "test", *(["--stream"] if stream else []), *options],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=900,  # a loaded 2-core machine has needed more than 8 minutes
-        )
-
-    def down(self) -> None:
-        for process in self.processes:
-            with_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            with_group(process, signal.SIGKILL)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.root.glob("*.log")))
-
-
-def with_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)  # the SuperExec and app processes that a node started, too
-    except ProcessLookupError:
-        pass
 
 
 DEPLOYMENTS = {
@@ -336,6 +214,8 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, capsys):
     run_loopback(app, NUM_NODES)
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
     assert (deployed_dir / "checkpoints" / "last.ckpt").is_file()
+    # the clients' steps are counted, so Lightning writes the round checkpoints a resume starts from
+    assert (deployed_dir / "checkpoints" / f"round={rounds}.ckpt").is_file()
     simulated_dir = simulate(app, tmp_path / "simulated", capsys)
 
     seen = torch.load(deployed_dir / "results.pt")  # everything the server was handed
@@ -450,7 +330,7 @@ def test_flower_app_mistakes_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "app").exists()
 
 
-def wait_for_round(checkpoints: Path, number: int, running: Federation, seconds: float = 480) -> None:
+def wait_for_round(checkpoints: Path, number: int, running: LocalFederation, seconds: float = 480) -> None:
     """Until round ``number``'s checkpoint and the ``last.ckpt`` written after it are on disk."""
     deadline = time.monotonic() + seconds
     this, last = checkpoints / f"round={number}.ckpt", checkpoints / "last.ckpt"
@@ -459,22 +339,6 @@ def wait_for_round(checkpoints: Path, number: int, running: Federation, seconds:
             raise AssertionError(f"round {number} did not end within {seconds:g} s:\n" + running.logs())
         time.sleep(0.2)
     time.sleep(0.5)  # last.ckpt is complete
-
-
-def kill_serverapp(running: Federation) -> int:
-    """SIGKILL the ServerApp process that the SuperLink started for the run; returns its pid."""
-    import psutil
-
-    superlink = psutil.Process(running.processes[0].pid)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        apps = [p for p in superlink.children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())]
-        if apps:
-            for app in apps:
-                app.kill()
-            return apps[0].pid
-        time.sleep(0.2)
-    raise AssertionError("no ServerApp process under the SuperLink:\n" + running.logs())
 
 
 @pytest.mark.slow
@@ -490,44 +354,25 @@ def test_a_deployment_survives_losing_a_supernode_and_its_server(tmp_path, capsy
     simulation in which client 1 drops out of round 2; every round is logged once.
     """
     rounds = 4
-    running = Federation(tmp_path / "federation", keep_state=True)
-    running.root.mkdir()
-    app = tmp_path / "app"
-    weights = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
-    main(
-        [
-            "flower-app",
-            str(app),
-            "--config",
-            QUICKSTART,
-            "--data.num_clients",
-            str(NUM_NODES),
-            "--trainer.num_rounds",
-            str(rounds),
-            "--trainer.clients_per_round",
-            "2",
-            "--trainer.local_epochs",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.aggregation",
-            "fedpeft_pl.strategies.Scaffold",
-            "--trainer.privacy",
-            "fedpeft_pl.privacy.LocalDP",
-            "--trainer.privacy.epsilon",
-            "null",
-            "--trainer.privacy.noise_multiplier",
-            "1.0",
-            "--trainer.privacy.reproducible_noise",
-            "true",
-            "--trainer.callbacks+=fault_probe.DropClients",
-            "--model.backbone.weights_file",
-            str(weights),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "deployed"),
-        ]
+    # the app names a callback of the tests (fault_probe.DropClients)
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parent)) if p)
+    running = LocalFederation(tmp_path / "federation", NUM_NODES, state_dirs=True, env={"PYTHONPATH": path})
+    app = write_deployment(
+        tmp_path,
+        capsys,
+        "--trainer.aggregation",
+        "fedpeft_pl.strategies.Scaffold",
+        "--trainer.privacy",
+        "fedpeft_pl.privacy.LocalDP",
+        "--trainer.privacy.epsilon",
+        "null",
+        "--trainer.privacy.noise_multiplier",
+        "1.0",
+        "--trainer.privacy.reproducible_noise",
+        "true",
+        "--trainer.callbacks+=fault_probe.DropClients",
+        rounds=rounds,
     )
-    capsys.readouterr()
     deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
     checkpoints = deployed_dir / "checkpoints"
     try:
@@ -538,7 +383,7 @@ def test_a_deployment_survives_losing_a_supernode_and_its_server(tmp_path, capsy
         running.kill_node(1)
         running.start_node(1)
         wait_for_round(checkpoints, 3, running)
-        kill_serverapp(running)
+        running.kill_serverapp()
         assert not (checkpoints / "round=4.ckpt").exists(), "round 4 ended before the ServerApp was killed"
         result = running.run(app, "--run-config", "resume=true")
         output = result.stdout + result.stderr

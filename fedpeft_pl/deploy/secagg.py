@@ -214,6 +214,9 @@ class SecureFlowerRunner(FlowerRunner):
         )
         client_of = {node: client for client, node in self.nodes.items()}
         finished = {client_of[node]: (int(metrics.pop(_SAMPLES)), metrics) for node, metrics in strategy.finished}
+        for _, metrics in finished.values():  # each client's step count travels in the clear beside its masked
+            # update; counted as the plain rounds count them, or Lightning writes no round checkpoint
+            self.loop.count_steps(int(metrics.get("steps", 0)))
         aggregate = self._aggregate(round, names, strategy.mean, finished) if strategy.mean is not None else None
         for client in round.share:  # sampling order; the mean takes the place of its first client
             if client in early:

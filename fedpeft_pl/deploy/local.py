@@ -1,0 +1,213 @@
+"""A Flower federation on this machine: a SuperLink and one SuperNode per partition, on 127.0.0.1.
+
+For trying a written app with real processes before it goes to real machines, and for what only
+processes show: a SuperNode or the ServerApp that dies (the fault test, ``benchmarks/soak.py``)::
+
+    from fedpeft_pl.deploy.local import LocalFederation
+
+    with LocalFederation("flwr-local", num_nodes=3, state_dirs=True) as federation:
+        result = federation.run("my-app")           # flwr run my-app local --stream
+        print(result.stdout)
+
+Everything is insecure (no TLS, no node authentication) and listens on 127.0.0.1 only; each
+process runs in its own process group with its output in ``ROOT/<name>.log``, and leaving the
+``with`` block (or :meth:`LocalFederation.down`) stops them all, with the ClientApp and ServerApp
+processes they started. Needs Flower: ``pip install "fedpeft-pl[flower]"``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = ["LocalFederation", "free_port"]
+
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this Python
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalFederation:
+    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0 to ``num_nodes - 1``) as processes.
+
+    Args:
+        root: folder for the logs, Flower's home (its ``config.toml`` names this federation) and,
+            with ``state_dirs``, each SuperNode's ``node-<i>`` state folder.
+        num_nodes: SuperNodes, one per partition (the app's ``data.num_clients``).
+        state_dirs: give each SuperNode a ``state-dir`` in its node config, so its clients' state
+            survives the SuperNode's restart and a resumed ServerApp.
+        name: the federation's name for ``flwr run APP NAME``.
+        env: variables added to the processes' environment (``PYTHONPATH`` for a callback the app names).
+    """
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        num_nodes: int,
+        state_dirs: bool = False,
+        name: str = "local",
+        env: Optional[dict[str, str]] = None,
+    ) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+        self.root = Path(root)
+        self.num_nodes = num_nodes
+        self.state_dirs = state_dirs
+        self.name = name
+        self.port = free_port()
+        self.env = dict(
+            os.environ,
+            FLWR_HOME=str(self.root / "flwr-home"),
+            FLWR_TELEMETRY_ENABLED="0",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
+        )
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.superlink: Optional[subprocess.Popen[bytes]] = None
+
+    def __enter__(self) -> LocalFederation:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.down()
+
+    def start(self, *command: str, log: str) -> subprocess.Popen[bytes]:
+        """Start one of Flower's commands in its own process group, its output appended to ``ROOT/log``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / log, "a") as out:
+            process = subprocess.Popen(
+                [str(BIN / command[0]), *command[1:]],
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def start_node(self, i: int) -> None:
+        """Start (or restart) the SuperNode of partition ``i``."""
+        config = f"partition-id={i} num-partitions={self.num_nodes}"
+        if self.state_dirs:
+            config += f' state-dir="{self.root / f"node-{i}"}"'
+        self.nodes[i] = self.start(
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            config,
+            log=f"supernode-{i}.log",
+        )
+
+    def up(self, timeout: float = 120) -> None:
+        """Start the SuperLink and every SuperNode; return once the SuperLink listens."""
+        self.superlink = self.start(
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--port",
+            str(self.port),
+            log="superlink.log",
+        )
+        for i in range(self.num_nodes):
+            self.start_node(i)
+        deadline = time.monotonic() + timeout
+        while True:  # the SuperLink takes a few seconds to listen
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the SuperLink did not listen within {timeout:g} s:\n{self.logs()}") from err
+                time.sleep(0.5)
+        home = self.root / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def run(
+        self, app: Union[str, os.PathLike], *options: str, stream: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        """``flwr run APP NAME [--stream] OPTIONS``: with ``stream``, until the run ends."""
+        return subprocess.run(
+            [str(BIN / "flwr"), "run", os.fspath(app), self.name, *(["--stream"] if stream else []), *options],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL, as a machine that goes away: the SuperNode and the ClientApp it runs, no goodbye."""
+        _signal_group(self.nodes[i], signal.SIGKILL)
+        self.nodes[i].wait(timeout=10)
+
+    def serverapps(self) -> list[Any]:
+        """The ServerApp processes the SuperLink runs now (``psutil.Process``)."""
+        import psutil
+
+        if self.superlink is None:
+            return []
+        apps = []
+        for child in psutil.Process(self.superlink.pid).children(recursive=True):
+            try:
+                if "flwr-serverapp" in " ".join(child.cmdline()):
+                    apps.append(child)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return apps
+
+    def kill_serverapp(self, timeout: float = 30) -> int:
+        """SIGKILL the ServerApp of the current run, once it is there; return its pid."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            apps = self.serverapps()
+            if apps:
+                for app in apps:
+                    app.kill()
+                return int(apps[0].pid)
+            time.sleep(0.2)
+        raise RuntimeError(f"no ServerApp process under the SuperLink within {timeout:g} s:\n{self.logs()}")
+
+    def down(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL after 10 s), with the processes each one started."""
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)
+
+    def logs(self, tail: int = 1500) -> str:
+        """The end of every process's log, for an error message."""
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-tail:]}" for p in sorted(self.root.glob("*.log")))
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # the SuperExec and app processes that a node started, too
+    except ProcessLookupError:
+        pass
