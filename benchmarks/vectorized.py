@@ -92,7 +92,9 @@ def build(method: str, clients: int, batch: int, steps: int, model: str = "tiny"
     images, labels = transformed_digits(model, device)
     dm.splits.train = TensorDataset(images, labels)
     rng = np.random.default_rng(0)
-    dm.client_indices = [rng.choice(len(images), steps * batch, replace=False) for _ in range(clients)]
+    # the centralised reference of 128 x 8 wants 2 x 1024 images of the 1,437 digits: some drawn twice
+    repeat = steps * batch > len(images)
+    dm.client_indices = [rng.choice(len(images), steps * batch, replace=repeat) for _ in range(clients)]
     jobs = [ClientJob(c, seed=1000 + c, max_batches=10**9, start=trainable_state(module)) for c in range(clients)]
     return module, dm, jobs
 

@@ -19,8 +19,9 @@ def choose_client_runner(setting: str, device_type: str, world_size: int) -> tup
     3.2x faster end to end (the quickstart, bf16) and 3.5x to 5.4x faster at 32 or 128 clients of
     batch 8 (ViT-B/16). Under DDP each process trains its share of the round's clients, stacked,
     on its own device: the same per-device work as one device's run of that share. In one CPU
-    process its stacked path trains a round's clients faster than the sequential runner (1.3x to
-    1.8x at 32 clients of batch 8); what takes its vmap path there (Full, local DP) goes to the
+    process its stacked path trains a round's clients faster than the sequential runner (1.2x to
+    1.6x at 32 clients of batch 8, 1.1x to 1.4x at 128; 0.93x to 1.10x at 8 clients of batch 32,
+    where one big batch is no faster on a CPU either); what takes its vmap path there (Full, local DP) goes to the
     sequential runner (:meth:`VectorizedRunner.reason_not_to_vectorise`). Across CPU processes the
     loop still switches to it for Head on cached features (3.5x there on a CPU). See
     benchmarks/README.md, "Vectorised clients".
