@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,10 +20,13 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import trainable_parameters
+
+log = logging.getLogger(__name__)
 
 
 class RoundCheckpoint(ModelCheckpoint):
@@ -143,3 +147,55 @@ def removed_if_failed_early(trainer: pl.Trainer) -> Iterator[None]:
             for folder in new:
                 shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+# logged with the cumulative bytes as its step, not the round (ServerAggregation)
+BYTES_STEPPED = "server/acc_vs_cumulative_bytes"
+
+
+def forget_rounds_logged_after(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> Optional[TensorBoardLogger]:
+    """Before a resumed run logs into its old TensorBoard folder: drop the rounds logged there after ``checkpoint``.
+
+    A run that died after logging a round but before writing that round's checkpoint (Lightning
+    saves after the loggers have the round) has that round in its log already; the resumed run
+    trains it again and would log it a second time. Here the logger is replaced by one whose
+    SummaryWriter starts with ``purge_step`` at the first round after the checkpoint, which tells
+    TensorBoard (and :mod:`fedpeft_pl.analysis`, which reads with TensorBoard's reader) to drop
+    every event the folder holds from that step on. That drop also takes ``server/acc_vs_cumulative_bytes``,
+    stepped by bytes, so its points up to the checkpoint's byte count are written again behind it.
+    Returns the new logger (the caller puts it in place of the old one), or None when nothing was
+    logged after the checkpoint (the usual case: the run died mid-round).
+    """
+    logger = trainer.logger
+    if not isinstance(logger, TensorBoardLogger) or not os.path.isdir(logger.log_dir):
+        return None
+    folder = Path(logger.log_dir)
+    if not any(folder.glob("events.out.tfevents.*")):
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = int(checkpoint.get("epoch", -1)) + 1  # the rounds the checkpoint holds
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    logged = [e.step for tag in tags if tag.startswith("round/") for e in events.Scalars(tag)]
+    if not logged or max(logged) <= done:
+        return None
+    bound = checkpoint.get("callbacks", {}).get("ServerAggregation", {}).get("cumulative_bytes")
+    keep = [(e.step, e.value) for e in events.Scalars(BYTES_STEPPED)] if BYTES_STEPPED in tags else []
+    fresh = TensorBoardLogger(
+        save_dir=logger.save_dir,
+        name=logger.name,
+        version=logger.version,
+        sub_dir=logger.sub_dir,
+        purge_step=done + 1,
+    )
+    for step, value in keep:
+        if bound is not None and step <= bound:
+            fresh.experiment.add_scalar(BYTES_STEPPED, value, step)
+    fresh.experiment.flush()
+    log.info(
+        f"round(s) {done + 1} to {max(logged)} were logged after the checkpoint of round {done} was written; "
+        "TensorBoard drops them and this run logs them again"
+    )
+    return fresh

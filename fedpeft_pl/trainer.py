@@ -38,6 +38,7 @@ from fedpeft_pl.run_folder import (
     check_checkpoint_file,
     check_resume,
     check_server_resume,
+    forget_rounds_logged_after,
     removed_if_failed_early,
 )
 from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
@@ -288,6 +289,9 @@ class FederatedTrainer(pl.Trainer):
             checkpoint = check_checkpoint_file(str(ckpt_path))
             check_resume(model, checkpoint)
             check_server_resume(self, checkpoint)
+            fresh = forget_rounds_logged_after(self, checkpoint)
+            if fresh is not None:
+                self.loggers = [fresh] + [lg for lg in self.loggers if lg is not self.logger]
         with removed_if_failed_early(self):
             super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 

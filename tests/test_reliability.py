@@ -253,3 +253,48 @@ def test_non_finite_tensors_are_found_exactly():
         broken[2] = bad
         assert first_non_finite({"a": torch.randn(3), "huge": huge, "b": broken, "c": broken.clone()}) == "b"
     assert first_non_finite({"half": torch.tensor([1.0, float("nan")], dtype=torch.float16)}) == "half"
+
+
+def test_a_round_logged_but_not_checkpointed_before_a_crash_is_logged_once_after_the_resume(tmp_path, caplog):
+    """The run dies between logging round 3 and writing its checkpoint (Lightning saves after the loggers
+    have the round): the resumed run trains round 3 again, and TensorBoard shows it once, from the resume."""
+    import shutil
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_cli import scalars
+
+    def fit(rounds, ckpt_path=None):
+        torch.manual_seed(0)
+        logger = TensorBoardLogger(save_dir=str(tmp_path), name="run", version=0)
+        trainer = tiny_trainer(tmp_path, num_rounds=rounds, enable_checkpointing=True, logger=logger)
+        module = tiny_module(Prompt(num_tokens=2), lr=0.05)
+        trainer.fit(module, datamodule=tiny_datamodule(num_clients=4, batch_size=128), ckpt_path=ckpt_path)
+        return trainer
+
+    folder = tmp_path / "run" / "version_0"
+    first = fit(2)
+    round_two = tmp_path / "round-2-last.ckpt"
+    shutil.copy(first.checkpoint_callback.last_model_path, round_two)
+    fit(3, ckpt_path="last")  # logs round 3 and writes its checkpoint ...
+    shutil.copy(round_two, folder / "checkpoints" / "last.ckpt")  # ... which the crash never wrote
+    (folder / "checkpoints" / "round=3.ckpt").unlink()
+    crashed = scalars(folder)
+    assert [s for s, _ in crashed["round/clients_aggregated"]] == [1, 2, 3]
+    with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
+        resumed = fit(3, ckpt_path="last")
+    assert resumed.current_epoch == 3
+    assert "round(s) 3 to 3 were logged after the checkpoint of round 2" in caplog.text
+    logs = scalars(folder)
+    for tag in [t for t in logs if t.startswith(("round/", "comm/", "server/"))]:
+        if tag == "server/acc_vs_cumulative_bytes":  # stepped by bytes: one point a round, increasing
+            steps = [s for s, _ in logs[tag]]
+            assert len(steps) == 3 and steps == sorted(set(steps)), (tag, steps)
+        else:
+            assert [s for s, _ in logs[tag]] == [1, 2, 3], tag
+    assert logs["comm/cumulative_bytes"] == crashed["comm/cumulative_bytes"]
+    # a resume whose checkpoint holds every logged round leaves the log as it is
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
+        fit(3, ckpt_path="last")
+    assert "were logged after the checkpoint" not in caplog.text
+    assert [s for s, _ in scalars(folder)["round/clients_aggregated"]] == [1, 2, 3]
