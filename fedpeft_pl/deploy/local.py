@@ -137,12 +137,39 @@ class LocalFederation:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the SuperLink did not listen within {timeout:g} s:\n{self.logs()}") from err
                 time.sleep(0.5)
+        self.wait_for_nodes(deadline - time.monotonic())
         home = self.root / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
+
+    def wait_for_nodes(self, timeout: float = 120, retries: int = 3) -> None:
+        """Until every SuperNode has connected to the SuperLink (its log names its node id).
+
+        A SuperNode whose port was taken between :func:`free_port` and its bind (another process's
+        outgoing connection can get it) exits at once; it is started again on another port, up to
+        ``retries`` times.
+        """
+        deadline = time.monotonic() + timeout
+        restarts = dict.fromkeys(self.nodes, 0)
+        waiting = set(self.nodes)
+        while waiting:
+            for i in sorted(waiting):
+                log = self.root / f"supernode-{i}.log"
+                # each start appends to the log: the newest start's lines follow its last "Started server"
+                if self.nodes[i].poll() is None and "SuperNode ID:" in log.read_text().rsplit("Started server", 1)[-1]:
+                    waiting.discard(i)
+                elif self.nodes[i].poll() is not None:
+                    if restarts[i] >= retries:
+                        raise RuntimeError(f"SuperNode {i} exited {retries + 1} times at start:\n{self.logs()}")
+                    restarts[i] += 1
+                    self.start_node(i)
+            if waiting and time.monotonic() > deadline:
+                late = sorted(waiting)
+                raise RuntimeError(f"SuperNode(s) {late} did not connect within {timeout:g} s:\n{self.logs()}")
+            time.sleep(0.2)
 
     def run(
         self, app: Union[str, os.PathLike], *options: str, stream: bool = True, timeout: float = 900
