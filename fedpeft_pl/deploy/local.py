@@ -17,6 +17,7 @@ processes they started. Needs Flower: ``pip install "fedpeft-pl[flower]"``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from typing import Any, Optional, Union
 __all__ = ["LocalFederation", "free_port"]
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this Python
+_CONNECTED = "SuperNode ID:"  # what a SuperNode logs once the SuperLink has registered it
 
 
 def free_port() -> int:
@@ -61,7 +63,7 @@ class LocalFederation:
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # the processes run in it: every path they are given is absolute
         self.num_nodes = num_nodes
         self.state_dirs = state_dirs
         self.name = name
@@ -76,6 +78,7 @@ class LocalFederation:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.superlink: Optional[subprocess.Popen[bytes]] = None
+        self._connected: dict[int, int] = {}  # per node: "SuperNode ID" lines in its log before its newest start
 
     def __enter__(self) -> LocalFederation:
         self.up()
@@ -101,6 +104,8 @@ class LocalFederation:
 
     def start_node(self, i: int) -> None:
         """Start (or restart) the SuperNode of partition ``i``."""
+        log = self.root / f"supernode-{i}.log"
+        self._connected[i] = log.read_text().count(_CONNECTED) if log.exists() else 0
         config = f"partition-id={i} num-partitions={self.num_nodes}"
         if self.state_dirs:
             config += f' state-dir="{self.root / f"node-{i}"}"'
@@ -117,7 +122,15 @@ class LocalFederation:
         )
 
     def up(self, timeout: float = 120) -> None:
-        """Start the SuperLink and every SuperNode; return once the SuperLink listens."""
+        """Start the SuperLink and every SuperNode; return once every SuperNode has connected. Whatever
+        was started is stopped again if that fails."""
+        try:
+            self._up(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def _up(self, timeout: float) -> None:
         self.superlink = self.start(
             "flower-superlink",
             "--insecure",
@@ -157,9 +170,10 @@ class LocalFederation:
         waiting = set(self.nodes)
         while waiting:
             for i in sorted(waiting):
-                log = self.root / f"supernode-{i}.log"
-                # each start appends to the log: the newest start's lines follow its last "Started server"
-                if self.nodes[i].poll() is None and "SuperNode ID:" in log.read_text().rsplit("Started server", 1)[-1]:
+                # each start appends to the node's log; its newest start has connected once the log
+                # names one node id more than before that start
+                connected = (self.root / f"supernode-{i}.log").read_text().count(_CONNECTED) > self._connected[i]
+                if self.nodes[i].poll() is None and connected:
                     waiting.discard(i)
                 elif self.nodes[i].poll() is not None:
                     if restarts[i] >= retries:
@@ -176,7 +190,7 @@ class LocalFederation:
     ) -> subprocess.CompletedProcess[str]:
         """``flwr run APP NAME [--stream] OPTIONS``: with ``stream``, until the run ends."""
         return subprocess.run(
-            [str(BIN / "flwr"), "run", os.fspath(app), self.name, *(["--stream"] if stream else []), *options],
+            [str(BIN / "flwr"), "run", os.path.abspath(app), self.name, *(["--stream"] if stream else []), *options],
             cwd=self.root,
             env=self.env,
             capture_output=True,
@@ -217,7 +231,19 @@ class LocalFederation:
         raise RuntimeError(f"no ServerApp process under the SuperLink within {timeout:g} s:\n{self.logs()}")
 
     def down(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL after 10 s), with the processes each one started."""
+        """Stop every process (SIGTERM, then SIGKILL after 10 s), with every process each one started: the
+        SuperLink starts its ServerApps in a session of their own, which its process group does not reach."""
+        descendants = []
+        try:
+            import psutil
+
+            for process in self.processes:
+                try:
+                    descendants += psutil.Process(process.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
+        except ImportError:  # psutil comes with peft; without it the process groups are all that is stopped
+            pass
         for process in self.processes:
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -227,6 +253,11 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+        for child in descendants:
+            with contextlib.suppress(Exception):
+                child.kill()
 
     def logs(self, tail: int = 1500) -> str:
         """The end of every process's log, for an error message."""
