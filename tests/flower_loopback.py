@@ -40,14 +40,21 @@ def _wire(message: Message) -> Message:
 class LoopbackGrid:
     """The ServerApp's side of a SuperLink whose SuperNodes (one per partition) are ``client_app``."""
 
-    def __init__(self, client_app: Any, num_partitions: int, node_configs: dict[int, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        client_app: Any,
+        num_partitions: int,
+        node_configs: dict[int, dict[str, Any]] | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
         self.client_app = client_app
         self.contexts: dict[int, Context] = {}
         for partition in range(num_partitions):
             node_id = 1000 + partition
             config = {"partition-id": partition, "num-partitions": num_partitions}
             config.update((node_configs or {}).get(partition, {}))
-            self.contexts[node_id] = Context(RUN_ID, node_id, config, RecordDict(), {})
+            # a SuperNode gives its ClientApps the run's config, as the ServerApp gets it
+            self.contexts[node_id] = Context(RUN_ID, node_id, config, RecordDict(), dict(run_config or {}))
         self.messages = 0
 
     def get_node_ids(self) -> Iterable[int]:
@@ -64,6 +71,10 @@ class LoopbackGrid:
             metadata["_run_id"] = RUN_ID
             metadata["_src_node_id"] = SUPERLINK_NODE
             node = message.metadata.dst_node_id
+            if node not in self.contexts:  # as the SuperLink answers for a node it does not know
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"node {node} is not connected")
+                replies.append(_wire(Message(error, reply_to=message)))
+                continue
             context = self.contexts[node]
             flower._client.cache_clear()  # a fresh ClientApp process for each message
             TaskIdentity._node_id = node
@@ -101,11 +112,12 @@ def run_loopback(
     of the app's ``pyproject.toml`` updated by ``run_config`` (as ``flwr run --run-config`` would)."""
     app = load_app(app_dir)
     settings = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    grid = LoopbackGrid(app.client, num_partitions, node_configs)
+    settings = {**settings, **(run_config or {})}
+    grid = LoopbackGrid(app.client, num_partitions, node_configs, settings)
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = RUN_ID, 1, 0
     try:
-        app.server(grid, Context(RUN_ID, 0, {}, RecordDict(), {**settings, **(run_config or {})}))
+        app.server(grid, Context(RUN_ID, 0, {}, RecordDict(), settings))
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
     return grid
