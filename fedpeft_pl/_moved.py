@@ -2,9 +2,9 @@
 
 A user's script or a Flower app directory written by an earlier version may import
 ``fedpeft_pl.vectorized`` or ``fedpeft_pl.flower``; each old name is bound to the new module itself
-(which keeps its own name and spec), so that reading, and also setting or patching an attribute
-through the old name (``monkeypatch.setattr("fedpeft_pl.vectorized.train_clients", ...)``), acts on
-the one real module.
+(which keeps its own name and spec, so ``importlib.reload`` of it works), so that reading, and also
+setting or patching an attribute through the old name
+(``monkeypatch.setattr("fedpeft_pl.vectorized.train_clients", ...)``), acts on the one real module.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ MOVED = {
 
 
 class _Forwarder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self) -> None:
+        self._specs: dict[str, Optional[importlib.machinery.ModuleSpec]] = {}  # old name: the new module's own
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname not in MOVED:
             return None
@@ -37,12 +40,15 @@ class _Forwarder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         new = MOVED[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
-        # the import system keeps a returned module's own __name__ and __spec__ and binds it under
-        # the old name in sys.modules: one module object with two names
-        return importlib.import_module(new)
+        # the import system binds the returned module under the old name in sys.modules (one module
+        # object with two names); it keeps the module's __name__ but sets its __spec__ to the old
+        # name's, which exec_module puts back
+        target = importlib.import_module(new)
+        self._specs[spec.name] = target.__spec__
+        return target
 
     def exec_module(self, module: types.ModuleType) -> None:
-        pass
+        module.__spec__ = self._specs[module.__spec__.name if module.__spec__ else ""]
 
 
 def install() -> None:

@@ -116,6 +116,7 @@ def test_moved_modules_keep_their_old_path(old, new, name):
         patch.setattr(f"{old}.{name}", sentinel)
         assert getattr(real, name) is sentinel
     assert getattr(real, name) is not sentinel
+    assert module is real and real.__spec__.name == new  # one module, which keeps its own spec
 
 
 def test_every_shipped_config_builds(tmp_path, monkeypatch):
