@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,8 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import trainable_parameters
 
 log = logging.getLogger(__name__)
+
+SAVED_AT = "fedpeft_saved_at"  # the checkpoint key of the time it was written (time.time())
 
 
 class RoundCheckpoint(ModelCheckpoint):
@@ -48,6 +51,13 @@ class RoundCheckpoint(ModelCheckpoint):
         kwargs.setdefault("save_last", True)
         kwargs.setdefault("save_on_train_epoch_end", True)
         super().__init__(filename=filename, **kwargs)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> Any:
+        # when the checkpoint was written: a resume drops what the loggers got after it
+        # (forget_rounds_logged_after), whatever becomes of the file's own time (a copy, a move)
+        checkpoint[SAVED_AT] = time.time()
+        return super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     @override
     def format_checkpoint_name(
@@ -149,25 +159,41 @@ def removed_if_failed_early(trainer: pl.Trainer) -> Iterator[None]:
         raise
 
 
-# logged with the cumulative bytes as its step, not the round (ServerAggregation)
-BYTES_STEPPED = "server/acc_vs_cumulative_bytes"
+def tensorboard_like(logger: TensorBoardLogger, version: Any, **kwargs: Any) -> TensorBoardLogger:
+    """A TensorBoard logger with ``logger``'s settings (folder, name, prefix, hp metric, graph, writer options)
+    that writes into ``version``. Lightning has no public way to read the last three; they are read, never
+    written."""
+    return TensorBoardLogger(
+        save_dir=logger.save_dir,
+        name=logger.name,
+        version=version,
+        log_graph=getattr(logger, "_log_graph", False),
+        default_hp_metric=getattr(logger, "_default_hp_metric", True),
+        prefix=getattr(logger, "_prefix", ""),
+        sub_dir=logger.sub_dir,
+        **{**getattr(logger, "_kwargs", {}), **kwargs},
+    )
 
 
-def forget_rounds_logged_after(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> Optional[TensorBoardLogger]:
+def forget_rounds_logged_after(
+    trainer: pl.Trainer, checkpoint: dict[str, Any], saved_at: float
+) -> Optional[TensorBoardLogger]:
     """Before a resumed run logs into its old TensorBoard folder: drop the rounds logged there after ``checkpoint``.
 
     A run that died after logging a round but before writing that round's checkpoint (Lightning
     saves after the loggers have the round) has that round in its log already; the resumed run
     trains it again and would log it a second time. Here the logger is replaced by one whose
     SummaryWriter starts with ``purge_step`` at the first round after the checkpoint, which tells
-    TensorBoard (and :mod:`fedpeft_pl.analysis`, which reads with TensorBoard's reader) to drop
-    every event the folder holds from that step on. That drop also takes ``server/acc_vs_cumulative_bytes``,
-    stepped by bytes, so its points up to the checkpoint's byte count are written again behind it.
-    Returns the new logger (the caller puts it in place of the old one), or None when nothing was
-    logged after the checkpoint (the usual case: the run died mid-round).
+    TensorBoard's reader (and :mod:`fedpeft_pl.analysis`, which reads with it) to drop every event
+    the folder holds from that step on, whatever its tag. Events whose step is not a round (the
+    accuracy stepped by cumulative bytes, a callback's per-step values) that were written before
+    the checkpoint (the time :class:`RoundCheckpoint` wrote into it, or else ``saved_at``, its
+    file's time) are written again behind the purge, with their own times. Returns the new
+    logger (the caller puts it in place of the old one), or None when
+    nothing was logged after the checkpoint (the usual case: the run died mid-round).
     """
     logger = trainer.logger
-    if not isinstance(logger, TensorBoardLogger) or not os.path.isdir(logger.log_dir):
+    if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger) or not os.path.isdir(logger.log_dir):
         return None
     folder = Path(logger.log_dir)
     if not any(folder.glob("events.out.tfevents.*")):
@@ -181,18 +207,12 @@ def forget_rounds_logged_after(trainer: pl.Trainer, checkpoint: dict[str, Any]) 
     logged = [e.step for tag in tags if tag.startswith("round/") for e in events.Scalars(tag)]
     if not logged or max(logged) <= done:
         return None
-    bound = checkpoint.get("callbacks", {}).get("ServerAggregation", {}).get("cumulative_bytes")
-    keep = [(e.step, e.value) for e in events.Scalars(BYTES_STEPPED)] if BYTES_STEPPED in tags else []
-    fresh = TensorBoardLogger(
-        save_dir=logger.save_dir,
-        name=logger.name,
-        version=logger.version,
-        sub_dir=logger.sub_dir,
-        purge_step=done + 1,
-    )
-    for step, value in keep:
-        if bound is not None and step <= bound:
-            fresh.experiment.add_scalar(BYTES_STEPPED, value, step)
+    saved_at = float(checkpoint.get(SAVED_AT, saved_at))
+    fresh = tensorboard_like(logger, logger.version, purge_step=done + 1)
+    for tag in tags:
+        for event in events.Scalars(tag):
+            if event.step > done and event.wall_time <= saved_at:
+                fresh.experiment.add_scalar(tag, event.value, event.step, walltime=event.wall_time)
     fresh.experiment.flush()
     log.info(
         f"round(s) {done + 1} to {max(logged)} were logged after the checkpoint of round {done} was written; "

@@ -40,6 +40,7 @@ from fedpeft_pl.run_folder import (
     check_server_resume,
     forget_rounds_logged_after,
     removed_if_failed_early,
+    tensorboard_like,
 )
 from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
 from fedpeft_pl.runners.device_data import DeviceData
@@ -289,7 +290,7 @@ class FederatedTrainer(pl.Trainer):
             checkpoint = check_checkpoint_file(str(ckpt_path))
             check_resume(model, checkpoint)
             check_server_resume(self, checkpoint)
-            fresh = forget_rounds_logged_after(self, checkpoint)
+            fresh = forget_rounds_logged_after(self, checkpoint, os.path.getmtime(ckpt_path))
             if fresh is not None:
                 self.loggers = [fresh] + [lg for lg in self.loggers if lg is not self.logger]
         with removed_if_failed_early(self):
@@ -449,7 +450,7 @@ def _continue_in(logger: TensorBoardLogger, version: Union[str, int]) -> TensorB
     name = str(version)
     suffix = name.removeprefix("version_")
     pinned = int(suffix) if name.startswith("version_") and suffix.isdigit() else name
-    return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=pinned, sub_dir=logger.sub_dir)
+    return tensorboard_like(logger, pinned)
 
 
 def _has_version(logger: TensorBoardLogger) -> bool:

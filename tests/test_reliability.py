@@ -263,10 +263,16 @@ def test_a_round_logged_but_not_checkpointed_before_a_crash_is_logged_once_after
     from lightning.pytorch.loggers import TensorBoardLogger
     from test_cli import scalars
 
+    class StepProbe(FederatedCallback):  # a callback's own value, stepped by something other than the round
+        def on_round_end(self, trainer, pl_module, round):
+            trainer.logger.log_metrics({"probe/round": float(round.number)}, step=1000 + 10 * round.number)
+
     def fit(rounds, ckpt_path=None):
         torch.manual_seed(0)
-        logger = TensorBoardLogger(save_dir=str(tmp_path), name="run", version=0)
-        trainer = tiny_trainer(tmp_path, num_rounds=rounds, enable_checkpointing=True, logger=logger)
+        logger = TensorBoardLogger(save_dir=str(tmp_path), name="run", version=0, prefix="")
+        trainer = tiny_trainer(
+            tmp_path, num_rounds=rounds, enable_checkpointing=True, logger=logger, callbacks=[StepProbe()]
+        )
         module = tiny_module(Prompt(num_tokens=2), lr=0.05)
         trainer.fit(module, datamodule=tiny_datamodule(num_clients=4, batch_size=128), ckpt_path=ckpt_path)
         return trainer
@@ -292,6 +298,8 @@ def test_a_round_logged_but_not_checkpointed_before_a_crash_is_logged_once_after
         else:
             assert [s for s, _ in logs[tag]] == [1, 2, 3], tag
     assert logs["comm/cumulative_bytes"] == crashed["comm/cumulative_bytes"]
+    # what was logged before the checkpoint under other steps is kept, round 3's once
+    assert [(s, v) for s, v in logs["probe/round"]] == [(1010, 1.0), (1020, 2.0), (1030, 3.0)]
     # a resume whose checkpoint holds every logged round leaves the log as it is
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
