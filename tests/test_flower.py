@@ -268,6 +268,7 @@ class FakeGrid:
 
     def __init__(self, partitions: dict[int, tuple[int, int]]) -> None:
         self.partitions = partitions
+        self.batches: list[int] = []  # the number of queries each send_and_receive carried
 
     def get_node_ids(self):
         return list(self.partitions)
@@ -276,6 +277,7 @@ class FakeGrid:
         from flwr.app import ConfigRecord, Message, RecordDict
 
         replies = []
+        self.batches.append(len(messages))
         for message in messages:
             pid, count = self.partitions[message.metadata.dst_node_id]
             record = ConfigRecord({"partition-id": pid, "num-partitions": count})
@@ -285,8 +287,18 @@ class FakeGrid:
 
 def test_the_server_maps_partitions_to_supernodes(serverapp_process):
     from fedpeft_pl.deploy.flower import discover_clients
+    from fedpeft_pl.errors import ConfigError
 
     assert discover_clients(FakeGrid({11: (1, 2), 22: (0, 2)}), 2, timeout=5) == {0: 22, 1: 11}
+    # query-batch: a few SuperNodes at a time (each query starts a ClientApp process on its node)
+    grid = FakeGrid({10 + i: (i, 5) for i in range(5)})
+    assert discover_clients(grid, 5, timeout=5, batch=2) == {i: 10 + i for i in range(5)}
+    assert grid.batches == [2, 2, 1]
+    grid = FakeGrid({10 + i: (i, 5) for i in range(5)})
+    discover_clients(grid, 5, timeout=5)
+    assert grid.batches == [5]
+    with pytest.raises(ConfigError, match="query-batch must be >= 0"):
+        discover_clients(grid, 5, timeout=5, batch=-1)
 
 
 @pytest.mark.parametrize(

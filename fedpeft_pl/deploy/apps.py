@@ -28,8 +28,10 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     """A ServerApp that runs ``fedpeft fit`` with the given config over Flower's SuperNodes.
 
     Run config (``[tool.flwr.app.config]``): ``node-timeout`` (seconds to wait for the
-    SuperNodes) and ``reply-timeout`` (seconds to wait for a round's replies); the defaults
-    are :data:`~fedpeft_pl.deploy.writer.NODE_TIMEOUT` and :data:`~fedpeft_pl.deploy.writer.REPLY_TIMEOUT`.
+    SuperNodes), ``reply-timeout`` (seconds to wait for a round's replies), whose defaults are
+    :data:`~fedpeft_pl.deploy.writer.NODE_TIMEOUT` and :data:`~fedpeft_pl.deploy.writer.REPLY_TIMEOUT`,
+    and ``query-batch`` (SuperNodes asked their partition at a time, 0 for all, the default:
+    :func:`~fedpeft_pl.deploy.flower.query_partitions`).
     ``resume = true`` continues the experiment from its newest ``last.ckpt`` (a ServerApp that
     died: ``flwr run DIR FEDERATION --run-config resume=true``).
     """
@@ -39,13 +41,14 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         trainer, module, datamodule, fit_args = build(config, server=True)
         node_timeout = float(context.run_config.get("node-timeout", NODE_TIMEOUT))
-        nodes = discover_clients(grid, datamodule.num_clients, node_timeout)
+        query_batch = int(context.run_config.get("query-batch", 0))
+        nodes = discover_clients(grid, datamodule.num_clients, node_timeout, query_batch)
         reply_timeout = float(context.run_config.get("reply-timeout", REPLY_TIMEOUT))
         if context.run_config.get("resume", False):  # continue from the newest round checkpoint of this config
             fit_args["ckpt_path"] = "last"
         secure = SecureAggregation.from_run_config(context.run_config)
         if secure is None:
-            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, node_timeout))
+            trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, node_timeout, query_batch))
         else:
             check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
             if trainer.privacy is not None or getattr(module.peft, "per_client_views", False):
@@ -54,7 +57,9 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
                     "(heterogeneous ranks, FLoRA) yet: their clients report figures or views the masked sum hides; "
                     "remove one of them"
                 )
-            trainer.use_runner(SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure))
+            runner = SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure)
+            runner.query_batch = query_batch  # for SuperNodes that join later (FlowerRunner.refresh)
+            trainer.use_runner(runner)
         trainer.fit(module, datamodule=datamodule, **fit_args)
 
     return app

@@ -115,6 +115,8 @@ class FlowerRunner:
         nodes: SuperNode id of each client (partition id).
         reply_timeout: seconds to wait for a round's replies; a client that has not replied by
             then is left out of the round as failed.
+        node_timeout: seconds to wait for SuperNodes to say their partition.
+        query_batch: SuperNodes asked their partition at a time (0: all at once); see :func:`query_partitions`.
     """
 
     def __init__(
@@ -124,12 +126,14 @@ class FlowerRunner:
         nodes: dict[int, int],
         reply_timeout: float = REPLY_TIMEOUT,
         node_timeout: float = NODE_TIMEOUT,
+        query_batch: int = 0,
     ) -> None:
         self.loop = loop
         self.grid = grid
         self.nodes = nodes
         self.reply_timeout = reply_timeout
         self.node_timeout = node_timeout
+        self.query_batch = query_batch
         self.run_key = DeploymentRun()
         loop.trainer.callbacks.append(self.run_key)  # its key goes into the checkpoints
         self._told: set[int] = set()  # nodes that know the run key
@@ -215,7 +219,9 @@ class FlowerRunner:
         if not new:
             return
         federation = self.loop.federation
-        found = query_partitions(self.grid, new, federation.num_clients, self.node_timeout, self.run_key.key)
+        found = query_partitions(
+            self.grid, new, federation.num_clients, self.node_timeout, self.run_key.key, self.query_batch
+        )
         for partition, node in found.items():
             if self.nodes.get(partition) not in (None, node):
                 log.info(f"partition {partition} is back on SuperNode {node}")
@@ -252,8 +258,9 @@ class FlowerRunner:
         )
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """Wait for ``num_clients`` SuperNodes and map each one's partition id to its node id."""
+def discover_clients(grid: Grid, num_clients: int, timeout: float, batch: int = 0) -> dict[int, int]:
+    """Wait for ``num_clients`` SuperNodes and map each one's partition id to its node id (asking ``batch``
+    of them at a time, 0: all at once)."""
     deadline = time.monotonic() + timeout
     next_report = 0.0
     while True:
@@ -269,7 +276,7 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
             log.info(f"waiting for SuperNodes: {len(node_ids)} of {num_clients} connected")
             next_report = time.monotonic() + 10
         time.sleep(0.5)
-    nodes = query_partitions(grid, node_ids, num_clients, timeout)
+    nodes = query_partitions(grid, node_ids, num_clients, timeout, batch=batch)
     missing = sorted(set(range(num_clients)) - nodes.keys())
     if missing:
         raise ConfigError(f"no SuperNode answered for partition(s) {missing}; check their --node-config partition-id")
@@ -278,14 +285,34 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
 
 
 def query_partitions(
-    grid: Grid, node_ids: list[int], num_clients: int, timeout: float, run_key: Optional[str] = None
+    grid: Grid,
+    node_ids: list[int],
+    num_clients: int,
+    timeout: float,
+    run_key: Optional[str] = None,
+    batch: int = 0,
 ) -> dict[int, int]:
     """Ask ``node_ids`` which partition each plays (and tell them the experiment's ``run_key``); a node
-    that does not answer (one that went away) is left out with a warning."""
+    that does not answer (one that went away) is left out with a warning.
+
+    Every query starts a ClientApp process on its SuperNode, which imports torch and Lightning. With
+    ``batch`` (the run config's ``query-batch``), that many nodes are asked at a time: where many
+    SuperNodes share one machine (``LocalFederation``, a soak), asking all at once starts as many
+    such processes together, which can exhaust its memory. 0 asks all at once.
+    """
+    if batch < 0:
+        raise ConfigError(f"query-batch must be >= 0 (0 asks every SuperNode at once), got {batch}")
     content = RecordDict({_RUN: ConfigRecord({"key": run_key})}) if run_key else RecordDict()
-    queries = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    size = batch or max(1, len(node_ids))
+    replies = []
+    for start in range(0, len(node_ids), size):
+        queries = [
+            Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in node_ids[start : start + size]
+        ]
+        replies += list(grid.send_and_receive(queries, timeout=timeout))
     nodes: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
+    for reply in replies:
         if reply.has_error():
             log.warning(f"a SuperNode could not say its partition, and is left out: {reply.error.reason}")
             continue

@@ -36,6 +36,9 @@ clientapp = "fedpeft_app:client"
 [tool.flwr.app.config]
 node-timeout = {node_timeout:g}
 reply-timeout = {reply_timeout:g}
+# SuperNodes asked their partition at a time (0: all at once); each query starts a ClientApp process,
+# so many SuperNodes on one machine want a few at a time
+query-batch = 0
 # true continues from the newest round checkpoint: flwr run DIR FEDERATION --run-config resume=true
 resume = false
 {extra}"""
