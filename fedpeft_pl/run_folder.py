@@ -189,8 +189,8 @@ def forget_rounds_logged_after(
     accuracy stepped by cumulative bytes, a callback's per-step values) that were written before
     the checkpoint (the time :class:`RoundCheckpoint` wrote into it, or else ``saved_at``, its
     file's time) are written again behind the purge, with their own times. Returns the new
-    logger (the caller puts it in place of the old one), or None when
-    nothing was logged after the checkpoint (the usual case: the run died mid-round).
+    logger (the caller puts it in place of the old one), or None when nothing was logged after
+    the checkpoint (the usual case: the run died mid-round).
     """
     logger = trainer.logger
     if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger) or not os.path.isdir(logger.log_dir):
