@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import timm
@@ -116,7 +117,7 @@ class Backbone:
         # timm's random init of every tensor would be work thrown away
         kwargs = dict(self.create_kwargs(num_classes), weight_init="skip")
         if self.weights_file is not None:
-            path = os.fspath(self.weights_file)
+            path = _shipped_or_given(os.fspath(self.weights_file))
             if not os.path.isfile(path):
                 raise ConfigError(
                     f"model.backbone.weights_file {path!r} does not exist; give the path of a "
@@ -252,3 +253,13 @@ def fingerprint(model: VisionTransformer, names: list[str]) -> str:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _shipped_or_given(path: str) -> str:
+    """``path``; or, where it names the package's own ``fedpeft_pl/assets/...`` and no such file is here,
+    the installed copy, so the shipped configs run from any directory."""
+    parts = Path(path).parts
+    if os.path.isfile(path) or parts[:2] != ("fedpeft_pl", "assets"):
+        return path
+    shipped = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    return str(shipped) if shipped.is_file() else path

@@ -55,6 +55,13 @@ def one_line(message: str) -> str:
     if yaml_error:
         return yaml_error
     key, detail = _condense(message)
+    if key == "data.partition" and "does not correspond to a subclass" in detail:
+        # jsonargparse resolves a bare class path against our Partitioner only; Flower's go in as a mapping
+        detail += (
+            " (fedpeft_pl.data.IID, Dirichlet or Shards); a Flower Datasets partitioner is given with its "
+            "arguments in one value: --data.partition '{class_path: flwr_datasets.partitioner.DirichletPartitioner, "
+            "init_args: {alpha: 0.1}}'"
+        )
     line = f"{key}: {detail}" if key else detail
     if line.startswith("unrecognized arguments"):
         line += "; write each key in full (prefixes are not matched)"

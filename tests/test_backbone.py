@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import safetensors.torch
 import timm
 import torch
 from helpers import TINY_KWARGS, tiny_backbone
@@ -7,6 +10,8 @@ from safetensors.torch import save_file
 from fedpeft_pl import ConfigError, FedPEFTModule
 from fedpeft_pl.backbone import Backbone
 from fedpeft_pl.peft import LoRA
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def save_tiny(path, num_classes=10, img_size=32, fmt="safetensors", **overrides):
@@ -129,3 +134,22 @@ def test_building_never_downloads():
 def test_unknown_or_non_vit_models_are_config_errors(name, message):
     with pytest.raises(ConfigError, match=message):
         Backbone(name).build(10)
+
+
+def test_the_shipped_weights_load_by_their_config_path_from_any_directory(tmp_path, monkeypatch):
+    # the quickstart names fedpeft_pl/assets/...; run from another directory that path is the installed copy's
+    monkeypatch.chdir(tmp_path)
+    backbone = Backbone(
+        name="vit_tiny_patch16_224",
+        weights_file="fedpeft_pl/assets/vit_pico_mnist.safetensors",
+        img_size=32,
+        kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    )
+    model = backbone.build(num_classes=10)
+    backbone.load_weights(model)
+    shipped = safetensors.torch.load_file(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors")
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], shipped["blocks.0.attn.qkv.weight"])
+    # a path of the user's own that does not exist is still an error that names it
+    with pytest.raises(ConfigError, match=r"'fedpeft_pl/assets/missing\.safetensors' does not exist"):
+        missing = Backbone(name="vit_tiny_patch16_224", weights_file="fedpeft_pl/assets/missing.safetensors")
+        missing.load_weights(missing.build(num_classes=10))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from fedpeft_pl.data import HuggingFace
 from fedpeft_pl.peft import Bias, Head, trainable_state
 
 datasets = pytest.importorskip("datasets")
+flwr_partitioner = pytest.importorskip("flwr_datasets.partitioner")
 
 REPO = Path(__file__).resolve().parents[1]
 WRITERS = 6
@@ -130,6 +132,26 @@ def test_natural_ids_set_the_number_of_clients_and_say_so(hub_copy, caplog):
     assert all(len(set(writers[part])) == 1 for part in fewer.client_indices)
     with pytest.raises(ConfigError, match=f"data.num_clients \\(7\\) exceeds the {WRITERS} clients"):
         ready(hub_datamodule(hub_copy, NATURAL, num_clients=7))
+
+
+class WarningPartitioner(flwr_partitioner.IidPartitioner if flwr_partitioner else object):  # type: ignore[misc]
+    """Flower's IID split that warns on every partition it loads, as DirichletPartitioner does on each retry."""
+
+    def load_partition(self, partition_id):
+        warnings.warn(f"partition {partition_id} was resampled", UserWarning, stacklevel=2)
+        return super().load_partition(partition_id)
+
+
+def test_a_partitioners_warnings_become_one_log_line(hub_copy, caplog, recwarn):
+    spec = {"class_path": f"{__name__}.WarningPartitioner", "init_args": {}}
+    with caplog.at_level(logging.WARNING, logger="fedpeft_pl"):
+        datamodule = ready(hub_datamodule(hub_copy, spec, num_clients=4))
+    assert sum(len(part) for part in datamodule.client_indices) == 240
+    assert not [w for w in recwarn if "resampled" in str(w.message)], "Flower's warnings reached the console"
+    folded = [r.getMessage() for r in caplog.records if "warned" in r.getMessage()]
+    assert folded == [
+        "data.partition WarningPartitioner() warned 4 time(s) while splitting, first: partition 0 was resampled"
+    ], folded
 
 
 def test_per_client_test_splits_come_from_each_clients_own_samples(hub_copy):
@@ -290,6 +312,10 @@ CLI_CASES = {
         lambda copy: [*hub_source(copy), *partition({**DIRICHLET, "init_args": {"alpah": 0.1}})],
         "DirichletPartitioner takes no argument 'alpah'",
     ),
+    "flower-partitioner-as-a-bare-class-path": (
+        lambda copy: [*hub_source(copy), "--data.partition", DIRICHLET["class_path"], "--data.partition.alpha", "0.1"],
+        "a Flower Datasets partitioner is given with its arguments in one value: --data.partition '{class_path:",
+    ),
     "classes-per-client-beyond-the-data": (
         lambda copy: [*hub_source(copy), *partition({**PATHOLOGICAL, "init_args": {"num_classes_per_partition": 9}})],
         "cannot split this data",
@@ -324,3 +350,13 @@ def test_a_hub_config_offline_names_its_data_set_and_the_local_way(name, tmp_pat
     message = str(error.value)
     assert DOMAIN_GAP[name] in message and "set data.dataset.path to that folder" in message
     assert "\n" not in message
+
+
+def test_a_local_copy_loads_without_download_bars_and_leaves_them_on(tmp_path, capfd):
+    # a local folder is read, not downloaded; datasets' "Downloading data" bars would tell the user otherwise
+    copy = write_parquet_copy(tmp_path / "copy", sizes=(("train", 20), ("test", 8)))
+    capfd.readouterr()
+    HuggingFace(copy, cache_dir=str(tmp_path / "cache")).prepare()
+    err = capfd.readouterr().err
+    assert "Downloading" not in err and "Generating" not in err, err
+    assert datasets.is_progress_bar_enabled(), "a hub download afterwards would show no progress"

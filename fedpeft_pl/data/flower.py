@@ -9,8 +9,12 @@ given) and ``seed`` (from ``data.seed``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import logging
+import warnings
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import numpy as np
@@ -21,6 +25,8 @@ from fedpeft_pl.seeds import NATURAL_CLIENTS, PARTITION_ORDER, PARTITIONER, deri
 
 # each row's position in the training split, carried through the partitioner
 INDEX = "__fedpeft_index__"
+
+log = logging.getLogger(__name__)
 
 
 class FlowerPartition:
@@ -98,12 +104,17 @@ class FlowerPartition:
         """How many partitions the data makes (for a partitioner that takes its number from the data)."""
         partitioner = self.make(None, label_column, seed)
         partitioner.dataset = _table(columns, seed, self._by(label_column))
-        return int(_call(self, lambda: partitioner.num_partitions))
+        with _folded_warnings(self):
+            return int(_call(self, lambda: partitioner.num_partitions))
 
     def split(self, columns: dict[str, np.ndarray], label_column: str, num_clients: int, seed: int) -> list[np.ndarray]:
         """Sorted sample indices of each of ``num_clients`` clients."""
         partitioner = self.make(num_clients, label_column, seed)
         partitioner.dataset = _table(columns, seed, self._by(label_column))
+        with _folded_warnings(self):
+            return self._split(partitioner, num_clients, seed)
+
+    def _split(self, partitioner: Any, num_clients: int, seed: int) -> list[np.ndarray]:
         available = int(_call(self, lambda: partitioner.num_partitions))
         self.found = available
         if available < num_clients:
@@ -166,6 +177,18 @@ def _call(partition: FlowerPartition, compute: Any) -> Any:
             f"data.partition {partition!r} cannot split this data: {_first_line(err)}; change its init_args or "
             "data.num_clients"
         ) from None
+
+
+@contextlib.contextmanager
+def _folded_warnings(partition: FlowerPartition) -> Iterator[None]:
+    """Flower's partitioners warn on every retry (DirichletPartitioner once per resampling): one log
+    line for them all when the split succeeds, none when it fails, where the error says what to change."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if caught:
+        first = _first_line(caught[0].message)  # type: ignore[arg-type]
+        log.warning("data.partition %r warned %d time(s) while splitting, first: %s", partition, len(caught), first)
 
 
 def _first_line(err: BaseException) -> str:

@@ -111,6 +111,10 @@ class HuggingFace(ImageDataset):
         local = os.path.expanduser(self.path)
         if not os.path.isdir(local):
             _offline_unless_reachable(datasets)
+        # a local copy is read, not downloaded: datasets' "Downloading data" bars would say otherwise
+        quiet = os.path.isdir(local) and not datasets.are_progress_bars_disabled()
+        if quiet:
+            datasets.disable_progress_bars()
         try:
             if os.path.isfile(os.path.join(local, "dataset_dict.json")):
                 opened = datasets.load_from_disk(local)
@@ -125,6 +129,9 @@ class HuggingFace(ImageDataset):
                 f"on a machine with network (hf download --repo-type dataset {self.path} --local-dir <folder>) and "
                 "set data.dataset.path to that folder"
             ) from None
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
         splits = dict(opened) if isinstance(opened, dict) else {self.train_split: opened}
         for split in (self.train_split, self.test_split):
             if split is not None and split not in splits:
