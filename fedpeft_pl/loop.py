@@ -180,7 +180,7 @@ class FederatedLoop(_FitLoop):
         if self.done:
             return
         self._resume_at_round_boundary()
-        with self._cached_features():
+        with self._cached_features(), self._kept_evaluation_split():
             self.on_run_start()
             self._secret_sampling()
             self._federated(
@@ -241,6 +241,47 @@ class FederatedLoop(_FitLoop):
             val_loop._combined_loader = None
             self.runner = runner
             trainer.client_runner, trainer.client_runner_reason = choice
+
+    @contextmanager
+    def _kept_evaluation_split(self) -> Iterator[None]:
+        """The server's test split transformed once for the run and kept as tensors (on the device where
+        ``trainer.device_data_max_gib`` leaves room beside the vectorised runner's training samples), so
+        each round's evaluation gathers rows instead of running every image's transforms again
+        (:meth:`~fedpeft_pl.runners.device_data.DeviceData.evaluation`); the split as it was comes back after."""
+        trainer = self.trainer
+        data = getattr(trainer, "device_data", None)
+        datamodule = trainer.datamodule
+        splits = getattr(datamodule, "splits", None)
+        if (
+            data is None
+            or splits is None
+            or not trainer.enable_validation
+            or trainer.world_size > 1  # each process evaluates its own part; not kept there
+            or getattr(trainer.lightning_module, "takes_features", False)  # the test split is features already
+            or not len(splits.test)
+        ):
+            yield
+            return
+        device = trainer.strategy.root_device
+        reserved = data.planned_bytes(splits.train, device) if isinstance(self.runner, VectorizedRunner) else 0
+        kept = data.evaluation(
+            splits.test,
+            device,
+            reserved,
+            num_workers=datamodule.num_workers,
+            batch_size=datamodule.eval_batch_size,
+        )
+        if kept is splits.test:
+            yield
+            return
+        val_loop = self.epoch_loop.val_loop
+        served = datamodule.use_splits(replace(splits, test=kept))
+        val_loop._combined_loader = None
+        try:
+            yield
+        finally:
+            datamodule.use_splits(served)
+            val_loop._combined_loader = None
 
     def _check_setup(self) -> None:
         for callback in self.trainer.checkpoint_callbacks:

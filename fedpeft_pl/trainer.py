@@ -97,7 +97,8 @@ class FederatedTrainer(pl.Trainer):
         device_data_max_gib: with the vectorised runner, the most memory the training samples,
             transformed once per run where the transforms are deterministic, may take on the device
             (:class:`~fedpeft_pl.runners.device_data.DeviceData`); beyond it they stay in host memory
-            where they fit, else every step transforms them in DataLoader workers.
+            where they fit, else every step transforms them in DataLoader workers. The server's test
+            split is kept the same way (any runner, one process) where the bound leaves room beside them.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar (only when stderr is a terminal), a run summary and a round-end
             checkpoint (``round=N.ckpt`` and ``last.ckpt``) are added unless given.

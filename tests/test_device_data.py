@@ -134,3 +134,69 @@ def test_a_vectorised_run_on_kept_samples_ends_where_one_that_transforms_every_s
     assert "kept on cpu" in notes[0] and "over trainer.device_data_max_gib (0)" in notes[1], notes
     for name, tensor in states[0].items():
         assert torch.equal(states[1][name], tensor), name
+
+
+# ---- the server's test split, transformed once per run
+
+
+class LazyTestDigits(Digits):
+    """The test split transformed at every read (counting them), as a folder or hub data set's is."""
+
+    def load(self, transform, seed):
+        splits = super().load(v2.Identity(), seed)
+        images, targets = splits.train.tensors
+        test_images, test_targets = splits.test.tensors
+        test = Lazy(test_images, test_targets.numpy(), transform)
+        return Splits(TensorDataset(transform(images), targets), splits.train_targets, test, 10)
+
+
+@pytest.mark.parametrize("runner", ["sequential", "vectorized"])
+def test_the_servers_test_split_is_transformed_once_per_run_and_evaluates_the_same(tmp_path, runner):
+    metrics, reads, notes = [], [], []
+    for bound in (1.0, 0.0):
+        torch.manual_seed(0)
+        module = FedPEFTModule(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd(0.05))
+        datamodule = FederatedDataModule(LazyTestDigits(), num_clients=8, batch_size=32)
+        datamodule.eval_batch_size = 64  # six batches, the last one short
+        trainer = tiny_trainer(
+            tmp_path, num_rounds=3, clients_per_round=2, client_runner=runner, device_data_max_gib=bound
+        )
+        trainer.fit(module, datamodule=datamodule)
+        test = datamodule.splits.test
+        assert isinstance(test, Lazy), "the run left its kept test split in the data module"
+        metrics.append({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("server/")})
+        reads.append(test.reads)
+        notes.append(trainer.device_data.evaluation_note)
+    size = len(test)
+    assert notes[0].startswith(f"evaluation data: {size} samples transformed once") and "kept on cpu" in notes[0]
+    assert "over trainer.device_data_max_gib (0)" in notes[1], notes
+    # kept: each test image transformed once (plus the probe's reads and Lightning's sanity check);
+    # not kept: once in each of the three rounds
+    assert reads[0] < size + 64 and reads[1] >= 3 * size, reads
+    assert metrics[0].keys() == metrics[1].keys() and "server/acc" in metrics[0]
+    for name, value in metrics[0].items():
+        assert torch.equal(metrics[1][name], value), (name, value, metrics[1][name])
+
+
+def test_the_kept_test_split_leaves_room_for_the_training_samples():
+    train, test = lazy_digits(60), lazy_digits(40)
+    sample = 3 * 32 * 32 * 4 + 8
+    cpu = torch.device("cpu")
+    roomy = DeviceData(max_gib=100 * sample / 2**30)
+    assert roomy.planned_bytes(train, cpu) == 60 * sample
+    assert isinstance(roomy.evaluation(test, cpu, reserved=60 * sample), ResidentSamples)
+    tight = DeviceData(max_gib=80 * sample / 2**30)  # either split fits alone, not both
+    assert tight.evaluation(test, cpu, reserved=tight.planned_bytes(train, cpu)) is test
+    assert "take 0.5 MiB beside 0.7 MiB of training samples, over trainer.device_data_max_gib" in tight.evaluation_note
+
+
+def test_kept_evaluation_batches_are_the_plain_loaders_batches():
+    from fedpeft_pl.data.datasets import evaluation_loader
+
+    dataset = lazy_digits(50)
+    kept = DeviceData(max_gib=1.0).evaluation(dataset, torch.device("cpu"))
+    plain = list(torch.utils.data.DataLoader(dataset, batch_size=16))
+    served = list(evaluation_loader(kept, 16))
+    assert [len(b[1]) for b in served] == [16, 16, 16, 2]
+    for (images, labels), (kept_images, kept_labels) in zip(plain, served):
+        assert torch.equal(images, kept_images) and torch.equal(labels, kept_labels)

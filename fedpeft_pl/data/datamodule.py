@@ -16,7 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 from typing_extensions import override
 
-from fedpeft_pl.data.datasets import Digits, ImageDataset, Splits, image_transform
+from fedpeft_pl.data.datasets import Digits, ImageDataset, ResidentSamples, Splits, evaluation_loader, image_transform
 from fedpeft_pl.data.flower import FlowerPartition
 from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
 from fedpeft_pl.errors import ConfigError
@@ -303,6 +303,8 @@ class FederatedDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 self.splits.test, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
+        if isinstance(self.splits.test, ResidentSamples):  # transformed once for the run (the federated loop)
+            return evaluation_loader(self.splits.test, self.eval_batch_size, sampler)
         return DataLoader(
             self.splits.test,
             batch_size=self.eval_batch_size,

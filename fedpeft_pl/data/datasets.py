@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset, TensorDataset
 from torchvision.transforms import InterpolationMode, v2
 
 from fedpeft_pl.component import ShownByArguments
@@ -39,6 +39,79 @@ class Splits:
     num_classes: int
     columns: Optional[dict[str, np.ndarray]] = None
     label_column: str = "label"
+
+
+# a step's stacked batches: images [m, B, ...], labels [m, B] and the mask of real rows [m, B]
+Stacked = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def pad_batches(batches: Sequence[Sequence[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Index batches padded to the longest, and the mask of their real rows (``[m, width]``).
+
+    Padding repeats a real sample (never a made-up one), so padded rows run through the model
+    like real data; the mask zeroes their loss and gradient. An empty batch (Poisson sampling) is
+    padded with another batch's first sample.
+    """
+    width = max(1, max((len(b) for b in batches), default=0))
+    probe = next((b[0] for b in batches if b), 0)
+    padded = [list(b) + [b[0] if b else probe] * (width - len(b)) for b in batches]
+    mask = torch.zeros(len(batches), width)
+    for k, batch in enumerate(batches):
+        mask[k, : len(batch)] = 1.0
+    return padded, mask
+
+
+class ResidentSamples(Dataset):
+    """Transformed samples as two tensors, ``images [n, ...]`` and ``labels [n]``, on one device.
+
+    A data set like any other (``samples[i]`` is ``(image, label)``), and :meth:`gather` stacks a
+    step's batches with one indexing operation where the tensors live.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample, or with a sequence of indices their batch, gathered where the tensors live (what
+        :func:`evaluation_loader` reads)."""
+        if isinstance(index, Sequence) or isinstance(index, torch.Tensor):
+            rows = torch.as_tensor(index, device=self.images.device)
+            return self.images.index_select(0, rows), self.labels.index_select(0, rows)
+        return self.images[index], self.labels[index]
+
+    def gather(self, batches: Sequence[Sequence[int]], device: torch.device) -> Stacked:
+        """Images ``[m, B, ...]``, labels ``[m, B]`` and the mask, on ``device``, padded as :func:`pad_batches`."""
+        padded, mask = pad_batches(batches)
+        shape = (len(padded), len(padded[0]))
+        index = torch.as_tensor(padded, device=self.images.device).flatten()
+        if self.images.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_available():
+            # gathered straight into pinned memory, so the copy to the device does not block the host
+            images = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            torch.index_select(self.images, 0, index, out=images)
+        else:
+            images = self.images.index_select(0, index)
+        labels = self.labels.index_select(0, index)
+        return (
+            images.view(*shape, *images.shape[1:]).to(device, non_blocking=True),
+            labels.view(shape).to(device, non_blocking=True),
+            mask.to(device),
+        )
+
+
+def evaluation_loader(samples: ResidentSamples, batch_size: int, sampler: Optional[Sampler[int]] = None) -> DataLoader:
+    """Batches of kept samples in order (or ``sampler``'s), each one gather where the tensors live: no worker
+    processes and no pinning, which tensors already transformed (and perhaps on the device) do not need."""
+    batches = BatchSampler(sampler if sampler is not None else SequentialSampler(samples), batch_size, drop_last=False)
+    # batch_size=None: the loader hands each index batch to samples[...] whole (ResidentSamples.__getitem__)
+    return DataLoader(samples, batch_size=None, sampler=batches, num_workers=0)
 
 
 def image_transform(data_config: dict[str, Any]) -> v2.Compose:

@@ -39,70 +39,13 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
+from fedpeft_pl.data.datasets import ResidentSamples, Stacked, pad_batches
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.runners.feature_cache import random_transform
 
 __all__ = ["DeviceData", "ResidentSamples", "pad_batches", "step_batches"]
 
 log = logging.getLogger(__name__)
-
-Stacked = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def pad_batches(batches: Sequence[Sequence[int]]) -> tuple[list[list[int]], torch.Tensor]:
-    """Index batches padded to the longest, and the mask of their real rows (``[m, width]``).
-
-    Padding repeats a real sample (never a made-up one), so padded rows run through the model
-    like real data; the mask zeroes their loss and gradient. An empty batch (Poisson sampling) is
-    padded with another batch's first sample.
-    """
-    width = max(1, max((len(b) for b in batches), default=0))
-    probe = next((b[0] for b in batches if b), 0)
-    padded = [list(b) + [b[0] if b else probe] * (width - len(b)) for b in batches]
-    mask = torch.zeros(len(batches), width)
-    for k, batch in enumerate(batches):
-        mask[k, : len(batch)] = 1.0
-    return padded, mask
-
-
-class ResidentSamples(Dataset):
-    """Transformed samples as two tensors, ``images [n, ...]`` and ``labels [n]``, on one device.
-
-    A data set like any other (``samples[i]`` is ``(image, label)``), and :meth:`gather` stacks a
-    step's batches with one indexing operation where the tensors live.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images = images
-        self.labels = labels
-
-    @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images, self.labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
-
-    def gather(self, batches: Sequence[Sequence[int]], device: torch.device) -> Stacked:
-        """Images ``[m, B, ...]``, labels ``[m, B]`` and the mask, on ``device``, padded as :func:`pad_batches`."""
-        padded, mask = pad_batches(batches)
-        shape = (len(padded), len(padded[0]))
-        index = torch.as_tensor(padded, device=self.images.device).flatten()
-        if self.images.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_available():
-            # gathered straight into pinned memory, so the copy to the device does not block the host
-            images = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
-            torch.index_select(self.images, 0, index, out=images)
-        else:
-            images = self.images.index_select(0, index)
-        labels = self.labels.index_select(0, index)
-        return (
-            images.view(*shape, *images.shape[1:]).to(device, non_blocking=True),
-            labels.view(shape).to(device, non_blocking=True),
-            mask.to(device),
-        )
 
 
 class DeviceData:
@@ -122,9 +65,11 @@ class DeviceData:
             raise ConfigError(f"trainer.device_data_max_gib must be >= 0, got {max_gib}")
         self.max_gib = max_gib
         self.note: Optional[str] = None  # the line the console was told, for this run
+        self.evaluation_note: Optional[str] = None  # likewise for the server's test split
         self._source: Optional[Dataset] = None
         self._device: Optional[torch.device] = None
         self._samples: Optional[Dataset] = None
+        self._probed: list[tuple[Any, tuple[Optional[str], int]]] = []  # the last two data sets probed
 
     def serving(self, datamodule: Any, device: torch.device) -> Any:
         """``datamodule``, or a shallow copy of it whose training split is the :class:`ResidentSamples` (same
@@ -150,46 +95,91 @@ class DeviceData:
         where, why = self.placement(dataset, device)
         self.note = f"training data: {why}"
         log.info(self.note)
-        if where is None:
-            return dataset
-        return _transform_all(
-            dataset,
-            where,
-            pin=where.type == "cpu" and torch.cuda.is_available(),
-            num_workers=num_workers,
-            batch_size=batch_size,
-        )
+        return _kept(dataset, where, num_workers, batch_size)
 
-    def placement(self, dataset: Any, device: torch.device) -> tuple[Optional[torch.device], str]:
-        """Where ``dataset``'s transformed samples are kept (None: transformed at every step), and why, in words."""
+    def planned_bytes(self, dataset: Dataset, device: torch.device) -> int:
+        """The bytes :meth:`materialise` would keep of ``dataset`` on ``device`` (0 where it keeps them elsewhere)."""
+        where, _, size = self._placement(dataset, device)
+        return size if where == device else 0
+
+    def evaluation(
+        self,
+        dataset: Dataset,
+        device: torch.device,
+        reserved: int = 0,
+        num_workers: int = 0,
+        batch_size: int = 256,
+    ) -> Dataset:
+        """The server's test split transformed once, where it fits beside ``reserved`` bytes already promised on
+        ``device`` (the training samples): every round's evaluation then reads tensors instead of running the
+        transforms again. ``dataset`` itself where it does not fit. Logs the one line in :attr:`evaluation_note`.
+        """
+        where, why = self.placement(dataset, device, reserved, kind="test")
+        self.evaluation_note = f"evaluation data: {why}"
+        log.info(self.evaluation_note)
+        return _kept(dataset, where, num_workers, batch_size)
+
+    def placement(
+        self, dataset: Any, device: torch.device, reserved: int = 0, kind: str = "train"
+    ) -> tuple[Optional[torch.device], str]:
+        """Where ``dataset``'s transformed samples are kept (None: transformed at every use), and why, in words.
+
+        ``reserved``: bytes of the bound already promised on ``device``; ``kind``: ``"train"`` (read at every
+        step) or ``"test"`` (read at every evaluation)."""
+        where, why, _ = self._placement(dataset, device, reserved, kind)
+        return where, why
+
+    def _placement(
+        self, dataset: Any, device: torch.device, reserved: int = 0, kind: str = "train"
+    ) -> tuple[Optional[torch.device], str, int]:
+        """:meth:`placement`, and the bytes the transformed samples take (0 with random transforms)."""
         count = len(dataset)
-        random = random_transform(dataset) if count else None
+        every = "step" if kind == "train" else "evaluation"
+        random, sample = self._probe(dataset)
         if random is not None:
-            return None, f"the transforms are random ({random}); {_per_step(device)}"
-        size = count * _sample_bytes(dataset)
+            return None, f"the transforms are random ({random}); {_per_use(device, every)}", 0
+        size = count * sample
         amount = f"{count:,} samples transformed once ({_gib(size)})"
+        beside = f" beside {_gib(reserved)} of training samples" if reserved else ""
         bound = f"trainer.device_data_max_gib ({self.max_gib:g})"
-        if size <= self.max_gib * 2**30:
-            return device, f"{amount} are kept on {device} (at most {bound}); each step gathers its rows there"
-        over = f"{count:,} transformed samples would take {_gib(size)}, over {bound}"
+        if size + reserved <= self.max_gib * 2**30:
+            kept = f"{amount} are kept on {device} (at most {bound}{beside})"
+            return device, f"{kept}; each {every} gathers its rows there", size
+        over = f"{count:,} transformed samples would take {_gib(size)}{beside}, over {bound}"
         if device.type == "cpu":
-            return None, f"{over}; {_per_step(device)} (raise the bound where memory allows)"
+            return None, f"{over}; {_per_use(device, every)} (raise the bound where memory allows)", size
         available = _host_memory_available()
         if available is not None and size <= available / 2:
             pinned = "pinned " if torch.cuda.is_available() else ""
-            return torch.device("cpu"), (
-                f"{over}; they are kept in {pinned}host memory and each step copies its rows to {device} (raise the "
-                "bound where the device has room)"
-            )
-        return None, f"{over} and half the host's available memory; {_per_step(device)}"
+            host = f"{over}; they are kept in {pinned}host memory and each {every} copies its rows to {device}"
+            return torch.device("cpu"), f"{host} (raise the bound where the device has room)", size
+        return None, f"{over} and half the host's available memory; {_per_use(device, every)}", size
+
+    def _probe(self, dataset: Any) -> tuple[Optional[str], int]:
+        """A random transform of ``dataset`` (or None) and one sample's bytes; the samples read for them are read
+        once per data set (the evaluation split's placement and the training split's probe the same one)."""
+        for seen, result in self._probed:
+            if seen is dataset:
+                return result
+        random = random_transform(dataset) if len(dataset) else None
+        result = (random, 0 if random is not None else _sample_bytes(dataset))
+        self._probed = [*self._probed[-1:], (dataset, result)]
+        return result
+
+
+def _kept(dataset: Dataset, where: Optional[torch.device], num_workers: int, batch_size: int) -> Dataset:
+    if where is None:
+        return dataset
+    pin = where.type == "cpu" and torch.cuda.is_available()
+    return _transform_all(dataset, where, pin=pin, num_workers=num_workers, batch_size=batch_size)
 
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
-def _per_step(device: torch.device) -> str:
-    return f"each step transforms its samples in DataLoader workers (data.num_workers) and copies them to {device}"
+def _per_use(device: torch.device, every: str = "step") -> str:
+    return f"each {every} transforms its samples in DataLoader workers (data.num_workers) and copies them to {device}"
 
 
 def _sample_bytes(dataset: Any) -> int:
@@ -229,7 +219,7 @@ def _transform_all(dataset: Any, device: torch.device, pin: bool, num_workers: i
             target[at : at + len(part)].copy_(part)
         at += len(parts[0])
     if not filled:
-        raise ConfigError("the training split is empty; check data.dataset")
+        raise ConfigError("a split of the data set is empty; check data.dataset")
     return ResidentSamples(filled[0], filled[1])
 
 
