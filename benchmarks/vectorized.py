@@ -21,7 +21,7 @@ of steps, as one centralised training job would see them) through the same plain
 vectorised / centralised and the ratios of medians are reported: the vectorised engine against
 the sequential loop, and the engine's throughput as a fraction of the centralised reference's.
 ``--path`` chooses the engine's path (``stacked``, where the method has a stacked form, or
-``vmap``). ``torch.compile`` of the stacked step is not implemented (benchmarks/README.md).
+``vmap``). ``torch.compile`` of the stacked step: ``benchmarks/compile_probe.py`` (not offered; benchmarks/README.md).
 
 On a GPU (``--device cuda``) the images sit on the device for both sides, times are taken after a
 device synchronisation, and ``--memory`` reports CUDA's peak allocation above what was allocated
