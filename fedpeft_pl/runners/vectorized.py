@@ -314,6 +314,11 @@ def _train_chunk(
     )
     outer = lambda params: dict(zip(names, params.values()))  # noqa: E731 (inner -> outer names)
 
+    def one_client(params: State, images: torch.Tensor) -> torch.Tensor:
+        # a single client (a round of one, a chunk of one, the last straggler's steps): the plain model with
+        # its tensors, the same arithmetic without the stacked forms' bookkeeping (3 to 4% at 1 x 256 on a CPU)
+        return functional_call(model, {n: p[0] for n, p in params.items()}, (images[0],)).unsqueeze(0)
+
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         # dropout and drop path draw from the training stream, never from the data-order one
         torch.manual_seed(jobs[0].torch_seed() if jobs else 0)
@@ -336,8 +341,9 @@ def _train_chunk(
                 seen[k] += len(b)
             optimizer.zero_grad(set_to_none=True)
             if private is None:
+                step_forward = one_client if len(rows) == 1 and forwards is not None else batched_forward
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    logits = batched_forward(inner_names(params), images)
+                    logits = step_forward(inner_names(params), images)
                 per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(
                     len(rows), -1
                 )
