@@ -48,7 +48,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft_pl.deploy.local import LocalFederation  # noqa: E402
+from fedpeft_pl.deploy.local import LocalFederation, rounds_ended  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WEIGHTS = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
@@ -80,20 +80,6 @@ def _rss(process: psutil.Process, with_children: bool = False) -> int:
         return total
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
-
-
-def _rounds_ended(checkpoints: Path) -> int:
-    """The newest round whose checkpoint, and the ``last.ckpt`` written after it, are on disk (Lightning
-    keeps only the newest ``round=N.ckpt``)."""
-    newest = 0
-    try:
-        last = (checkpoints / "last.ckpt").stat().st_mtime
-        for path in checkpoints.glob("round=*.ckpt"):
-            if last >= path.stat().st_mtime:
-                newest = max(newest, int(path.stem.removeprefix("round=")))
-    except FileNotFoundError:
-        pass
-    return newest
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -153,7 +139,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
             node0 = psutil.Process(deployment.nodes[0].pid)
             peaks["supernode"] = max(peaks["supernode"], _rss(node0))
             peaks["supernode_with_clientapps"] = max(peaks["supernode_with_clientapps"], _rss(node0, True))
-            for _ in range(done, _rounds_ended(checkpoints)):
+            for _ in range(done, rounds_ended(checkpoints)):
                 done += 1
                 if done == args.kill_server_after and server_killed_at is None:
                     for process in deployment.serverapps():

@@ -9,7 +9,6 @@ contexts, in this process); the fault test runs a real SuperLink and real SuperN
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -342,17 +341,6 @@ def test_flower_app_mistakes_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "app").exists()
 
 
-def wait_for_round(checkpoints: Path, number: int, running: LocalFederation, seconds: float = 480) -> None:
-    """Until round ``number``'s checkpoint and the ``last.ckpt`` written after it are on disk."""
-    deadline = time.monotonic() + seconds
-    this, last = checkpoints / f"round={number}.ckpt", checkpoints / "last.ckpt"
-    while not (this.exists() and last.exists() and last.stat().st_mtime >= this.stat().st_mtime):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"round {number} did not end within {seconds:g} s:\n" + running.logs())
-        time.sleep(0.2)
-    time.sleep(0.5)  # last.ckpt is complete
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # a SuperNode's missed heartbeats take a minute; four rounds and a restart
 def test_a_deployment_survives_losing_a_supernode_and_its_server(tmp_path, capsys):
@@ -391,16 +379,16 @@ def test_a_deployment_survives_losing_a_supernode_and_its_server(tmp_path, capsy
         running.up()
         submitted = running.run(app, stream=False)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
-        wait_for_round(checkpoints, 1, running)
+        running.wait_for_round(checkpoints, 1)
         running.kill_node(1)
         running.start_node(1)
-        wait_for_round(checkpoints, 3, running)
+        running.wait_for_round(checkpoints, 3)
         running.kill_serverapp()
         assert not (checkpoints / "round=4.ckpt").exists(), "round 4 ended before the ServerApp was killed"
         result = running.run(app, "--run-config", "resume=true")
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:] + running.logs()
-        wait_for_round(checkpoints, 4, running, seconds=30)
+        running.wait_for_round(checkpoints, 4, timeout=30)
     finally:
         running.down()
     node_files = sorted(p.name for p in (running.root / "node-1").rglob("round-*.pt"))
@@ -502,3 +490,20 @@ def test_a_clients_own_accountant_travels_and_declines_a_spent_budget():
     fresh = client_dp()
     fresh.load_client_accountant(1, {})
     assert fresh.spent(1) == 0.0
+
+
+def test_a_rounds_end_is_its_checkpoint_with_a_complete_last_ckpt_after_it(tmp_path):
+    from fedpeft_pl.deploy.local import rounds_ended
+
+    federation = LocalFederation(tmp_path / "federation", 1)  # nothing started: only the waiting is tested
+    assert rounds_ended(tmp_path) == 0
+    (tmp_path / "round=2.ckpt").write_bytes(b"x")
+    assert rounds_ended(tmp_path) == 0, "no last.ckpt yet: round 2 is still being saved"
+    os.utime(tmp_path / "round=2.ckpt", (1000, 1000))
+    (tmp_path / "last.ckpt").write_bytes(b"checkpoint")
+    assert rounds_ended(tmp_path) == 2
+    (tmp_path / "round=3.ckpt").write_bytes(b"x")  # newer than last.ckpt: round 3 is being saved
+    assert rounds_ended(tmp_path) == 2
+    federation.wait_for_round(tmp_path, 2, timeout=5)
+    with pytest.raises(TimeoutError, match=r"round 3 did not end within 0\.5 s"):
+        federation.wait_for_round(tmp_path, 3, timeout=0.5)

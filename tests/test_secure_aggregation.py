@@ -218,3 +218,21 @@ def test_a_secure_client_hands_secagg_its_update_weighted_or_clipped(tmp_path, c
         assert fitres.num_examples == 40
         for got, want in zip(update, plain):
             np.testing.assert_array_equal(got, want)
+
+
+def test_a_secure_runner_keeps_the_run_configs_node_timeout_and_query_batch():
+    # both govern the partition queries of SuperNodes that join later; the secure runner once dropped them
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    from fedpeft_pl.deploy.secagg import SecureFlowerRunner
+
+    trainer = SimpleNamespace(callbacks=[], aggregation=SimpleNamespace(wire=SimpleNamespace(measured=False)))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    runner = SecureFlowerRunner(
+        SimpleNamespace(trainer=trainer), None, {}, 60, context, SecureAggregation(), node_timeout=7, query_batch=2
+    )
+    assert (runner.node_timeout, runner.query_batch, runner.reply_timeout) == (7, 2, 60)
+    assert trainer.aggregation.wire.measured, "the wire bytes are the real messages'"

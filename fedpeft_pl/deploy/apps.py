@@ -57,8 +57,9 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
                     "(heterogeneous ranks, FLoRA) yet: their clients report figures or views the masked sum hides; "
                     "remove one of them"
                 )
-            runner = SecureFlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, context, secure)
-            runner.query_batch = query_batch  # for SuperNodes that join later (FlowerRunner.refresh)
+            runner = SecureFlowerRunner(
+                trainer.fit_loop, grid, nodes, reply_timeout, context, secure, node_timeout, query_batch
+            )
             trainer.use_runner(runner)
         trainer.fit(module, datamodule=datamodule, **fit_args)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["LocalFederation", "free_port"]
+__all__ = ["LocalFederation", "free_port", "rounds_ended"]
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this Python
 _CONNECTED = "SuperNode ID:"  # what a SuperNode logs once the SuperLink has registered it
@@ -259,9 +259,41 @@ class LocalFederation:
             with contextlib.suppress(Exception):
                 child.kill()
 
+    def wait_for_round(self, checkpoints: Union[str, Path], number: int, timeout: float = 480) -> None:
+        """Until the run whose checkpoints go to ``checkpoints`` has ended round ``number`` (:func:`rounds_ended`);
+        past ``timeout`` seconds an error with every process's log."""
+        deadline = time.monotonic() + timeout
+        last, size = Path(checkpoints) / "last.ckpt", -1
+        while True:
+            if rounds_ended(checkpoints) >= number:
+                # and last.ckpt written out: the same size at two looks a quarter of a second apart
+                now = last.stat().st_size if last.exists() else -1
+                if now == size > 0:
+                    return
+                size = now
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"round {number} did not end within {timeout:g} s:\n" + self.logs())
+            time.sleep(0.25)
+
     def logs(self, tail: int = 1500) -> str:
         """The end of every process's log, for an error message."""
         return "\n".join(f"--- {p.name}\n{p.read_text()[-tail:]}" for p in sorted(self.root.glob("*.log")))
+
+
+def rounds_ended(checkpoints: Union[str, Path]) -> int:
+    """The newest round whose ``round=N.ckpt`` is on disk with a ``last.ckpt`` written after it; 0 before
+    round 1 ends. Lightning keeps only the newest ``round=N.ckpt``; :meth:`LocalFederation.wait_for_round`
+    also waits until ``last.ckpt`` is written out."""
+    folder = Path(checkpoints)
+    newest = 0
+    try:
+        last = (folder / "last.ckpt").stat().st_mtime
+        for path in folder.glob("round=*.ckpt"):
+            if last >= path.stat().st_mtime:
+                newest = max(newest, int(path.stem.removeprefix("round=")))
+    except FileNotFoundError:  # not yet written, or replaced between the glob and the stat
+        pass
+    return newest
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:

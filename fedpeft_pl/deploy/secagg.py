@@ -57,6 +57,7 @@ from fedpeft_pl.comm import ROUND as _ROUND
 from fedpeft_pl.comm import wire_bytes
 from fedpeft_pl.deploy.flower import FlowerRunner, _client
 from fedpeft_pl.deploy.secure_aggregation import SecureAggregation
+from fedpeft_pl.deploy.writer import NODE_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Round
 from fedpeft_pl.privacy import DPFedAvg
@@ -143,6 +144,8 @@ class SecureFlowerRunner(FlowerRunner):
         loop, grid, nodes, reply_timeout: as for :class:`~fedpeft_pl.deploy.flower.FlowerRunner`.
         context: the ServerApp's context (the workflow runs on a ``LegacyContext`` made from it).
         settings: the SecAgg+ settings.
+        node_timeout, query_batch: as for :class:`~fedpeft_pl.deploy.flower.FlowerRunner` (the partition queries
+            of SuperNodes that join later).
 
     Example::
 
@@ -158,8 +161,10 @@ class SecureFlowerRunner(FlowerRunner):
         reply_timeout: float,
         context: Context,
         settings: SecureAggregation,
+        node_timeout: float = NODE_TIMEOUT,
+        query_batch: int = 0,
     ) -> None:
-        super().__init__(loop, grid, nodes, reply_timeout)
+        super().__init__(loop, grid, nodes, reply_timeout, node_timeout, query_batch)
         self.context = context
         self.settings = settings
         self.workflow = SecAggPlusWorkflow(
