@@ -294,6 +294,7 @@ class CommReport:
     upload_wire_bytes: Optional[int] = None
     # round 1's download, whose equal arrays (zero-initialised factors) Flower sends once
     first_download_wire_bytes: Optional[int] = None
+    data: Optional[str] = None  # the data set and how it is split among the clients, in words
 
     @property
     def round_bytes(self) -> int:
@@ -325,7 +326,10 @@ class CommReport:
         return self.clients_per_round * per_client
 
     def format(self) -> str:
-        rows = [("method", self.method), ("trainable parameters", f"{self.trainable_params:,}")]
+        rows = [("method", self.method)]
+        if self.data is not None:
+            rows.append(("data", self.data))
+        rows.append(("trainable parameters", f"{self.trainable_params:,}"))
         if self.download_bytes == self.upload_bytes:
             rows.append(("per client per direction", _size(self.download_bytes)))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -442,6 +443,10 @@ class FederatedTrainer(pl.Trainer):
             with_loss=releases_client_statistics(self),
             num_clients=num_clients,
         )
+        dataset = getattr(datamodule, "dataset", None)
+        if dataset is not None:
+            clients = f"{num_clients} clients" if num_clients is not None else "clients"
+            report = replace(report, data=f"{dataset!r}, {clients} split by {getattr(datamodule, 'partition', None)!r}")
         print(report.format())
         return report
 

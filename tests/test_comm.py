@@ -82,6 +82,8 @@ def test_comm_on_the_paper_configs(capsys, name, params):
     assert "trainable parameters" in out and f"{params:,}" in out
     assert f"{params * 4:,} bytes" in out
     assert f"{2 * 8 * params * 4:,} bytes" in out
+    data = next(line for line in out.splitlines() if line.startswith("data "))  # named, not loaded
+    assert "CIFAR100(" in data and "64 clients split by Dirichlet(alpha=0.1" in data, data
 
 
 @pytest.mark.parametrize("method", ["head", "bias", "adapter", "prompt", "lora"])
