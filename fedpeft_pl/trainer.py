@@ -408,7 +408,11 @@ class FederatedTrainer(pl.Trainer):
 
     def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
         """Print what one client sends per round and the whole run costs, without training or downloading."""
-        num_clients = getattr(datamodule, "num_clients", None)
+        # without reading the data: natural clients (data.num_clients null) are found there when the run starts
+        if hasattr(datamodule, "known_num_clients"):
+            num_clients = datamodule.known_num_clients
+        else:
+            num_clients = getattr(datamodule, "num_clients", None)
         if num_clients is not None:
             self._check_clients(num_clients)
         settings = self.fit_loop.settings
@@ -445,8 +449,14 @@ class FederatedTrainer(pl.Trainer):
         )
         dataset = getattr(datamodule, "dataset", None)
         if dataset is not None:
-            clients = f"{num_clients} clients" if num_clients is not None else "clients"
-            report = replace(report, data=f"{dataset!r}, {clients} split by {getattr(datamodule, 'partition', None)!r}")
+            partition = getattr(datamodule, "partition", None)
+            if num_clients is not None:
+                data = f"{dataset!r}, {num_clients} clients split by {partition!r}"
+            else:
+                data = (
+                    f"{dataset!r}, a client for each partition {partition!r} finds in the data (data.num_clients null)"
+                )
+            report = replace(report, data=data)
         print(report.format())
         return report
 

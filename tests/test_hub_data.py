@@ -360,3 +360,24 @@ def test_a_local_copy_loads_without_download_bars_and_leaves_them_on(tmp_path, c
     err = capfd.readouterr().err
     assert "Downloading" not in err and "Generating" not in err, err
     assert datasets.is_progress_bar_enabled(), "a hub download afterwards would show no progress"
+
+
+def test_comm_on_a_natural_federation_reads_no_data(capsys, monkeypatch):
+    # the clients of FEMNIST by writer are found in the data when the run starts; comm neither downloads nor reads it
+    from fedpeft_pl.cli import main
+
+    monkeypatch.setattr(HuggingFace, "_open", lambda self: pytest.fail("comm opened the data set"))
+    main(
+        [
+            "comm",
+            "--config",
+            str(REPO / "configs" / "prompt.yaml"),
+            "--config",
+            str(REPO / "configs/domain_gap/femnist.yaml"),
+        ]
+    )
+    data = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data "))
+    assert (
+        "flwrlabs/femnist" in data
+        and "a client for each partition NaturalIdPartitioner(partition_by='writer_id')" in data
+    )

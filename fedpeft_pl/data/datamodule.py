@@ -147,6 +147,11 @@ class FederatedDataModule(pl.LightningDataModule):
         return self._num_clients
 
     @property
+    def known_num_clients(self) -> Optional[int]:
+        """N where it is known without reading the data; None while a partitioner has yet to find it there."""
+        return self._num_clients
+
+    @property
     def poisson_sampling(self) -> bool:
         """Whether local batches are Poisson samples (set by :class:`~fedpeft_pl.privacy.LocalDP`)."""
         return self._sampler.poisson
