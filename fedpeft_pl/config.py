@@ -274,7 +274,7 @@ def configure_logging(verbose: bool = False) -> None:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=r"(lightning|torch|timm|jsonargparse)\b")
         # Lightning's advice to raise a loader's num_workers (on a many-core machine): data.num_workers is the
-        # user's setting, and the server's evaluation loader reads it like every other; the advice shows with verbose
+        # user's setting, and a test split kept as tensors needs no workers at all; the advice shows with verbose
         warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers", category=PossibleUserWarning)
 
 

@@ -244,8 +244,9 @@ class FederatedLoop(_FitLoop):
 
     @contextmanager
     def _kept_evaluation_split(self) -> Iterator[None]:
-        """The server's test split transformed once for the run and kept as tensors (on the device where
-        ``trainer.device_data_max_gib`` leaves room beside the vectorised runner's training samples), so
+        """The server's test split transformed once for the run and kept as tensors (with the vectorised runner on
+        the device, where ``trainer.device_data_max_gib`` leaves room beside its training samples; else in host
+        memory within the bound), so
         each round's evaluation gathers rows instead of running every image's transforms again
         (:meth:`~fedpeft_pl.runners.device_data.DeviceData.evaluation`); the split as it was comes back after."""
         trainer = self.trainer
@@ -259,11 +260,16 @@ class FederatedLoop(_FitLoop):
             or trainer.world_size > 1  # each process evaluates its own part; not kept there
             or getattr(trainer.lightning_module, "takes_features", False)  # the test split is features already
             or not len(splits.test)
+            # an evaluation that reads part of the split: transforming all of it once would cost more
+            or not (isinstance(trainer.limit_val_batches, float) and trainer.limit_val_batches == 1.0)
         ):
             yield
             return
-        device = trainer.strategy.root_device
-        reserved = data.planned_bytes(splits.train, device) if isinstance(self.runner, VectorizedRunner) else 0
+        # on the training device beside the vectorised runner's samples, within its bound; in host memory for the
+        # sequential runner, whose device memory trainer.device_data_max_gib has never claimed
+        vectorised = isinstance(self.runner, VectorizedRunner)
+        device = trainer.strategy.root_device if vectorised else torch.device("cpu")
+        reserved = data.planned_bytes(splits.train, device) if vectorised else 0
         kept = data.evaluation(
             splits.test,
             device,

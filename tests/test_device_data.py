@@ -198,5 +198,15 @@ def test_kept_evaluation_batches_are_the_plain_loaders_batches():
     plain = list(torch.utils.data.DataLoader(dataset, batch_size=16))
     served = list(evaluation_loader(kept, 16))
     assert [len(b[1]) for b in served] == [16, 16, 16, 2]
+    assert kept[torch.tensor(3)][0].shape == kept[3][0].shape == (3, 32, 32)  # one index is one sample
     for (images, labels), (kept_images, kept_labels) in zip(plain, served):
         assert torch.equal(images, kept_images) and torch.equal(labels, kept_labels)
+
+
+def test_an_evaluation_that_reads_part_of_the_test_split_keeps_none_of_it(tmp_path):
+    module = FedPEFTModule(10, tiny_backbone(), Prompt(num_tokens=2), optimizer=sgd(0.05))
+    datamodule = FederatedDataModule(LazyTestDigits(), num_clients=8, batch_size=32)
+    trainer = tiny_trainer(tmp_path, clients_per_round=2, client_runner="sequential", limit_val_batches=2)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.device_data.evaluation_note is None
+    assert datamodule.splits.test.reads == 2 * datamodule.eval_batch_size  # the two batches, as they were read

@@ -138,7 +138,8 @@ class WarningPartitioner(flwr_partitioner.IidPartitioner if flwr_partitioner els
     """Flower's IID split that warns on every partition it loads, as DirichletPartitioner does on each retry."""
 
     def load_partition(self, partition_id):
-        warnings.warn(f"partition {partition_id} was resampled", UserWarning, stacklevel=2)
+        warnings.warn(f"partition {partition_id} was resampled", UserWarning, stacklevel=1)
+        warnings.warn("a warning of someone else's", RuntimeWarning, stacklevel=2)  # attributed to the caller
         return super().load_partition(partition_id)
 
 
@@ -148,6 +149,7 @@ def test_a_partitioners_warnings_become_one_log_line(hub_copy, caplog, recwarn):
         datamodule = ready(hub_datamodule(hub_copy, spec, num_clients=4))
     assert sum(len(part) for part in datamodule.client_indices) == 240
     assert not [w for w in recwarn if "resampled" in str(w.message)], "Flower's warnings reached the console"
+    assert len([w for w in recwarn if "someone else's" in str(w.message)]) == 4, "another's warnings were swallowed"
     folded = [r.getMessage() for r in caplog.records if "warned" in r.getMessage()]
     assert folded == [
         "data.partition WarningPartitioner() warned 4 time(s) while splitting, first: partition 0 was resampled"

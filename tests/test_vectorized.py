@@ -390,3 +390,31 @@ def test_the_stacked_path_equals_vmap_in_one_step():
     slow = vmap(lambda p, x: functional_call(model, p, (x,)))(params, images)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
     assert not any("forward" in sub.__dict__ for sub in model.modules())  # every override removed
+
+
+def test_a_per_client_bias_under_bf16_autocast_keeps_one_copy_of_the_frozen_weight():
+    """Bias's stacked Linear casts the frozen weight once, then expands it over the clients: autocast must not
+    write (and keep for backward) one bf16 copy per client; the output is the per-client F.linear's."""
+    from fedpeft_pl.peft.base import stacked_linear
+
+    clients, rows, width = 8, 5, 64
+    layer = torch.nn.Linear(width, 3 * width)
+    bias = (torch.randn(clients, 3 * width) * 0.1).requires_grad_(True)
+    x = torch.randn(
+        clients * rows, width, requires_grad=True
+    )  # as activations are: the weight is kept for its gradient
+    kept: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stacked_linear(layer, {"bias": bias}, x)
+    out.float().sum().backward()
+    weight_bf16 = layer.weight.numel() * 2
+    assert out.dtype == torch.bfloat16 and bias.grad is not None
+    assert max(kept) < 2 * weight_bf16, (kept, weight_bf16)  # one copy, not one per client
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.cat([F.linear(x[k * rows : (k + 1) * rows], layer.weight, bias[k]) for k in range(clients)])
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)

@@ -82,7 +82,7 @@ class ResidentSamples(Dataset):
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One sample, or with a sequence of indices their batch, gathered where the tensors live (what
         :func:`evaluation_loader` reads)."""
-        if isinstance(index, Sequence) or isinstance(index, torch.Tensor):
+        if isinstance(index, Sequence) or (isinstance(index, torch.Tensor) and index.dim() == 1):
             rows = torch.as_tensor(index, device=self.images.device)
             return self.images.index_select(0, rows), self.labels.index_select(0, rows)
         return self.images[index], self.labels[index]

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -186,9 +187,16 @@ def _folded_warnings(partition: FlowerPartition) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    if caught:
-        first = _first_line(caught[0].message)  # type: ignore[arg-type]
-        log.warning("data.partition %r warned %d time(s) while splitting, first: %s", partition, len(caught), first)
+    # the partitioner's own (Flower Datasets' code, or the module of a user's partitioner); others as they were
+    flower = os.path.dirname(importlib.import_module("flwr_datasets").__file__ or "")
+    own = {os.path.abspath(inspect.getfile(partition.cls))}
+    mine = [w for w in caught if w.filename.startswith(flower + os.sep) or os.path.abspath(w.filename) in own]
+    for other in caught:
+        if not any(other is w for w in mine):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno, source=other.source)
+    if mine:
+        first = _first_line(mine[0].message)  # type: ignore[arg-type]
+        log.warning("data.partition %r warned %d time(s) while splitting, first: %s", partition, len(mine), first)
 
 
 def _first_line(err: BaseException) -> str:

@@ -175,10 +175,14 @@ def stacked_linear(module: nn.Linear, stacked: State, x: torch.Tensor) -> torch.
     if weight is None and bias is not None:
         # a frozen weight with each client's bias added inside the product, as addmm adds the plain model's:
         # a bias-free product and a separate broadcast add cost BitFit 11% of its step on a CPU at 128 x 8
-        # (benchmarks/README.md); the frozen weight is expanded, not copied, over the clients
-        rows = x.reshape(bias.shape[0], -1, x.shape[-1])
-        frozen = module.weight.t().to(x.dtype).expand(bias.shape[0], -1, -1)
-        out = torch.baddbmm(bias.unsqueeze(1).to(x.dtype), rows, frozen)
+        # (benchmarks/README.md). The frozen weight is expanded, not copied, over the clients: cast first to the
+        # dtype the product runs in (autocast's, else the input's), so autocast has no expanded tensor to cast
+        # (which would write, and keep for backward, one copy of the weight per client)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        rows = x.to(dtype).reshape(bias.shape[0], -1, x.shape[-1])
+        frozen = module.weight.t().to(dtype).expand(bias.shape[0], -1, -1)
+        out = torch.baddbmm(bias.unsqueeze(1).to(dtype), rows, frozen)
         return out.reshape(*x.shape[:-1], frozen.shape[-1])
     if weight is None:  # a frozen weight: one matrix product over all clients' rows
         out = F.linear(x, module.weight, None if bias is not None else module.bias)

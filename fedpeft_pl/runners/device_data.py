@@ -117,7 +117,8 @@ class DeviceData:
         where, why = self.placement(dataset, device, reserved, kind="test")
         self.evaluation_note = f"evaluation data: {why}"
         log.info(self.evaluation_note)
-        return _kept(dataset, where, num_workers, batch_size)
+        # never pinned: evaluation gathers each batch into ordinary memory, which Lightning copies to the device
+        return _kept(dataset, where, num_workers, batch_size, pin=False)
 
     def placement(
         self, dataset: Any, device: torch.device, reserved: int = 0, kind: str = "train"
@@ -167,10 +168,12 @@ class DeviceData:
         return result
 
 
-def _kept(dataset: Dataset, where: Optional[torch.device], num_workers: int, batch_size: int) -> Dataset:
+def _kept(
+    dataset: Dataset, where: Optional[torch.device], num_workers: int, batch_size: int, pin: bool = True
+) -> Dataset:
     if where is None:
         return dataset
-    pin = where.type == "cpu" and torch.cuda.is_available()
+    pin = pin and where.type == "cpu" and torch.cuda.is_available()
     return _transform_all(dataset, where, pin=pin, num_workers=num_workers, batch_size=batch_size)
 
 
