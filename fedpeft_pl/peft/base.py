@@ -169,6 +169,13 @@ def along(stacked: torch.Tensor, x: torch.Tensor, dim: int = -1) -> torch.Tensor
     return stacked.reshape(shape)
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product with ``x`` runs in: autocast's where it is on, else ``x``'s. A shared tensor
+    expanded over the clients is cast to it first, so autocast has no expanded tensor to copy once per client."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def stacked_linear(module: nn.Linear, stacked: State, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear`` with a per-client weight (a batched matrix product) and/or bias (broadcast per client)."""
     weight, bias = stacked.get("weight"), stacked.get("bias")
@@ -178,8 +185,7 @@ def stacked_linear(module: nn.Linear, stacked: State, x: torch.Tensor) -> torch.
         # (benchmarks/README.md). The frozen weight is expanded, not copied, over the clients: cast first to the
         # dtype the product runs in (autocast's, else the input's), so autocast has no expanded tensor to cast
         # (which would write, and keep for backward, one copy of the weight per client)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = product_dtype(x)
         rows = x.to(dtype).reshape(bias.shape[0], -1, x.shape[-1])
         frozen = module.weight.t().to(dtype).expand(bias.shape[0], -1, -1)
         out = torch.baddbmm(bias.unsqueeze(1).to(dtype), rows, frozen)

@@ -13,7 +13,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward, State
+from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward, State, product_dtype
 from fedpeft_pl.seeds import LORA_FRESH_A, LORA_FROZEN_A, LORA_RANK, derive_seed
 
 if TYPE_CHECKING:
@@ -390,8 +390,8 @@ def stacked_merged_linear(module: loralib.MergedLinear, stacked: State, x: torch
     b = stacked["lora_B"]  # [m, enabled outputs, r]
     clients = b.shape[0]
     a = stacked.get("lora_A", module.lora_A)  # [m, r * groups, in] or shared [r * groups, in]
-    if a.dim() == 2:
-        a = a.expand(clients, -1, -1)
+    if a.dim() == 2:  # in the product's dtype before it is expanded (product_dtype)
+        a = a.to(product_dtype(x)).expand(clients, -1, -1)
     rows = module.lora_dropout(x).reshape(clients, -1, x.shape[-1])  # [m, B * N, in]
     low = torch.bmm(rows, a.transpose(1, 2))  # [m, B * N, r * groups]
     groups = sum(module.enable_lora)
