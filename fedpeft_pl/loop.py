@@ -257,7 +257,6 @@ class FederatedLoop(_FitLoop):
             data is None
             or splits is None
             or not trainer.enable_validation
-            or trainer.world_size > 1  # each process evaluates its own part; not kept there
             or getattr(trainer.lightning_module, "takes_features", False)  # the test split is features already
             or not len(splits.test)
             # an evaluation that reads part of the split: transforming all of it once would cost more

@@ -99,7 +99,7 @@ class FederatedTrainer(pl.Trainer):
             transformed once per run where the transforms are deterministic, may take on the device
             (:class:`~fedpeft_pl.runners.device_data.DeviceData`); beyond it they stay in host memory
             where they fit, else every step transforms them in DataLoader workers. The server's test
-            split is kept the same way (one process; on the device beside them with the vectorised runner,
+            split is kept the same way (on the device beside them with the vectorised runner,
             in host memory with the sequential one) where the bound leaves room.
         callbacks: further Lightning callbacks. A server-aggregation callback, a round-aware
             progress bar (only when stderr is a terminal), a run summary and a round-end

@@ -309,7 +309,12 @@ class FederatedDataModule(pl.LightningDataModule):
                 self.splits.test, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
         if isinstance(self.splits.test, ResidentSamples):  # transformed once for the run (the federated loop)
-            return evaluation_loader(self.splits.test, self.eval_batch_size, sampler)
+            batches = None
+            if self.trainer is not None and self.trainer.world_size > 1:
+                batches = _DistributedBatches(
+                    self.splits.test, self.eval_batch_size, self.trainer.world_size, self.trainer.global_rank
+                )
+            return evaluation_loader(self.splits.test, self.eval_batch_size, batches)
         return DataLoader(
             self.splits.test,
             batch_size=self.eval_batch_size,
@@ -393,6 +398,23 @@ class _EmptyBatchCollate:
         if samples:
             return default_collate(samples)
         return tuple(t[:0] for t in default_collate([self.dataset[0]]))
+
+
+class _DistributedBatches(UnrepeatedDistributedSampler):
+    """This process's part of a kept test split, as the loader over the transforms reads it
+    (``UnrepeatedDistributedSampler``), in batches of indices. Still a ``DistributedSampler``, so
+    Lightning leaves the loader as it is instead of putting in its own sampler of single samples."""
+
+    def __init__(self, dataset: Any, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[Any]:  # batches, where the parent yields indices
+        indices = list(super().__iter__())
+        return (indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size))
+
+    def __len__(self) -> int:
+        return math.ceil(super().__len__() / self.batch_size)
 
 
 def _partitioner(value: Union[Partitioner, dict[str, Any], None]) -> Union[Partitioner, FlowerPartition]:

@@ -106,10 +106,13 @@ class ResidentSamples(Dataset):
         )
 
 
-def evaluation_loader(samples: ResidentSamples, batch_size: int, sampler: Optional[Sampler[int]] = None) -> DataLoader:
-    """Batches of kept samples in order (or ``sampler``'s), each one gather where the tensors live: no worker
-    processes and no pinning, which tensors already transformed (and perhaps on the device) do not need."""
-    batches = BatchSampler(sampler if sampler is not None else SequentialSampler(samples), batch_size, drop_last=False)
+def evaluation_loader(
+    samples: ResidentSamples, batch_size: int, batches: Optional[Sampler[list[int]]] = None
+) -> DataLoader:
+    """Batches of kept samples in order (or those ``batches`` yields), each one gather where the tensors live: no
+    worker processes and no pinning, which tensors already transformed (and perhaps on the device) do not need."""
+    if batches is None:
+        batches = BatchSampler(SequentialSampler(samples), batch_size, drop_last=False)
     # batch_size=None: the loader hands each index batch to samples[...] whole (ResidentSamples.__getitem__)
     return DataLoader(samples, batch_size=None, sampler=batches, num_workers=0)
 
