@@ -77,7 +77,7 @@ def test_workers_transform_the_same_samples_as_this_process():
             assert torch.equal(x, y)
 
 
-def test_a_bound_smaller_than_the_data_falls_back_and_says_so_before_transforming_anything(caplog):
+def test_a_bound_smaller_than_the_data_falls_back_and_says_so_before_transforming_anything(caplog, monkeypatch):
     dataset = lazy_digits()
     size = len(dataset) * (3 * 32 * 32 * 4 + 8)
     data = DeviceData(max_gib=size / 2 / 2**30)
@@ -92,6 +92,11 @@ def test_a_bound_smaller_than_the_data_falls_back_and_says_so_before_transformin
     where, why = data.placement(dataset, torch.device("cuda", 0))
     assert where == torch.device("cpu") and "host memory" in why and "cuda:0" in why, why
     assert DeviceData(max_gib=1.0).placement(dataset, torch.device("cuda", 0))[0] == torch.device("cuda", 0)
+    # with CUDA, training samples kept in host memory are pinned, a kept test split never is (and says so)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "kept in pinned host memory and each step" in data.placement(dataset, torch.device("cuda", 0))[1]
+    test_why = data.placement(dataset, torch.device("cuda", 0), kind="test")[1]
+    assert "kept in host memory and each evaluation copies its rows to cuda:0" in test_why, test_why
 
 
 def test_random_transforms_are_never_kept():

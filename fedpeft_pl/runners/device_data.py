@@ -151,7 +151,7 @@ class DeviceData:
             return None, f"{over}; {_per_use(device, every)} (raise the bound where memory allows)", size
         available = _host_memory_available()
         if available is not None and size <= available / 2:
-            pinned = "pinned " if torch.cuda.is_available() else ""
+            pinned = "pinned " if torch.cuda.is_available() and kind == "train" else ""  # evaluation: never pinned
             host = f"{over}; they are kept in {pinned}host memory and each {every} copies its rows to {device}"
             return torch.device("cpu"), f"{host} (raise the bound where the device has room)", size
         return None, f"{over} and half the host's available memory; {_per_use(device, every)}", size
