@@ -246,9 +246,9 @@ class FederatedLoop(_FitLoop):
     def _kept_evaluation_split(self) -> Iterator[None]:
         """The server's test split transformed once for the run and kept as tensors (with the vectorised runner on
         the device, where ``trainer.device_data_max_gib`` leaves room beside its training samples; else in host
-        memory within the bound), so
-        each round's evaluation gathers rows instead of running every image's transforms again
-        (:meth:`~fedpeft_pl.runners.device_data.DeviceData.evaluation`); the split as it was comes back after."""
+        memory within the bound), so each round's evaluation gathers rows instead of running every image's
+        transforms again (:meth:`~fedpeft_pl.runners.device_data.DeviceData.evaluation`); the split as it was
+        comes back after."""
         trainer = self.trainer
         data = getattr(trainer, "device_data", None)
         datamodule = trainer.datamodule

@@ -301,22 +301,22 @@ class FederatedDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """The global test split, on which the server evaluates the aggregated model each round."""
         assert self.splits is not None, "call setup() first"
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # each process evaluates its own part of the test split, none twice (Lightning's default
-            # DistributedSampler pads with repeated samples), and torchmetrics sums the counts
-            sampler = UnrepeatedDistributedSampler(
-                self.splits.test, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
-        if isinstance(self.splits.test, ResidentSamples):  # transformed once for the run (the federated loop)
+        # under DDP each process evaluates its own part of the test split, none twice (Lightning's default
+        # DistributedSampler pads with repeated samples), and torchmetrics sums the counts
+        test, trainer = self.splits.test, self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if isinstance(test, ResidentSamples):  # transformed once for the run (the federated loop)
             batches = None
-            if self.trainer is not None and self.trainer.world_size > 1:
-                batches = _DistributedBatches(
-                    self.splits.test, self.eval_batch_size, self.trainer.world_size, self.trainer.global_rank
-                )
-            return evaluation_loader(self.splits.test, self.eval_batch_size, batches)
+            if distributed:
+                batches = _DistributedBatches(test, self.eval_batch_size, trainer.world_size, trainer.global_rank)
+            return evaluation_loader(test, self.eval_batch_size, batches)
+        sampler = None
+        if distributed:
+            sampler = UnrepeatedDistributedSampler(
+                test, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
-            self.splits.test,
+            test,
             batch_size=self.eval_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

@@ -190,13 +190,12 @@ def stacked_linear(module: nn.Linear, stacked: State, x: torch.Tensor) -> torch.
         frozen = module.weight.t().to(dtype).expand(bias.shape[0], -1, -1)
         out = torch.baddbmm(bias.unsqueeze(1).to(dtype), rows, frozen)
         return out.reshape(*x.shape[:-1], frozen.shape[-1])
-    if weight is None:  # a frozen weight: one matrix product over all clients' rows
-        out = F.linear(x, module.weight, None if bias is not None else module.bias)
-    else:
-        rows = x.reshape(weight.shape[0], -1, x.shape[-1])  # [m, B * ..., in], client-major
-        out = torch.bmm(rows, weight.transpose(1, 2)).reshape(*x.shape[:-1], weight.shape[1])
-        if bias is None and module.bias is not None:
-            out = out + module.bias.to(out.dtype)
+    if weight is None:  # nothing per client: one matrix product over all clients' rows
+        return F.linear(x, module.weight, module.bias)
+    rows = x.reshape(weight.shape[0], -1, x.shape[-1])  # [m, B * ..., in], client-major
+    out = torch.bmm(rows, weight.transpose(1, 2)).reshape(*x.shape[:-1], weight.shape[1])
+    if bias is None and module.bias is not None:
+        out = out + module.bias.to(out.dtype)
     if bias is not None:
         # in the output's dtype, as F.linear adds its bias (bf16 under autocast): no float32 activations
         grouped = per_client(out, bias.shape[0])
