@@ -146,7 +146,7 @@ class ClientSession:
             received = self.peft.client_view(received, client, server_round, upload=True)
         payload = encode_update(self.upload, trained, received, self.context.client, extras)
         metrics = {**metrics, "steps": float(self.context.steps)}
-        return ClientResult(self.context.client, num_samples, payload, extras, metrics)
+        return ClientResult(self.context.client, num_samples, payload, extras, metrics, version=self.context.version)
 
 
 def open_session(
@@ -184,5 +184,6 @@ def open_session(
         if like
         else dict(message.extras),
         state=dict(own_state or {}),
+        version=message.version,
     )
     return ClientSession(strategy, upload, context, dict(local_init or {}), peft if _views(peft) else None)

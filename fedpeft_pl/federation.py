@@ -117,12 +117,14 @@ class RoundMessage:
 
     ``payload`` is the encoded global state, ``config`` the strategy's round config, and
     ``extras`` any further tensors a strategy sends (SCAFFOLD's server control variate); the
-    byte counter counts ``payload`` and ``extras``.
+    byte counter counts ``payload`` and ``extras``. ``version`` is the global version the
+    payload holds: the number of server updates before it was sent.
     """
 
     payload: State
     config: Mapping[str, Any] = field(default_factory=dict)
     extras: State = field(default_factory=dict)
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,9 @@ class ClientResult:
     a strategy sends besides the update (SCAFFOLD's control-variate change).
     ``aggregate_of`` is set when the result is the sample-weighted mean of several clients'
     updates (secure aggregation): those clients, ``num_samples`` their total and ``payload``
-    the mean; no individual update reaches the server then.
+    the mean; no individual update reaches the server then. ``version`` is the global version
+    the client started from (that of the message it received); None where it received none or
+    the runner did not say, which means the newest.
     """
 
     client: int
@@ -177,6 +181,7 @@ class ClientResult:
     dropped: Optional[str] = None
     received: bool = True
     aggregate_of: tuple[int, ...] = ()
+    version: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -241,6 +246,7 @@ class ClientContext:
             control variate, FedDyn's gradient); a hook may replace entries.
         steps: optimizer steps taken so far (set by the runner).
         lr: the learning rate of the client's optimizer (its first parameter group).
+        version: the global version the client started from (server updates before its message).
     """
 
     client: int
@@ -251,6 +257,7 @@ class ClientContext:
     state: State = field(default_factory=dict)
     steps: int = 0
     lr: float = 0.0
+    version: int = 0
 
 
 class ClientStore:

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from typing_extensions import override
 
 from fedpeft_pl.availability import ClientAvailability
+from fedpeft_pl.capabilities import RunParts, check_run
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession, open_session
 from fedpeft_pl.federation import (
@@ -55,6 +56,7 @@ from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.runners import SequentialRunner, VectorizedRunner
 from fedpeft_pl.runners.feature_cache import FEATURE_EVAL_BATCH, FeatureCache
 from fedpeft_pl.seeds import client_seed, training_seed
+from fedpeft_pl.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +156,17 @@ class FederatedLoop(_FitLoop):
         Drawn from ``os.urandom`` on rank 0 and shared with every process, so all agree on each
         round's clients; never in the config or the checkpoint (a resumed run draws a new one).
         """
-        if not self.trainer.aggregation.strategy.needs_secret_sampling:
+        if not self.server.strategy.needs_secret_sampling:
             return
         secret = int.from_bytes(os.urandom(8), "little") >> 1
         secret = self.gather(secret)[0]
         self._federation = replace(self.federation, sampling_seed=secret)
         log.info("client sampling draws from a secret seed (central DP): the config's seed does not say who is sampled")
+
+    @property
+    def server(self) -> Server:
+        """The run's server, which the server-aggregation callback holds."""
+        return self.trainer.aggregation.server
 
     @property
     def num_rounds(self) -> int:
@@ -307,12 +314,15 @@ class FederatedLoop(_FitLoop):
                     "train different clients; remove broadcast_buffers: true from trainer.strategy"
                 )
         module = self.trainer.lightning_module
-        peft = getattr(module, "peft", None)
-        if getattr(peft, "per_client_views", False) and getattr(module, "privacy", None) is not None:
-            # DP noise on the zero-padded ranks would make a client's LoRA other than rank r_k
-            raise ConfigError(
-                f"trainer.privacy (local DP) cannot run with {peft!r} (heterogeneous ranks or stacking); remove one"
+        privacy = getattr(module, "privacy", None)
+        check_run(
+            RunParts(
+                peft=getattr(module, "peft", None),
+                strategy=self.server.strategy,
+                upload=self.server.upload,
+                privacy=(privacy,) if privacy is not None else (),
             )
+        )
 
     def _resume_at_round_boundary(self) -> None:
         progress = self.epoch_progress
@@ -368,7 +378,7 @@ class FederatedLoop(_FitLoop):
         self._federated(
             "on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round)
         )
-        round = replace(round, message=self.trainer.aggregation.configure_round(round))
+        round = replace(round, message=self.server.configure(round))
         failures: list[BaseException] = []
         steps_before = self.trainer.global_step
         for result in self.runner.run(round):
@@ -406,7 +416,7 @@ class FederatedLoop(_FitLoop):
         clients = list(range(self.federation.num_clients))[self.trainer.global_rank :: self.trainer.world_size]
         mine = list(self.runner.evaluate(round, clients))
         everyone = [evaluation for part in self.gather(mine) for evaluation in part]
-        self.trainer.aggregation.record_client_evaluations(round, sorted(everyone, key=lambda e: e.client))
+        self.server.record_client_evaluations(sorted(everyone, key=lambda e: e.client))
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every process, in rank order (``[obj]`` in a single process)."""
@@ -432,7 +442,7 @@ class FederatedLoop(_FitLoop):
         self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]
     ) -> ClientSession:
         """The client's side of ``round``: the decoded message, its strategy hooks and its own stored state."""
-        server = self.trainer.aggregation
+        server = self.server
         assert round.message is not None, "the server configures the round before clients run"
         return open_session(
             server.strategy,

@@ -142,7 +142,8 @@ def test_server_optimizer_and_error_feedback_state_resume_exactly(tmp_path):
     first, _ = run(2, tmp_path / "split")
     checkpoint = torch.load(first.checkpoint_callback.last_model_path, weights_only=True)
     server = checkpoint["callbacks"]["ServerAggregation"]
-    assert set(server["strategy"]) == {"m", "v"} and server["upload"]["residuals"]
+    assert set(server["strategy"]["server_optimizer"]) == {"m", "v"} and server["upload"]["residuals"]
+    assert server["version"] == 2  # two server updates
     _, resumed = run(3, tmp_path / "split", ckpt_path=first.checkpoint_callback.last_model_path)
     assert all(torch.equal(a, b) for a, b in zip(trainable_state(straight).values(), trainable_state(resumed).values()))
 

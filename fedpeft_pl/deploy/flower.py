@@ -139,7 +139,7 @@ class FlowerRunner:
         self._told: set[int] = set()  # nodes that know the run key
         self._online: set[int] = set(nodes.values())
         # wire bytes are those of the real messages below, not the server's own reckoning
-        self.wire = loop.trainer.aggregation.wire
+        self.wire = loop.server.wire
         self.wire.measured = True
         privacy = getattr(loop.trainer, "privacy", None)
         if privacy is not None:  # each client keeps its own accountant on its SuperNode
@@ -187,7 +187,7 @@ class FlowerRunner:
 
     def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
         """Each client evaluates the global state (and its own local part) on its SuperNode; only metrics come back."""
-        server = self.loop.trainer.aggregation
+        server = self.loop.server
         arrays = _to_record(server.download.encode(server.global_state))
         update = _model_update(self.loop.trainer.lightning_module)
         messages = []

@@ -243,7 +243,7 @@ class SecureFlowerRunner(FlowerRunner):
     def _aggregate(
         self, round: Round, names: list[str], mean: list[np.ndarray], finished: dict[int, tuple[int, dict[str, Any]]]
     ) -> ClientResult:
-        server = self.loop.trainer.aggregation
+        server = self.loop.server
         received = server.download.decode(round.message.payload, like=server.global_state)
         # DPFedAvg's clients weigh 1 each, so the mean times their number is the sum of their clipped updates
         scale = len(finished) if isinstance(server.strategy, DPFedAvg) else 1

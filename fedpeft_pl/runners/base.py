@@ -19,6 +19,8 @@ from fedpeft_pl.privacy import releases_client_statistics
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+    from fedpeft_pl.server import Server
+
     from fedpeft_pl.exchange import ClientSession
 
 __all__ = ["RunnerHost", "client_metrics"]
@@ -30,6 +32,7 @@ class RunnerHost(Protocol):
     Attributes:
         trainer: the run's trainer (its module, data module, strategy, precision).
         federation: the run's federation (N, m, rounds, local epochs, seed).
+        server: the run's server (its strategy, codecs, global state and the message of each version).
         client_states: each client's own tensors kept across rounds.
     """
 
@@ -38,6 +41,9 @@ class RunnerHost(Protocol):
 
     @property
     def federation(self) -> Federation: ...
+
+    @property
+    def server(self) -> Server: ...
 
     def start_client(self, round: Round, client: int) -> Optional[ClientResult]:
         """``on_client_start`` and availability: None if the client takes part, else its dropped result."""

@@ -541,7 +541,7 @@ class VectorizedRunner:
         module = trainer.lightning_module
         datamodule = trainer.datamodule
         federation = loop.federation
-        strategy = trainer.aggregation.strategy
+        strategy = loop.server.strategy
         start = trainable_state(module)
         local = local_names(module)
         shared_like = {n: t for n, t in start.items() if n not in local}

@@ -1,0 +1,363 @@
+"""The server in plain torch: versioned global states, what a server update has received, and the update itself.
+
+Nothing here knows Lightning. :class:`Server` holds the global state and a version that counts
+server updates; it configures the message a client task starts from
+(:meth:`Server.configure`), accepts each reply against the version its client started from
+(:meth:`Server.accept`), and updates through the strategy: its aggregator, then its server
+optimizer (:meth:`Server.update`). What one server update has received so far is one object,
+:class:`Pending`, which the loop gathers whole under DDP; the server's whole state is one
+dictionary (:meth:`Server.state_dict`), which a checkpoint stores.
+
+Synchronous rounds are one schedule of this server: every client of a round is dispatched with
+the same version, and the round's end is one update. A schedule in which clients start from
+different versions (buffered asynchronous aggregation) needs nothing else of it: each reply names
+its version, and the server keeps each version's state while a client started from it is in flight.
+
+The Lightning side, :class:`~fedpeft_pl.aggregation.ServerAggregation`, is a thin callback: it
+calls the server from the loop's hooks and logs each round.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from fedpeft_pl.comm import WireCounter, payload_bytes
+from fedpeft_pl.compression import Codec
+from fedpeft_pl.errors import ConfigError
+from fedpeft_pl.exchange import decode_reply
+from fedpeft_pl.federation import (
+    ClientEvaluation,
+    ClientResult,
+    Federation,
+    Round,
+    RoundMessage,
+    State,
+    client_accuracy_summary,
+    first_non_finite,
+    weighted_metrics,
+)
+from fedpeft_pl.peft import PEFTMethod
+from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Dispatch", "Pending", "Server"]
+
+
+@dataclass
+class Dispatch:
+    """One global version as it was sent: the state the strategy configured, the message, and what clients decode.
+
+    Args:
+        version: server updates before this message.
+        sent: the state the strategy configured (before the download codec).
+        received: what every client decodes from ``message`` (the download codec's round trip).
+        message: the message itself.
+    """
+
+    version: int
+    sent: State
+    received: State
+    message: RoundMessage
+
+
+@dataclass
+class Pending:
+    """What one server update has received so far: its replies, its counts and its bytes.
+
+    Under DDP each process fills its own for its share of the clients; :meth:`Server.gather`
+    merges them in the order of a single process, so every process aggregates to the same bits.
+    """
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    reports: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (client, samples, metrics)
+    bytes: dict[str, int] = field(default_factory=lambda: {"down": 0, "up": 0})
+    dropped: int = 0
+    failed: int = 0
+    contributors: int = 0
+    delivered: list[int] = field(default_factory=list)
+
+    def to_cpu(self) -> Pending:
+        cpu = [
+            replace(u, state={k: v.cpu() for k, v in u.state.items()}, extras={k: v.cpu() for k, v in u.extras.items()})
+            for u in self.updates
+        ]
+        return replace(self, updates=cpu)
+
+
+class Server:
+    """The federation's server: global state and its versions, a client task's message, the update.
+
+    Args:
+        strategy: the aggregation strategy (an aggregator and a server optimizer); FedAvg by default.
+        upload: codec for the clients' updates; none by default.
+        download: codec for the global state sent to clients; none by default.
+    """
+
+    def __init__(
+        self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None
+    ) -> None:
+        self.strategy = strategy if strategy is not None else FedAvg()
+        self.upload = upload if upload is not None else Codec()
+        self.download = download if download is not None else Codec()
+        self.wire = WireCounter()
+        self.version = 0
+        self.global_state: State = {}
+        self.cumulative_bytes = 0
+        self.pending = Pending()
+        self.aggregated = 0
+        self.evaluation: dict[str, float] = {}
+        self._dispatched: dict[int, Dispatch] = {}
+        self._views: Optional[PEFTMethod] = None  # set where clients exchange their own views
+        self._views_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until it starts
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def start(self, global_state: State, peft: Optional[PEFTMethod] = None) -> None:
+        """Hold ``global_state``; ``peft`` where its clients exchange their own views of it (heterogeneous ranks)."""
+        self.global_state = dict(global_state)
+        if peft is not None and peft.per_client_views:
+            self._views = peft
+            self.wire.enabled = False  # one message layout per client: not measured
+            if self._views_state:
+                peft.load_server_state(self._views_state)
+                self._views_state = {}
+
+    def setup(self, federation: Federation) -> None:
+        """The federation's shape, once, before the first client task."""
+        self.strategy.setup(federation)
+
+    # -- a server update's client tasks -----------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start collecting for the next server update."""
+        self.pending = Pending()
+        self.evaluation = {}
+
+    def configure(self, round: Round) -> RoundMessage:
+        """The message the clients of ``round`` start from, at the current version."""
+        state, config = self.strategy.configure_fit(round.number, self.global_state)
+        payload = self.download.encode(state)
+        message = RoundMessage(
+            payload,
+            dict(config),
+            self.strategy.client_extras(round.number, self.global_state),
+            version=self.version,
+        )
+        self._dispatched[self.version] = Dispatch(
+            self.version, state, self.download.decode(payload, like=state), message
+        )
+        self.wire.start_round(payload)
+        return message
+
+    def dispatch(self, version: Optional[int] = None) -> Dispatch:
+        """What was sent at ``version`` (the newest by default); kept while clients started from it are in flight."""
+        version = max(self._dispatched) if version is None else version
+        if version not in self._dispatched:
+            raise RuntimeError(f"no global version {version} is in flight (in flight: {sorted(self._dispatched)})")
+        return self._dispatched[version]
+
+    def count_download(self, round: Round, result: ClientResult) -> None:
+        """What ``result``'s client (each of them, for a securely aggregated result) received, in bytes."""
+        if not result.received:
+            return
+        sent = self.dispatch(result.version)
+        message = sent.message
+        clients = list(result.aggregate_of) or [result.client]
+        if self._views is not None:  # each client its own view, at its own rank
+            self.pending.delivered += clients
+            for client in clients:
+                view = self._views.client_view(sent.sent, client, round.number, upload=False)
+                self.pending.bytes["down"] += payload_bytes(self.download.encode(view)) + payload_bytes(message.extras)
+                self.pending.bytes["down"] += self._views.pending_download_bytes(client, round.number)
+        else:
+            size = payload_bytes(message.payload) + payload_bytes(message.extras)
+            self.pending.bytes["down"] += size * len(clients)
+        plan = round.plans.get(result.client)
+        self.wire.download(message.config, round.number, result.client, plan.batches if plan else 0, message.extras)
+
+    def dropped(self, round: Round, result: ClientResult) -> None:
+        self.count_download(round, result)
+        self.pending.dropped += 1
+
+    def failed(self, round: Round, result: ClientResult) -> None:
+        self.count_download(round, result)
+        self.pending.failed += 1
+
+    def accept(self, round: Round, result: ClientResult, device: torch.device) -> Optional[ClientUpdate]:
+        """Take ``result``'s update, decoded against the version its client started from; None if left out.
+
+        An update holding NaN or Inf is left out with a warning naming the client and the tensor.
+        """
+        self.count_download(round, result)
+        if result.payload is None:
+            raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
+        pending = self.pending
+        # a securely aggregated result stands for that many clients, each of which uploaded an update
+        # of this size (in SecAgg+'s masked form; see fedpeft_pl.deploy.secagg for its wire size)
+        pending.bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(
+            1, len(result.aggregate_of)
+        )
+        self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
+        pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
+        version = self.dispatch(result.version).version
+        payload = {k: v.to(device) for k, v in result.payload.items()}
+        state = decode_reply(
+            self.upload, payload, self._dispatched[version].received, self._views, result.client, round.number
+        )
+        extras = {k: v.to(device) for k, v in result.extras.items()}
+        broken = first_non_finite({**state, **extras})
+        if broken is not None:
+            log.warning(
+                f"round {round.number}: client {result.client} sent NaN or Inf values (in {broken}); "
+                "its update is left out of this round",
+                extra={"each_process": True},  # only the process that trained the client knows
+            )
+            return None
+        update = ClientUpdate(result.client, result.num_samples, state, extras, tuple(result.aggregate_of), version)
+        pending.updates.append(update)
+        pending.contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
+        return update
+
+    def gather(self, round: Round, gather: Callable[[Any], list[Any]], device: torch.device) -> None:
+        """Merge every process's :class:`Pending` (and upload-codec state) into each, in a single process's order."""
+        mine = {
+            "pending": self.pending.to_cpu(),
+            "wire": self.wire.bytes,
+            "upload": self.upload.client_state(list(round.share)),
+        }
+        order = {c: i for i, c in enumerate(round.clients)}
+        merged = Pending()
+        self.wire.bytes = {"down": 0, "up": 0} if self.wire.bytes is not None else None
+        for part in gather(mine):
+            theirs: Pending = part["pending"]
+            merged.updates += [
+                replace(
+                    u,
+                    state={k: v.to(device) for k, v in u.state.items()},
+                    extras={k: v.to(device) for k, v in u.extras.items()},
+                )
+                for u in theirs.updates
+            ]
+            merged.reports += theirs.reports
+            merged.bytes = {k: merged.bytes[k] + theirs.bytes[k] for k in merged.bytes}
+            merged.dropped += theirs.dropped
+            merged.failed += theirs.failed
+            merged.delivered += theirs.delivered
+            if self.wire.bytes is not None and part["wire"] is not None:
+                self.wire.bytes = {k: v + part["wire"][k] for k, v in self.wire.bytes.items()}
+            self.upload.load_client_state(part["upload"])
+        merged.updates.sort(key=lambda u: order[u.client])
+        merged.reports.sort(key=lambda r: order[r[0]])
+        self.pending = merged
+
+    def update(self, round: Round, model: Optional[VisionTransformer] = None) -> bool:
+        """The server update at the end of ``round``: aggregate what arrived and step, or skip with a warning.
+
+        Under DDP the gathered updates are every process's; a securely aggregated update counts its
+        clients. Returns whether the global state moved; the version advances either way, and the
+        global versions no client is working from any more are let go.
+        """
+        pending = self.pending
+        arrived = max(len(pending.updates), pending.contributors)
+        moved = arrived >= self.strategy.min_clients
+        if moved:
+            state = self.strategy.aggregate_fit(round.number, self.global_state, pending.updates)
+            if self._views is not None:
+                assert model is not None, "a method with per-client views aggregates with the model"
+                state = self._views.aggregate(model, state, pending.updates, round.number)
+            self.global_state = state
+            self.aggregated = arrived
+        else:
+            log.warning(
+                f"round {round.number}: {arrived} usable update(s) of {len(round.clients)} sampled clients, fewer "
+                f"than min_clients={self.strategy.min_clients}; the round is skipped and the global state is unchanged"
+            )
+            self.aggregated = 0
+        pending.updates = []
+        if self._views is not None:
+            self._views.delivered(pending.delivered, round.number)
+        self.cumulative_bytes += pending.bytes["down"] + pending.bytes["up"]
+        self.version += 1
+        self._dispatched.clear()  # a synchronous round: every client of it has answered
+        return moved
+
+    # -- what the server knows of the clients ------------------------------------------------------
+
+    @property
+    def client_metrics(self) -> dict[str, float]:
+        """This update's client metrics so far, each weighted by the reporting clients' sample counts."""
+        return weighted_metrics(ClientResult(c, n, metrics=m) for c, n, m in self.pending.reports)
+
+    def record_client_evaluations(self, evaluations: list[ClientEvaluation]) -> None:
+        """Every client's accuracy on its own test split: ``clients/acc_*``, and the state sent to evaluate."""
+        self.evaluation.update(client_accuracy_summary(evaluations))
+        # each evaluated client receives the global state: counted apart from the training traffic
+        self.evaluation["comm/bytes_eval_down"] = len(evaluations) * payload_bytes(
+            self.download.encode(self.global_state)
+        )
+
+    # -- the server's state: one object -------------------------------------------------------------
+
+    def components(self) -> dict[str, str]:
+        """The server's strategy and codecs by setting, as a checkpoint records them for a resume."""
+
+        def name(part: Any) -> str:
+            return "none" if type(part) is Codec else type(part).__name__
+
+        return {
+            "trainer.aggregation": name(self.strategy),
+            "trainer.compress_upload": name(self.upload),
+            "trainer.compress_download": name(self.download),
+        }
+
+    def check_resume(self, state: Mapping[str, Any]) -> None:
+        """Refuse, before anything is written, a checkpoint's server state that this run cannot continue.
+
+        Checkpoints record their strategy and codecs (:meth:`components`); the state is also loaded
+        into copies, so a checkpoint from before that record is checked too.
+        """
+        saved = state.get("components", {})
+        for setting, name in self.components().items():
+            if setting in saved and saved[setting] != name:
+                raise ConfigError(
+                    f"the checkpoint was written with {setting} {saved[setting]}, this run has {name}; "
+                    "resume with the configuration that wrote it (its run folder's config.yaml)"
+                )
+        for part, target in (("strategy", self.strategy), ("upload", self.upload), ("download", self.download)):
+            try:
+                copy.deepcopy(target).load_state_dict(state[part])
+            except Exception as error:  # the state of another strategy or codec: KeyError, shape errors
+                raise ConfigError(
+                    f"the checkpoint's server state ({part}) does not fit this run's {type(target).__name__} "
+                    f"({type(error).__name__}: {error}); resume with the configuration that wrote it"
+                ) from None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server's whole state. The global state itself is the module's trainable state in a checkpoint."""
+        return {
+            "components": self.components(),
+            "version": self.version,
+            "cumulative_bytes": self.cumulative_bytes,
+            "strategy": self.strategy.state_dict(),
+            "upload": self.upload.state_dict(),
+            "download": self.download.state_dict(),
+            "peft": self._views.server_state() if self._views is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.cumulative_bytes = state["cumulative_bytes"]
+        self.version = state.get("version", 0)
+        self.strategy.load_state_dict(state["strategy"])
+        self.upload.load_state_dict(state["upload"])
+        self.download.load_state_dict(state["download"])
+        self._views_state = dict(state.get("peft", {}))
