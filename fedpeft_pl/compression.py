@@ -22,6 +22,11 @@ SCALE_SUFFIX = "::scale"
 class Codec(Component):
     """No compression: tensors travel as they are."""
 
+    @property
+    def identity(self) -> bool:
+        """Whether tensors travel as they are (this base class), so anything may be done with them on the way."""
+        return type(self).encode is Codec.encode and type(self).decode is Codec.decode
+
     def encode(self, tensors: State, client: Optional[int] = None) -> State:
         """The payload for ``tensors``; ``client`` identifies the sender where a codec keeps per-client state.
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 from typing_extensions import override
 
+from fedpeft_pl.capabilities import PrivacyMechanism
+from fedpeft_pl.capabilities import releases_client_statistics as run_releases_client_statistics
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
@@ -48,16 +50,13 @@ def releases_client_statistics(trainer: Any) -> bool:
     """Whether a run may collect un-noised per-client statistics (training loss, label histograms,
     accuracy on a client's own test split).
 
-    Yes in a run without DP; in a private run only if every DP component was given
-    ``release_client_statistics: true``. Such statistics are not covered by the DP guarantee.
+    Yes in a run without DP; in a private run only if every privacy mechanism among the run's
+    parts (its callbacks and the server's strategy) declared
+    ``release_client_statistics: true`` (:func:`fedpeft_pl.capabilities.releases_client_statistics`).
+    Such statistics are not covered by the DP guarantee.
     """
-    components = []
-    for callback in getattr(trainer, "callbacks", []):
-        if isinstance(callback, LocalDP):
-            components.append(callback)
-        if isinstance(getattr(callback, "strategy", None), DPFedAvg):
-            components.append(callback.strategy)
-    return all(c.release_client_statistics for c in components)
+    callbacks = list(getattr(trainer, "callbacks", []))
+    return run_releases_client_statistics([*callbacks, *(getattr(c, "strategy", None) for c in callbacks)])
 
 
 def _announce_client_statistics(owner: str, release: bool) -> None:
@@ -119,7 +118,7 @@ def clipped_gradient_sum(
     return sums, torch.cat(losses) if losses else torch.zeros(0)
 
 
-class LocalDP(FederatedCallback):
+class LocalDP(FederatedCallback, PrivacyMechanism):
     """DP-SGD on every client, with per-client accounting (record-level privacy of each client's data).
 
     Each client ``k`` gets its own noise multiplier, calibrated so that its expected use over
@@ -154,6 +153,8 @@ class LocalDP(FederatedCallback):
             class_path: fedpeft_pl.privacy.LocalDP
             init_args: {epsilon: 5.0, delta: 1.0e-3, max_grad_norm: 1.0}
     """
+
+    reports_from_clients = True  # each client reports the epsilon it spent beside its update
 
     def __init__(
         self,
@@ -416,7 +417,7 @@ class LocalDP(FederatedCallback):
         )
 
 
-class DPFedAvg(Strategy):
+class DPFedAvg(Strategy, PrivacyMechanism):
     """DP-FedAvg (McMahan et al. 2018): user-level central differential privacy.
 
     Each client's update ``w_k - global`` is clipped to norm ``clip_norm``; the server sums the
@@ -439,6 +440,11 @@ class DPFedAvg(Strategy):
 
     Every round releases a noisy aggregate, even one to which no client contributed.
     """
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        # the sum of the clipped updates is all it needs: under secure aggregation each client clips its own
+        return False
 
     def __init__(
         self,

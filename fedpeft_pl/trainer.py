@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from fedpeft_pl.aggregation import ServerAggregation
 from fedpeft_pl.availability import ClientAvailability
+from fedpeft_pl.capabilities import RunParts, check_run
 from fedpeft_pl.comm import CommReport, communication_report
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.console import RunSummary
@@ -370,6 +371,13 @@ class FederatedTrainer(pl.Trainer):
     def aggregation(self) -> ServerAggregation:
         """The callback that plays the server."""
         return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
+
+    def check_parts(self, model: pl.LightningModule, secure_aggregation: bool = False) -> None:
+        """Refuse, in one line, a combination of this run's parts that cannot hold
+        (:func:`fedpeft_pl.capabilities.check_run`); ``secure_aggregation``: the server will see only the masked sum."""
+        server = self.aggregation.server
+        privacy = (self.privacy,) if self.privacy is not None else ()
+        check_run(RunParts(getattr(model, "peft", None), server.strategy, server.upload, privacy, secure_aggregation))
 
     def export(
         self,

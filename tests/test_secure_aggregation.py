@@ -229,10 +229,11 @@ def test_a_secure_runner_keeps_the_run_configs_node_timeout_and_query_batch():
 
     from fedpeft_pl.deploy.secagg import SecureFlowerRunner
 
-    trainer = SimpleNamespace(callbacks=[], aggregation=SimpleNamespace(wire=SimpleNamespace(measured=False)))
+    server = SimpleNamespace(wire=SimpleNamespace(measured=False))
+    trainer = SimpleNamespace(callbacks=[])
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     runner = SecureFlowerRunner(
-        SimpleNamespace(trainer=trainer), None, {}, 60, context, SecureAggregation(), node_timeout=7, query_batch=2
+        SimpleNamespace(trainer=trainer, server=server), None, {}, 60, context, SecureAggregation(), node_timeout=7, query_batch=2
     )
     assert (runner.node_timeout, runner.query_batch, runner.reply_timeout) == (7, 2, 60)
-    assert trainer.aggregation.wire.measured, "the wire bytes are the real messages'"
+    assert server.wire.measured, "the wire bytes are the real messages'"

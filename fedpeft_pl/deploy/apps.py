@@ -17,9 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft_pl.deploy.flower import FlowerRunner, answer_evaluate, answer_query, answer_train, build, discover_clients
 from fedpeft_pl.deploy.secagg import SecureFlowerRunner, secure_train_mod
-from fedpeft_pl.deploy.secure_aggregation import SecureAggregation, check_composition
+from fedpeft_pl.deploy.secure_aggregation import SecureAggregation
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
-from fedpeft_pl.errors import ConfigError
 
 __all__ = ["client_app", "server_app"]
 
@@ -50,13 +49,7 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
         if secure is None:
             trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, node_timeout, query_batch))
         else:
-            check_composition(trainer.aggregation.strategy, trainer.aggregation.upload)
-            if trainer.privacy is not None or getattr(module.peft, "per_client_views", False):
-                raise ConfigError(
-                    "secure aggregation cannot run with local DP (trainer.privacy) or per-client LoRA views "
-                    "(heterogeneous ranks, FLoRA) yet: their clients report figures or views the masked sum hides; "
-                    "remove one of them"
-                )
+            trainer.check_parts(module, secure_aggregation=True)
             runner = SecureFlowerRunner(
                 trainer.fit_loop, grid, nodes, reply_timeout, context, secure, node_timeout, query_batch
             )

@@ -150,44 +150,23 @@ def _number(flag: str, value: str) -> Union[int, float]:
 def check_composition(strategy: Union[type, Any], upload: Optional[Any]) -> None:
     """Refuse, with one line, a run whose server needs what secure aggregation hides.
 
-    SecAgg+ gives the server only the sample-weighted mean of the updates, so the strategy must
-    be a function of that mean (FedAvg and its subclasses: FedProx, FedAdagrad, FedAdam,
-    FedYogi), or DPFedAvg (its clients clip their updates before masking, weigh them equally, and
-    the server adds its noise to the sum), and its clients must send nothing else (no extra tensors). The clients'
-    uploads are SecAgg+'s masked fixed-point vectors, so an upload codec cannot apply.
+    SecAgg+ gives the server only the sample-weighted sum of the updates, so the strategy must be
+    a function of that sum (it declares ``needs_individual_updates`` false: FedAvg, FedProx,
+    FedAdagrad, FedAdam, FedYogi, and DPFedAvg, whose clients clip their updates before masking),
+    and its clients must send nothing else (``sends_client_extras``). The clients' uploads are
+    SecAgg+'s masked fixed-point vectors, so an upload codec cannot apply. The rules are
+    :func:`fedpeft_pl.capabilities.check_run`'s.
 
     Args:
-        strategy: the strategy, or its class.
+        strategy: the strategy, or its class (built with its defaults).
         upload: the upload codec (or its class, or None).
     """
-    from fedpeft_pl.compression import Codec
-    from fedpeft_pl.privacy import DPFedAvg
-    from fedpeft_pl.strategies import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+    from fedpeft_pl.capabilities import RunParts, check_run
 
-    cls = strategy if isinstance(strategy, type) else type(strategy)
-    name = cls.__name__
-    if issubclass(cls, (FedMedian, FedTrimmedAvg)):
-        raise ConfigError(
-            f"secure aggregation cannot run {name}: it needs every client's individual update, and the server sees "
-            "only their sum"
-        )
-    if (issubclass(cls, FedAvg) or issubclass(cls, DPFedAvg)) and cls.client_end is Strategy.client_end:
-        pass
-    else:
-        raise ConfigError(
-            f"secure aggregation cannot run {name}: the server sees only the sample-weighted sum of the updates, so "
-            "the strategy "
-            "must aggregate their weighted mean with no per-client tensors (FedAvg, FedProx, FedAdagrad, FedAdam, "
-            "FedYogi, DPFedAvg)"
-        )
-    upload_cls = upload if isinstance(upload, type) or upload is None else type(upload)
-    if upload_cls is not None and upload_cls is not Codec:
-        raise ConfigError(
-            f"secure aggregation cannot use trainer.compress_upload ({upload_cls.__name__}): SecAgg+ uploads its own "
-            "masked "
-            "fixed-point vector (int64 per element in Flower), which per-client codec scales cannot be summed under; "
-            "remove it"
-        )
+    def built(part: Any) -> Any:
+        return part() if isinstance(part, type) else part
+
+    check_run(RunParts(strategy=built(strategy), upload=built(upload), secure_aggregation=True))
 
 
 def check_resolved_config(trainer: Mapping[str, Any]) -> None:
@@ -200,9 +179,9 @@ def check_resolved_config(trainer: Mapping[str, Any]) -> None:
             "spent beside an update the masked sum hides; remove one of them, or use DPFedAvg for central DP"
         )
     aggregation = trainer.get("aggregation")
-    strategy = FedAvg if aggregation is None else _class(aggregation)
+    strategy = FedAvg() if aggregation is None else _built(aggregation)
     upload = trainer.get("compress_upload")
-    check_composition(strategy, None if upload is None else _class(upload))
+    check_composition(strategy, None if upload is None else _built(upload))
 
 
 def _class(spec: Union[str, Mapping[str, Any]]) -> type:
@@ -212,3 +191,18 @@ def _class(spec: Union[str, Mapping[str, Any]]) -> type:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"cannot import {path}: {err}") from None
+
+
+def _built(spec: Union[str, Mapping[str, Any]]) -> Any:
+    """The part a config's ``class_path`` (with its ``init_args``, parts of parts included) names, built."""
+    init_args = spec.get("init_args") or {} if isinstance(spec, Mapping) else {}
+    arguments = {
+        key: _built(value) if isinstance(value, Mapping) and "class_path" in value else value
+        for key, value in init_args.items()
+    }
+    try:
+        return _class(spec)(**arguments)
+    except ConfigError:
+        raise
+    except Exception as err:  # arguments this part refuses: the run would refuse them too
+        raise ConfigError(f"cannot build {spec!r}: {type(err).__name__}: {err}") from None
