@@ -19,9 +19,8 @@ from fedpeft_pl.privacy import releases_client_statistics
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from fedpeft_pl.server import Server
-
     from fedpeft_pl.exchange import ClientSession
+    from fedpeft_pl.server import Server
 
 __all__ = ["RunnerHost", "client_metrics"]
 

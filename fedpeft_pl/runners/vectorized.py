@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from fedpeft_pl.capabilities import PrivacyMechanism
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientContext
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_parameters, trainable_state
-from fedpeft_pl.privacy import LocalDP
 from fedpeft_pl.runners.base import RunnerHost, client_metrics
 from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
 from fedpeft_pl.runners.device_data import DeviceData, step_batches
@@ -517,8 +517,9 @@ class VectorizedRunner:
         """How the engine trains this run's clients (``stacked``, ``vmap`` or ``batched head``), and why."""
         trainer = self.loop.trainer
         module = module if module is not None else trainer.lightning_module
+        # a privacy mechanism that acts on the clients' steps (local DP) takes the engine's vmap path
         private = getattr(module, "privacy", None) is not None or any(
-            isinstance(c, LocalDP) for c in getattr(trainer, "callbacks", [])
+            isinstance(c, PrivacyMechanism) and c.reports_from_clients for c in getattr(trainer, "callbacks", [])
         )
         return engine_path(module, private=private, features=bool(getattr(module, "takes_features", False)))
 
