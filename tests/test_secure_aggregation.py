@@ -233,7 +233,14 @@ def test_a_secure_runner_keeps_the_run_configs_node_timeout_and_query_batch():
     trainer = SimpleNamespace(callbacks=[])
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     runner = SecureFlowerRunner(
-        SimpleNamespace(trainer=trainer, server=server), None, {}, 60, context, SecureAggregation(), node_timeout=7, query_batch=2
+        SimpleNamespace(trainer=trainer, server=server),
+        None,
+        {},
+        60,
+        context,
+        SecureAggregation(),
+        node_timeout=7,
+        query_batch=2,
     )
     assert (runner.node_timeout, runner.query_batch, runner.reply_timeout) == (7, 2, 60)
     assert server.wire.measured, "the wire bytes are the real messages'"
