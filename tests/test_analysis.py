@@ -102,6 +102,10 @@ def test_a_csv_logger_run_reads_as_its_tensorboard_twin_and_is_reported(logs, tm
     )
     folder = root / "prompt" / "version_0"
     assert (folder / "metrics.csv").is_file() and not list(folder.glob("events.out.tfevents.*"))
+    summary = capsys.readouterr().err.splitlines()
+    suggested = [line.split("#")[0].split() for line in summary[summary.index("next:") + 1 :]]
+    assert [command[:2] for command in suggested] == [["fedpeft", "report"], ["fedpeft", "export"]], summary
+    assert suggested[0][2] == str(root)  # no tensorboard: this run wrote no event files
     (run,) = load_runs(root)
     twin = next(r for r in load_runs(logs) if r.method == "Prompt")  # the same run, logged to TensorBoard
     assert (run.name, run.method, run.rounds) == ("prompt/version_0", "Prompt", 2)
@@ -112,8 +116,7 @@ def test_a_csv_logger_run_reads_as_its_tensorboard_twin_and_is_reported(logs, tm
         assert steps == twin.series(tag)[0] and len(steps) >= 2, tag
         assert values == pytest.approx(twin.series(tag)[1], rel=1e-6), tag  # TensorBoard keeps float32
     assert run.accuracy_vs_megabytes()[0] == twin.accuracy_vs_megabytes()[0]
-    capsys.readouterr()
-    main(["report", str(root), "--output", str(tmp_path / "report")])
+    main(["report", suggested[0][2], "--output", str(tmp_path / "report")])
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| prompt/version_0 | Prompt | 2 |" in table, table
     assert "skipped" not in capsys.readouterr().err
