@@ -81,8 +81,12 @@ def test_fedpeft_export_writes_the_checkpoints_model(tmp_path, capsys, monkeypat
     )
     run = Path(save_dir) / "lora" / "version_0"
     output = tmp_path / "lora.safetensors"
+    capsys.readouterr()
     main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--output", str(output)])
-    assert "plain timm" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "plain timm" in said.out
+    # export reads the checkpoint 'last' names; it resumes nothing and trains nothing
+    assert said.err.strip() == f"reading the checkpoint {run / 'checkpoints' / 'last.ckpt'}", said.err
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     lora_b = checkpoint["state_dict"]["model.blocks.0.attn.qkv.lora_B"]
     assert lora_b.abs().sum() > 0
