@@ -1,4 +1,7 @@
-"""Read the TensorBoard logs of federated runs and plot accuracy against communication.
+"""Read the logs of federated runs and plot accuracy against communication.
+
+A run is a folder that a TensorBoard logger wrote event files into, or that Lightning's
+``CSVLogger`` wrote its ``metrics.csv`` into; both hold the same tags with the same steps.
 
 Used by ``notebooks/accuracy_vs_communication.ipynb`` and the benchmark scripts::
 
@@ -11,6 +14,7 @@ Plotting needs matplotlib (``pip install fedpeft-pl[analysis]``).
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,19 +60,23 @@ class Run:
         return [s / MIB for s in steps], accuracy
 
 
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's
+CSV_METRICS = "metrics.csv"  # Lightning's CSVLogger's
+
+
 def find_runs(root: PathLike) -> list[Path]:
-    """Every directory under ``root`` (itself included) that holds TensorBoard event files."""
+    """Every directory under ``root`` (itself included) that holds TensorBoard event files or a CSVLogger's
+    ``metrics.csv``."""
     root = Path(root)
-    directories = {p.parent for p in root.rglob("events.out.tfevents.*")}
+    directories = {p.parent for pattern in (EVENT_FILES, CSV_METRICS) for p in root.rglob(pattern)}
     return sorted(directories)
 
 
 def load_run(path: PathLike, name: Optional[str] = None) -> Run:
+    """The run logged in ``path``: its TensorBoard event files, or else its CSVLogger's ``metrics.csv``."""
     path = Path(path)
-    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    events.Reload()
-    # a resumed run may log a round again; the later value wins, as in TensorBoard
-    scalars = {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items()) for tag in events.Tags()["scalars"]}
+    csv_only = (path / CSV_METRICS).is_file() and not any(path.glob(EVENT_FILES))
+    scalars = _csv_scalars(path / CSV_METRICS) if csv_only else _tensorboard_scalars(path)
     method = _method_of(path)
     return Run(name=name or _default_name(path, method), path=path, method=method, scalars=scalars)
 
@@ -77,8 +85,34 @@ def load_runs(*roots: PathLike) -> list[Run]:
     """Load every run found under each of ``roots`` (directories or single runs)."""
     runs = [load_run(path) for root in roots for path in find_runs(root)]
     if not runs:
-        raise FileNotFoundError(f"no TensorBoard event files under {', '.join(map(str, roots))}")
+        raise FileNotFoundError(
+            f"no TensorBoard event files or CSVLogger {CSV_METRICS} under {', '.join(map(str, roots))}"
+        )
     return runs
+
+
+def _tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    events.Reload()
+    # a resumed run may log a round again; the later value wins, as in TensorBoard
+    return {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items()) for tag in events.Tags()["scalars"]}
+
+
+def _csv_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    # One row per log_metrics call: its step, and a value in the column of each tag it logged (the
+    # others empty). Read by hand: the csv module is all it takes, where pandas would be a dependency.
+    points: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as file:
+        for row in csv.DictReader(file):
+            step = row.pop("step", None)
+            if not step:
+                continue
+            for tag, value in row.items():
+                try:
+                    points.setdefault(tag, {})[int(float(step))] = float(value)
+                except (TypeError, ValueError):  # empty: another call's tag; text: not a scalar
+                    continue
+    return {tag: sorted(values.items()) for tag, values in points.items() if values}
 
 
 def _method_of(path: Path) -> str:

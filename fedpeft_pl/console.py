@@ -10,6 +10,7 @@ import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from typing_extensions import override
 
 from fedpeft_pl.comm import MIB
@@ -70,7 +71,9 @@ class RunSummary(FederatedCallback):
 
 
 def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
-    """The closing summary of a fit: results, run folder, and the commands that come next."""
+    """The closing summary of a fit: results, run folder, and the commands that come next, as fit the run's
+    loggers: TensorBoard's viewer for a TensorBoard logger, ``fedpeft report`` for the loggers it reads (TensorBoard,
+    CSVLogger), and where the logs are for any other logger."""
     server = getattr(trainer, "aggregation", None)
     accuracy = trainer.callback_metrics.get("server/acc")
     sent = getattr(server, "cumulative_bytes", 0) / MIB
@@ -79,18 +82,51 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
         f"done: {rounds} rounds, {sent:.3f} MiB sent, in {seconds:.1f} s; final server accuracy "
         + (f"{float(accuracy):.4f}" if accuracy is not None else "not evaluated")
     ]
+    if not trainer.loggers:
+        return lines
     # the first logger's folder, as trainer.log_dir finds it; trainer.log_dir itself is a collective
     # under DDP, which only rank 0 reaches here
-    run_dir: Any = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
+    first = trainer.loggers[0]
+    run_dir: Any = getattr(first, "log_dir", None)
     if run_dir:
         lines.append(f"run folder: {run_dir}")
-        logger_root = os.path.dirname(os.path.dirname(os.path.normpath(run_dir)))
-        config = os.path.join(run_dir, "config.yaml")
-        lines += [
-            "next:",
-            f"  tensorboard --logdir {shlex.quote(logger_root)}   # the curves",
-            f"  fedpeft report {shlex.quote(logger_root)} --output report   # compare its runs: a table and figures",
-            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path last --output model.safetensors   # the "
-            "model",
-        ]
+    commands = []
+    reported = False
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            # <save_dir>, above <name>/version_<n>: this run and the runs beside it (other methods, versions)
+            root = shlex.quote(logger.save_dir)
+            if isinstance(logger, TensorBoardLogger):
+                commands.append(f"  tensorboard --logdir {root}   # the curves")
+            if not reported:  # one report: a second logger of the same run logs the same figures
+                commands.append(f"  fedpeft report {root} --output report   # compare its runs: a table and figures")
+                reported = True
+        else:
+            lines.append(f"logs: {where_logged(logger)}")
+    # where LightningCLI wrote the run's configuration: trainer.log_dir
+    config_dir = run_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+    config = os.path.join(config_dir or trainer.default_root_dir, "config.yaml")
+    checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    if os.path.isfile(config) and checkpoint:
+        # 'last' finds the newest last.ckpt under a TensorBoard or CSV logger's folder; any other logger's
+        # checkpoint is named by its path
+        ckpt = "last" if isinstance(first, (TensorBoardLogger, CSVLogger)) else shlex.quote(checkpoint)
+        commands.append(
+            f"  fedpeft export --config {shlex.quote(config)} --ckpt_path {ckpt} --output model.safetensors   # the "
+            "model"
+        )
+    if commands:
+        lines += ["next:", *commands]
     return lines
+
+
+def where_logged(logger: Logger) -> str:
+    """A logger that ``fedpeft report`` does not read, and where its logs are: its class, name, version and
+    folder, as far as it has them (an MLflow or Weights & Biases server's logs have no local folder)."""
+    parts = [
+        f"{key} {value}"
+        for key, value in (("name", logger.name), ("version", logger.version))
+        if value not in (None, "")
+    ]
+    folder = getattr(logger, "log_dir", None) or logger.save_dir
+    return type(logger).__name__ + (f" ({', '.join(parts)})" if parts else "") + (f" in {folder}" if folder else "")

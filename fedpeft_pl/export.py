@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -67,8 +69,34 @@ def export_model(module: FedPEFTModule, path: Union[str, Path]) -> Exported:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    write_safetensors({k: v.contiguous().cpu() for k, v in state.items()}, path, metadata)
     return Exported(path, merged is not None, len(state), payload_bytes(state))
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with the file's mode what ``open`` would give it: the user's umask for a
+    new file (0644 under umask 022), an earlier file's own mode when it is written over.
+
+    safetensors (0.8) saves into a temporary file that it creates with mode 0600 and renames onto its target, so
+    its file keeps 0600 whatever the umask, or the mode of a file it replaces. Here its target is a file of ours,
+    created as any file is (the umask applies); its file, renamed onto ours, gets our file's mode back and is then
+    renamed onto ``path``, so a killed export never leaves half a file there either.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)  # a killed export's, whose process id this one has
+    handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(handle).st_mode)
+    finally:
+        os.close(handle)
+    try:
+        if path.exists():
+            mode = stat.S_IMODE(path.stat().st_mode)
+        save_file(tensors, str(partial), metadata=metadata)
+        os.chmod(partial, mode)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def export_checkpoint(

@@ -1,4 +1,6 @@
-"""``fedpeft report RUN_DIR... [--output DIR]``: compare finished runs from their TensorBoard logs.
+"""``fedpeft report RUN_DIR... [--output DIR]``: compare finished runs from their logs.
+
+Reads what a run's TensorBoard logger or Lightning's ``CSVLogger`` wrote (:mod:`fedpeft_pl.analysis`).
 
 Writes ``DIR/report.md`` (the comparison table of :func:`fedpeft_pl.analysis.summarize`) and,
 where matplotlib is installed (``pip install 'fedpeft-pl[analysis]'``), two figures,
@@ -106,8 +108,8 @@ def report_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fedpeft report",
         description="Compare finished runs: a Markdown table (report.md) and accuracy-vs-MiB and accuracy-vs-round "
-        "figures (PNG) from their TensorBoard logs. Runs that never finished are skipped. The figures need "
-        "matplotlib: pip install 'fedpeft-pl[analysis]'.",
+        "figures (PNG) from their TensorBoard logs or CSVLogger metrics.csv. Runs that never finished are skipped. "
+        "The figures need matplotlib: pip install 'fedpeft-pl[analysis]'.",
         allow_abbrev=False,
     )
     parser.add_argument(

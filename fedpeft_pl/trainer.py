@@ -289,6 +289,11 @@ class FederatedTrainer(pl.Trainer):
             privacy.attach(model, datamodule)
         if ckpt_path == "last":
             ckpt_path = self.find_last_checkpoint(continue_logging=True)
+            log.info(
+                f"resuming from {ckpt_path}"
+                if ckpt_path
+                else "no earlier checkpoint to resume from; training starts at round 1"
+            )
         if ckpt_path is not None:
             # everything that can refuse the resume, before the run folder is touched
             checkpoint = check_checkpoint_file(str(ckpt_path))
@@ -344,7 +349,6 @@ class FederatedTrainer(pl.Trainer):
         else:
             candidates = list(Path(self.default_root_dir).glob("checkpoints/last*.ckpt"))
         if not candidates:
-            log.info("no earlier checkpoint to resume from; training starts at round 1")
             return None
         newest = max(candidates, key=lambda p: p.stat().st_mtime)
         version_dir = newest.parent.parent
@@ -356,7 +360,6 @@ class FederatedTrainer(pl.Trainer):
             and version_dir.parent == Path(root)
         ):
             self.loggers = [_continue_in(logger, version_dir.name)] + [lg for lg in self.loggers if lg is not logger]
-        log.info(f"resuming from {newest}")
         return str(newest)
 
     def _check_clients(self, num_clients: int) -> None:
@@ -405,6 +408,8 @@ class FederatedTrainer(pl.Trainer):
             raise ConfigError(
                 "ckpt_path 'last': this config's run folder holds no last.ckpt; give the checkpoint file to export"
             )
+        if ckpt_path == "last":
+            log.info(f"reading the checkpoint {path}")
         check_resume(model, check_checkpoint_file(path))
         exported = export_checkpoint(model, path, output, weights_only=weights_only is not False)
         kind = (

@@ -81,8 +81,55 @@ def test_plot_has_one_line_per_run_in_both_panels(logs):
 
 
 def test_missing_logs_are_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+    with pytest.raises(FileNotFoundError, match=r"no TensorBoard event files or CSVLogger metrics\.csv"):
         load_runs(tmp_path)
+
+
+def test_a_csv_logger_run_reads_as_its_tensorboard_twin_and_is_reported(logs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "csv"
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            *SHORT,
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+        ]
+    )
+    folder = root / "prompt" / "version_0"
+    assert (folder / "metrics.csv").is_file() and not list(folder.glob("events.out.tfevents.*"))
+    summary = capsys.readouterr().err.splitlines()
+    suggested = [line.split("#")[0].split() for line in summary[summary.index("next:") + 1 :]]
+    assert [command[:2] for command in suggested] == [["fedpeft", "report"], ["fedpeft", "export"]], summary
+    assert suggested[0][2] == str(root)  # no tensorboard: this run wrote no event files
+    (run,) = load_runs(root)
+    twin = next(r for r in load_runs(logs) if r.method == "Prompt")  # the same run, logged to TensorBoard
+    assert (run.name, run.method, run.rounds) == ("prompt/version_0", "Prompt", 2)
+    for tag in ("comm/cumulative_bytes", "comm/bytes_up", "comm/bytes_down", "round/clients_aggregated"):
+        assert run.series(tag) == twin.series(tag), tag
+    for tag in ("server/acc", "server/loss", "train/loss", "server/acc_vs_cumulative_bytes"):
+        steps, values = run.series(tag)
+        assert steps == twin.series(tag)[0] and len(steps) >= 2, tag
+        assert values == pytest.approx(twin.series(tag)[1], rel=1e-6), tag  # TensorBoard keeps float32
+    assert run.accuracy_vs_megabytes()[0] == twin.accuracy_vs_megabytes()[0]
+    main(["report", suggested[0][2], "--output", str(tmp_path / "report")])
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| prompt/version_0 | Prompt | 2 |" in table, table
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_a_folder_with_both_logs_is_one_run(logs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "both" / "version_0"
+    shutil.copytree(logs / "prompt" / "version_0", folder)
+    (folder / "metrics.csv").write_text("server/acc,step\n0.5,1\n")  # read only where no event files are
+    (run,) = load_runs(tmp_path / "both")
+    assert run.rounds == 2 and run.series("server/acc")[1] != [0.5]
 
 
 @pytest.mark.slow  # a notebook kernel

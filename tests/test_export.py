@@ -81,8 +81,12 @@ def test_fedpeft_export_writes_the_checkpoints_model(tmp_path, capsys, monkeypat
     )
     run = Path(save_dir) / "lora" / "version_0"
     output = tmp_path / "lora.safetensors"
+    capsys.readouterr()
     main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--output", str(output)])
-    assert "plain timm" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "plain timm" in said.out
+    # export reads the checkpoint 'last' names; it resumes nothing and trains nothing
+    assert said.err.strip() == f"reading the checkpoint {run / 'checkpoints' / 'last.ckpt'}", said.err
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     lora_b = checkpoint["state_dict"]["model.blocks.0.attn.qkv.lora_B"]
     assert lora_b.abs().sum() > 0
@@ -99,3 +103,35 @@ def test_fedpeft_export_writes_the_checkpoints_model(tmp_path, capsys, monkeypat
     shipped.load_weights(reference)
     assert not torch.equal(merged, reference.state_dict()["blocks.0.attn.qkv.weight"]), "the LoRA update was merged"
     assert os.path.getsize(output) < 4 * 2**20
+
+
+@pytest.fixture
+def umask():
+    """Sets the process's umask for one test, and puts the earlier one back."""
+    earlier = os.umask(0o022)
+    yield os.umask
+    os.umask(earlier)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)], ids=["022", "027", "002"])
+def test_the_exported_file_gets_the_users_umask_like_any_new_file(tmp_path, umask, mask, mode):
+    module = tiny_module(Head())
+    module.configure_model()
+    umask(mask)
+    exported = export_model(module, tmp_path / "model.safetensors")
+    neighbour = tmp_path / "notes.txt"
+    neighbour.write_text("a file the user writes beside it\n")
+    assert oct(exported.path.stat().st_mode & 0o777) == oct(neighbour.stat().st_mode & 0o777) == oct(mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.txt"]  # no partial file left
+    assert load_file(str(exported.path)).keys() == module.model.state_dict().keys()
+
+
+def test_an_exported_file_written_over_keeps_its_mode(tmp_path, umask):
+    module = tiny_module(Head())
+    module.configure_model()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"an earlier export")
+    path.chmod(0o640)  # its owner shares it with the group only
+    export_model(module, path)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)  # neither 0600 nor the umask's 0644
+    assert load_file(str(path)).keys() == module.model.state_dict().keys()

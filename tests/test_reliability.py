@@ -289,6 +289,7 @@ def test_a_round_logged_but_not_checkpointed_before_a_crash_is_logged_once_after
     with caplog.at_level(logging.INFO, logger="fedpeft_pl"):
         resumed = fit(3, ckpt_path="last")
     assert resumed.current_epoch == 3
+    assert f"resuming from {folder / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert "round(s) 3 to 3 were logged after the checkpoint of round 2" in caplog.text
     logs = scalars(folder)
     for tag in [t for t in logs if t.startswith(("round/", "comm/", "server/"))]:
