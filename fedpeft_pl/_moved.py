@@ -18,6 +18,9 @@ import types
 import warnings
 from typing import Any, Optional
 
+REMOVED_IN = "0.2.0"
+"""The release whose import system no longer knows the old paths; nothing has been released under them."""
+
 MOVED = {
     "fedpeft_pl.vectorized": "fedpeft_pl.runners.vectorized",
     "fedpeft_pl.feature_cache": "fedpeft_pl.runners.feature_cache",
@@ -39,7 +42,11 @@ class _Forwarder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         new = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{spec.name} moved to {new}; import it from there (the old path is removed in fedpeft-pl {REMOVED_IN})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         # the import system binds the returned module under the old name in sys.modules (one module
         # object with two names); it keeps the module's __name__ but sets its __spec__ to the old
         # name's, which exec_module puts back
