@@ -57,3 +57,53 @@ def test_readme_hf_peft_example_is_a_valid_overlay(tmp_path, capsys, monkeypatch
     main(["comm", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
     printed = capsys.readouterr().out
     assert "HFPeft(LoraConfig(" in printed and "use_dora=True" in printed
+
+
+def test_readme_composed_strategy_builds_its_two_parts(tmp_path, monkeypatch):
+    from fedpeft_pl.config import build_run, resolve_config
+    from fedpeft_pl.strategies import Adam, FedAvg, Median
+
+    monkeypatch.chdir(REPO)
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "aggregator: fedpeft_pl.strategies.Median" in b)
+    (tmp_path / "overlay.yaml").write_text(example)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
+    )
+    trainer, _, _, _ = build_run(config, save_config=False)
+    strategy = trainer.aggregation.strategy
+    assert type(strategy) is FedAvg and type(strategy.aggregator) is Median
+    assert type(strategy.server_optimizer) is Adam and strategy.server_optimizer.lr == 0.01
+
+
+def test_contributing_aggregator_example_bounds_each_update(tmp_path, monkeypatch):
+    from fedpeft_pl.config import build_run, resolve_config
+    from fedpeft_pl.strategies import ClientUpdate, FedAdam
+
+    source = python_block(
+        (REPO / "CONTRIBUTING.md").read_text(), "import torch\nfrom fedpeft_pl.strategies import Aggregator"
+    )
+    (tmp_path / "my_rules.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_rules", None)
+    from my_rules import NormBounded
+
+    start = {"w": torch.zeros(2)}
+    updates = [ClientUpdate(0, 1, {"w": torch.tensor([3.0, 4.0])}), ClientUpdate(1, 3, {"w": torch.tensor([0.1, 0.0])})]
+    # (1 * [3, 4] / 5 * 0.5 + 3 * [0.1, 0]) / 4 = ([0.3, 0.4] + [0.3, 0]) / 4
+    torch.testing.assert_close(NormBounded(bound=0.5).aggregate(updates, start)["w"], torch.tensor([0.15, 0.1]))
+    yaml_block = next(
+        b
+        for b in re.findall(r"```yaml\n(.*?)```", (REPO / "CONTRIBUTING.md").read_text(), flags=re.S)
+        if "my_rules" in b
+    )
+    (tmp_path / "overlay.yaml").write_text(yaml_block)
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
+    )
+    strategy = build_run(config, save_config=False)[0].aggregation.strategy
+    assert type(strategy) is FedAdam and type(strategy.aggregator).__name__ == "NormBounded"
+    assert strategy.aggregator.bound == 0.5 and strategy.needs_individual_updates
