@@ -17,6 +17,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from fedpeft_pl.clock import VirtualClock, format_seconds
 from fedpeft_pl.comm import MIB, WireCounter
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientEvaluation, ClientResult, Federation, Round, RoundMessage, State
@@ -63,12 +64,19 @@ class ServerAggregation(FederatedCallback):
         strategy: the aggregation strategy; FedAvg by default.
         upload: codec for the clients' updates; none by default.
         download: codec for the global state sent to clients; none by default.
+        clock: simulated time of each client task (:class:`~fedpeft_pl.clock.VirtualClock`): the
+            round's ``time/round_seconds`` (its last client's arrival), ``time/simulated_seconds``
+            and ``server/acc_vs_simulated_seconds`` (step: whole simulated seconds); none by default.
     """
 
     def __init__(
-        self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None
+        self,
+        strategy: Optional[Strategy] = None,
+        upload: Optional[Codec] = None,
+        download: Optional[Codec] = None,
+        clock: Optional[VirtualClock] = None,
     ) -> None:
-        self.server = Server(strategy, upload, download)
+        self.server = Server(strategy, upload, download, clock)
         self._local_init: State = {}
         self._round_started = 0.0
         self._sampled = 0
@@ -185,6 +193,9 @@ class ServerAggregation(FederatedCallback):
             **evaluation,
             **server.strategy.round_metrics(),
         }
+        if server.clock is not None:
+            metrics["time/round_seconds"] = server.round_seconds
+            metrics["time/simulated_seconds"] = server.simulated_seconds
         train_loss = self.client_metrics.get("train_loss")
         if train_loss is None and "train/loss" in trainer.callback_metrics:  # a module that logs its own
             train_loss = float(trainer.callback_metrics["train/loss"])
@@ -206,6 +217,11 @@ class ServerAggregation(FederatedCallback):
                 logger.log_metrics(
                     {"server/acc_vs_cumulative_bytes": evaluation["server/acc"]}, step=server.cumulative_bytes
                 )
+                if server.clock is not None:  # its step: whole simulated seconds since the start
+                    logger.log_metrics(
+                        {"server/acc_vs_simulated_seconds": evaluation["server/acc"]},
+                        step=round(server.simulated_seconds),
+                    )
             logger.save()
         if trainer.is_global_zero:
             log.info(_round_summary(server_round, trainer.max_epochs, self._sampled, metrics))
@@ -249,5 +265,10 @@ def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: di
         f"sent {metrics['comm/bytes_down'] / MIB:.3f} MiB down, {metrics['comm/bytes_up'] / MIB:.3f} MiB up"
         f" (total {metrics['comm/cumulative_bytes'] / MIB:.3f} MiB)"
     )
+    if "time/round_seconds" in metrics:
+        parts.append(
+            f"simulated {format_seconds(metrics['time/round_seconds'])} "
+            f"(total {format_seconds(metrics['time/simulated_seconds'])})"
+        )
     parts.append(f"{metrics['round/seconds']:.1f} s")
     return " | ".join(parts)

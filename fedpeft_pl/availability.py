@@ -54,10 +54,10 @@ class ClientAvailability:
             rng.uniform(*self.straggler_work),
         )
         if dropped:
-            return Plan(True, 0, False)
+            return Plan(True, 0, False, planned_batches)
         if straggles:
-            return Plan(False, max(1, math.floor(share * planned_batches)), True)
-        return Plan(False, planned_batches, False)
+            return Plan(False, max(1, math.floor(share * planned_batches)), True, planned_batches)
+        return Plan(False, planned_batches, False, planned_batches)
 
     def __repr__(self) -> str:
         return (

@@ -231,21 +231,24 @@ class WireCounter:
         client: int,
         max_batches: int,
         extras: Mapping[str, torch.Tensor],
-    ) -> None:
+    ) -> Optional[int]:
+        """Count one client's train message; its wire bytes, or None where they are not measured here."""
         if self.bytes is None or self.measured:
-            return
+            return None
         from flwr.app import ConfigRecord
 
         content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
         if "extras" in content:
             # Flower sends an object once per message, so an extra tensor equal to one of the state's
             # (zeros, at first) costs nothing more: measure the whole message
-            self.bytes["down"] += wire_bytes(content)
-            return
-        # the round's arrays are the same for every client: measured once, plus this message's own objects
-        config = content["config"]
-        assert isinstance(config, ConfigRecord)
-        self.bytes["down"] += self._arrays_bytes + wire_bytes(config) + len(content.deflate())
+            size = wire_bytes(content)
+        else:
+            # the round's arrays are the same for every client: measured once, plus this message's own objects
+            config = content["config"]
+            assert isinstance(config, ConfigRecord)
+            size = self._arrays_bytes + wire_bytes(config) + len(content.deflate())
+        self.bytes["down"] += size
+        return size
 
     def upload(
         self,
@@ -253,13 +256,17 @@ class WireCounter:
         num_examples: int,
         metrics: Mapping[str, float],
         extras: Mapping[str, torch.Tensor],
-    ) -> None:
+    ) -> Optional[int]:
+        """Count one client's reply; its wire bytes, or None where they are not measured here."""
         if self.bytes is None or self.measured:
-            return
+            return None
         try:
-            self.bytes["up"] += self._reply_sizes(payload, num_examples, metrics, extras)
+            size = self._reply_sizes(payload, num_examples, metrics, extras)
         except TypeError:
             self.bytes = None
+            return None
+        self.bytes["up"] += size
+        return int(size)
 
     def count(self, direction: str, content: Any) -> None:
         """Count a real message's content (a deployment)."""

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from typing_extensions import override
 
+from fedpeft_pl.clock import format_seconds
 from fedpeft_pl.comm import MIB
 from fedpeft_pl.federation import Federation
 from fedpeft_pl.hooks import FederatedCallback
@@ -82,6 +83,10 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
         f"done: {rounds} rounds, {sent:.3f} MiB sent, in {seconds:.1f} s; final server accuracy "
         + (f"{float(accuracy):.4f}" if accuracy is not None else "not evaluated")
     ]
+    state = getattr(server, "server", None)
+    if state is not None and state.clock is not None:
+        simulated = state.simulated_seconds
+        lines.append(f"simulated time: {format_seconds(simulated)} ({simulated:.1f} s) on {state.clock!r}")
     if not trainer.loggers:
         return lines
     # the first logger's folder, as trainer.log_dir finds it; trainer.log_dir itself is a collective

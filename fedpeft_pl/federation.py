@@ -104,11 +104,22 @@ def sample_clients(
 
 @dataclass(frozen=True)
 class Plan:
-    """What one sampled client does this round: drop out, or run ``batches`` local batches."""
+    """What one sampled client does this round: drop out, or run ``batches`` local batches.
+
+    ``planned`` is what it would run without availability (every local epoch's batches); 0 where unknown.
+    """
 
     dropped: bool
     batches: int
     straggler: bool
+    planned: int = 0
+
+    @property
+    def work(self) -> float:
+        """The share of its planned local work the client does: 1, less for a straggler, 0 if it drops out."""
+        if self.dropped:
+            return 0.0
+        return min(1.0, self.batches / self.planned) if self.planned else 1.0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``LORA_RANK`` ``(client)``: a client's LoRA rank under a seeded rank rule (heterogeneous ranks),
   the same in every process and every round
 - ``LORA_FRESH_A`` ``(round, client)``: the fresh ``A`` a FLoRA client starts each round from
+- ``CLOCK_PROFILE`` ``(client, quantity)``: a client's device and network under the virtual clock
+  (its speed, upload and download bandwidth, latency: one stream each)
+- ``CLOCK_JITTER`` ``(round, client)``: the per-round factor on that client's task time
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -43,6 +46,8 @@ LORA_FRESH_A = 9
 PARTITION_ORDER = 10
 PARTITIONER = 11
 NATURAL_CLIENTS = 12
+CLOCK_PROFILE = 13
+CLOCK_JITTER = 14
 
 
 def derive_seed(*parts: int) -> int:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from fedpeft_pl.clock import VirtualClock
 from fedpeft_pl.comm import WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.errors import ConfigError
@@ -85,6 +86,8 @@ class Pending:
     failed: int = 0
     contributors: int = 0
     delivered: list[int] = field(default_factory=list)
+    seconds: dict[int, float] = field(default_factory=dict)  # simulated seconds of each client's task, with a clock
+    task_bytes: dict[int, int] = field(default_factory=dict)  # each client's download bytes, for its task time
 
     def to_cpu(self) -> Pending:
         cpu = [
@@ -101,14 +104,24 @@ class Server:
         strategy: the aggregation strategy (an aggregator and a server optimizer); FedAvg by default.
         upload: codec for the clients' updates; none by default.
         download: codec for the global state sent to clients; none by default.
+        clock: simulated time of each client task (:class:`~fedpeft_pl.clock.VirtualClock`); none by default.
     """
 
     def __init__(
-        self, strategy: Optional[Strategy] = None, upload: Optional[Codec] = None, download: Optional[Codec] = None
+        self,
+        strategy: Optional[Strategy] = None,
+        upload: Optional[Codec] = None,
+        download: Optional[Codec] = None,
+        clock: Optional[VirtualClock] = None,
     ) -> None:
         self.strategy = strategy if strategy is not None else FedAvg()
         self.upload = upload if upload is not None else Codec()
         self.download = download if download is not None else Codec()
+        self.clock = clock
+        self.simulated_seconds = 0.0
+        self.round_seconds = 0.0
+        self._seed = 0
+        self._local_epochs = 1
         self.wire = WireCounter()
         self.version = 0
         self.global_state: State = {}
@@ -135,6 +148,7 @@ class Server:
     def setup(self, federation: Federation) -> None:
         """The federation's shape, once, before the first client task."""
         self.strategy.setup(federation)
+        self._seed, self._local_epochs = federation.seed, federation.local_epochs
 
     # -- a server update's client tasks -----------------------------------------------------------
 
@@ -177,13 +191,20 @@ class Server:
             self.pending.delivered += clients
             for client in clients:
                 view = self._views.client_view(sent.sent, client, round.number, upload=False)
-                self.pending.bytes["down"] += payload_bytes(self.download.encode(view)) + payload_bytes(message.extras)
-                self.pending.bytes["down"] += self._views.pending_download_bytes(client, round.number)
+                size = payload_bytes(self.download.encode(view)) + payload_bytes(message.extras)
+                size += self._views.pending_download_bytes(client, round.number)
+                self.pending.bytes["down"] += size
+                self.pending.task_bytes[client] = size
         else:
             size = payload_bytes(message.payload) + payload_bytes(message.extras)
             self.pending.bytes["down"] += size * len(clients)
+            self.pending.task_bytes.update(dict.fromkeys(clients, size))
         plan = round.plans.get(result.client)
-        self.wire.download(message.config, round.number, result.client, plan.batches if plan else 0, message.extras)
+        wire = self.wire.download(
+            message.config, round.number, result.client, plan.batches if plan else 0, message.extras
+        )
+        if wire is not None:  # the message as a deployment sends it: what the network carries
+            self.pending.task_bytes[result.client] = wire
 
     def dropped(self, round: Round, result: ClientResult) -> None:
         self.count_download(round, result)
@@ -204,10 +225,11 @@ class Server:
         pending = self.pending
         # a securely aggregated result stands for that many clients, each of which uploaded an update
         # of this size (in SecAgg+'s masked form; see fedpeft_pl.deploy.secagg for its wire size)
-        pending.bytes["up"] += (payload_bytes(result.payload) + payload_bytes(result.extras)) * max(
-            1, len(result.aggregate_of)
-        )
-        self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
+        upload = payload_bytes(result.payload) + payload_bytes(result.extras)
+        pending.bytes["up"] += upload * max(1, len(result.aggregate_of))
+        wire = self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
+        if self.clock is not None:
+            self._time_task(round, result, upload if wire is None else wire)
         pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
         version = self.dispatch(result.version).version
         payload = {k: v.to(device) for k, v in result.payload.items()}
@@ -227,6 +249,24 @@ class Server:
         pending.updates.append(update)
         pending.contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
         return update
+
+    def _time_task(self, round: Round, result: ClientResult, upload_bytes: int) -> None:
+        """The simulated seconds of ``result``'s task (each client's, for a securely aggregated result)."""
+        assert self.clock is not None
+        plan = round.plans.get(result.client)
+        work = plan.work if plan is not None else 1.0
+        clients = list(result.aggregate_of) or [result.client]
+        samples = result.num_samples / len(clients)  # a secure aggregate: its clients' total, shared out evenly
+        for client in clients:
+            task = self.clock.task_time(
+                self._seed,
+                round.number,
+                client,
+                self.pending.task_bytes.get(client, 0),
+                samples * self._local_epochs * work,
+                upload_bytes,
+            )
+            self.pending.seconds[client] = task.total
 
     def gather(self, round: Round, gather: Callable[[Any], list[Any]], device: torch.device) -> None:
         """Merge every process's :class:`Pending` (and upload-codec state) into each, in a single process's order."""
@@ -253,6 +293,7 @@ class Server:
             merged.dropped += theirs.dropped
             merged.failed += theirs.failed
             merged.delivered += theirs.delivered
+            merged.seconds.update(theirs.seconds)
             if self.wire.bytes is not None and part["wire"] is not None:
                 self.wire.bytes = {k: v + part["wire"][k] for k, v in self.wire.bytes.items()}
             self.upload.load_client_state(part["upload"])
@@ -287,6 +328,9 @@ class Server:
         if self._views is not None:
             self._views.delivered(pending.delivered, round.number)
         self.cumulative_bytes += pending.bytes["down"] + pending.bytes["up"]
+        # a synchronous round ends when its last client arrives
+        self.round_seconds = max(pending.seconds.values(), default=0.0)
+        self.simulated_seconds += self.round_seconds
         self.version += 1
         self._dispatched.clear()  # a synchronous round: every client of it has answered
         return moved
@@ -348,6 +392,7 @@ class Server:
             "components": self.components(),
             "version": self.version,
             "cumulative_bytes": self.cumulative_bytes,
+            "simulated_seconds": self.simulated_seconds,
             "strategy": self.strategy.state_dict(),
             "upload": self.upload.state_dict(),
             "download": self.download.state_dict(),
@@ -357,6 +402,7 @@ class Server:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.cumulative_bytes = state["cumulative_bytes"]
         self.version = state.get("version", 0)
+        self.simulated_seconds = state.get("simulated_seconds", 0.0)
         self.strategy.load_state_dict(state["strategy"])
         self.upload.load_state_dict(state["upload"])
         self.download.load_state_dict(state["download"])

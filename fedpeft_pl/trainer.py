@@ -24,6 +24,7 @@ from typing_extensions import override
 from fedpeft_pl.aggregation import ServerAggregation
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.capabilities import RunParts, check_run
+from fedpeft_pl.clock import VirtualClock, format_seconds
 from fedpeft_pl.comm import CommReport, communication_report
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.console import RunSummary
@@ -85,6 +86,9 @@ class FederatedTrainer(pl.Trainer):
         compress_download: codec for the global state sent to clients, e.g. ``Float16``.
         privacy: local differential privacy (:class:`~fedpeft_pl.privacy.LocalDP`): DP-SGD on every
             client with per-client accounting. Central DP is a strategy (``DPFedAvg``).
+        clock: simulated time (:class:`~fedpeft_pl.clock.VirtualClock`): each client's device and
+            network, each task's seconds from its wire bytes and samples, logged per round
+            (``time/*``, ``server/acc_vs_simulated_seconds``) and on the console; off by default.
         client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
             ``vectorized`` (a round's clients at once through the one frozen backbone,
             :class:`~fedpeft_pl.runners.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
@@ -126,6 +130,7 @@ class FederatedTrainer(pl.Trainer):
         compress_upload: Optional[Codec] = None,
         compress_download: Optional[Codec] = None,
         privacy: Optional[LocalDP] = None,
+        clock: Optional[VirtualClock] = None,
         client_runner: Literal["auto", "sequential", "vectorized"] = "auto",
         max_parallel_clients: Optional[int] = None,
         feature_cache: Literal["auto", "memory", "off"] = "auto",
@@ -169,10 +174,13 @@ class FederatedTrainer(pl.Trainer):
             # before the server: a client whose budget is spent is dropped before anything is sent to it
             callbacks.insert(0, privacy)
         if not any(isinstance(c, ServerAggregation) for c in callbacks):
-            callbacks.append(ServerAggregation(aggregation, upload=compress_upload, download=compress_download))
-        elif aggregation is not None or compress_upload is not None or compress_download is not None:
+            callbacks.append(
+                ServerAggregation(aggregation, upload=compress_upload, download=compress_download, clock=clock)
+            )
+        elif any(part is not None for part in (aggregation, compress_upload, compress_download, clock)):
             raise ConfigError(
-                "give the strategy and codecs either as trainer arguments or in a ServerAggregation callback, not both"
+                "give the strategy, codecs and clock either as trainer arguments or in a ServerAggregation callback, "
+                "not both"
             )
         if kwargs.get("enable_progress_bar") is None and not any(isinstance(c, ProgressBar) for c in callbacks):
             # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments;
@@ -461,6 +469,24 @@ class FederatedTrainer(pl.Trainer):
             with_loss=releases_client_statistics(self),
             num_clients=num_clients,
         )
+        clock = server.server.clock
+        if clock is not None:
+            down = report.download_wire_bytes or report.download_bytes
+            up = report.upload_wire_bytes or report.upload_bytes
+            down_s, up_s = clock.median_transfer_seconds(down, up)
+            latency = clock.latency.median
+            transfers = down_s + up_s + latency
+            report = replace(
+                report,
+                notes=(
+                    *report.notes,
+                    f"with {clock!r}: a client task at the median bandwidths spends {format_seconds(down_s)} "
+                    f"downloading, {format_seconds(up_s)} uploading and {format_seconds(latency)} in latency, "
+                    f"{format_seconds(transfers)} a round and {format_seconds(transfers * settings['num_rounds'])} "
+                    f"a run besides its compute (its samples times local epochs at a median "
+                    f"{clock.speed.median:g} samples/s)",
+                ),
+            )
         dataset = getattr(datamodule, "dataset", None)
         if dataset is not None:
             partition = getattr(datamodule, "partition", None)
