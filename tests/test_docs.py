@@ -107,3 +107,21 @@ def test_contributing_aggregator_example_bounds_each_update(tmp_path, monkeypatc
     strategy = build_run(config, save_config=False)[0].aggregation.strategy
     assert type(strategy) is FedAdam and type(strategy.aggregator).__name__ == "NormBounded"
     assert strategy.aggregator.bound == 0.5 and strategy.needs_individual_updates
+
+
+def test_contributing_time_distribution_example_has_the_median_it_states(tmp_path, monkeypatch):
+    import numpy as np
+
+    source = python_block((REPO / "CONTRIBUTING.md").read_text(), "import math\n\nfrom fedpeft_pl.clock import")
+    (tmp_path / "my_times.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_times", None)
+    from my_times import Pareto
+
+    from fedpeft_pl.clock import VirtualClock
+
+    rng = np.random.default_rng(0)
+    pareto = Pareto(scale=2.0, shape=3.0)
+    draws = [pareto.draw(rng, 0) for _ in range(20000)]
+    assert abs(np.median(draws) / pareto.median - 1) < 0.03 and min(draws) >= 2.0
+    assert VirtualClock(speed=pareto).task_time(0, 1, 5, 0, 10.0, 0).compute > 0
