@@ -291,3 +291,25 @@ def test_too_few_updates_are_refused_in_one_line_at_setup_and_in_a_round():
     # enough clients: set up without a word, and f as a fraction is counted on the round's updates
     FedAvg(aggregator=Bulyan(f=0.2)).setup(Federation(num_clients=10, clients_per_round=7, num_rounds=1))
     assert math.isfinite(float(Bulyan(f=0.2).aggregate(_updates(*range(7)), GLOBAL)["a"][0]))
+
+
+def test_readme_defence_example_builds_its_parts(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from fedpeft_pl.config import build_run, resolve_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "fedpeft_pl.strategies.SampleCounts" in b)
+    (tmp_path / "overlay.yaml").write_text(example)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
+    )
+    trainer, _, _, _ = build_run(config, save_config=False)
+    strategy = trainer.aggregation.strategy
+    assert type(strategy) is FedAdam and type(strategy.aggregator) is SampleCounts
+    assert strategy.aggregator.max_samples == 500 and type(strategy.aggregator.aggregator) is NormBound
+    assert strategy.aggregator.aggregator.bound == 1.0
