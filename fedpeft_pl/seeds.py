@@ -12,6 +12,8 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``DP_NOISE`` ``(round, client)``: local DP noise, only with ``reproducible_noise`` (by default DP
   noise is secret: :mod:`fedpeft_pl.noise`)
 - ``SERVER_NOISE`` ``(round)``: central DP noise, only with ``reproducible_noise``
+- ``ROBUST_NOISE`` ``(server update)``: the noise a norm-bounding aggregator adds to its aggregate, only
+  with ``reproducible_noise``
 - ``LORA_FROZEN_A`` ``()``: the frozen ``A`` of FFA-LoRA, drawn when the model is built, so every
   client of a deployment draws the same
 - ``LORA_RANK`` ``(client)``: a client's LoRA rank under a seeded rank rule (heterogeneous ranks),
@@ -48,6 +50,7 @@ PARTITIONER = 11
 NATURAL_CLIENTS = 12
 CLOCK_PROFILE = 13
 CLOCK_JITTER = 14
+ROBUST_NOISE = 15
 
 
 def derive_seed(*parts: int) -> int:

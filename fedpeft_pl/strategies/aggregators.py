@@ -25,7 +25,7 @@ import torch
 
 from fedpeft_pl.component import Component
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.federation import State
+from fedpeft_pl.federation import Federation, State
 from fedpeft_pl.strategies.updates import ClientUpdate
 
 __all__ = ["Aggregator", "Median", "TrimmedMean", "WeightedMean", "weighted_average"]
@@ -40,6 +40,9 @@ class Aggregator(Component):
 
     needs_individual_updates: ClassVar[bool] = True
     """Whether the rule needs each client's own update (True), or only their sample-weighted sum."""
+
+    def setup(self, federation: Federation) -> None:
+        """Called once before training with the federation's shape (through its strategy's ``setup``)."""
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
         """The aggregate client state of ``updates``, which started from ``global_state``."""

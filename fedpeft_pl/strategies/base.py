@@ -105,6 +105,7 @@ class Strategy(Component):
 
     def setup(self, federation: Federation) -> None:
         """Called once before training with the federation's shape; a strategy may calibrate itself here."""
+        self._aggregator.setup(federation)
 
     def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
         """The state every sampled client starts from, and the config sent with it."""
