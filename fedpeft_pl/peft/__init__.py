@@ -17,7 +17,7 @@ from fedpeft_pl.peft.base import (
 from fedpeft_pl.peft.bias import Bias
 from fedpeft_pl.peft.full import Full
 from fedpeft_pl.peft.head import Head
-from fedpeft_pl.peft.lora import LoRA
+from fedpeft_pl.peft.lora import FFALoRA, FLoRA, HetLoRA, LoRA
 from fedpeft_pl.peft.personal import Personalized
 from fedpeft_pl.peft.prompt import Prompt
 
@@ -29,9 +29,12 @@ __all__ = [
     "STACKED_LAYERS",
     "Adapter",
     "Bias",
+    "FFALoRA",
+    "FLoRA",
     "Full",
     "HFPeft",
     "Head",
+    "HetLoRA",
     "LoRA",
     "PEFTMethod",
     "Personalized",
