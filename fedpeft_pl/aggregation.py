@@ -31,7 +31,7 @@ from fedpeft_pl.federation import (
     weighted_metrics,
 )
 from fedpeft_pl.hooks import FederatedCallback
-from fedpeft_pl.peft import PEFTMethod, load_trainable_state, local_names, shared_state, trainable_state
+from fedpeft_pl.peft import PerClientViews, load_trainable_state, local_names, shared_state, trainable_state
 from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
@@ -64,7 +64,7 @@ class ServerAggregation(FederatedCallback):
     is skipped and the state stays.
 
     Where the PEFT method gives each client its own view of the state (heterogeneous LoRA ranks,
-    :meth:`~fedpeft_pl.peft.PEFTMethod.client_view`), each client's download and upload are
+    :meth:`~fedpeft_pl.peft.PerClientViews.client_view`), each client's download and upload are
     counted at its own view (its own rank), plus what the method says a client receives besides
     (FLoRA's merged update); wire bytes are not measured then.
 
@@ -98,7 +98,7 @@ class ServerAggregation(FederatedCallback):
         self._stragglers = 0
         self.wire = WireCounter()
         self._contributors = 0
-        self._peft: Optional[PEFTMethod] = None  # set where clients exchange their own views
+        self._peft: Optional[PerClientViews] = None  # set where clients exchange their own views
         self._peft_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until training starts
         self._sent: State = {}
         self._delivered: list[int] = []
@@ -111,7 +111,7 @@ class ServerAggregation(FederatedCallback):
         self.global_state = shared_state(pl_module)
         self._local_init = {n: t for n, t in trainable_state(pl_module).items() if n in local}
         peft = getattr(pl_module, "peft", None)
-        if isinstance(peft, PEFTMethod) and peft.per_client_views:
+        if isinstance(peft, PerClientViews):
             self._peft = peft
             self.wire.enabled = False  # one message layout per client: not measured
             if self._peft_state:

@@ -20,6 +20,7 @@ from fedpeft_pl.peft.head import Head
 from fedpeft_pl.peft.lora import FFALoRA, FLoRA, HetLoRA, LoRA
 from fedpeft_pl.peft.personal import Personalized
 from fedpeft_pl.peft.prompt import Prompt
+from fedpeft_pl.peft.views import PerClientViews
 
 # The paper's methods (configs/<name>.yaml, scripts/grid.py, benchmarks): one list for every script.
 METHOD_NAMES = ("head", "bias", "adapter", "prompt", "lora", "full")
@@ -37,6 +38,7 @@ __all__ = [
     "HetLoRA",
     "LoRA",
     "PEFTMethod",
+    "PerClientViews",
     "Personalized",
     "Prompt",
     "StackedForward",

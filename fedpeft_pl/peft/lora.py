@@ -16,6 +16,7 @@ from torch import nn
 
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft.base import STACKED_LAYERS, PEFTMethod, StackedForward, State, product_dtype
+from fedpeft_pl.peft.views import PerClientViews
 from fedpeft_pl.seeds import LORA_FRESH_A, LORA_FROZEN_A, LORA_RANK, derive_seed
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class FFALoRA(LoRA):
         freeze_lora_a(block.attn.qkv.lora_A for block in model.blocks)
 
 
-class HetLoRA(LoRA):
+class HetLoRA(PerClientViews, LoRA):
     """LoRA at heterogeneous ranks across clients, aggregated by HetLoRA's zero-padding (Cho et al. 2024).
 
     The server keeps rank-``rank`` factors; client ``k`` receives the first ``r_k`` rows of each
@@ -233,10 +234,6 @@ class HetLoRA(LoRA):
         self.client_ranks = client_ranks
         self.rank_choices = rank_choices
         self._seed: Optional[int] = None  # the run's seed, taken when the model is built
-
-    @property
-    def per_client_views(self) -> bool:
-        return True
 
     def attach(self, model: VisionTransformer) -> None:
         super().attach(model)
