@@ -8,8 +8,10 @@ from fedpeft_pl import ConfigError, FederatedCallback, payload_bytes
 from fedpeft_pl.peft import (
     Adapter,
     Bias,
+    FFALoRA,
     Full,
     Head,
+    HetLoRA,
     LoRA,
     PEFTMethod,
     PerClientViews,
@@ -27,6 +29,8 @@ METHODS = {
     "prompt-deep": Prompt(num_tokens=3, deep=True),
     "prompt-shallow": Prompt(num_tokens=3, deep=False, dropout=0.1),
     "lora": LoRA(rank=2, alpha=4),
+    "ffa-lora": FFALoRA(rank=2, alpha=4),
+    "hetlora": HetLoRA(rank=2, alpha=4, client_ranks={1: 1}),
     "full": Full(),
 }
 
@@ -73,7 +77,7 @@ def test_backbone_parameter_names_survive_attach(peft):
     assert set(plain.state_dict()) <= set(model.state_dict())
 
 
-@pytest.mark.parametrize("name", ["adapter-sequential", "adapter-houlsby", "adapter-parallel", "lora"])
+@pytest.mark.parametrize("name", ["adapter-sequential", "adapter-houlsby", "adapter-parallel", "lora", "ffa-lora"])
 def test_adapters_and_lora_start_as_the_identity(name):
     torch.manual_seed(0)
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
