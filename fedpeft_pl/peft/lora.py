@@ -44,13 +44,15 @@ class LoRA(PEFTMethod):
         alpha: the update is scaled by ``alpha / rank``.
         dropout: dropout on the LoRA branch's input.
         targets: which of the fused qkv projection's parts adapt; ``["q", "v"]`` as in the LoRA paper.
-        freeze_a: deprecated, the earlier spelling of :class:`FFALoRA`.
-        client_ranks: deprecated, the earlier spelling of :class:`HetLoRA`'s (or, with
-            ``aggregation: stack``, :class:`FLoRA`'s) argument of that name.
+        freeze_a: deprecated: True is the earlier spelling of :class:`FFALoRA`.
+        client_ranks: deprecated: the earlier spelling of :class:`HetLoRA` (or, with
+            ``aggregation: stack``, :class:`FLoRA`) with this argument.
         rank_choices: deprecated, as ``client_ranks``.
-        aggregation: deprecated: ``average`` (the default) or ``stack``, the earlier spelling of
-            :class:`FLoRA`. Given any of the four deprecated arguments, the constructor builds the
-            variant they describe, with a ``DeprecationWarning`` naming its class.
+        aggregation: deprecated: ``stack`` is the earlier spelling of :class:`FLoRA`; ``average``
+            (the default) is plain LoRA, or :class:`HetLoRA` with ranks. Where these arguments
+            describe a variant, the constructor builds it (the object is an instance of the
+            variant's class, as if the variant had been named) and warns with a
+            ``DeprecationWarning`` and a log line that name the class to write instead.
 
     Example::
 
@@ -151,7 +153,7 @@ class FFALoRA(LoRA):
         FFALoRA(rank=8, alpha=8, targets=["q", "v"])
     """
 
-    def __init__(
+    def __init__(  # LoRA's arguments without the deprecated ones, which YAML would otherwise offer here
         self,
         rank: int = 8,
         alpha: float = 8.0,
