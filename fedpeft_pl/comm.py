@@ -27,7 +27,7 @@ import torch
 
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientContext
-from fedpeft_pl.peft import trainable_parameters
+from fedpeft_pl.peft import FLoRA, trainable_parameters
 
 if TYPE_CHECKING:
     from fedpeft_pl.client import FedPEFTModule
@@ -450,7 +450,7 @@ def communication_report(
                 for rank, each in sorted(sizes.items())
             ),
         )
-        if peft.aggregation == "stack":
+        if isinstance(peft, FLoRA):
             dense = peft.dense_update_bytes()
             notes += (
                 "FLoRA: each client also downloads the update merged since it last took part (the stacked factors, "

@@ -10,14 +10,14 @@ with others, or on a Flower SuperNode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TypeGuard
 
 import torch
 from torch import nn
 
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State, first_non_finite
-from fedpeft_pl.peft import PEFTMethod, load_trainable_state
+from fedpeft_pl.peft import PEFTMethod, PerClientViews, load_trainable_state
 from fedpeft_pl.strategies import Strategy
 
 LOCAL = "local."  # the key prefix of a personalised method's local tensors in a client's own state
@@ -49,13 +49,13 @@ def decode_update(codec: Codec, payload: State, received: State) -> State:
     return {name: received[name] + decoded[name] for name in received}
 
 
-def _views(peft: Optional[PEFTMethod]) -> bool:
-    return peft is not None and peft.per_client_views
+def _views(peft: Optional[PEFTMethod]) -> TypeGuard[PerClientViews]:
+    return isinstance(peft, PerClientViews)
 
 
 def client_start(peft: Optional[PEFTMethod], received: State, client: int, server_round: int) -> State:
     """What ``client`` starts from, in global shapes: all of ``received`` unless the method gives each
-    client its own view (:meth:`PEFTMethod.client_view`: heterogeneous LoRA ranks), then that view.
+    client its own view (:meth:`PerClientViews.client_view`: heterogeneous LoRA ranks), then that view.
 
     With a download codec the view is taken of the decoded state; the server counts the bytes of the
     view's encoding (:class:`~fedpeft_pl.aggregation.ServerAggregation`).
@@ -166,7 +166,7 @@ def open_session(
 
     ``like`` gives the shared tensors' names, shapes and dtypes; ``own_state`` is what the client
     kept from earlier rounds; ``local_init`` a personalised method's initial local tensors;
-    ``peft`` the method, whose :meth:`~PEFTMethod.client_view` says what this client exchanges;
+    ``peft`` the method, whose :meth:`~PerClientViews.client_view` says what this client exchanges;
     ``view_sent`` that the message holds only this client's view (a deployment sends no more).
     """
     if view_sent and _views(peft):

@@ -43,7 +43,7 @@ from fedpeft_pl.federation import (
     first_non_finite,
     weighted_metrics,
 )
-from fedpeft_pl.peft import PEFTMethod
+from fedpeft_pl.peft import PEFTMethod, PerClientViews
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class Server:
         self.aggregated = 0
         self.evaluation: dict[str, float] = {}
         self._dispatched: dict[int, Dispatch] = {}
-        self._views: Optional[PEFTMethod] = None  # set where clients exchange their own views
+        self._views: Optional[PerClientViews] = None  # set where clients exchange their own views
         self._views_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until it starts
 
     # -- the run --------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Server:
     def start(self, global_state: State, peft: Optional[PEFTMethod] = None) -> None:
         """Hold ``global_state``; ``peft`` where its clients exchange their own views of it (heterogeneous ranks)."""
         self.global_state = dict(global_state)
-        if peft is not None and peft.per_client_views:
+        if isinstance(peft, PerClientViews):
             self._views = peft
             self.wire.enabled = False  # one message layout per client: not measured
             if self._views_state:

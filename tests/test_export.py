@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fedpeft_pl.cli import main
 from fedpeft_pl.export import export_model, load_exported
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, Prompt
+from fedpeft_pl.peft import Adapter, Bias, FLoRA, Full, Head, LoRA, Prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,15 @@ def plain_timm(path):
 
 @pytest.mark.parametrize(
     "peft",
-    [Head(), Bias(), Full(), LoRA(rank=2, alpha=4), Prompt(num_tokens=3, deep=False)],
-    ids=["head", "bias", "full", "lora", "prompt-shallow"],
+    [
+        Head(),
+        Bias(),
+        Full(),
+        LoRA(rank=2, alpha=4),
+        FLoRA(rank=2, alpha=4, client_ranks={0: 1}),  # the merged update, outside the trainable state, too
+        Prompt(num_tokens=3, deep=False),
+    ],
+    ids=["head", "bias", "full", "lora", "flora", "prompt-shallow"],
 )
 def test_mergeable_methods_export_to_plain_timm_with_the_same_predictions(tmp_path, peft):
     module, images = trained(peft, tmp_path)

@@ -7,11 +7,11 @@ from peft import LoraConfig
 
 from fedpeft_pl import FedAvg, communication_report
 from fedpeft_pl.aggregation import ServerAggregation
-from fedpeft_pl.peft import HFPeft, LoRA, load_trainable_state, trainable_parameters, trainable_state
+from fedpeft_pl.peft import FFALoRA, HFPeft, LoRA, load_trainable_state, trainable_parameters, trainable_state
 from fedpeft_pl.strategies import ClientUpdate
 
 METHODS = {
-    "loralib": lambda: LoRA(rank=2, alpha=4, freeze_a=True),
+    "loralib": lambda: FFALoRA(rank=2, alpha=4),
     "hf": lambda: HFPeft(LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"]), freeze_a=True),
 }
 
@@ -69,15 +69,15 @@ def lora_deltas(module):
     return {k: merged[k] - frozen[k] for k in names if "qkv.weight" in k}
 
 
-@pytest.mark.parametrize("freeze_a", [True, False], ids=["ffa", "lora"])
-def test_fedavg_of_b_with_a_common_a_is_the_average_of_the_updates(freeze_a):
+@pytest.mark.parametrize("method", [FFALoRA, LoRA], ids=["ffa", "lora"])
+def test_fedavg_of_b_with_a_common_a_is_the_average_of_the_updates(method):
     torch.manual_seed(0)
-    module = tiny_module(LoRA(rank=2, alpha=4, freeze_a=freeze_a))
+    module = tiny_module(method(rank=2, alpha=4))
     global_state = trainable_state(module)
     generator = torch.Generator().manual_seed(1)
     updates, deltas = [], []
     for client, samples in enumerate([10, 30, 60]):
-        # a client's result: B (and without freeze_a also A) trained away from the global state
+        # a client's result: B (and in plain LoRA also A) trained away from the global state
         state = {k: v + torch.randn(v.shape, generator=generator) for k, v in global_state.items()}
         load_trainable_state(module, state)
         updates.append(ClientUpdate(client, samples, state))
@@ -88,4 +88,4 @@ def test_fedavg_of_b_with_a_common_a_is_the_average_of_the_updates(freeze_a):
     expected = {k: sum(w * d[k] for w, d in zip(weights, deltas)) for k in aggregated}
     exact = all(torch.allclose(aggregated[k], expected[k], atol=1e-5) for k in expected)
     # FFA-LoRA's average is exact; plain LoRA's separate averages of A and B are not
-    assert exact == freeze_a
+    assert exact == (method is FFALoRA)

@@ -10,7 +10,15 @@ from fedpeft_pl.comm import payload_bytes
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import client_start
 from fedpeft_pl.hooks import FederatedCallback
-from fedpeft_pl.peft import LoRA, Personalized, load_trainable_state, trainable_parameters, trainable_state
+from fedpeft_pl.peft import (
+    FLoRA,
+    HetLoRA,
+    LoRA,
+    Personalized,
+    load_trainable_state,
+    trainable_parameters,
+    trainable_state,
+)
 from fedpeft_pl.peft.lora import stacked_product
 from fedpeft_pl.strategies import ClientUpdate, FedAvg
 
@@ -18,41 +26,44 @@ EMBED, BLOCKS, GROUPS = 48, 2, 2  # the tiny ViT; q and v adapted
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("method", "kwargs"),
     [
-        {"client_ranks": {0: 9}},
-        {"client_ranks": {0: 0}},
-        {"rank_choices": []},
-        {"rank_choices": [2, 16]},
-        {"client_ranks": {0: 2}, "rank_choices": [2]},
-        {"rank_choices": [2], "freeze_a": True},
-        {"aggregation": "stack", "freeze_a": True},
-        {"aggregation": "mean"},
+        (HetLoRA, {"client_ranks": {0: 9}}),
+        (HetLoRA, {"client_ranks": {0: 0}}),
+        (HetLoRA, {"client_ranks": {-1: 2}}),
+        (HetLoRA, {"client_ranks": [2, 4]}),
+        (HetLoRA, {"rank_choices": []}),
+        (FLoRA, {"rank_choices": [2, 16]}),
+        (FLoRA, {"client_ranks": {0: 2}, "rank_choices": [2]}),
+        # LoRA's deprecated arguments: combinations that name no variant
+        (LoRA, {"rank_choices": [2], "freeze_a": True}),
+        (LoRA, {"aggregation": "stack", "freeze_a": True}),
+        (LoRA, {"aggregation": "mean"}),
     ],
 )
-def test_bad_rank_settings_are_one_line_config_errors(kwargs):
+def test_bad_rank_settings_are_one_line_config_errors(method, kwargs):
     with pytest.raises(ConfigError) as err:
-        LoRA(rank=8, **kwargs)
+        method(rank=8, **kwargs)
     assert "\n" not in str(err.value)
 
 
 def test_personalized_refuses_per_client_views():
     with pytest.raises(ConfigError, match="heterogeneous"):
-        Personalized(LoRA(rank=4, rank_choices=[2, 4]), local=["head"])
+        Personalized(HetLoRA(rank=4, rank_choices=[2, 4]), local=["head"])
 
 
 def test_seeded_rule_gives_each_client_its_own_rank_from_the_run_seed_alone():
     def ranks(seed, consumed=0):
         torch.manual_seed(seed)  # seed_everything before the build
         torch.rand(consumed)
-        method = LoRA(rank=8, rank_choices=[2, 4, 8])
+        method = HetLoRA(rank=8, rank_choices=[2, 4, 8])
         tiny_module(method)
         return [method.client_rank(c) for c in range(32)]
 
     first = ranks(0)
     assert first == ranks(0, consumed=1000) and set(first) == {2, 4, 8}
     assert first != ranks(1)
-    mapped = LoRA(rank=8, client_ranks={3: 2})
+    mapped = HetLoRA(rank=8, client_ranks={3: 2})
     assert [mapped.client_rank(c) for c in (2, 3)] == [8, 2]
 
 
@@ -73,7 +84,7 @@ def test_a_padded_client_trains_exactly_a_rank_r_lora(optimizer):
         "adam": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-2),
     }[optimizer]
     torch.manual_seed(0)
-    method = LoRA(rank=8, alpha=8, client_ranks={0: 2})
+    method = HetLoRA(rank=8, alpha=8, client_ranks={0: 2})
     padded = tiny_module(method)
     global_state = trainable_state(padded)
     global_state = {k: v + 0.05 * torch.randn_like(v) for k, v in global_state.items()}  # a trained global B
@@ -119,7 +130,7 @@ def test_flora_stacking_is_the_weighted_sum_of_the_clients_products():
 
 def test_flora_aggregation_adds_each_clients_product_at_its_own_rank_and_scale():
     torch.manual_seed(0)
-    method = LoRA(rank=4, alpha=8, client_ranks={0: 1, 1: 4}, aggregation="stack")
+    method = FLoRA(rank=4, alpha=8, client_ranks={0: 1, 1: 4})
     module = tiny_module(method)
     global_state = trainable_state(module)
     generator = torch.Generator().manual_seed(1)
@@ -145,7 +156,7 @@ def test_flora_aggregation_adds_each_clients_product_at_its_own_rank_and_scale()
     # the server's checkpoint carries the merged update
     saved = method.server_state()
     torch.manual_seed(0)
-    other = LoRA(rank=4, alpha=8, client_ranks={0: 1, 1: 4}, aggregation="stack")
+    other = FLoRA(rank=4, alpha=8, client_ranks={0: 1, 1: 4})
     tiny_module(other)
     other.load_server_state(saved)
     assert all(torch.equal(a.flora_delta, b.flora_delta) for a, b in zip(method._layers, other._layers))
@@ -170,14 +181,14 @@ def _factor_elements(rank):
 RANKS = {c: 2 if c % 2 == 0 else 8 for c in range(8)}  # rounds 1 and 2 sample one client of each rank
 
 
-@pytest.mark.parametrize("aggregation", ["average", "stack"])
-def test_each_client_exchanges_its_own_rank_and_the_server_aggregates_as_the_paper_says(tmp_path, aggregation):
+@pytest.mark.parametrize("variant", [HetLoRA, FLoRA], ids=["hetlora", "flora"])
+def test_each_client_exchanges_its_own_rank_and_the_server_aggregates_as_the_paper_says(tmp_path, variant):
     torch.manual_seed(0)
-    method = LoRA(rank=8, alpha=8, client_ranks=RANKS, aggregation=aggregation)
+    method = variant(rank=8, alpha=8, client_ranks=RANKS)
     module = tiny_module(method)
     start = trainable_state(module)
     uploads = Uploads()
-    rounds = 2 if aggregation == "stack" else 1
+    rounds = 2 if variant is FLoRA else 1
     trainer = tiny_trainer(tmp_path, num_rounds=rounds, clients_per_round=2, callbacks=[uploads], limit_val_batches=1)
     trainer.fit(module, datamodule=tiny_datamodule(num_clients=8, batch_size=64))
     server = next(cb for cb in trainer.callbacks if isinstance(cb, ServerAggregation))
@@ -187,7 +198,7 @@ def test_each_client_exchanges_its_own_rank_and_the_server_aggregates_as_the_pap
     for client, (_, payload) in sent.items():  # float32 factors at the client's own rank, and the head
         assert payload_bytes(payload) == head + 4 * _factor_elements(RANKS[client])
     assert trainer.callback_metrics["comm/bytes_up"] == sum(payload_bytes(p) for _, p in sent.values())
-    if aggregation == "average":  # HetLoRA: the zero-padded, sample-weighted mean; each downloads its own rank
+    if variant is HetLoRA:  # HetLoRA: the zero-padded, sample-weighted mean; each downloads its own rank
         assert trainer.callback_metrics["comm/bytes_down"] == trainer.callback_metrics["comm/bytes_up"]
         total = sum(n for n, _ in sent.values())
         for name, value in server.global_state.items():

@@ -4,8 +4,21 @@ import timm
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
 
-from fedpeft_pl import ConfigError
-from fedpeft_pl.peft import Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt, trainable_parameters
+from fedpeft_pl import ConfigError, FederatedCallback, payload_bytes
+from fedpeft_pl.peft import (
+    Adapter,
+    Bias,
+    FFALoRA,
+    Full,
+    Head,
+    HetLoRA,
+    LoRA,
+    PEFTMethod,
+    PerClientViews,
+    Prompt,
+    trainable_parameters,
+    trainable_state,
+)
 
 METHODS = {
     "head": Head(),
@@ -16,6 +29,8 @@ METHODS = {
     "prompt-deep": Prompt(num_tokens=3, deep=True),
     "prompt-shallow": Prompt(num_tokens=3, deep=False, dropout=0.1),
     "lora": LoRA(rank=2, alpha=4),
+    "ffa-lora": FFALoRA(rank=2, alpha=4),
+    "hetlora": HetLoRA(rank=2, alpha=4, client_ranks={1: 1}),
     "full": Full(),
 }
 
@@ -62,7 +77,7 @@ def test_backbone_parameter_names_survive_attach(peft):
     assert set(plain.state_dict()) <= set(model.state_dict())
 
 
-@pytest.mark.parametrize("name", ["adapter-sequential", "adapter-houlsby", "adapter-parallel", "lora"])
+@pytest.mark.parametrize("name", ["adapter-sequential", "adapter-houlsby", "adapter-parallel", "lora", "ffa-lora"])
 def test_adapters_and_lora_start_as_the_identity(name):
     torch.manual_seed(0)
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
@@ -172,3 +187,73 @@ def test_a_method_that_trains_nothing_is_refused():
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=1)
     with pytest.raises(ConfigError, match="no tensor"):
         Nothing().apply(model)
+
+
+# what only a method whose clients exchange different tensors needs (heterogeneous LoRA ranks, FLoRA)
+PER_CLIENT_HOOKS = {
+    "client_view",
+    "from_client_view",
+    "aggregate",
+    "pending_download_bytes",
+    "delivered",
+    "server_state",
+    "load_server_state",
+    "model_update",
+    "load_model_update",
+}
+
+
+def test_the_base_class_is_small_and_a_simple_method_implements_one_or_two_hooks():
+    assert {name for name in dir(PEFTMethod) if not name.startswith("_")} == {
+        "apply",
+        "attach",
+        "merge",
+        "local_names",
+        "train_head",
+        "stacked_forwards",
+        "per_client_views",
+    }
+    assert PEFTMethod.__abstractmethods__ == {"attach"} and PEFTMethod.per_client_views is False
+    for simple in (Head, Bias, Full):
+        assert {name for name in vars(simple) if not name.startswith("_")} <= {"attach", "stacked_forwards"}
+        assert not PER_CLIENT_HOOKS & set(dir(simple))
+    assert PER_CLIENT_HOOKS <= set(dir(PerClientViews)) and PerClientViews.per_client_views is True
+    assert PerClientViews.__abstractmethods__ == {"attach", "client_view", "from_client_view"}
+
+
+class BitFitHeadOnOddClients(PerClientViews, Bias):
+    """PerClientViews' docstring example: only the two view hooks."""
+
+    def client_view(self, state, client, server_round, upload):
+        if client % 2 == 0:
+            return state
+        return {k: v for k, v in state.items() if k.startswith("model.head.")}
+
+    def from_client_view(self, view, client, server_round, like):
+        return {k: view.get(k, like[k]) for k in like}
+
+
+class Uploads(FederatedCallback):
+    def __init__(self):
+        self.sent = {}
+
+    def on_client_end(self, trainer, pl_module, round, result):
+        self.sent[result.client] = dict(result.payload)
+
+
+def test_a_method_with_only_the_two_view_hooks_runs_a_round(tmp_path):
+    torch.manual_seed(0)
+    method = BitFitHeadOnOddClients()
+    module = tiny_module(method)
+    start = trainable_state(module)
+    head = {k: v for k, v in start.items() if k.startswith("model.head.")}
+    uploads = Uploads()
+    trainer = tiny_trainer(tmp_path, clients_per_round=2, callbacks=[uploads], limit_val_batches=1)
+    trainer.fit(module, datamodule=tiny_datamodule(num_clients=2))
+    assert sorted(uploads.sent) == [0, 1]
+    for client, payload in uploads.sent.items():
+        assert payload.keys() == (start.keys() if client % 2 == 0 else head.keys())
+    sent = payload_bytes(start) + payload_bytes(head)
+    assert trainer.callback_metrics["comm/bytes_up"] == trainer.callback_metrics["comm/bytes_down"] == sent
+    moved = trainable_state(module)
+    assert all(not torch.equal(start[k], moved[k]) for k in start)  # the biases from the even client

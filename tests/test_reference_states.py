@@ -18,4 +18,4 @@ def test_two_quickstart_rounds_give_the_recorded_state(name, monkeypatch):
     monkeypatch.chdir(REPO)
     assert name in CASES
     largest, problems = differences(name)
-    assert not problems, f"{name}: " + "; ".join(problems)
+    assert not problems, f"{name} (max |difference| {largest:.3g}): " + "; ".join(problems)

@@ -15,6 +15,7 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft import (
     Adapter,
     Bias,
+    FFALoRA,
     Full,
     Head,
     HFPeft,
@@ -98,7 +99,7 @@ METHODS = {
     "prompt-deep": lambda: Prompt(num_tokens=3, deep=True),
     "lora": lambda: LoRA(rank=2),
     "lora-qkv": lambda: LoRA(rank=2, targets=["q", "k", "v"]),
-    "ffa-lora": lambda: LoRA(rank=2, freeze_a=True),
+    "ffa-lora": lambda: FFALoRA(rank=2),
     "hf-lora": lambda: HFPeft(LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "fc2"])),
     "full": Full,
 }

@@ -533,7 +533,7 @@ def _set_up_data(module: Any, datamodule: Any) -> None:
 
 def _model_update(module: Any) -> Optional[ArrayRecord]:
     """What a client needs of the server's model besides the trainable state (FLoRA's merged update)."""
-    update = module.peft.model_update() if hasattr(module, "peft") else {}
+    update = module.peft.model_update() if getattr(getattr(module, "peft", None), "per_client_views", False) else {}
     return _to_record(update) if update else None
 
 

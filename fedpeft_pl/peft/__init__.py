@@ -17,9 +17,10 @@ from fedpeft_pl.peft.base import (
 from fedpeft_pl.peft.bias import Bias
 from fedpeft_pl.peft.full import Full
 from fedpeft_pl.peft.head import Head
-from fedpeft_pl.peft.lora import LoRA
+from fedpeft_pl.peft.lora import FFALoRA, FLoRA, HetLoRA, LoRA
 from fedpeft_pl.peft.personal import Personalized
 from fedpeft_pl.peft.prompt import Prompt
+from fedpeft_pl.peft.views import PerClientViews
 
 # The paper's methods (configs/<name>.yaml, scripts/grid.py, benchmarks): one list for every script.
 METHOD_NAMES = ("head", "bias", "adapter", "prompt", "lora", "full")
@@ -29,11 +30,15 @@ __all__ = [
     "STACKED_LAYERS",
     "Adapter",
     "Bias",
+    "FFALoRA",
+    "FLoRA",
     "Full",
     "HFPeft",
     "Head",
+    "HetLoRA",
     "LoRA",
     "PEFTMethod",
+    "PerClientViews",
     "Personalized",
     "Prompt",
     "StackedForward",

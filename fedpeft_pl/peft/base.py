@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,6 @@ from torch import nn
 
 from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedpeft_pl.strategies import ClientUpdate
 
 State = dict[str, torch.Tensor]
 
@@ -32,7 +29,16 @@ class PEFTMethod(ShownByArguments, ABC):
     clients and server is exactly the trainable state (:func:`trainable_state`).
 
     To add a method, subclass this, implement :meth:`attach`, and name the class by
-    ``class_path`` under ``model.peft`` in YAML.
+    ``class_path`` under ``model.peft`` in YAML. The other hooks are optional: :meth:`stacked_forwards`
+    (a stacked form for the vectorised engine), :meth:`merge` (export as plain timm) and
+    :meth:`local_names` (a local part). A method whose clients exchange different tensors (heterogeneous
+    LoRA ranks) derives from :class:`~fedpeft_pl.peft.PerClientViews` instead, which adds the
+    per-client exchange hooks.
+
+    Attributes:
+        per_client_views: whether clients exchange views of the shared state rather than all of it
+            (True exactly for :class:`~fedpeft_pl.peft.PerClientViews`); the runners, the server and
+            the byte counts read it.
 
     Example::
 
@@ -42,6 +48,8 @@ class PEFTMethod(ShownByArguments, ABC):
                     param.requires_grad_(".norm" in name or name.startswith("norm."))
                 self.train_head(model)
     """
+
+    per_client_views: ClassVar[bool] = False
 
     def apply(self, model: VisionTransformer) -> None:
         """Freeze the whole model, then let the method add and unfreeze its tensors."""
@@ -96,64 +104,6 @@ class PEFTMethod(ShownByArguments, ABC):
         ``torch.func.vmap`` instead (timm's explicit attention, about 2x slower on a GPU).
         """
         return None
-
-    # -- per-client exchange: a method whose clients do not all exchange the same tensors --------
-    # (heterogeneous LoRA ranks). The defaults say every client exchanges the whole shared state.
-
-    @property
-    def per_client_views(self) -> bool:
-        """Whether clients exchange views of the shared state (:meth:`client_view`) rather than all of it."""
-        return False
-
-    def client_view(self, state: State, client: int, server_round: int, upload: bool) -> State:
-        """What of the shared ``state`` (global shapes) ``client`` exchanges in ``server_round``, in its own shapes.
-
-        ``upload`` tells the direction: what the client sends back after training, or (False) what
-        it receives. The server counts the bytes of these views, and codecs encode them.
-        """
-        return state
-
-    def from_client_view(self, view: State, client: int, server_round: int, like: State) -> State:
-        """The inverse of :meth:`client_view`: ``view`` in the global shapes of ``like``.
-
-        What the view lacks is what the client starts from without receiving it (zero padding,
-        a freshly drawn factor). The client starts training from the result; the server decodes
-        each upload through it before the strategy aggregates.
-        """
-        return view
-
-    def aggregate(
-        self, model: VisionTransformer, aggregated: State, updates: list[ClientUpdate], server_round: int
-    ) -> State:
-        """The next global state, from the strategy's ``aggregated`` one and the clients' ``updates`` (global shapes).
-
-        A method may fold the updates into ``model``'s own buffers here (FLoRA's product).
-        Unchanged by default.
-        """
-        return aggregated
-
-    def pending_download_bytes(self, client: int, server_round: int) -> int:
-        """Bytes ``client`` receives in ``server_round`` besides its view of the state (FLoRA's unmerged update)."""
-        return 0
-
-    def delivered(self, clients: list[int], server_round: int) -> None:
-        """``clients`` received the message of ``server_round`` (a method's bookkeeping of what each client holds)."""
-
-    def server_state(self) -> dict[str, Any]:
-        """What the method keeps on the server across rounds, for the server's checkpoint."""
-        return {}
-
-    def load_server_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`server_state` (the model is built and attached)."""
-
-    def model_update(self) -> State:
-        """Tensors of the server's model outside the trainable state that a client on another machine needs
-        before it trains or evaluates (FLoRA's merged update); none by default. A deployment sends them
-        with every message (:mod:`fedpeft_pl.deploy.flower`)."""
-        return {}
-
-    def load_model_update(self, tensors: State) -> None:
-        """Put :meth:`model_update` of the server into this (a client's) model."""
 
 
 def per_client(x: torch.Tensor, clients: int) -> torch.Tensor:
