@@ -1,14 +1,17 @@
-"""Start-up: the time from the command to round 1, and the import of the ``fedpeft`` command.
+"""Start-up: the time from the command to round 1, and the commands that answer without training.
 
 Each measurement is a fresh process. ``fit`` runs ``python -m fedpeft_pl.cli fit --config <config>``
-and stops it when the method line appears (printed right before round 1 starts); ``import`` runs
-``python -c "import fedpeft_pl.cli"``. Both report wall time and the process's CPU time (user +
-system, read from ``/proc``: on a machine shared with other work the CPU time is the steadier
+and stops it when the method line appears (printed right before round 1 starts); ``help`` runs
+``python -m fedpeft_pl.cli --help``, ``comm`` runs ``python -m fedpeft_pl.cli comm --config <config>``
+to its end, and ``import`` runs ``python -c "import fedpeft_pl.cli"``. Each reports wall time and the
+process's CPU time (user + system, read from ``/proc`` for ``fit`` and from the finished process's
+resource usage for the others: on a machine shared with other work the CPU time is the steadier
 figure). Several checkouts are measured side by side, interleaved, so that they share the machine's
 state; the table gives medians.
 
     python benchmarks/startup.py --repeats 5                                   # this checkout
     python benchmarks/startup.py --repeats 5 --checkout ../before --checkout .   # before and after
+    python benchmarks/startup.py --measure help comm fit --checkout ../before --checkout .
     python benchmarks/startup.py --config benchmarks/configs/vit_b16.yaml --fit-args --trainer.accelerator cpu
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +28,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# what each measure times, as its table row names it
+MEASURES = {
+    "help": "--help",
+    "comm": "comm",
+    "import": "import fedpeft_pl.cli",
+    "fit": "fit: command to round 1",
+}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -61,14 +73,21 @@ def to_round_one(checkout: Path, configs: list[str], fit_args: list[str]) -> tup
 
 def import_time(checkout: Path) -> tuple[float, float]:
     """Wall and CPU seconds of ``import fedpeft_pl.cli`` in a fresh process."""
-    code = "import os, time, fedpeft_pl.cli; t = os.times(); print(t.user + t.system)"
+    return command_time(checkout, ["-c", "import fedpeft_pl.cli"])
+
+
+def command_time(checkout: Path, args: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``python *args`` in a fresh process, run to its end."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=checkout, env=_environment(checkout), capture_output=True, text=True
+        [sys.executable, *args], cwd=checkout, env=_environment(checkout), capture_output=True, text=True
     )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
-    return time.perf_counter() - started, float(done.stdout.split()[-1])
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -77,30 +96,36 @@ def main() -> None:
     parser.add_argument("--config", action="append", help="config files of the fit (default: the quickstart)")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="further arguments of the fit")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--measure", nargs="+", choices=["import", "fit"], default=["import", "fit"])
+    parser.add_argument(
+        "--measure", nargs="+", choices=list(MEASURES), default=["import", "fit"], help="what to time, in this order"
+    )
     args = parser.parse_args()
     checkouts = [c.resolve() for c in (args.checkout or [REPO])]
     configs = args.config or ["configs/quickstart.yaml"]
+    config_args = [a for config in configs for a in ("--config", str((REPO / config).resolve()))]
     results: dict[tuple[Path, str], list[tuple[float, float]]] = {}
     for repeat in range(args.repeats):
         for checkout in checkouts:  # interleaved: every checkout meets the same machine
             for what in args.measure:
-                wall, cpu = (
-                    import_time(checkout) if what == "import" else to_round_one(checkout, configs, args.fit_args)
-                )
+                if what == "import":
+                    wall, cpu = import_time(checkout)
+                elif what == "fit":
+                    wall, cpu = to_round_one(checkout, configs, args.fit_args)
+                else:  # help, comm: the command, run to its end
+                    command = ["--help"] if what == "help" else ["comm", *config_args]
+                    wall, cpu = command_time(checkout, ["-m", "fedpeft_pl.cli", *command])
                 results.setdefault((checkout, what), []).append((wall, cpu))
                 print(
                     f"repeat {repeat + 1} {checkout.name} {what}: {wall:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr
                 )
     print(f"configs: {' '.join(configs)} {' '.join(args.fit_args)}; {args.repeats} runs each, medians\n")
-    print("| checkout | import: wall s | import: CPU s | command to round 1: wall s | command to round 1: CPU s |")
-    print("|---|---|---|---|---|")
-    for checkout in checkouts:
-        row = [checkout.name]
-        for what in ("import", "fit"):
-            runs = results.get((checkout, what), [(float("nan"), float("nan"))])
-            row += [f"{statistics.median(w for w, _ in runs):.2f}", f"{statistics.median(c for _, c in runs):.2f}"]
-        print("| " + " | ".join(row) + " |")
+    print("| measure | checkout | wall s | CPU s |")
+    print("|---|---|---|---|")
+    for what in args.measure:
+        for checkout in checkouts:
+            runs = results[(checkout, what)]
+            wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+            print(f"| {MEASURES[what]} | {checkout.name} | {wall:.2f} | {cpu:.2f} |")
     if len(checkouts) == 2:
         first, last = checkouts
         for what in args.measure:

@@ -11,7 +11,9 @@
     fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
     fedpeft report runs/quickstart --output report    # compare runs: a Markdown table and two figures
 
-The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`.
+The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`. This module
+imports each subcommand's code only when that subcommand runs: ``fedpeft --help``, a subcommand's
+usage and a mistaken command name answer without importing torch or Lightning.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from fedpeft_pl import config
-from fedpeft_pl.config import FedPEFTCLI, configure_logging, one_line
 from fedpeft_pl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedpeft_pl.config import one_line
 
 __all__ = ["main", "one_line"]
 
@@ -70,30 +73,34 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "--verbose" in argv:
         argv.remove("--verbose")
         verbose = True
-    configure_logging(verbose)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
-    config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
-        a.split("=", 1)[1] for a in argv if a.startswith("--config=")
-    ]
     try:
-        if argv[:1] == ["flower-app"]:
-            _flower_app(argv[1:])
-        elif argv[:1] == ["report"]:
-            from fedpeft_pl.report import report_command
-
-            report_command(argv[1:])
-        elif not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        if not argv[0].startswith("-") and argv[0] not in COMMANDS:
             raise ConfigError(
                 f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (fedpeft --help says what each "
                 "does)"
             )
+        if argv[0] == "flower-app":
+            _flower_app_usage(argv[1:])
+        from fedpeft_pl import config  # Lightning and torch: every command from here on builds a config
+
+        config.configure_logging(verbose)
+        config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
+            a.split("=", 1)[1] for a in argv if a.startswith("--config=")
+        ]
+        if argv[0] == "flower-app":
+            _flower_app(argv[1:])
+        elif argv[0] == "report":
+            from fedpeft_pl.report import report_command
+
+            report_command(argv[1:])
         elif from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv[1:] = argv
-            FedPEFTCLI()
+            config.FedPEFTCLI()
         else:
-            FedPEFTCLI(args=argv)
+            config.FedPEFTCLI(args=argv)
     except Exception as err:
         cause = _config_error_in(err)
         if cause is None or debug:
@@ -102,8 +109,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
 
 
-def _flower_app(argv: list[str]) -> None:
-    """``fedpeft flower-app DIR --config ...``: write a Flower app directory for that config (needs no Flower)."""
+def _flower_app_usage(argv: list[str]) -> None:
+    """``fedpeft flower-app`` without a directory, or with --help: print its usage and exit (2 unless asked for)."""
     if not argv or argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         print(
             "usage: fedpeft flower-app DIR --config CONFIG [--config OVERLAY ...] [--key value ...]\n"
@@ -115,6 +122,10 @@ def _flower_app(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+
+
+def _flower_app(argv: list[str]) -> None:
+    """``fedpeft flower-app DIR --config ...``: write a Flower app directory for that config (needs no Flower)."""
     from fedpeft_pl.deploy.secure_aggregation import split_arguments
     from fedpeft_pl.deploy.writer import write_app
 
@@ -135,6 +146,14 @@ def _config_error_in(err: BaseException) -> Optional[ConfigError]:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "one_line":  # kept importable from here; it lives with the parser
+        from fedpeft_pl.config import one_line
+
+        return one_line
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

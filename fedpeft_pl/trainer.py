@@ -370,8 +370,13 @@ class FederatedTrainer(pl.Trainer):
             self.loggers = [_continue_in(logger, version_dir.name)] + [lg for lg in self.loggers if lg is not logger]
         return str(newest)
 
+    def federation_of(self, num_clients: int) -> Federation:
+        """This run's federation of ``num_clients`` clients, where the number is known before fit (a
+        deployed client knows it from its node config); raises ConfigError where the settings do not fit it."""
+        return Federation(num_clients=num_clients, **self.fit_loop.settings)
+
     def _check_clients(self, num_clients: int) -> None:
-        Federation(num_clients=num_clients, **self.fit_loop.settings)
+        self.federation_of(num_clients)
 
     @property
     def privacy(self) -> Optional[LocalDP]:

@@ -152,3 +152,17 @@ def _class_paths(node: object):
     elif isinstance(node, list):
         for value in node:
             yield from _class_paths(value)
+
+
+def test_no_component_reads_the_loops_attributes_through_the_trainer():
+    """CONTRIBUTING: only the trainer, which owns the loop, and the loop itself read ``trainer.fit_loop.x``;
+    a component gets what it needs as a hook argument or from the trainer (``federation_of``)."""
+    package = ROOT / "fedpeft_pl"
+    reads = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.relative_to(package).as_posix() not in ("trainer.py", "loop.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"fit_loop\.\w", line)
+    ]
+    assert reads == [], reads

@@ -70,7 +70,7 @@ from fedpeft_pl.config import build_run
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, open_session
-from fedpeft_pl.federation import ClientEvaluation, ClientResult, Federation, Round, RoundMessage, State
+from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
 from fedpeft_pl.hooks import ClientDropped
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
 from fedpeft_pl.privacy import EPSILON_SPENT
@@ -355,8 +355,7 @@ def _client(config: str) -> tuple[FederatedTrainer, Any, Any]:
     privacy = trainer.privacy
     if privacy is not None:  # local DP-SGD on this client, accounted here (answer_train)
         privacy.attach(module, datamodule)
-        federation = Federation(num_clients=datamodule.num_clients, **trainer.fit_loop.settings)
-        privacy.on_federation_start(trainer, module, federation)
+        privacy.on_federation_start(trainer, module, trainer.federation_of(datamodule.num_clients))
     return trainer, module, datamodule
 
 
