@@ -132,7 +132,8 @@ def _default_name(path: Path, method: str) -> str:
 
 
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per run: method, rounds, final accuracy, bytes per round and in total."""
+    """One row per run: method, rounds, final accuracy, bytes per round and in total; with a virtual clock
+    (``trainer.clock``), the run's simulated hours too."""
     rows = []
     for run in runs:
         _, up = run.series("comm/bytes_up")
@@ -149,6 +150,10 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
     full = [r["total_MiB"] for r in rows if r["method"] == "Full" and r["total_MiB"]]
     for row in rows:
         row["x_fewer_bytes_than_Full"] = (full[0] / row["total_MiB"]) if full and row["total_MiB"] else None
+    if any("time/simulated_seconds" in run.scalars for run in runs):  # runs with a virtual clock
+        for row, run in zip(rows, runs):
+            _, seconds = run.series("time/simulated_seconds")
+            row["simulated_hours"] = seconds[-1] / 3600 if seconds else None
     return rows
 
 

@@ -137,3 +137,20 @@ def test_comm_estimates_the_papers_vit_b16_upload_over_a_10_mbit_link(method, lo
     _, upload = clock.median_transfer_seconds(0, report.upload_wire_bytes or report.upload_bytes)
     assert low < upload < high
     assert f"{format_seconds(upload)} uploading" in capsys.readouterr().out
+
+
+def test_the_report_gives_a_clocked_runs_simulated_hours():
+    from pathlib import Path
+
+    from fedpeft_pl.analysis import Run, format_table, summarize
+
+    clocked = Run(
+        "clocked",
+        Path("a"),
+        "Bias",
+        {"comm/cumulative_bytes": [(1, 10.0), (2, 20.0)], "time/simulated_seconds": [(1, 1800.0), (2, 5400.0)]},
+    )
+    plain = Run("plain", Path("b"), "Bias", {"comm/cumulative_bytes": [(1, 10.0)]})
+    rows = summarize([clocked, plain])
+    assert rows[0]["simulated_hours"] == 1.5 and rows[1]["simulated_hours"] is None
+    assert "simulated_hours" in format_table(rows) and "simulated_hours" not in summarize([plain])[0]
