@@ -39,9 +39,9 @@ def run(tmp_path, cache, runner="sequential", dataset=None, rounds=2, trainer_kw
         availability=ClientAvailability(stragglers=0.5, straggler_work=(0.3, 0.6)),
         **(trainer_kwargs or {}),
     )
-    server, evaluations = trainer.aggregation, []
+    server, evaluations = trainer.aggregation.server, []
     record = server.record_client_evaluations
-    server.record_client_evaluations = lambda round, each: (evaluations.extend(each), record(round, each))
+    server.record_client_evaluations = lambda each: (evaluations.extend(each), record(each))
     trainer.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("round/seconds")}
     for e in evaluations:  # each client's accuracy and loss on its own test split, every round
