@@ -231,8 +231,9 @@ class ClientRunner(Protocol):
     """How the sampled clients of a round train: one by one, all at once, or remotely.
 
     ``run`` yields one :class:`ClientResult` per client of ``round.share``, in that order. A
-    runner may yield as each client finishes (the in-process sequential runner does, so a
-    callback's ``on_client_end`` sees that client's state in the module) or all at the end.
+    runner may yield as each client finishes or all at the end; an in-process runner puts each
+    client's trained state in the module before it yields its result, so a callback's
+    ``on_client_end`` sees that client's state there (:class:`~fedpeft_pl.runners.base.ClientExecutor`).
     """
 
     def run(self, round: Round) -> Iterable[ClientResult]: ...

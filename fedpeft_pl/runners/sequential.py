@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fedpeft_pl.exchange import LOCAL
 from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round
 from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-from fedpeft_pl.runners.base import RunnerHost, client_metrics
+from fedpeft_pl.runners.base import ClientExecutor, RunnerHost, client_metrics
 
 __all__ = ["SequentialRunner"]
 
@@ -27,33 +27,29 @@ class SequentialRunner:
         loop = self.loop
         module = loop.trainer.lightning_module
         datamodule = loop.trainer.datamodule
-        local = local_names(module)
         # the module holds the global state and, for a personalised method, the initial local part
-        start = trainable_state(module)
-        shared_like = {n: t for n, t in start.items() if n not in local}
-        local_init = {n: t for n, t in start.items() if n in local}
+        executor = ClientExecutor(loop, module)
         for client in round.share:
-            dropped = loop.start_client(round, client)
-            if dropped is not None:
-                yield dropped
+            session = executor.start(round, client)
+            if isinstance(session, ClientResult):
+                yield session
                 continue
-            session = loop.open_session(round, client, shared_like, local_init)
             session.load_into(module)
             module.begin_client(session)
             try:
                 with loop.no_gradient_sync():
                     loop.train_local(round.number, client, round.plans[client].batches, session)
-                result = session.finish(
-                    trainable_state(module), datamodule.client_num_samples(client), client_metrics(loop.trainer, module)
+                result = executor.finish(
+                    session,
+                    trainable_state(module),
+                    datamodule.client_num_samples(client),
+                    client_metrics(loop.trainer, module),
                 )
             except Exception as error:  # one client's failure must not end the run
                 result = ClientResult(client, error=error)
-            else:
-                loop.close_session(session)
             finally:
                 module.end_client()
-                if local_init:
-                    load_trainable_state(module, local_init, partial=True)
+                executor.reset_local()
             yield result
 
     def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -44,9 +44,9 @@ from torch.func import functional_call, grad, vmap
 
 from fedpeft_pl.capabilities import PrivacyMechanism
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.federation import ClientContext
-from fedpeft_pl.peft import load_trainable_state, local_names, trainable_parameters, trainable_state
-from fedpeft_pl.runners.base import RunnerHost, client_metrics
+from fedpeft_pl.federation import ClientContext, ClientResult
+from fedpeft_pl.peft import trainable_parameters
+from fedpeft_pl.runners.base import ClientExecutor, RunnerHost, client_metrics
 from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
 from fedpeft_pl.runners.device_data import DeviceData, step_batches
 from fedpeft_pl.runners.feature_cache import HeadProbe
@@ -76,6 +76,9 @@ class ClientJob:
             ``training_seed(seed, round, client)`` (``LOCAL_TRAINING``); by default derived from
             ``seed`` under that key, so the two never share a stream. A chunk of clients trained
             at once draws from its first client's.
+        context: the client's :class:`ClientContext` (what it received, its own state, the round's
+            config, its learning rate), which the strategy's client hooks see when ``train_clients``
+            is given a ``strategy``; ``steps`` is set as it trains.
     """
 
     client: int
@@ -84,6 +87,7 @@ class ClientJob:
     start: State
     extras: State = field(default_factory=dict)
     training_seed: Optional[int] = None
+    context: Optional[ClientContext] = None
 
     def torch_seed(self) -> int:
         """The seed of the torch generator while this job (first of its chunk) trains."""
@@ -167,6 +171,7 @@ def train_clients(
     device: Optional[torch.device] = None,
     on_smaller_chunks: Optional[Callable[[int], None]] = None,
     stacked: bool = True,
+    strategy: Optional[Strategy] = None,
 ) -> list[ClientOutcome]:
     """Train ``jobs`` simultaneously; the module's own trainable tensors are left as they were.
 
@@ -193,6 +198,10 @@ def train_clients(
         on_smaller_chunks: called with the new chunk size when out-of-memory halved it.
         stacked: train on the stacked path where the module's PEFT method has a stacked form
             (:mod:`fedpeft_pl.runners.stacked`; not under local DP); False: always vmap.
+        strategy: a strategy whose client hooks (``client_loss``, ``client_gradient``) run for
+            each client with its job's ``context``, as on the sequential runner (every job needs
+            one); its ``extras`` must then hold the context's tensors as ``received.<name>``,
+            ``extras.<key>`` and ``state.<key>``. Instead of ``loss_term`` and ``grad_correction``.
 
     Returns:
         one :class:`ClientOutcome` per job, in the order of ``jobs``.
@@ -231,6 +240,7 @@ def train_clients(
                     autocast,
                     device,
                     forwards,
+                    strategy,
                 )
                 start += len(part)
                 continue
@@ -273,6 +283,7 @@ def _train_chunk(
     autocast: Optional[Callable[[], Any]],
     device: torch.device,
     forwards: Optional[Any] = None,
+    strategy: Optional[Strategy] = None,
 ) -> list[ClientOutcome]:
     model, prefix = _model_of(module)
     names = list(trainable_parameters(module))
@@ -290,6 +301,9 @@ def _train_chunk(
     extras = {k: torch.stack([job.extras[k].to(device) for job in jobs]) for k in jobs[0].extras}
     optimizer = optimizer_factory(stacked)
     check_optimizer(optimizer)
+    hooks = _StrategyHooks(strategy, jobs, extras) if strategy is not None else None
+    adds_loss = hooks.adds_loss if hooks is not None else loss_term is not None
+    corrects_gradients = hooks.corrects_gradients if hooks is not None else grad_correction is not None
 
     plans = [datamodule.client_batches(job.client, job.seed, local_epochs, job.max_batches) for job in jobs]
     num_steps = max((len(p) for p in plans), default=0)
@@ -318,6 +332,14 @@ def _train_chunk(
         # a single client (a round of one, a chunk of one, the last straggler's steps): the plain model with
         # its tensors, the same arithmetic without the stacked forms' bookkeeping (3 to 4% at 1 x 256 on a CPU)
         return functional_call(model, {n: p[0] for n, p in params.items()}, (images[0],)).unsqueeze(0)
+
+    def terms_of(params: list[torch.Tensor], rows: list[int], step: int) -> torch.Tensor:
+        """The loss term of each client of ``rows`` (its ``params``), as before its ``step``-th step."""
+        if hooks is not None:
+            return hooks.loss(outer(inner_names(params)), rows, step)
+        assert loss_term is not None
+        index = torch.tensor(rows, device=device)
+        return vmap(loss_term)(outer(inner_names(params)), {k: v.index_select(0, index) for k, v in extras.items()})
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         # dropout and drop path draw from the training stream, never from the data-order one
@@ -350,17 +372,16 @@ def _train_chunk(
                 per_client = (per_sample * mask).sum(dim=1)
                 loss_sums.index_add_(0, rows_index, per_client.detach().to(loss_sums.dtype))
                 loss = (per_client / counts.clamp(min=1)).sum()
-                if loss_term is not None:
-                    terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
-                    loss = loss + terms.sum()
+                if adds_loss:
+                    loss = loss + terms_of(params, rows, step).sum()
                 loss.backward()
             else:
                 gradients, per_client = _private_gradients(
                     model, prefix, names, params, images, labels, mask, [jobs[k] for k in rows], private, autocast
                 )
                 loss_sums.index_add_(0, rows_index, per_client.detach().to(loss_sums.dtype))
-                if loss_term is not None:
-                    terms = vmap(loss_term)(outer(inner_names(params)), {k: pick(v) for k, v in extras.items()})
+                if adds_loss:
+                    terms = terms_of(params, rows, step)
                     extra_grads = torch.autograd.grad(terms.sum(), params, allow_unused=True)
                     gradients = [g if e is None else g + e for g, e in zip(gradients, extra_grads)]
                 for p, g in zip(stacked, gradients):
@@ -368,8 +389,14 @@ def _train_chunk(
                         p.grad = g.to(p.dtype)
                     else:
                         p.grad = torch.zeros_like(p).index_copy_(0, index, g.to(p.dtype))
-            if grad_correction is not None:
-                corrected = vmap(grad_correction)({n: p.grad for n, p in zip(names, stacked)}, extras)
+            if corrects_gradients:
+                grads = {n: p.grad for n, p in zip(names, stacked)}
+                if hooks is not None:  # after the step's backward, as Lightning's on_before_optimizer_step
+                    params_now = {n: p.detach() for n, p in zip(names, stacked)}
+                    corrected = hooks.correct(grads, params_now, step + 1, rows)
+                else:
+                    assert grad_correction is not None
+                    corrected = vmap(grad_correction)(grads, extras)
                 for n, p in zip(names, stacked):
                     p.grad = corrected[n]
             masked_step(optimizer, stacked, active)
@@ -385,6 +412,110 @@ def _train_chunk(
         )
         for k, job in enumerate(jobs)
     ]
+
+
+class _NeedsClient(Exception):
+    """A strategy hook read ``context.client``, which one call for a chunk of clients cannot give."""
+
+
+class _ClientsAtOnce(ClientContext):
+    """The context of one hook call for a chunk's clients at once under ``vmap``: per-client tensors
+    (batched), the fields every client of the chunk shares; ``client`` alone differs, and reading it
+    asks for one call per client instead."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "client":
+            raise _NeedsClient
+        return super().__getattribute__(name)
+
+
+def _unpack(extras: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in extras.items() if k.startswith(prefix)}
+
+
+class _StrategyHooks:
+    """A strategy's client hooks on the stacked clients, each client with its own :class:`ClientContext`.
+
+    The hooks see what the sequential runner gives them: the client's context (id, round, config,
+    version, learning rate, own state) with ``steps`` the optimizer steps taken so far (the loss
+    term before step ``t`` sees ``t``, the gradient correction ``t + 1``). Where the contexts of a
+    chunk differ only in their tensors and client ids, one vmapped call serves every client; a hook
+    that reads ``context.client`` is called client by client from then on.
+    """
+
+    def __init__(self, strategy: Strategy, jobs: Sequence[ClientJob], extras: State) -> None:
+        contexts = [job.context for job in jobs]
+        if any(c is None for c in contexts):
+            raise ConfigError("train_clients: with a strategy, every ClientJob needs its context")
+        self.strategy = strategy
+        self.contexts: list[ClientContext] = [c for c in contexts if c is not None]
+        self.extras = extras
+        first = self.contexts[0]
+        shared = ("server_round", "version", "lr")
+        self.at_once = all(
+            all(getattr(c, f) == getattr(first, f) for f in shared) and dict(c.config) == dict(first.config)
+            for c in self.contexts
+        )
+        self.adds_loss = type(strategy).client_loss is not Strategy.client_loss
+        self.corrects_gradients = type(strategy).client_gradient is not Strategy.client_gradient
+
+    def _own(self, k: int, steps: int) -> ClientContext:
+        return replace(self.contexts[k], steps=steps)
+
+    def _shared(self, extras: State, steps: int) -> ClientContext:
+        first = self.contexts[0]
+        return _ClientsAtOnce(
+            client=-1,
+            server_round=first.server_round,
+            received=_unpack(extras, "received."),
+            config=first.config,
+            extras=_unpack(extras, "extras."),
+            state=_unpack(extras, "state."),
+            steps=steps,
+            lr=first.lr,
+            version=first.version,
+        )
+
+    def loss(self, params: State, rows: list[int], steps: int) -> torch.Tensor:
+        """Each client of ``rows``'s loss term (``params``: its rows of the stacked tensors)."""
+        like = next(iter(params.values()))
+        zero = torch.zeros((), device=like.device, dtype=like.dtype)
+        if self.at_once:
+            index = torch.tensor(rows, device=like.device)
+            rows_extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+
+            def term(p: State, e: State) -> torch.Tensor:
+                value = self.strategy.client_loss(p, self._shared(e, steps))
+                return value if value is not None else torch.zeros(())
+
+            try:
+                return vmap(term)(params, rows_extras)
+            except _NeedsClient:
+                self.at_once = False
+        terms = []
+        for i, k in enumerate(rows):
+            value = self.strategy.client_loss({n: p[i] for n, p in params.items()}, self._own(k, steps))
+            terms.append(value if value is not None else zero)
+        return torch.stack(terms)
+
+    def correct(self, grads: State, params: State, steps: int, rows: list[int]) -> State:
+        """Every client's corrected gradient (``grads`` and ``params`` stacked over the chunk); the
+        clients of ``rows`` take this step, the others' gradients are not applied."""
+        if self.at_once:
+            try:
+                return vmap(
+                    lambda g, p, e: self.strategy.client_gradient(g, p, self._shared(e, steps)),
+                )(grads, params, self.extras)
+            except _NeedsClient:
+                self.at_once = False
+        corrected = {n: g.clone() for n, g in grads.items()}
+        for k in rows:
+            own = self.strategy.client_gradient(
+                {n: g[k] for n, g in grads.items()}, {n: p[k] for n, p in params.items()}, self._own(k, steps)
+            )
+            for n, g in own.items():
+                corrected[n][k] = g
+        return corrected
 
 
 def _linear_forward(
@@ -543,19 +674,19 @@ class VectorizedRunner:
         datamodule = trainer.datamodule
         federation = loop.federation
         strategy = loop.server.strategy
-        start = trainable_state(module)
-        local = local_names(module)
-        shared_like = {n: t for n, t in start.items() if n not in local}
-        local_init = {n: t for n, t in start.items() if n in local}
+        executor = ClientExecutor(loop, module)
+        # the learning rate the client hooks see, as Lightning's loop gives it once the optimizer is built
+        lr = float(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
 
         early: dict[int, Any] = {}
         sessions = []
         for client in round.share:
-            dropped = loop.start_client(round, client)
-            if dropped is not None:
-                early[client] = dropped
+            started = executor.start(round, client)
+            if isinstance(started, ClientResult):
+                early[client] = started
             else:
-                sessions.append(loop.open_session(round, client, shared_like, local_init))
+                started.context.lr = lr
+                sessions.append(started)
         # what a strategy's client hooks see, stacked per client: received state, server extras, own state
         own_keys = sorted({k for s in sessions for k in s.context.state if not k.startswith("local.")})
         jobs = []
@@ -574,29 +705,10 @@ class VectorizedRunner:
                     {**context.received, **session.local_state()},
                     extras,
                     training_seed=training_seed(federation.seed, round.number, session.client),
+                    context=context,
                 )
             )
-
-        def context_of(extras: State) -> ClientContext:
-            return ClientContext(
-                0,
-                round.number,
-                received={k[len("received.") :]: v for k, v in extras.items() if k.startswith("received.")},
-                extras={k[len("extras.") :]: v for k, v in extras.items() if k.startswith("extras.")},
-                state={k[len("state.") :]: v for k, v in extras.items() if k.startswith("state.")},
-            )
-
-        loss_term = grad_correction = None
-        if type(strategy).client_loss is not Strategy.client_loss:
-
-            def loss_term(params: State, extras: State) -> torch.Tensor:
-                term = strategy.client_loss(params, context_of(extras))
-                return term if term is not None else torch.zeros(())
-
-        if sessions and sessions[0].corrects_gradients:
-
-            def grad_correction(grads: State, extras: State) -> State:
-                return strategy.client_gradient(grads, {}, context_of(extras))
+        client_hooks = sessions and (sessions[0].adds_loss or sessions[0].corrects_gradients)
 
         private = None
         privacy = getattr(module, "privacy", None)
@@ -621,34 +733,36 @@ class VectorizedRunner:
             jobs,
             federation.local_epochs,
             module.optimizer_factory,
-            loss_term=loss_term,
-            grad_correction=grad_correction,
             private=private,
             autocast=autocast or None,
             max_parallel_clients=self.max_parallel_clients,
             on_smaller_chunks=self._remember_chunk_size,
+            strategy=strategy if client_hooks else None,
         )
         # the steps Lightning would have counted: the run's global step, and the round checkpoints it triggers
         loop.count_steps(sum(o.steps for o in outcomes))
-        lr = float(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
         by_client = {o.client: o for o in outcomes}
         results = {}
         for session in sessions:
             outcome = by_client[session.client]
-            session.context.steps, session.context.lr = outcome.steps, lr
+            session.context.steps = outcome.steps
             # the module reports the loss of the client it trained; here it is the outcome's
             module.begin_client(session)
             if outcome.num_samples_seen:
                 module.track_loss(torch.tensor(outcome.loss_sum, dtype=torch.float64), outcome.num_samples_seen)
             metrics = client_metrics(trainer, module)
             module.end_client()
-            results[session.client] = session.finish(
-                outcome.state, datamodule.client_num_samples(session.client), metrics
+            results[session.client] = executor.finish(
+                session, outcome.state, datamodule.client_num_samples(session.client), metrics
             )
-            loop.close_session(session)
-        load_trainable_state(module, start)
-        for client in round.share:
-            yield early[client] if client in early else results[client]
+        try:
+            for client in round.share:
+                if client in results and client in by_client:
+                    # on_client_end sees the client's trained state in the module, as on the sequential runner
+                    executor.show(by_client[client].state)
+                yield early[client] if client in early else results[client]
+        finally:
+            executor.restore()
 
 
 def _like(key: str, received: State) -> torch.Tensor:
