@@ -18,9 +18,11 @@ usage and a mistaken command name answer without importing torch or Lightning.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional
 
 from fedpeft_pl.errors import ConfigError
@@ -84,8 +86,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         if argv[0] == "flower-app":
             _flower_app_usage(argv[1:])
-        from fedpeft_pl import config  # Lightning and torch: every command from here on builds a config
-
+        config = _import_config(frozen=from_command_line)  # every command from here on builds a config
         config.configure_logging(verbose)
         config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
             a.split("=", 1)[1] for a in argv if a.startswith("--config=")
@@ -107,6 +108,31 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         print(f"fedpeft: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _import_config(frozen: bool) -> ModuleType:
+    """:mod:`fedpeft_pl.config`, and with it Lightning, timm and torch.
+
+    With ``frozen`` (the command's own process, not a caller's) the import runs without the cyclic
+    garbage collector, and the objects it built are then frozen out of later collections: importing
+    torch, Lightning and torchmetrics builds millions of objects that live as long as the process, and
+    the collector traversed them again and again, about 1.3 s of the 7 s of CPU from ``fedpeft fit``
+    to the quickstart's round 1 (benchmarks/README.md, "Start-up"). What the import left as garbage,
+    a few MiB, is never collected.
+    """
+    if not frozen or "fedpeft_pl.config" in sys.modules:
+        from fedpeft_pl import config
+
+        return config
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        from fedpeft_pl import config
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+    return config
 
 
 def _flower_app_usage(argv: list[str]) -> None:

@@ -21,7 +21,7 @@ HEAVY |= {"sklearn", "pandas", "matplotlib", "datasets", "jsonargparse", "numpy"
 
 # what the command ran, and the top-level packages it had loaded when it ended
 PROBE = """
-import json, runpy, sys
+import gc, json, runpy, sys
 *argv, out = sys.argv[1:]
 sys.argv = ["fedpeft", *argv]
 code = 0
@@ -29,13 +29,15 @@ try:
     runpy.run_module("fedpeft_pl.cli", run_name="__main__", alter_sys=True)
 except SystemExit as done:
     code = done.code
+loaded = sorted({name.split(".")[0] for name in sys.modules})
 with open(out, "w") as file:
-    json.dump({"exit": code, "loaded": sorted({name.split(".")[0] for name in sys.modules})}, file)
+    json.dump({"exit": code, "loaded": loaded, "frozen": gc.get_freeze_count(), "collecting": gc.isenabled()}, file)
 """
 
 
 def run(tmp_path, *args, code=PROBE):
-    """``python -m fedpeft_pl.cli *args`` in a fresh process of this checkout: exit status, output, heavy modules."""
+    """``python -m fedpeft_pl.cli *args`` in a fresh process of this checkout: exit status, output, heavy modules
+    (and, in ``run.last``, everything the probe wrote)."""
     out = tmp_path / "probe.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     done = subprocess.run(
@@ -43,6 +45,7 @@ def run(tmp_path, *args, code=PROBE):
     )
     assert out.exists(), done.stderr[-3000:]
     result = json.loads(out.read_text())
+    run.last = result
     return result["exit"], done.stdout + done.stderr, HEAVY & set(result["loaded"])
 
 
@@ -71,6 +74,20 @@ def test_comm_loads_what_sizing_the_model_needs_and_nothing_a_fit_alone_uses(tmp
     # the config and says which client runner trains; local DP (opacus), Hugging Face peft (HFPeft) and the
     # data set's own libraries are a fit's alone
     assert not heavy & {"opacus", "peft", "sklearn", "pandas", "datasets"}, heavy
+    # what the import built is kept out of the garbage collector's way, which collects again afterwards
+    assert run.last["frozen"] > 100_000 and run.last["collecting"], run.last["frozen"]
+
+
+def test_main_called_from_python_leaves_the_callers_garbage_collector_alone(capsys):
+    """Only the command's own process freezes what the import built; a caller's objects stay collectable."""
+    import gc
+
+    from fedpeft_pl.cli import main
+
+    frozen = gc.get_freeze_count()
+    main(["comm", "--config", str(REPO / "configs" / "quickstart.yaml")])
+    assert "per client per direction" in capsys.readouterr().out
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
 
 
 PUBLIC_NAMES = """
