@@ -41,3 +41,17 @@ def tiny_trainer(tmp_path, **kwargs) -> FederatedTrainer:
     }
     defaults.update(kwargs)
     return FederatedTrainer(**defaults)
+
+
+def build_overlay(tmp_path, overlay: str, *configs: str):
+    """The trainer, module and data module of ``configs`` (quickstart's by default) with the YAML text
+    ``overlay`` on top, as ``fedpeft fit`` would build them; run from the repository's root."""
+    from pathlib import Path
+
+    from fedpeft_pl.config import build_run, resolve_config
+
+    (tmp_path / "overlay.yaml").write_text(overlay)
+    arguments = [a for c in (configs or ("configs/quickstart.yaml",)) for a in ("--config", c)]
+    config = Path(tmp_path) / "config.yaml"
+    config.write_text(resolve_config([*arguments, "--config", str(tmp_path / "overlay.yaml")]))
+    return build_run(config, save_config=False)[:3]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_datamodule, tiny_module, tiny_trainer
+from helpers import build_overlay, tiny_datamodule, tiny_module, tiny_trainer
 
 from fedpeft_pl.clock import Constant, Exponential, HalfNormal, LogNormal, PerClient, VirtualClock, format_seconds
 from fedpeft_pl.errors import ConfigError
@@ -116,22 +116,12 @@ def test_comm_estimates_the_papers_vit_b16_upload_over_a_10_mbit_link(method, lo
     about 260 s over 10 Mbit/s; BitFit's ~0.7 MB well under a second."""
     from pathlib import Path
 
-    from fedpeft_pl.config import build_run, resolve_config
-
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo)
-    overlay = tmp_path / "clock.yaml"
-    overlay.write_text(
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    overlay = (
         "trainer:\n  clock:\n    class_path: fedpeft_pl.clock.VirtualClock\n"
         "    init_args: {upload: {class_path: fedpeft_pl.clock.Constant, init_args: {value: 1.25e+6}}}\n"
     )
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        resolve_config(
-            ["--config", "configs/paper.yaml", "--config", f"configs/{method}.yaml", "--config", str(overlay)]
-        )
-    )
-    trainer, module, datamodule, _ = build_run(config, save_config=False)
+    trainer, module, datamodule = build_overlay(tmp_path, overlay, "configs/paper.yaml", f"configs/{method}.yaml")
     report = trainer.comm(module, datamodule)
     clock = trainer.aggregation.server.clock
     _, upload = clock.median_transfer_seconds(0, report.upload_wire_bytes or report.upload_bytes)

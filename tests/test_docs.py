@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import tiny_datamodule, tiny_module, tiny_trainer
+from helpers import build_overlay, tiny_datamodule, tiny_module, tiny_trainer
 
 from fedpeft_pl.peft import trainable_parameters
 
@@ -60,25 +60,18 @@ def test_readme_hf_peft_example_is_a_valid_overlay(tmp_path, capsys, monkeypatch
 
 
 def test_readme_composed_strategy_builds_its_two_parts(tmp_path, monkeypatch):
-    from fedpeft_pl.config import build_run, resolve_config
     from fedpeft_pl.strategies import Adam, FedAvg, Median
 
     monkeypatch.chdir(REPO)
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     example = next(b for b in blocks if "aggregator: fedpeft_pl.strategies.Median" in b)
-    (tmp_path / "overlay.yaml").write_text(example)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
-    )
-    trainer, _, _, _ = build_run(config, save_config=False)
+    trainer, _, _ = build_overlay(tmp_path, example)
     strategy = trainer.aggregation.strategy
     assert type(strategy) is FedAvg and type(strategy.aggregator) is Median
     assert type(strategy.server_optimizer) is Adam and strategy.server_optimizer.lr == 0.01
 
 
 def test_contributing_aggregator_example_bounds_each_update(tmp_path, monkeypatch):
-    from fedpeft_pl.config import build_run, resolve_config
     from fedpeft_pl.strategies import ClientUpdate, FedAdam
 
     source = python_block(
@@ -98,13 +91,8 @@ def test_contributing_aggregator_example_bounds_each_update(tmp_path, monkeypatc
         for b in re.findall(r"```yaml\n(.*?)```", (REPO / "CONTRIBUTING.md").read_text(), flags=re.S)
         if "my_rules" in b
     )
-    (tmp_path / "overlay.yaml").write_text(yaml_block)
     monkeypatch.chdir(REPO)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
-    )
-    strategy = build_run(config, save_config=False)[0].aggregation.strategy
+    strategy = build_overlay(tmp_path, yaml_block)[0].aggregation.strategy
     assert type(strategy) is FedAdam and type(strategy.aggregator).__name__ == "NormBounded"
     assert strategy.aggregator.bound == 0.5 and strategy.needs_individual_updates
 

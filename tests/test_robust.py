@@ -297,18 +297,13 @@ def test_readme_defence_example_builds_its_parts(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from fedpeft_pl.config import build_run, resolve_config
+    from helpers import build_overlay
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
     example = next(b for b in blocks if "fedpeft_pl.strategies.SampleCounts" in b)
-    (tmp_path / "overlay.yaml").write_text(example)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        resolve_config(["--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
-    )
-    trainer, _, _, _ = build_run(config, save_config=False)
+    trainer, _, _ = build_overlay(tmp_path, example)
     strategy = trainer.aggregation.strategy
     assert type(strategy) is FedAdam and type(strategy.aggregator) is SampleCounts
     assert strategy.aggregator.max_samples == 500 and type(strategy.aggregator.aggregator) is NormBound
