@@ -86,7 +86,9 @@ def summary_lines(trainer: pl.Trainer, seconds: float) -> list[str]:
     state = getattr(server, "server", None)
     if state is not None and state.clock is not None:
         simulated = state.simulated_seconds
-        lines.append(f"simulated time: {format_seconds(simulated)} ({simulated:.1f} s) on {state.clock!r}")
+        shown = format_seconds(simulated)
+        exact = "" if shown == f"{simulated:.1f} s" else f" ({simulated:.1f} s)"
+        lines.append(f"simulated time: {shown}{exact} on {state.clock!r}")
     if not trainer.loggers:
         return lines
     # the first logger's folder, as trainer.log_dir finds it; trainer.log_dir itself is a collective
