@@ -231,11 +231,9 @@ class Server:
         if self.clock is not None:
             self._time_task(round, result, upload if wire is None else wire)
         pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
-        version = self.dispatch(result.version).version
+        sent = self.dispatch(result.version)
         payload = {k: v.to(device) for k, v in result.payload.items()}
-        state = decode_reply(
-            self.upload, payload, self._dispatched[version].received, self._views, result.client, round.number
-        )
+        state = decode_reply(self.upload, payload, sent.received, self._views, result.client, round.number)
         extras = {k: v.to(device) for k, v in result.extras.items()}
         broken = first_non_finite({**state, **extras})
         if broken is not None:
@@ -245,7 +243,9 @@ class Server:
                 extra={"each_process": True},  # only the process that trained the client knows
             )
             return None
-        update = ClientUpdate(result.client, result.num_samples, state, extras, tuple(result.aggregate_of), version)
+        update = ClientUpdate(
+            result.client, result.num_samples, state, extras, tuple(result.aggregate_of), sent.version
+        )
         pending.updates.append(update)
         pending.contributors += max(1, len(result.aggregate_of))  # secure aggregation: one mean of several clients
         return update
