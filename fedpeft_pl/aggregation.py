@@ -24,6 +24,7 @@ from fedpeft_pl.federation import ClientEvaluation, ClientResult, Federation, Ro
 from fedpeft_pl.hooks import FederatedCallback
 from fedpeft_pl.peft import PEFTMethod, load_trainable_state, local_names, shared_state, trainable_state
 from fedpeft_pl.privacy import releases_client_statistics
+from fedpeft_pl.schedules import Schedule, staleness_summary
 from fedpeft_pl.server import Server
 from fedpeft_pl.strategies import Strategy
 
@@ -67,6 +68,10 @@ class ServerAggregation(FederatedCallback):
         clock: simulated time of each client task (:class:`~fedpeft_pl.clock.VirtualClock`): the
             round's ``time/round_seconds`` (its last client's arrival), ``time/simulated_seconds``
             and ``server/acc_vs_simulated_seconds`` (step: whole simulated seconds); none by default.
+        schedule: when the server updates (:mod:`fedpeft_pl.schedules`): synchronous rounds with
+            over-selection and a deadline (``round/clients_late``, ``comm/bytes_late``), or FedBuff and
+            FedAsync (``async/staleness_mean``, ``async/staleness_max``); every round waits for all of
+            its clients by default. Needs a clock.
     """
 
     def __init__(
@@ -75,8 +80,9 @@ class ServerAggregation(FederatedCallback):
         upload: Optional[Codec] = None,
         download: Optional[Codec] = None,
         clock: Optional[VirtualClock] = None,
+        schedule: Optional[Schedule] = None,
     ) -> None:
-        self.server = Server(strategy, upload, download, clock)
+        self.server = Server(strategy, upload, download, clock, schedule)
         self._local_init: State = {}
         self._round_started = 0.0
         self._sampled = 0
@@ -147,7 +153,8 @@ class ServerAggregation(FederatedCallback):
     def on_client_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, round: Round, result: ClientResult
     ) -> None:
-        self.server.accept(round, result, pl_module.device)
+        if self.server.schedule is None:  # under a schedule the loop hands over replies that count, as they arrive
+            self.server.accept(round, result, pl_module.device)
 
     @override
     def on_round_gather(
@@ -190,6 +197,12 @@ class ServerAggregation(FederatedCallback):
             "round/clients_failed": server.pending.failed,
             "round/stragglers": self._stragglers,
             "round/seconds": time.perf_counter() - self._round_started,
+            **(
+                {"round/clients_late": server.pending.late, "comm/bytes_late": server.pending.late_bytes}
+                if server.schedule is not None and not server.schedule.asynchronous
+                else {}
+            ),
+            **staleness_summary(server.pending.staleness),
             **evaluation,
             **server.strategy.round_metrics(),
         }
@@ -245,7 +258,13 @@ class ServerAggregation(FederatedCallback):
 
 def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: dict[str, float]) -> str:
     parts = [f"round {server_round}/{num_rounds}"]
-    if metrics["round/clients_aggregated"] < sampled or metrics["round/stragglers"]:
+    late = "round/clients_late"
+    if "async/staleness_mean" in metrics:  # a buffered asynchronous update: its replies, not a round's clients
+        parts.append(
+            f"{metrics['round/clients_aggregated']} replies (staleness mean {metrics['async/staleness_mean']:.1f}, "
+            f"max {metrics['async/staleness_max']:.0f}), {sampled} dispatched"
+        )
+    elif metrics["round/clients_aggregated"] < sampled or metrics["round/stragglers"] or metrics.get(late):
         details = [f"{metrics['round/clients_aggregated']}/{sampled} clients aggregated"]
         details += [
             f"{metrics[key]} {word}"
@@ -253,8 +272,9 @@ def _round_summary(server_round: int, num_rounds: int, sampled: int, metrics: di
                 ("round/clients_dropped", "dropped"),
                 ("round/clients_failed", "failed"),
                 ("round/stragglers", "straggled"),
+                ("round/clients_late", "late"),
             )
-            if metrics[key]
+            if metrics.get(key)
         ]
         parts.append(", ".join(details))
     if "server/acc" in metrics:

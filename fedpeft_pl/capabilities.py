@@ -8,7 +8,8 @@ lists of classes:
   engine);
 - a strategy: ``needs_individual_updates`` (its server update needs each client's own update,
   not only their sample-weighted sum: a robust aggregator, SCAFFOLD, FedDyn) and
-  ``sends_client_extras`` (its clients send tensors beside their update);
+  ``sends_client_extras`` (its clients send tensors beside their update) and ``synchronous_only``
+  (why its updates need one cohort that started from one global state, or None);
 - a privacy mechanism (:class:`PrivacyMechanism`): its guarantee covers the clients' data, so
   the run releases no un-noised per-client statistics (training loss, label histograms, a
   client's accuracy on its own test split) unless every mechanism declares, with
@@ -61,6 +62,8 @@ class RunParts:
         upload: the upload codec (None for none).
         privacy: the run's privacy mechanisms on the clients (local DP).
         secure_aggregation: whether the server sees only the masked sum (SecAgg+).
+        clock: the virtual clock (None for none).
+        schedule: when the server updates (None: every round waits for all its clients).
     """
 
     peft: Any = None
@@ -68,6 +71,8 @@ class RunParts:
     upload: Any = None
     privacy: tuple[Any, ...] = ()
     secure_aggregation: bool = False
+    clock: Any = None
+    schedule: Any = None
 
 
 def _name(part: Any) -> str:
@@ -135,7 +140,36 @@ def _secure_client_reports(parts: RunParts) -> Optional[str]:
     return None
 
 
-RULES = (_views_with_local_dp, _secure_client_reports, _secure_strategy, _secure_upload)
+def _schedule(parts: RunParts) -> Optional[str]:
+    schedule = parts.schedule
+    if schedule is None:
+        return None
+    name = _name(schedule)
+    if parts.clock is None:
+        return (
+            f"trainer.schedule {name} orders client tasks on the virtual clock: set trainer.clock too "
+            "(configs/quickstart/clock.yaml has one)"
+        )
+    if not getattr(schedule, "asynchronous", False):
+        return None
+    if parts.secure_aggregation:
+        return (
+            f"secure aggregation cannot run {name}: SecAgg+ masks cancel only over a cohort fixed when the round "
+            "starts, and a buffer's clients are decided by their arrival; use synchronous rounds"
+        )
+    reason = getattr(parts.strategy, "synchronous_only", None)
+    if reason:
+        return f"{name} cannot run {_name(parts.strategy)}: {reason}; use synchronous rounds or another strategy"
+    if getattr(parts.peft, "per_client_views", False):
+        return (
+            f"{name} cannot run {parts.peft!r}: its clients' views are aggregated over one round's cohort "
+            "(heterogeneous ranks, FLoRA's stacking), which a buffer of replies from several versions is not; "
+            "use synchronous rounds or another method"
+        )
+    return None
+
+
+RULES = (_schedule, _views_with_local_dp, _secure_client_reports, _secure_strategy, _secure_upload)
 """Each rule: the one-line reason a run's parts cannot run together, or None."""
 
 

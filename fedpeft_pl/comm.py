@@ -224,6 +224,29 @@ class WireCounter:
                 return
             self._arrays_bytes = wire_bytes(self._arrays)
 
+    def download_size(
+        self,
+        round_config: Mapping[str, Any],
+        server_round: int,
+        client: int,
+        max_batches: int,
+        extras: Mapping[str, torch.Tensor],
+    ) -> Optional[int]:
+        """One client's train message in wire bytes, without counting it; None where they are not measured here."""
+        if self.bytes is None or self.measured:
+            return None
+        from flwr.app import ConfigRecord
+
+        content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
+        if "extras" in content:
+            # Flower sends an object once per message, so an extra tensor equal to one of the state's
+            # (zeros, at first) costs nothing more: measure the whole message
+            return wire_bytes(content)
+        # the round's arrays are the same for every client: measured once, plus this message's own objects
+        config = content["config"]
+        assert isinstance(config, ConfigRecord)
+        return self._arrays_bytes + wire_bytes(config) + len(content.deflate())
+
     def download(
         self,
         round_config: Mapping[str, Any],
@@ -233,22 +256,26 @@ class WireCounter:
         extras: Mapping[str, torch.Tensor],
     ) -> Optional[int]:
         """Count one client's train message; its wire bytes, or None where they are not measured here."""
+        size = self.download_size(round_config, server_round, client, max_batches, extras)
+        if size is not None and self.bytes is not None:
+            self.bytes["down"] += size
+        return size
+
+    def reply_size(
+        self,
+        payload: Mapping[str, torch.Tensor],
+        num_examples: int,
+        metrics: Mapping[str, float],
+        extras: Mapping[str, torch.Tensor],
+    ) -> Optional[int]:
+        """One client's reply in wire bytes, without counting it; None where they are not measured here."""
         if self.bytes is None or self.measured:
             return None
-        from flwr.app import ConfigRecord
-
-        content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
-        if "extras" in content:
-            # Flower sends an object once per message, so an extra tensor equal to one of the state's
-            # (zeros, at first) costs nothing more: measure the whole message
-            size = wire_bytes(content)
-        else:
-            # the round's arrays are the same for every client: measured once, plus this message's own objects
-            config = content["config"]
-            assert isinstance(config, ConfigRecord)
-            size = self._arrays_bytes + wire_bytes(config) + len(content.deflate())
-        self.bytes["down"] += size
-        return size
+        try:
+            return int(self._reply_sizes(payload, num_examples, metrics, extras))
+        except TypeError:
+            self.bytes = None
+            return None
 
     def upload(
         self,
@@ -258,15 +285,10 @@ class WireCounter:
         extras: Mapping[str, torch.Tensor],
     ) -> Optional[int]:
         """Count one client's reply; its wire bytes, or None where they are not measured here."""
-        if self.bytes is None or self.measured:
-            return None
-        try:
-            size = self._reply_sizes(payload, num_examples, metrics, extras)
-        except TypeError:
-            self.bytes = None
-            return None
-        self.bytes["up"] += size
-        return int(size)
+        size = self.reply_size(payload, num_examples, metrics, extras)
+        if size is not None and self.bytes is not None:
+            self.bytes["up"] += size
+        return size
 
     def count(self, direction: str, content: Any) -> None:
         """Count a real message's content (a deployment)."""

@@ -17,6 +17,7 @@ from fedpeft_pl.clock import format_seconds
 from fedpeft_pl.comm import MIB
 from fedpeft_pl.federation import Federation
 from fedpeft_pl.hooks import FederatedCallback
+from fedpeft_pl.schedules import Schedule
 
 log = logging.getLogger("fedpeft_pl.console")
 
@@ -56,12 +57,12 @@ class RunSummary(FederatedCallback):
         exchange = f"each sampled client receives and sends {size / 1024:,.1f} KiB of them a round (before any codec)"
         if getattr(method, "per_client_views", False):
             exchange = f"each sampled client exchanges at most {size / 1024:,.1f} KiB of them a round, at its own rank"
+        server = getattr(getattr(trainer, "aggregation", None), "server", None)
+        schedule = getattr(server, "schedule", None) or Schedule()
+        shape = schedule.describe(federation.num_clients, federation.clients_per_round, federation.num_rounds)
         log.info(
             f"method: {method!r} trains {count:,} of {total:,} parameters ({100 * count / max(total, 1):.2f}%); "
-            f"{exchange} | "
-            f"{federation.clients_per_round} of {federation.num_clients} clients a round, {federation.num_rounds} "
-            "rounds, "
-            f"{runner} client runner"
+            f"{exchange} | {shape}, {runner} client runner"
         )
 
     @override

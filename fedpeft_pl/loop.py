@@ -47,6 +47,7 @@ from fedpeft_pl.federation import (
     ClientRunner,
     ClientStore,
     Federation,
+    Plan,
     Round,
     sample_clients,
 )
@@ -55,6 +56,7 @@ from fedpeft_pl.peft import trainable_state
 from fedpeft_pl.privacy import releases_client_statistics
 from fedpeft_pl.runners import SequentialRunner, VectorizedRunner
 from fedpeft_pl.runners.feature_cache import FEATURE_EVAL_BATCH, FeatureCache
+from fedpeft_pl.schedules import FedBuff, Synchronous, Task, Timeline
 from fedpeft_pl.seeds import client_seed, training_seed
 from fedpeft_pl.server import Server
 
@@ -141,6 +143,7 @@ class FederatedLoop(_FitLoop):
         self.runner: ClientRunner = runner if runner is not None else SequentialRunner(self)
         self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
         self.client_states = ClientStore()
+        self.timeline = Timeline()  # a buffered asynchronous run's clients in flight
         self._federation: Optional[Federation] = None
 
     @property
@@ -321,8 +324,21 @@ class FederatedLoop(_FitLoop):
                 strategy=self.server.strategy,
                 upload=self.server.upload,
                 privacy=(privacy,) if privacy is not None else (),
+                clock=self.server.clock,
+                schedule=self.server.schedule,
             )
         )
+        schedule = self.server.schedule
+        if schedule is not None:
+            name = type(schedule).__name__
+            if self.trainer.world_size > 1:
+                raise ConfigError(f"trainer.schedule {name} runs in one process; DDP is not supported with it yet")
+            if not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
+                raise ConfigError(
+                    f"trainer.schedule {name} is simulated in one process; the {type(self.runner).__name__} "
+                    "does not run it yet"
+                )
+            schedule.check(self.federation.num_clients, self.federation.clients_per_round)
 
     def _resume_at_round_boundary(self) -> None:
         progress = self.epoch_progress
@@ -341,6 +357,7 @@ class FederatedLoop(_FitLoop):
         state = super().on_save_checkpoint()
         state["rng"] = _rng_state()
         state["client_states"] = self.client_states.state_dict()
+        state["timeline"] = self.timeline.state_dict()
         return state
 
     @override
@@ -349,6 +366,8 @@ class FederatedLoop(_FitLoop):
         if "rng" in state_dict:
             _set_rng_state(state_dict["rng"])
         self.client_states.load_state_dict(state_dict.get("client_states", {}))
+        if "timeline" in state_dict:
+            self.timeline.load_state_dict(state_dict["timeline"])
 
     @override
     def on_advance_start(self) -> None:
@@ -373,18 +392,31 @@ class FederatedLoop(_FitLoop):
 
     @override
     def advance(self) -> None:
-        """One communication round."""
-        round = self.plan_round(self.epoch_progress.current.processed + 1)
-        self._federated(
-            "on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round)
-        )
+        """One communication round (one server update)."""
+        schedule = self.server.schedule
+        if isinstance(schedule, FedBuff):
+            self._advance_buffered(schedule)
+            return
+        number = self.epoch_progress.current.processed + 1
+        cohort = None
+        if isinstance(schedule, Synchronous):  # over-selection: more clients than the round needs
+            federation = self.federation
+            size = schedule.cohort(federation.clients_per_round, federation.num_clients)
+            cohort = replace(federation, clients_per_round=size).sample(number)
+        round = self.plan_round(number, cohort)
+        self._start_round(round)
         round = replace(round, message=self.server.configure(round))
         failures: list[BaseException] = []
         steps_before = self.trainer.global_step
+        held: list[ClientResult] = []
         for result in self.runner.run(round):
             self.report(round, result)
             if result.error is not None:
                 failures.append(result.error)
+            elif schedule is not None and result.ok:
+                held.append(result)
+        if isinstance(schedule, Synchronous):
+            self._close_round(round, schedule, held)
         self.epoch_loop.check_sigterm()
         failed = sum(self.gather(len(failures)))
         if self.trainer.world_size > 1:
@@ -408,6 +440,130 @@ class FederatedLoop(_FitLoop):
         if self._should_evaluate(round.number):
             self._evaluate()
             # a client's accuracy on its own test split is an un-noised figure of its data: not in a private run
+            if getattr(self.trainer.datamodule, "has_client_tests", False) and releases_client_statistics(self.trainer):
+                self._evaluate_clients(round)
+
+    def _start_round(self, round: Round) -> None:
+        self._federated(
+            "on_round_start", lambda cb, t, m: cb.on_round_start(t, m, round), lambda m: m.on_round_start(round)
+        )
+
+    def _close_round(self, round: Round, schedule: Synchronous, held: list[ClientResult]) -> None:
+        """Which replies count: the first ``clients_per_round`` to arrive on the clock, before the deadline.
+
+        Each reply's task time is its download, its samples and its actual upload (as without a
+        schedule); the rest arrived late, and their work is discarded and counted.
+        """
+        server = self.server
+        arrivals = {
+            result.client: server.task_seconds(round, result.client, result.num_samples, server.upload_size(result))
+            for result in held
+        }
+        kept, ends = schedule.on_time(arrivals, self.federation.clients_per_round)
+        on_time = set(kept)
+        device = self.trainer.lightning_module.device
+        for result in held:  # in the round's order, as without a schedule, so the same replies give the same bits
+            if result.client in on_time:
+                server.accept(round, result, device)
+            else:
+                server.late(round, result)
+        server.pending.ends = ends
+
+    def _advance_buffered(self, schedule: FedBuff) -> None:
+        """One server update of a buffered asynchronous run (FedBuff, FedAsync), on the virtual clock.
+
+        Free slots are filled with idle clients from the newest version as the clock reaches each
+        arrival; the clients dispatched during this update train together, through the runner, from
+        that version; the first ``buffer_size`` usable replies to arrive are handed to the server in
+        arrival order, weighted by their staleness, and the server updates. Replies that arrive later
+        stay in flight (trained, their results kept) for a later update.
+        """
+        server, federation = self.server, self.federation
+        datamodule = self.trainer.datamodule
+        timeline = self.timeline
+        timeline.new_version()
+        number = self.epoch_progress.current.processed + 1
+        message = server.configure(Round(number, (), {}, ()))
+        seed = federation.seed if federation.sampling_seed is None else federation.sampling_seed
+        metrics_like = {"train_loss": 0.0, "steps": 0.0} if releases_client_statistics(self.trainer) else {"steps": 0.0}
+        started = timeline.now
+        dispatched: list[Task] = []
+        dropped: list[int] = []
+        plans: dict[int, Plan] = {}
+
+        def fill() -> None:
+            while len(timeline) < schedule.concurrency:
+                candidates = timeline.candidates(federation.num_clients)
+                if not candidates:
+                    return
+                client = timeline.choose(seed, candidates)
+                timeline.sequence += 1
+                timeline.fresh.add(client)
+                plan = self.availability.plan(
+                    federation.seed, number, client, federation.local_epochs * datamodule.client_num_batches(client)
+                )
+                plans[client] = plan
+                if plan.dropped:  # unavailable when its turn came: sent nothing, and another is drawn
+                    dropped.append(client)
+                    continue
+                one = Round(number, (client,), {client: plan}, (client,), message)
+                samples = datamodule.client_num_samples(client)
+                upload = server.reply_size(one, client, samples, metrics_like)
+                seconds = server.task_seconds(one, client, samples, upload)
+                now = timeline.now
+                task = Task(client, message.version, number, timeline.sequence, now, now + seconds, plan)
+                timeline.push(task)
+                dispatched.append(task)
+
+        buffer: list[Task] = []
+        round: Optional[Round] = None
+        trained = 0
+        needed = schedule.buffer_size
+        failures: list[BaseException] = []
+        while True:
+            while len(buffer) < needed:
+                fill()
+                if not len(timeline):
+                    break
+                buffer.append(timeline.pop())
+            if round is None:
+                clients = tuple(t.client for t in dispatched) + tuple(dropped)
+                round = Round(number, clients, dict(plans), clients, message)
+                self._start_round(round)
+                for client in dropped:
+                    unavailable = ClientResult(client, dropped="dropped out (client availability)", received=False)
+                    self.report(round, unavailable)
+            fresh = dispatched[trained:]
+            trained = len(dispatched)
+            if fresh:
+                share = tuple(t.client for t in fresh)
+                batch = Round(number, share, {c: plans[c] for c in share}, share, message)
+                by_client = {t.client: t for t in fresh}
+                for result in self.runner.run(batch):
+                    by_client[result.client].result = result
+                    server.count_download(batch, result)  # sent now; the reply may arrive in a later update
+                    self.report(batch, result)
+                    if result.error is not None:
+                        failures.append(result.error)
+            usable = sum(1 for t in buffer if t.result is not None and t.result.ok)
+            if usable >= schedule.buffer_size or not len(timeline):
+                break
+            needed = len(buffer) + schedule.buffer_size - usable  # some replies failed: wait for more
+        device = self.trainer.lightning_module.device
+        for task in buffer:  # in arrival order
+            result = task.result
+            if result is not None and result.ok:
+                own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
+                server.accept(own, result, device)
+        server.pending.ends = timeline.now - started
+        server.in_flight = frozenset(timeline.versions())
+        if failures and not any(t.result is not None and t.result.ok for t in buffer):
+            raise RuntimeError(
+                f"server update {number}: every client that replied failed; the first error is above"
+            ) from failures[0]
+        self._federated("on_round_end", lambda cb, t, m: cb.on_round_end(t, m, round), lambda m: m.on_round_end(round))
+        if self._should_evaluate(number):
+            self._evaluate()
             if getattr(self.trainer.datamodule, "has_client_tests", False) and releases_client_statistics(self.trainer):
                 self._evaluate_clients(round)
 

@@ -441,6 +441,11 @@ class DPFedAvg(Strategy, PrivacyMechanism):
     Every round releases a noisy aggregate, even one to which no client contributed.
     """
 
+    synchronous_only = (
+        "its accounting rests on each round's clients being a uniform or Poisson sample of the federation, and "
+        "a buffer is filled by arrival order"
+    )
+
     @property
     def needs_individual_updates(self) -> bool:
         # the sum of the clipped updates is all it needs: under secure aggregation each client clips its own

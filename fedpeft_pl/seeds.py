@@ -22,6 +22,8 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``CLOCK_PROFILE`` ``(client, quantity)``: a client's device and network under the virtual clock
   (its speed, upload and download bandwidth, latency: one stream each)
 - ``CLOCK_JITTER`` ``(round, client)``: the per-round factor on that client's task time
+- ``ASYNC_DISPATCH`` ``(dispatch)``: which idle client a buffered asynchronous run (FedBuff, FedAsync)
+  dispatches next, by the dispatch's sequence number
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -51,6 +53,7 @@ NATURAL_CLIENTS = 12
 CLOCK_PROFILE = 13
 CLOCK_JITTER = 14
 ROBUST_NOISE = 15
+ASYNC_DISPATCH = 16
 
 
 def derive_seed(*parts: int) -> int:

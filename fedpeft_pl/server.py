@@ -44,6 +44,7 @@ from fedpeft_pl.federation import (
     weighted_metrics,
 )
 from fedpeft_pl.peft import PEFTMethod, PerClientViews
+from fedpeft_pl.schedules import Schedule
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 if TYPE_CHECKING:
@@ -88,6 +89,10 @@ class Pending:
     delivered: list[int] = field(default_factory=list)
     seconds: dict[int, float] = field(default_factory=dict)  # simulated seconds of each client's task, with a clock
     task_bytes: dict[int, int] = field(default_factory=dict)  # each client's download bytes, for its task time
+    late: int = 0  # sent the message, arrived after the round had ended: work discarded
+    late_bytes: int = 0  # what the late clients were sent
+    staleness: list[int] = field(default_factory=list)  # each accepted reply's server updates since its dispatch
+    ends: Optional[float] = None  # the update's simulated seconds, where a schedule decided them
 
     def to_cpu(self) -> Pending:
         cpu = [
@@ -105,6 +110,9 @@ class Server:
         upload: codec for the clients' updates; none by default.
         download: codec for the global state sent to clients; none by default.
         clock: simulated time of each client task (:class:`~fedpeft_pl.clock.VirtualClock`); none by default.
+        schedule: when the server updates (:mod:`fedpeft_pl.schedules`); where one is set, the loop
+            hands each reply to :meth:`accept` once the schedule says it counts (on time, or arrived),
+            not as the client finishes.
     """
 
     def __init__(
@@ -113,11 +121,13 @@ class Server:
         upload: Optional[Codec] = None,
         download: Optional[Codec] = None,
         clock: Optional[VirtualClock] = None,
+        schedule: Optional[Schedule] = None,
     ) -> None:
         self.strategy = strategy if strategy is not None else FedAvg()
         self.upload = upload if upload is not None else Codec()
         self.download = download if download is not None else Codec()
         self.clock = clock
+        self.schedule = schedule
         self.simulated_seconds = 0.0
         self.round_seconds = 0.0
         self._seed = 0
@@ -130,6 +140,8 @@ class Server:
         self.aggregated = 0
         self.evaluation: dict[str, float] = {}
         self._dispatched: dict[int, Dispatch] = {}
+        self._counted: set[tuple[Optional[int], int]] = set()  # (version, client) whose download is counted
+        self.in_flight: frozenset[int] = frozenset()  # versions an asynchronous schedule's clients started from
         self._views: Optional[PerClientViews] = None  # set where clients exchange their own views
         self._views_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until it starts
 
@@ -180,19 +192,70 @@ class Server:
             raise RuntimeError(f"no global version {version} is in flight (in flight: {sorted(self._dispatched)})")
         return self._dispatched[version]
 
+    def download_size(self, round: Round, client: int, version: Optional[int] = None) -> int:
+        """What ``client`` is sent for ``round`` (from ``version``, the newest by default), in the bytes its task
+        time uses: the wire bytes where they are measured, else the payload's; nothing is counted."""
+        sent = self.dispatch(version)
+        message = sent.message
+        if self._views is not None:
+            view = self._views.client_view(sent.sent, client, round.number, upload=False)
+            size = payload_bytes(self.download.encode(view)) + payload_bytes(message.extras)
+            return size + self._views.pending_download_bytes(client, round.number)
+        plan = round.plans.get(client)
+        wire = self.wire.download_size(
+            message.config, round.number, client, plan.batches if plan else 0, message.extras
+        )
+        return wire if wire is not None else payload_bytes(message.payload) + payload_bytes(message.extras)
+
+    def reply_size(self, round: Round, client: int, num_samples: int, metrics: Mapping[str, float]) -> int:
+        """What ``client``'s reply to ``round`` will weigh, known before it trains: its update's layout
+        through the upload codec (a zero change), in wire bytes where they are measured. For a schedule
+        that orders replies by their arrival (FedBuff, FedAsync), whose strategies send no extras."""
+        like = self.dispatch().received
+        if self._views is not None:
+            like = self._views.client_view(like, client, round.number, upload=True)
+        payload = self.upload.encode({name: torch.zeros_like(t) for name, t in like.items()})
+        wire = self.wire.reply_size(payload, num_samples, metrics, {})
+        return wire if wire is not None else payload_bytes(payload)
+
+    def upload_size(self, result: ClientResult) -> int:
+        """What ``result``'s reply weighs, in the bytes its task time uses; nothing is counted."""
+        assert result.payload is not None
+        wire = self.wire.reply_size(result.payload, result.num_samples, result.metrics, result.extras)
+        return wire if wire is not None else payload_bytes(result.payload) + payload_bytes(result.extras)
+
+    def task_seconds(
+        self, round: Round, client: int, samples: float, upload_bytes: int, download_bytes: Optional[int] = None
+    ) -> float:
+        """The simulated seconds of ``client``'s task in ``round``: download, ``samples`` (a client's training
+        samples in one local epoch), upload, latency (:meth:`~fedpeft_pl.clock.VirtualClock.task_time`)."""
+        assert self.clock is not None, "task times need a clock"
+        plan = round.plans.get(client)
+        work = plan.work if plan is not None else 1.0
+        if download_bytes is None:
+            version = round.message.version if round.message is not None else None
+            download_bytes = self.download_size(round, client, version)
+        return self.clock.task_time(
+            self._seed,
+            round.number,
+            client,
+            download_bytes,
+            samples * self._local_epochs * work,
+            upload_bytes,
+        ).total
+
     def count_download(self, round: Round, result: ClientResult) -> None:
-        """What ``result``'s client (each of them, for a securely aggregated result) received, in bytes."""
-        if not result.received:
+        """What ``result``'s client (each of them, for a securely aggregated result) received, in bytes; once."""
+        if not result.received or (result.version, result.client) in self._counted:
             return
+        self._counted.add((result.version, result.client))
         sent = self.dispatch(result.version)
         message = sent.message
         clients = list(result.aggregate_of) or [result.client]
         if self._views is not None:  # each client its own view, at its own rank
             self.pending.delivered += clients
             for client in clients:
-                view = self._views.client_view(sent.sent, client, round.number, upload=False)
-                size = payload_bytes(self.download.encode(view)) + payload_bytes(message.extras)
-                size += self._views.pending_download_bytes(client, round.number)
+                size = self.download_size(round, client, result.version)
                 self.pending.bytes["down"] += size
                 self.pending.task_bytes[client] = size
         else:
@@ -214,12 +277,20 @@ class Server:
         self.count_download(round, result)
         self.pending.failed += 1
 
+    def late(self, round: Round, result: ClientResult) -> None:
+        """A client that was sent the round's message and arrived after the round had ended: discarded."""
+        before = self.pending.bytes["down"]
+        self.count_download(round, result)
+        self.pending.late += max(1, len(result.aggregate_of))
+        self.pending.late_bytes += self.pending.bytes["down"] - before
+
     def accept(self, round: Round, result: ClientResult, device: torch.device) -> Optional[ClientUpdate]:
         """Take ``result``'s update, decoded against the version its client started from; None if left out.
 
         An update holding NaN or Inf is left out with a warning naming the client and the tensor.
         """
-        self.count_download(round, result)
+        if not (self.schedule is not None and self.schedule.asynchronous):
+            self.count_download(round, result)  # an asynchronous client's was counted when it was sent
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
         pending = self.pending
@@ -228,7 +299,7 @@ class Server:
         upload = payload_bytes(result.payload) + payload_bytes(result.extras)
         pending.bytes["up"] += upload * max(1, len(result.aggregate_of))
         wire = self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
-        if self.clock is not None:
+        if self.clock is not None and not (self.schedule is not None and self.schedule.asynchronous):
             self._time_task(round, result, upload if wire is None else wire)
         pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
         sent = self.dispatch(result.version)
@@ -243,6 +314,10 @@ class Server:
                 extra={"each_process": True},  # only the process that trained the client knows
             )
             return None
+        if self.schedule is not None and self.schedule.asynchronous:
+            stale = self.version - sent.version
+            state = self.schedule.reweigh(state, sent.received, self.global_state, stale)
+            pending.staleness.append(stale)
         update = ClientUpdate(
             result.client, result.num_samples, state, extras, tuple(result.aggregate_of), sent.version
         )
@@ -252,21 +327,12 @@ class Server:
 
     def _time_task(self, round: Round, result: ClientResult, upload_bytes: int) -> None:
         """The simulated seconds of ``result``'s task (each client's, for a securely aggregated result)."""
-        assert self.clock is not None
-        plan = round.plans.get(result.client)
-        work = plan.work if plan is not None else 1.0
         clients = list(result.aggregate_of) or [result.client]
         samples = result.num_samples / len(clients)  # a secure aggregate: its clients' total, shared out evenly
         for client in clients:
-            task = self.clock.task_time(
-                self._seed,
-                round.number,
-                client,
-                self.pending.task_bytes.get(client, 0),
-                samples * self._local_epochs * work,
-                upload_bytes,
+            self.pending.seconds[client] = self.task_seconds(
+                round, client, samples, upload_bytes, self.pending.task_bytes.get(client)
             )
-            self.pending.seconds[client] = task.total
 
     def gather(self, round: Round, gather: Callable[[Any], list[Any]], device: torch.device) -> None:
         """Merge every process's :class:`Pending` (and upload-codec state) into each, in a single process's order."""
@@ -292,6 +358,8 @@ class Server:
             merged.bytes = {k: merged.bytes[k] + theirs.bytes[k] for k in merged.bytes}
             merged.dropped += theirs.dropped
             merged.failed += theirs.failed
+            merged.late += theirs.late
+            merged.late_bytes += theirs.late_bytes
             merged.delivered += theirs.delivered
             merged.seconds.update(theirs.seconds)
             if self.wire.bytes is not None and part["wire"] is not None:
@@ -305,8 +373,9 @@ class Server:
         """The server update at the end of ``round``: aggregate what arrived and step, or skip with a warning.
 
         Under DDP the gathered updates are every process's; a securely aggregated update counts its
-        clients. Returns whether the global state moved; the version advances either way, and the
-        global versions no client is working from any more are let go.
+        clients. The update's simulated duration is its last client's arrival, or what the schedule
+        decided (``pending.ends``). Returns whether the global state moved; the version advances either
+        way, and the versions no client is working from any more (none of :attr:`in_flight`) are let go.
         """
         pending = self.pending
         arrived = max(len(pending.updates), pending.contributors)
@@ -329,10 +398,12 @@ class Server:
             self._views.delivered(pending.delivered, round.number)
         self.cumulative_bytes += pending.bytes["down"] + pending.bytes["up"]
         # a synchronous round ends when its last client arrives
-        self.round_seconds = max(pending.seconds.values(), default=0.0)
+        self.round_seconds = max(pending.seconds.values(), default=0.0) if pending.ends is None else pending.ends
         self.simulated_seconds += self.round_seconds
         self.version += 1
-        self._dispatched.clear()  # a synchronous round: every client of it has answered
+        for version in [v for v in self._dispatched if v not in self.in_flight]:
+            del self._dispatched[version]  # every client started from it has answered
+        self._counted = set()
         return moved
 
     # -- what the server knows of the clients ------------------------------------------------------
@@ -393,6 +464,7 @@ class Server:
             "version": self.version,
             "cumulative_bytes": self.cumulative_bytes,
             "simulated_seconds": self.simulated_seconds,
+            "in_flight": {str(v): _dispatch_state(d) for v, d in self._dispatched.items()},
             "strategy": self.strategy.state_dict(),
             "upload": self.upload.state_dict(),
             "download": self.download.state_dict(),
@@ -403,7 +475,28 @@ class Server:
         self.cumulative_bytes = state["cumulative_bytes"]
         self.version = state.get("version", 0)
         self.simulated_seconds = state.get("simulated_seconds", 0.0)
+        self._dispatched = {int(v): _dispatch_from_state(d) for v, d in state.get("in_flight", {}).items()}
+        self.in_flight = frozenset(self._dispatched)
+        self._counted = set()
         self.strategy.load_state_dict(state["strategy"])
         self.upload.load_state_dict(state["upload"])
         self.download.load_state_dict(state["download"])
         self._views_state = dict(state.get("peft", {}))
+
+
+def _dispatch_state(sent: Dispatch) -> dict[str, Any]:
+    """A global version in flight, in types a checkpoint holds (an asynchronous run's, at an update's end)."""
+    message = sent.message
+    return {
+        "version": sent.version,
+        "sent": dict(sent.sent),
+        "received": dict(sent.received),
+        "payload": dict(message.payload),
+        "config": dict(message.config),
+        "extras": dict(message.extras),
+    }
+
+
+def _dispatch_from_state(state: Mapping[str, Any]) -> Dispatch:
+    message = RoundMessage(dict(state["payload"]), dict(state["config"]), dict(state["extras"]), int(state["version"]))
+    return Dispatch(int(state["version"]), dict(state["sent"]), dict(state["received"]), message)

@@ -47,6 +47,7 @@ from fedpeft_pl.run_folder import (
 )
 from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
 from fedpeft_pl.runners.device_data import DeviceData
+from fedpeft_pl.schedules import Schedule
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ class FederatedTrainer(pl.Trainer):
         clock: simulated time (:class:`~fedpeft_pl.clock.VirtualClock`): each client's device and
             network, each task's seconds from its wire bytes and samples, logged per round
             (``time/*``, ``server/acc_vs_simulated_seconds``) and on the console; off by default.
+        schedule: when the server updates, on the clock (:mod:`fedpeft_pl.schedules`):
+            ``Synchronous`` rounds with over-selection and a deadline, ``FedBuff`` (buffered
+            asynchronous aggregation) or ``FedAsync``; every round waits for all of its sampled
+            clients by default. Needs ``clock``.
         client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
             ``vectorized`` (a round's clients at once through the one frozen backbone,
             :class:`~fedpeft_pl.runners.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
@@ -131,6 +136,7 @@ class FederatedTrainer(pl.Trainer):
         compress_download: Optional[Codec] = None,
         privacy: Optional[LocalDP] = None,
         clock: Optional[VirtualClock] = None,
+        schedule: Optional[Schedule] = None,
         client_runner: Literal["auto", "sequential", "vectorized"] = "auto",
         max_parallel_clients: Optional[int] = None,
         feature_cache: Literal["auto", "memory", "off"] = "auto",
@@ -175,12 +181,14 @@ class FederatedTrainer(pl.Trainer):
             callbacks.insert(0, privacy)
         if not any(isinstance(c, ServerAggregation) for c in callbacks):
             callbacks.append(
-                ServerAggregation(aggregation, upload=compress_upload, download=compress_download, clock=clock)
+                ServerAggregation(
+                    aggregation, upload=compress_upload, download=compress_download, clock=clock, schedule=schedule
+                )
             )
-        elif any(part is not None for part in (aggregation, compress_upload, compress_download, clock)):
+        elif any(part is not None for part in (aggregation, compress_upload, compress_download, clock, schedule)):
             raise ConfigError(
-                "give the strategy, codecs and clock either as trainer arguments or in a ServerAggregation callback, "
-                "not both"
+                "give the strategy, codecs, clock and schedule either as trainer arguments or in a ServerAggregation "
+                "callback, not both"
             )
         if kwargs.get("enable_progress_bar") is None and not any(isinstance(c, ProgressBar) for c in callbacks):
             # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments;
@@ -393,7 +401,17 @@ class FederatedTrainer(pl.Trainer):
         (:func:`fedpeft_pl.capabilities.check_run`); ``secure_aggregation``: the server will see only the masked sum."""
         server = self.aggregation.server
         privacy = (self.privacy,) if self.privacy is not None else ()
-        check_run(RunParts(getattr(model, "peft", None), server.strategy, server.upload, privacy, secure_aggregation))
+        check_run(
+            RunParts(
+                getattr(model, "peft", None),
+                server.strategy,
+                server.upload,
+                privacy,
+                secure_aggregation,
+                server.clock,
+                server.schedule,
+            )
+        )
 
     def export(
         self,

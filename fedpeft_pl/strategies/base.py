@@ -87,6 +87,10 @@ class Strategy(Component):
         subclass's own, which is read as needing them unless the subclass says otherwise."""
         return self._aggregator.needs_individual_updates or type(self).aggregate_fit is not Strategy.aggregate_fit
 
+    synchronous_only: ClassVar[Optional[str]] = None
+    """Why the strategy's server update needs one cohort that started from one global state (SCAFFOLD's
+    control variates, FedDyn's h, central DP's sampling), so an asynchronous schedule refuses it; None if not."""
+
     @property
     def sends_client_extras(self) -> bool:
         """Whether its clients send tensors beside their update (:meth:`client_end` is the strategy's own)."""

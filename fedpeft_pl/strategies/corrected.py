@@ -32,6 +32,11 @@ class Scaffold(Strategy):
         lr_global: the server learning rate (eta_g); 1 takes the plain mean of the client states.
     """
 
+    synchronous_only = (
+        "its server moves the control variate c by the round's changes, each computed against the c the whole "
+        "round received; replies that started from different versions hold different c"
+    )
+
     def __init__(self, lr_global: float = 1.0, min_clients: int = 1) -> None:
         super().__init__(min_clients)
         if lr_global <= 0:
@@ -103,6 +108,11 @@ class FedDyn(Strategy):
     Args:
         alpha: the regularisation weight, > 0.
     """
+
+    synchronous_only = (
+        "its server term h sums every client's drift from the one state the round received; replies that started "
+        "from different versions drift from different states"
+    )
 
     def __init__(self, alpha: float = 0.01, min_clients: int = 1) -> None:
         super().__init__(min_clients)
