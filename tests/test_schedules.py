@@ -258,3 +258,22 @@ def test_a_fedbuff_run_killed_mid_run_resumes_to_the_same_final_state(tmp_path):
     a, b = trainable_state(reference), trainable_state(module)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.aggregation.server.simulated_seconds == whole.aggregation.server.simulated_seconds
+
+
+@pytest.mark.parametrize("overlay, kind", [("deadline", Synchronous), ("fedbuff", FedBuff), ("fedasync", FedAsync)])
+def test_each_schedule_config_composes_on_the_quickstart_and_its_clock(tmp_path, monkeypatch, overlay, kind):
+    from pathlib import Path
+
+    from helpers import build_overlay
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    trainer, _, datamodule = build_overlay(
+        tmp_path,
+        "trainer: {logger: false}\n",
+        "configs/quickstart.yaml",
+        "configs/quickstart/clock.yaml",
+        f"configs/quickstart/{overlay}.yaml",
+    )
+    server = trainer.aggregation.server
+    assert type(server.schedule) is kind and server.clock is not None
+    server.schedule.check(datamodule.num_clients, 8)  # the quickstart's federation can run it
