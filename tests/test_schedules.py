@@ -1,7 +1,5 @@
 """Schedules on the virtual clock: over-selection and deadlines, FedBuff and FedAsync, their events and their state."""
 
-import math
-
 import pytest
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
@@ -171,7 +169,7 @@ def test_a_deadline_ends_a_round_with_whoever_has_arrived(tmp_path):
 
 def test_fedbuff_counts_server_updates_buffers_k_replies_and_weighs_stale_ones(tmp_path, caplog):
     with caplog.at_level("INFO", logger="fedpeft_pl"):
-        trainer, module, replies = fit(tmp_path, FedBuff(concurrency=4, buffer_size=2), rounds=4)
+        trainer, _, replies = fit(tmp_path, FedBuff(concurrency=4, buffer_size=2), rounds=4)
     assert trainer.current_epoch == 4
     assert [len(a) for a in replies.accepted] == [2, 2, 2, 2]
     assert max(max(s) for s in replies.staleness) >= 1, "with 4 in flight and 2 per update some replies are stale"
@@ -194,6 +192,7 @@ def test_fedbuff_repeats_exactly_for_a_seed_and_leaves_the_backbone_alone(tmp_pa
     assert any(not torch.equal(a[k], fresh[k]) for k in trainable)
 
 
+@pytest.mark.slow  # two runs each: about 10 s on 2 idle cores
 @pytest.mark.parametrize("schedule", [FedBuff(concurrency=4, buffer_size=2), FedAsync(concurrency=3, mixing=0.6)])
 def test_both_runners_end_in_the_same_state_under_asynchronous_schedules(tmp_path, schedule):
     _, sequential, one = fit(tmp_path / "s", schedule, runner="sequential", rounds=4)
@@ -204,10 +203,13 @@ def test_both_runners_end_in_the_same_state_under_asynchronous_schedules(tmp_pat
 
 
 def test_fedbuff_composes_with_a_server_optimizer(tmp_path):
-    trainer, module, _ = fit(tmp_path, FedBuff(concurrency=4, buffer_size=2), aggregation=FedAdam(lr=0.01))
-    assert all(math.isfinite(v) for v in (trainer.callback_metrics["round/clients_aggregated"],))
-    state = trainable_state(module)
-    assert all(torch.isfinite(t).all() for t in state.values())
+    """FedAdam steps on each buffer's weighted mean change: its moments move and the state differs from FedAvg's."""
+    trainer, adam, _ = fit(tmp_path / "adam", FedBuff(concurrency=4, buffer_size=2), aggregation=FedAdam(lr=0.01))
+    _, plain, _ = fit(tmp_path / "avg", FedBuff(concurrency=4, buffer_size=2))
+    moments = trainer.aggregation.strategy.state_dict()["server_optimizer"]
+    assert any(torch.count_nonzero(t) for t in moments["m"].values())
+    a, b = trainable_state(adam), trainable_state(plain)
+    assert all(torch.isfinite(t).all() for t in a.values()) and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
@@ -236,6 +238,7 @@ def test_fedbuff_refuses_per_client_views(tmp_path):
         trainer.fit(tiny_module(HetLoRA(rank=4, rank_choices=[2, 4])), datamodule=tiny_datamodule(num_clients=4))
 
 
+@pytest.mark.slow  # three runs with checkpoints
 def test_a_fedbuff_run_killed_mid_run_resumes_to_the_same_final_state(tmp_path):
     def run(folder, rounds, ckpt_path=None):
         torch.manual_seed(0)
@@ -277,3 +280,34 @@ def test_each_schedule_config_composes_on_the_quickstart_and_its_clock(tmp_path,
     server = trainer.aggregation.server
     assert type(server.schedule) is kind and server.clock is not None
     server.schedule.check(datamodule.num_clients, 8)  # the quickstart's federation can run it
+
+
+@pytest.mark.slow  # two runs
+def test_fedprox_error_feedback_and_a_local_part_keep_their_meaning_under_fedbuff(tmp_path):
+    """FedProx pulls towards the version a client started from, an Int8 residual and a personalised local part
+    are the client's own from one task to its next: both runners agree, and the local part never travels."""
+    from fedpeft_pl.compression import Int8
+    from fedpeft_pl.peft import Personalized
+    from fedpeft_pl.strategies import FedProx
+
+    def run(runner):
+        torch.manual_seed(0)
+        module = tiny_module(Personalized(Bias(), local=["head"]))
+        trainer = tiny_trainer(
+            tmp_path / runner,
+            num_rounds=4,
+            clock=clock(),
+            schedule=FedBuff(concurrency=4, buffer_size=2),
+            aggregation=FedProx(mu=0.1),
+            compress_upload=Int8(error_feedback=True),
+            client_runner=runner,
+        )
+        trainer.fit(module, datamodule=tiny_datamodule(num_clients=6, partition=Dirichlet(alpha=0.5, min_samples=10)))
+        return trainer, trainable_state(module)
+
+    trainer, sequential = run("sequential")
+    _, vectorised = run("vectorized")
+    assert max((sequential[k] - vectorised[k]).abs().max().item() for k in sequential) < 1e-5
+    assert trainer.aggregation.upload._residuals, "each client's residual is kept for its next task"
+    own = trainer.fit_loop.client_states.get(next(iter(trainer.aggregation.upload._residuals)))
+    assert any(k.startswith("local.") and "head" in k for k in own), "a client's local head is its own state"
