@@ -439,12 +439,17 @@ class DPFedAvg(Strategy, PrivacyMechanism):
             loss, label histograms), which the DP guarantee does not cover. Off by default.
 
     Every round releases a noisy aggregate, even one to which no client contributed.
-    """
 
-    synchronous_only = (
-        "its accounting rests on each round's clients being a uniform or Poisson sample of the federation, and "
-        "a buffer is filled by arrival order"
-    )
+    Under buffered asynchronous aggregation (``trainer.schedule: FedBuff`` or ``FedAsync``) each
+    server update clips every buffered reply's weighted change to ``clip_norm``, sums the
+    ``buffer_size`` of them, adds the same noise and divides by ``buffer_size``: FedBuff's server
+    needs only each buffer's sum, so this is the same Gaussian mechanism, and no client has more
+    than one reply in a buffer. A buffer's clients are decided by their arrival, not sampled, so the
+    accounting takes no amplification by sampling: every server update counts as a Gaussian
+    mechanism of noise multiplier ``z`` on every client (sample rate 1), composed over the updates.
+    The epsilon is therefore higher than a synchronous run's with the same noise; Poisson sampling
+    is not needed.
+    """
 
     @property
     def needs_individual_updates(self) -> bool:
@@ -480,14 +485,23 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         self._rate = 0.0
         self._expected_clients = 1.0
         self._seed = 0
+        self._buffered = False
 
     def setup(self, federation: Federation) -> None:
         if federation.sampling != "poisson":
             raise ConfigError(
                 "DPFedAvg's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson"
             )
-        self._rate = federation.clients_per_round / federation.num_clients
-        self._expected_clients = float(federation.clients_per_round)
+        self._start(federation, federation.clients_per_round / federation.num_clients, federation.clients_per_round)
+
+    def setup_buffered(self, federation: Federation, buffer_size: int) -> None:
+        # a buffer is filled by arrival order, not by a sample: no amplification by sampling (rate 1)
+        self._buffered = True
+        self._start(federation, 1.0, buffer_size)
+
+    def _start(self, federation: Federation, rate: float, expected_clients: int) -> None:
+        self._rate = rate
+        self._expected_clients = float(expected_clients)
         self._seed = federation.seed
         self._noise.warn_if_reproducible("DPFedAvg")
         _announce_client_statistics("DPFedAvg", self.release_client_statistics)
@@ -548,7 +562,12 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         return (
             f"central DP-FedAvg: update clipping S={self.clip_norm}, "
             + (f"epsilon {self.epsilon} " if self.epsilon is not None else "")
-            + f"at delta {self.delta} over the run ({self.accountant} accountant, Poisson client sampling)"
+            + f"at delta {self.delta} over the run ({self.accountant} accountant, "
+            + (
+                "each buffered server update on every client: no amplification by sampling)"
+                if self._buffered
+                else "Poisson client sampling)"
+            )
             + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 

@@ -181,8 +181,10 @@ class FedBuff(Schedule):
     """Buffered asynchronous aggregation (Nguyen et al., AISTATS 2022).
 
     ``concurrency`` clients train at once. A client is dispatched, with the newest global version,
-    as soon as a slot is free, chosen uniformly from the idle clients that have not yet trained from
-    that version; the server updates once ``buffer_size`` replies have arrived. Reply ``i``, which
+    as soon as a slot is free, chosen uniformly from the idle clients that have taken no part in the
+    coming server update yet (neither trained from its version nor replied into its buffer, so a
+    buffer holds at most one reply per client); the server updates once ``buffer_size`` replies have
+    arrived. Reply ``i``, which
     started from version ``v_i`` and arrives ``tau_i`` server updates later, counts as the global
     state plus its own change, weighted::
 
@@ -308,7 +310,7 @@ class Timeline:
     def __init__(self) -> None:
         self.now = 0.0
         self.sequence = 0
-        self.fresh: set[int] = set()  # clients dispatched from the newest version
+        self.fresh: set[int] = set()  # clients dispatched from the newest version or replied into its buffer
         self._heap: list[tuple[float, int, Task]] = []
 
     def __len__(self) -> int:
@@ -327,7 +329,8 @@ class Timeline:
         return {task.version for _, _, task in self._heap}
 
     def candidates(self, num_clients: int) -> list[int]:
-        """Idle clients that have not trained from the newest version yet."""
+        """Idle clients that have taken no part in the coming server update: neither dispatched from the newest
+        version nor replied into its buffer."""
         taken = self.busy() | self.fresh
         return [c for c in range(num_clients) if c not in taken]
 
@@ -342,6 +345,7 @@ class Timeline:
         """The next arrival; the clock moves to it."""
         _, _, task = heapq.heappop(self._heap)
         self.now = max(self.now, task.arrival)
+        self.fresh.add(task.client)  # its reply is in this update's buffer: not sent out again before it
         return task
 
     def new_version(self) -> None:

@@ -44,7 +44,7 @@ from fedpeft_pl.federation import (
     weighted_metrics,
 )
 from fedpeft_pl.peft import PEFTMethod, PerClientViews
-from fedpeft_pl.schedules import Schedule
+from fedpeft_pl.schedules import FedBuff, Schedule
 from fedpeft_pl.strategies import ClientUpdate, FedAvg, Strategy
 
 if TYPE_CHECKING:
@@ -159,7 +159,10 @@ class Server:
 
     def setup(self, federation: Federation) -> None:
         """The federation's shape, once, before the first client task."""
-        self.strategy.setup(federation)
+        if isinstance(self.schedule, FedBuff):
+            self.strategy.setup_buffered(federation, self.schedule.buffer_size)
+        else:
+            self.strategy.setup(federation)
         self._seed, self._local_epochs = federation.seed, federation.local_epochs
 
     # -- a server update's client tasks -----------------------------------------------------------

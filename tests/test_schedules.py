@@ -1,5 +1,7 @@
 """Schedules on the virtual clock: over-selection and deadlines, FedBuff and FedAsync, their events and their state."""
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_datamodule, tiny_module, tiny_trainer
@@ -126,7 +128,11 @@ def test_the_timeline_orders_arrivals_breaks_ties_by_dispatch_and_round_trips_it
     copy.load_state_dict(timeline.state_dict())
     assert [(t.client, t.arrival) for t in copy.tasks] == [(1, 1.0), (4, 2.0), (2, 2.0)]
     assert torch.equal(copy.tasks[0].result.payload["w"], torch.ones(2)) and copy.tasks[0].result.num_samples == 7
-    assert [copy.pop().client for _ in range(3)] == [1, 4, 2] and copy.now == 2.0
+    assert copy.pop().client == 1 and copy.now == 1.0
+    assert copy.candidates(6) == [0, 3, 5], "a client whose reply is in the buffer waits for the update"
+    assert [copy.pop().client for _ in range(2)] == [4, 2] and copy.now == 2.0
+    copy.new_version()
+    assert copy.candidates(6) == list(range(6))
     assert timeline.candidates(6) == [0, 3, 5]
     picks = [Timeline().choose(seed, [0, 3, 5]) for seed in range(20)]
     assert picks == [Timeline().choose(seed, [0, 3, 5]) for seed in range(20)] and set(picks) == {0, 3, 5}
@@ -311,3 +317,28 @@ def test_fedprox_error_feedback_and_a_local_part_keep_their_meaning_under_fedbuf
     assert trainer.aggregation.upload._residuals, "each client's residual is kept for its next task"
     own = trainer.fit_loop.client_states.get(next(iter(trainer.aggregation.upload._residuals)))
     assert any(k.startswith("local.") and "head" in k for k in own), "a client's local head is its own state"
+
+
+def test_a_buffer_holds_one_reply_per_client_even_from_a_very_fast_one(tmp_path):
+    speed = PerClient([1.0e6, 5.0, 5.0, 5.0, 5.0, 5.0])  # client 0 would otherwise reply again and again
+    _, _, replies = fit(tmp_path, FedBuff(concurrency=3, buffer_size=2), rounds=4, speed=speed)
+    assert all(len(set(accepted)) == len(accepted) == 2 for accepted in replies.accepted)
+    assert any(0 in accepted for accepted in replies.accepted)
+
+
+def test_central_dp_on_fedbuffs_buffers_is_accounted_without_amplification_by_sampling(tmp_path):
+    """Each server update is a Gaussian mechanism on every client (sample rate 1): by hand, RDP of order a is
+    T * a / (2 z^2), converted to epsilon as opacus does (Balle et al. 2020), minimised over opacus' orders."""
+    from fedpeft_pl.privacy import DPFedAvg
+
+    z, updates, delta = 2.0, 3, 1e-3
+    strategy = DPFedAvg(clip_norm=0.5, epsilon=None, noise_multiplier=z, delta=delta, reproducible_noise=True)
+    _, module, replies = fit(tmp_path, FedBuff(concurrency=4, buffer_size=2), rounds=updates, aggregation=strategy)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    by_hand = min(
+        updates * a / (2 * z**2) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in orders
+    )
+    assert strategy.epsilon_spent() == pytest.approx(by_hand, rel=1e-9)
+    assert "no amplification by sampling" in strategy.describe()
+    assert all(torch.isfinite(t).all() for t in trainable_state(module).values())
+    assert [len(a) for a in replies.accepted] == [2] * updates

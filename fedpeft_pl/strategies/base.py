@@ -111,6 +111,11 @@ class Strategy(Component):
         """Called once before training with the federation's shape; a strategy may calibrate itself here."""
         self._aggregator.setup(federation)
 
+    def setup_buffered(self, federation: Federation, buffer_size: int) -> None:
+        """:meth:`setup` for buffered asynchronous aggregation (FedBuff, FedAsync): each server update takes
+        ``buffer_size`` replies, decided by their arrival rather than by sampling."""
+        self.setup(federation)
+
     def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
         """The state every sampled client starts from, and the config sent with it."""
         return global_state, {}
