@@ -342,3 +342,13 @@ def test_central_dp_on_fedbuffs_buffers_is_accounted_without_amplification_by_sa
     assert "no amplification by sampling" in strategy.describe()
     assert all(torch.isfinite(t).all() for t in trainable_state(module).values())
     assert [len(a) for a in replies.accepted] == [2] * updates
+
+
+def test_a_robust_aggregator_takes_fedbuffs_buffer(tmp_path):
+    from fedpeft_pl.strategies import FedMedian
+
+    _, median, replies = fit(tmp_path / "m", FedBuff(concurrency=4, buffer_size=3), aggregation=FedMedian())
+    _, mean, same = fit(tmp_path / "a", FedBuff(concurrency=4, buffer_size=3))
+    assert [len(a) for a in replies.accepted] == [3, 3, 3] and replies.accepted == same.accepted
+    a, b = trainable_state(median), trainable_state(mean)
+    assert all(torch.isfinite(t).all() for t in a.values()) and any(not torch.equal(a[k], b[k]) for k in a)
