@@ -352,3 +352,26 @@ def test_a_robust_aggregator_takes_fedbuffs_buffer(tmp_path):
     assert [len(a) for a in replies.accepted] == [3, 3, 3] and replies.accepted == same.accepted
     a, b = trainable_state(median), trainable_state(mean)
     assert all(torch.isfinite(t).all() for t in a.values()) and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dropouts_and_stragglers_compose_with_over_selection(tmp_path):
+    """A client that availability drops is sent nothing and is neither late nor aggregated."""
+    from fedpeft_pl.availability import ClientAvailability
+
+    trainer, _, replies = fit(
+        tmp_path,
+        Synchronous(over_selection=1.0),
+        per_round=2,
+        availability=ClientAvailability(dropout=0.3, stragglers=0.3),
+        rounds=4,
+    )
+    server = trainer.aggregation.server
+    metrics = trainer.callback_metrics
+    sampled = 4
+    assert metrics["round/clients_aggregated"] + metrics["round/clients_late"] + metrics["round/clients_dropped"] == (
+        sampled
+    )
+    per_client = metrics["comm/bytes_up"] / max(1, metrics["round/clients_aggregated"])
+    sent = metrics["round/clients_aggregated"] + metrics["round/clients_late"]
+    assert metrics["comm/bytes_down"] == pytest.approx(sent * per_client), "the dropped were sent nothing"
+    assert all(len(a) <= 2 for a in replies.accepted) and server.version == 4
