@@ -11,8 +11,8 @@ Central DP (:class:`DPFedAvg`, McMahan et al. 2018) protects each client's whole
 the server clips every update to norm ``S``, averages with a fixed denominator and adds
 Gaussian noise; client sampling is Poisson with rate ``q = m / N``.
 
-Both account with opacus (RDP or PRV accountant) and calibrate ``sigma`` from a target
-``(epsilon, delta)`` with opacus' ``get_noise_multiplier``.
+Both account with opacus' RDP or PRV accountant or dp-accounting's PLD accountant, and calibrate
+``sigma`` from a target ``(epsilon, delta)`` with the same accountant (:mod:`fedpeft_pl.accounting`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 from typing_extensions import override
 
+from fedpeft_pl.accounting import ACCOUNTANTS
+from fedpeft_pl.accounting import epsilon as _accounted
+from fedpeft_pl.accounting import noise_multiplier as _calibrated
 from fedpeft_pl.capabilities import PrivacyMechanism
 from fedpeft_pl.capabilities import releases_client_statistics as run_releases_client_statistics
 from fedpeft_pl.errors import ConfigError
@@ -40,7 +43,6 @@ from fedpeft_pl.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
 
-ACCOUNTANTS = ("rdp", "prv")
 
 # the metric a deployed client reports with its update: the epsilon it has spent so far, by its own accountant
 EPSILON_SPENT = "privacy-epsilon-spent"
@@ -137,7 +139,7 @@ class LocalDP(FederatedCallback, PrivacyMechanism):
         delta: target delta, in (0, 1).
         max_grad_norm: C, the per-sample clipping bound.
         noise_multiplier: a fixed sigma instead of one calibrated from ``epsilon``.
-        accountant: ``rdp`` or ``prv`` (opacus).
+        accountant: ``rdp`` or ``prv`` (opacus) or ``pld`` (dp-accounting).
         chunk_size: samples per ``vmap`` call; bounds memory.
         reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
             repeat bit for bit. Anyone with the config can then remove the noise: the run is not
@@ -239,14 +241,9 @@ class LocalDP(FederatedCallback, PrivacyMechanism):
                 participations = max(
                     1, math.ceil(federation.num_rounds * federation.clients_per_round / federation.num_clients)
                 )
-                from opacus.accountants.utils import get_noise_multiplier  # where DP runs: see _epsilon
-
-                self._sigma[client] = get_noise_multiplier(
-                    target_epsilon=self.epsilon,
-                    target_delta=self.delta,
-                    sample_rate=rate,
-                    steps=participations * steps,
-                    accountant=self.accountant,
+                assert self.epsilon is not None
+                self._sigma[client] = _calibrated(
+                    self.accountant, self.epsilon, self.delta, rate, participations * steps
                 )
         return self._sigma[client]
 
@@ -431,7 +428,7 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         epsilon: target budget for the run; calibrates the noise multiplier. Or give ``noise_multiplier``.
         delta: target delta, in (0, 1).
         noise_multiplier: z, fixed instead of calibrated.
-        accountant: ``rdp`` or ``prv`` (opacus).
+        accountant: ``rdp`` or ``prv`` (opacus) or ``pld`` (dp-accounting).
         reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
             repeat bit for bit. Anyone with the config can then remove the noise: the run is not
             private. Off by default (:mod:`fedpeft_pl.noise`).
@@ -506,14 +503,9 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         self._noise.warn_if_reproducible("DPFedAvg")
         _announce_client_statistics("DPFedAvg", self.release_client_statistics)
         if self.noise_multiplier is None:
-            from opacus.accountants.utils import get_noise_multiplier  # where DP runs: see _epsilon
-
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=self.epsilon,
-                target_delta=self.delta,
-                sample_rate=self._rate,
-                steps=federation.num_rounds,
-                accountant=self.accountant,
+            assert self.epsilon is not None
+            self.noise_multiplier = _calibrated(
+                self.accountant, self.epsilon, self.delta, self._rate, federation.num_rounds
             )
 
     def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
@@ -558,6 +550,24 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         self._history = [tuple(h) for h in state["history"]]
         self.noise_multiplier = state["noise_multiplier"]
 
+    def privacy_plan(self, federation: Federation, buffered: bool = False) -> str:
+        """What the run will spend, before it trains: the noise multiplier (given or calibrated), and the epsilon
+        of its releases by every accountant (:func:`fedpeft_pl.accounting.cross_check`)."""
+        from fedpeft_pl.accounting import cross_check
+
+        rate = 1.0 if buffered else federation.clients_per_round / federation.num_clients
+        z = self.noise_multiplier
+        if z is None:
+            assert self.epsilon is not None
+            z = _calibrated(self.accountant, self.epsilon, self.delta, rate, federation.num_rounds)
+        spent = cross_check([(z, rate, federation.num_rounds)], self.delta)
+        others = ", ".join(f"{kind} {value:.3f}" for kind, value in spent.items() if kind != self.accountant)
+        return (
+            f"central DP over {federation.num_rounds} server updates: noise multiplier {z:.4f} at client sample rate "
+            f"{rate:.4g} spends epsilon {spent[self.accountant]:.3f} at delta {self.delta:g} by the "
+            f"{self.accountant} accountant (cross-check: {others})"
+        )
+
     def describe(self) -> str:
         return (
             f"central DP-FedAvg: update clipping S={self.clip_norm}, "
@@ -582,15 +592,5 @@ def _append(history: list, sigma: float, rate: float, steps: int) -> list:
 
 
 def _epsilon(kind: str, history: list, delta: float) -> float:
-    """Epsilon spent by a history of ``(sigma, sample_rate, steps)``, by opacus' accountant; inf without noise."""
-    if not history:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in history):
-        return math.inf
-    # opacus is imported where DP runs, not with this module: a plain fit imports this module (its
-    # hooks and the DP checks) and would otherwise load opacus and its dependencies at start-up
-    from opacus.accountants import create_accountant
-
-    accountant = create_accountant(kind)
-    accountant.history = [tuple(h) for h in history]
-    return float(accountant.get_epsilon(delta))
+    """Epsilon spent by a history of ``(sigma, sample_rate, steps)`` (:func:`fedpeft_pl.accounting.epsilon`)."""
+    return _accounted(kind, history, delta)
