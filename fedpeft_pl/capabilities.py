@@ -64,6 +64,7 @@ class RunParts:
         secure_aggregation: whether the server sees only the masked sum (SecAgg+).
         clock: the virtual clock (None for none).
         schedule: when the server updates (None: every round waits for all its clients).
+        live: whether the clients train elsewhere in real time (a deployment), where no clock is needed.
     """
 
     peft: Any = None
@@ -73,6 +74,7 @@ class RunParts:
     secure_aggregation: bool = False
     clock: Any = None
     schedule: Any = None
+    live: bool = False
 
 
 def _name(part: Any) -> str:
@@ -145,18 +147,19 @@ def _schedule(parts: RunParts) -> Optional[str]:
     if schedule is None:
         return None
     name = _name(schedule)
-    if parts.clock is None:
-        return (
-            f"trainer.schedule {name} orders client tasks on the virtual clock: set trainer.clock too "
-            "(configs/quickstart/clock.yaml has one)"
-        )
-    if not getattr(schedule, "asynchronous", False):
-        return None
-    if parts.secure_aggregation:
+    asynchronous = getattr(schedule, "asynchronous", False)
+    if asynchronous and parts.secure_aggregation:
         return (
             f"secure aggregation cannot run {name}: SecAgg+ masks cancel only over a cohort fixed when the round "
             "starts, and a buffer's clients are decided by their arrival; use synchronous rounds"
         )
+    if parts.clock is None and not parts.live:
+        return (
+            f"trainer.schedule {name} orders client tasks on the virtual clock: set trainer.clock too "
+            "(configs/quickstart/clock.yaml has one)"
+        )
+    if not asynchronous:
+        return None
     reason = getattr(parts.strategy, "synchronous_only", None)
     if reason:
         return f"{name} cannot run {_name(parts.strategy)}: {reason}; use synchronous rounds or another strategy"

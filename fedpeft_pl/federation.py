@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, Literal, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -242,6 +242,24 @@ class ClientRunner(Protocol):
         """Evaluate the current global model (with each client's own local part, if personalised)
         on each of ``clients``' held-out test splits."""
         ...
+
+
+@runtime_checkable
+class LiveRunner(ClientRunner, Protocol):
+    """A runner whose clients train elsewhere, in real time, one task at a time (a Flower deployment): what an
+    asynchronous schedule (FedBuff, FedAsync) drives without a virtual clock.
+
+    ``dispatch`` sends ``client`` its task of ``round`` (``round.message``, from one global version) and
+    returns the task's id, or the client's result where it was sent nothing (dropped out, not connected).
+    ``collect`` returns the replies that have arrived for any of ``tasks``, as ``(task id, result)`` in their
+    arrival order, each once; replies to tasks it was not given are left out.
+    """
+
+    reply_timeout: float
+
+    def dispatch(self, round: Round, client: int) -> Union[str, ClientResult]: ...
+
+    def collect(self, tasks: Iterable[str]) -> list[tuple[str, ClientResult]]: ...
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -47,6 +48,7 @@ from fedpeft_pl.federation import (
     ClientRunner,
     ClientStore,
     Federation,
+    LiveRunner,
     Plan,
     Round,
     sample_clients,
@@ -144,6 +146,8 @@ class FederatedLoop(_FitLoop):
         self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
         self.client_states = ClientStore()
         self.timeline = Timeline()  # a buffered asynchronous run's clients in flight
+        self.live: dict[str, Task] = {}  # a deployed asynchronous run's tasks in flight, by task id
+        self._carried: list[tuple[Round, ClientResult]] = []  # replies that arrived after the last buffer filled
         self._federation: Optional[Federation] = None
 
     @property
@@ -326,6 +330,7 @@ class FederatedLoop(_FitLoop):
                 privacy=(privacy,) if privacy is not None else (),
                 clock=self.server.clock,
                 schedule=self.server.schedule,
+                live=isinstance(self.runner, LiveRunner),
             )
         )
         schedule = self.server.schedule
@@ -333,10 +338,16 @@ class FederatedLoop(_FitLoop):
             name = type(schedule).__name__
             if self.trainer.world_size > 1:
                 raise ConfigError(f"trainer.schedule {name} runs in one process; DDP is not supported with it yet")
-            if not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
+            live = isinstance(self.runner, LiveRunner)
+            if live and not isinstance(schedule, FedBuff):
+                raise ConfigError(
+                    f"trainer.schedule {name} is simulated on the virtual clock; a deployment runs FedBuff and "
+                    "FedAsync in real time, synchronous rounds with a deadline not yet"
+                )
+            if not live and not isinstance(self.runner, (SequentialRunner, VectorizedRunner)):
                 raise ConfigError(
                     f"trainer.schedule {name} is simulated in one process; the {type(self.runner).__name__} "
-                    "does not run it yet"
+                    "does not run it"
                 )
             schedule.check(self.federation.num_clients, self.federation.clients_per_round)
 
@@ -395,7 +406,10 @@ class FederatedLoop(_FitLoop):
         """One communication round (one server update)."""
         schedule = self.server.schedule
         if isinstance(schedule, FedBuff):
-            self._advance_buffered(schedule)
+            if isinstance(self.runner, LiveRunner):
+                self._advance_live(schedule, self.runner)
+            else:
+                self._advance_buffered(schedule)
             return
         number = self.epoch_progress.current.processed + 1
         cohort = None
@@ -566,6 +580,91 @@ class FederatedLoop(_FitLoop):
             self._evaluate()
             if getattr(self.trainer.datamodule, "has_client_tests", False) and releases_client_statistics(self.trainer):
                 self._evaluate_clients(round)
+
+    def _advance_live(self, schedule: FedBuff, runner: LiveRunner) -> None:
+        """One server update of FedBuff or FedAsync on a deployment, in real time.
+
+        ``concurrency`` tasks stay in flight through the runner (a Flower Grid): a slot freed by a
+        reply is filled at once, with the newest version; replies are pulled as they arrive and the
+        server updates once ``buffer_size`` usable ones are in, weighted by their staleness as in a
+        simulation. A task unanswered after the runner's ``reply_timeout`` has failed (its node went
+        away); a reply to a task this server did not send (an earlier incarnation's) or one already
+        taken is left out by the runner. Replies pulled beyond a full buffer start the next one.
+        Nothing is simulated: there is no clock, and the clients' own speeds decide the order.
+        """
+        server, federation = self.server, self.federation
+        datamodule = self.trainer.datamodule
+        timeline, live = self.timeline, self.live
+        timeline.new_version()
+        number = self.epoch_progress.current.processed + 1
+        message = server.configure(Round(number, (), {}, ()))
+        round = Round(number, (), {}, (), message)
+        self._start_round(round)
+        seed = federation.seed if federation.sampling_seed is None else federation.sampling_seed
+        buffer, self._carried = self._carried, []
+
+        def fill() -> None:
+            busy = {task.client for task in live.values()}
+            while len(live) < schedule.concurrency:
+                candidates = [c for c in range(federation.num_clients) if c not in busy and c not in timeline.fresh]
+                if not candidates:
+                    return
+                client = timeline.choose(seed, candidates)
+                timeline.sequence += 1
+                timeline.fresh.add(client)
+                plan = self.availability.plan(
+                    federation.seed, number, client, federation.local_epochs * datamodule.client_num_batches(client)
+                )
+                one = Round(number, (client,), {client: plan}, (client,), message)
+                if plan.dropped:  # unavailable when its turn came: sent nothing
+                    self.report(one, ClientResult(client, dropped="dropped out (client availability)", received=False))
+                    continue
+                sent = runner.dispatch(one, client)
+                if isinstance(sent, ClientResult):  # not connected, or it declined: nothing in flight
+                    self.report(one, sent)
+                    continue
+                now = time.monotonic()
+                live[sent] = Task(
+                    client, message.version, number, timeline.sequence, now, now + runner.reply_timeout, plan
+                )
+                busy.add(client)
+                server.count_download(one, ClientResult(client, version=message.version))
+
+        while len(buffer) < schedule.buffer_size:
+            fill()
+            if not live:
+                break
+            arrived = runner.collect(list(live))
+            for task_id, result in arrived:
+                task = live.pop(task_id, None)
+                if task is None:
+                    continue
+                result.version = task.version
+                own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
+                timeline.fresh.add(task.client)  # not sent out again before this update
+                if result.ok:
+                    self.count_steps(int(result.metrics.get("steps", 0)))
+                self.report(own, result)
+                if result.ok:
+                    (buffer if len(buffer) < schedule.buffer_size else self._carried).append((own, result))
+            now = time.monotonic()
+            for task_id, task in list(live.items()):
+                if now > task.arrival:  # no reply in time: its node went away with the task
+                    del live[task_id]
+                    own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
+                    error = RuntimeError(f"no reply within {runner.reply_timeout:g} s")
+                    self.report(own, ClientResult(task.client, error=error, version=task.version))
+            if not arrived:
+                time.sleep(0.01)
+        device = self.trainer.lightning_module.device
+        for own, result in buffer:  # in arrival order
+            server.accept(own, result, device)
+        # the versions clients are still working from, and those of replies that wait for the next buffer
+        waiting = {result.version for _, result in self._carried if result.version is not None}
+        server.in_flight = frozenset({task.version for task in live.values()} | waiting)
+        self._federated("on_round_end", lambda cb, t, m: cb.on_round_end(t, m, round), lambda m: m.on_round_end(round))
+        if self._should_evaluate(number):
+            self._evaluate()
 
     def _evaluate_clients(self, round: Round) -> None:
         """Every client on its own test split (this process's share of them), then the summary to the server."""

@@ -406,7 +406,7 @@ class Server:
         self.version += 1
         for version in [v for v in self._dispatched if v not in self.in_flight]:
             del self._dispatched[version]  # every client started from it has answered
-        self._counted = set()
+        self._counted = {key for key in self._counted if key[0] in self.in_flight}  # sent; may yet fail
         return moved
 
     # -- what the server knows of the clients ------------------------------------------------------

@@ -396,9 +396,10 @@ class FederatedTrainer(pl.Trainer):
         """The callback that plays the server."""
         return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
 
-    def check_parts(self, model: pl.LightningModule, secure_aggregation: bool = False) -> None:
+    def check_parts(self, model: pl.LightningModule, secure_aggregation: bool = False, live: bool = False) -> None:
         """Refuse, in one line, a combination of this run's parts that cannot hold
-        (:func:`fedpeft_pl.capabilities.check_run`); ``secure_aggregation``: the server will see only the masked sum."""
+        (:func:`fedpeft_pl.capabilities.check_run`); ``secure_aggregation``: the server will see only the masked sum;
+        ``live``: the clients train elsewhere in real time (a deployment)."""
         server = self.aggregation.server
         privacy = (self.privacy,) if self.privacy is not None else ()
         check_run(
@@ -410,6 +411,7 @@ class FederatedTrainer(pl.Trainer):
                 secure_aggregation,
                 server.clock,
                 server.schedule,
+                live,
             )
         )
 

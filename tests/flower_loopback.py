@@ -56,9 +56,47 @@ class LoopbackGrid:
             # a SuperNode gives its ClientApps the run's config, as the ServerApp gets it
             self.contexts[node_id] = Context(RUN_ID, node_id, config, RecordDict(), dict(run_config or {}))
         self.messages = 0
+        # asynchronous use (push_messages, pull_messages): each node's reply is held for its node config's
+        # "delay" seconds; a node with "die-after" stops replying after that many train messages and leaves
+        self._held: dict[str, tuple[float, Message]] = {}
+        self._trained: dict[int, int] = {}
+        self.stray = False  # the next pull also returns a reply to a message nobody sent, and one reply twice
+        self.pulled = 0
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        import time
+
+        ids = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            config = self.contexts[node].node_config if node in self.contexts else {}
+            [reply] = self.send_and_receive([message])
+            ids.append(message.metadata.message_id)
+            if message.metadata.message_type == "train" and node in self.contexts:
+                self._trained[node] = self._trained.get(node, 0) + 1
+                if self._trained[node] > int(config.get("die-after", 1 << 30)):
+                    del self.contexts[node]  # the SuperNode died with the message: no reply ever comes
+                    continue
+            self._held[message.metadata.message_id] = (time.monotonic() + float(config.get("delay", 0.0)), reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        import time
+
+        now, replies = time.monotonic(), []
+        for message_id in message_ids:
+            if message_id in self._held and self._held[message_id][0] <= now:
+                replies.append(self._held.pop(message_id)[1])
+        if self.stray and replies:
+            self.stray = False
+            stray = _wire(replies[0])
+            stray.metadata.__dict__["_reply_to_message_id"] = str(uuid4())  # an earlier incarnation's message
+            replies += [stray, _wire(replies[0])]  # and one reply delivered twice
+        self.pulled += len(replies)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         from fedpeft_pl.deploy import flower
@@ -107,13 +145,16 @@ def run_loopback(
     num_partitions: int,
     run_config: dict[str, Any] | None = None,
     node_configs: dict[int, dict[str, Any]] | None = None,
+    stray: bool = False,
 ) -> LoopbackGrid:
     """Run the app's ServerApp to its end over a :class:`LoopbackGrid` of its ClientApp, with the run config
-    of the app's ``pyproject.toml`` updated by ``run_config`` (as ``flwr run --run-config`` would)."""
+    of the app's ``pyproject.toml`` updated by ``run_config`` (as ``flwr run --run-config`` would); with
+    ``stray`` the first pull of replies also brings a reply to a message nobody sent and one reply twice."""
     app = load_app(app_dir)
     settings = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     settings = {**settings, **(run_config or {})}
     grid = LoopbackGrid(app.client, num_partitions, node_configs, settings)
+    grid.stray = stray
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = RUN_ID, 1, 0
     try:

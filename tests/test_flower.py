@@ -507,3 +507,37 @@ def test_a_rounds_end_is_its_checkpoint_with_a_complete_last_ckpt_after_it(tmp_p
     federation.wait_for_round(tmp_path, 2, timeout=5)
     with pytest.raises(TimeoutError, match=r"round 3 did not end within 0\.5 s"):
         federation.wait_for_round(tmp_path, 3, timeout=0.5)
+
+
+@pytest.mark.slow  # real time: a task waits out its reply timeout
+def test_fedbuff_on_flower_keeps_its_tasks_in_flight_through_a_dying_node_and_stray_replies(tmp_path, capsys):
+    """FedBuff as a ServerApp over the loopback grid, in real time: two tasks in flight among three SuperNodes of
+    unequal delays, one of which dies with its first task; a reply to a message of no task of this server and a
+    reply delivered twice are left out; every server update takes exactly its buffer."""
+    app = write_deployment(
+        tmp_path,
+        capsys,
+        "--trainer.schedule",
+        "fedpeft_pl.schedules.FedBuff",
+        "--trainer.schedule.concurrency",
+        "2",
+        "--trainer.schedule.buffer_size",
+        "1",
+        rounds=4,
+    )
+    grid = run_loopback(
+        app,
+        NUM_NODES,
+        run_config={"reply-timeout": 2.0},
+        node_configs={0: {"delay": 0.0}, 1: {"delay": 0.2}, 2: {"die-after": 0}},
+        stray=True,
+    )
+    err = capsys.readouterr().err
+    logs = scalars(tmp_path / "deployed" / "prompt" / "version_0")
+    assert [v for _, v in logs["round/clients_aggregated"]] == [1, 1, 1, 1]
+    assert sum(v for _, v in logs["round/clients_failed"]) >= 1, "the dead SuperNode's task failed"
+    assert "which this server is not waiting for, is left out" in err
+    assert "client 2 failed and is left out of this round: RuntimeError: no reply within 2 s" in err
+    assert grid.pulled >= 4 + 2  # four buffers' replies, the stray and the duplicate
+    assert "async/staleness_max" in logs
+    assert (tmp_path / "deployed" / "prompt" / "version_0" / "checkpoints" / "round=4.ckpt").is_file()

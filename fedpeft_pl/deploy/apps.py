@@ -49,7 +49,7 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
         if secure is None:
             trainer.use_runner(FlowerRunner(trainer.fit_loop, grid, nodes, reply_timeout, node_timeout, query_batch))
         else:
-            trainer.check_parts(module, secure_aggregation=True)
+            trainer.check_parts(module, secure_aggregation=True, live=True)
             runner = SecureFlowerRunner(
                 trainer.fit_loop, grid, nodes, reply_timeout, context, secure, node_timeout, query_batch
             )

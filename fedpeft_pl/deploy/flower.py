@@ -46,7 +46,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -134,6 +134,7 @@ class FlowerRunner:
         self.reply_timeout = reply_timeout
         self.node_timeout = node_timeout
         self.query_batch = query_batch
+        self._tasks: dict[str, int] = {}  # messages in flight one at a time (dispatch), by id: their client
         self.run_key = DeploymentRun()
         loop.trainer.callbacks.append(self.run_key)  # its key goes into the checkpoints
         self._told: set[int] = set()  # nodes that know the run key
@@ -236,6 +237,55 @@ class FlowerRunner:
         return {
             client_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in client_of
         }
+
+    # -- one task at a time, in real time: FedBuff and FedAsync on a deployment (FederatedLoop._advance_live) --
+
+    def dispatch(self, round: Round, client: int) -> Union[str, ClientResult]:
+        """Send ``client`` its task of ``round`` without waiting for the reply: the message id, or its result
+        where it was sent nothing (it drops out, or its SuperNode is not connected)."""
+        message = round.message
+        assert message is not None, "the server configures the version before clients are sent it"
+        if not self._tasks:
+            self.refresh()  # who is connected, when no task is in flight to tell
+        dropped = self.loop.start_client(round, client)
+        if dropped is not None:
+            return dropped
+        if self.nodes.get(client) not in self._online:
+            reason = f"the SuperNode of partition {client} is not connected"
+            return ClientResult(client, error=RuntimeError(reason), received=False)
+        module = self.loop.trainer.lightning_module
+        peft = getattr(module, "peft", None)
+        state = message.payload
+        if getattr(peft, "per_client_views", False):
+            state = peft.client_view(message.payload, client, round.number, upload=False)
+        extras = _to_record(message.extras) if message.extras else None
+        content = train_content(
+            _to_record(state), message.config, round.number, client, round.plans[client].batches, extras
+        )
+        update = _model_update(module)
+        if update is not None:
+            content[_MODEL_UPDATE] = update
+        sent = Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN)
+        [task] = list(self.grid.push_messages([sent]))
+        self.wire.count("down", content)
+        self._tasks[task] = client
+        return task
+
+    def collect(self, tasks: Iterable[str]) -> list[tuple[str, ClientResult]]:
+        """The replies that have arrived for ``tasks``, in arrival order, each once; a reply to a message this
+        server did not send (an earlier ServerApp's) or one already taken is left out."""
+        wanted = [task for task in tasks if task in self._tasks]
+        if not wanted:
+            return []
+        arrived = []
+        for reply in self.grid.pull_messages(wanted):
+            task = reply.metadata.reply_to_message_id
+            client = self._tasks.pop(task, None)
+            if client is None:
+                log.info(f"a reply to message {task!r}, which this server is not waiting for, is left out")
+                continue
+            arrived.append((task, self._result(client, reply)))
+        return arrived
 
     def _result(self, client: int, reply: Any) -> ClientResult:
         if reply is None or reply.has_error():
