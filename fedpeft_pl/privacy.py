@@ -414,6 +414,56 @@ class LocalDP(FederatedCallback, PrivacyMechanism):
         )
 
 
+class AdaptiveClipping:
+    """Adaptive clipping for central DP (Andrew et al., NeurIPS 2021): the clip norm follows a quantile.
+
+    Each round the server counts the updates whose norm is within the clip norm ``C``, adds Gaussian
+    noise of standard deviation ``count_noise`` to the count, divides by the expected number of
+    clients (``b``) and moves ``C <- C * exp(-learning_rate * (b - target_quantile))``, so ``C``
+    approaches the ``target_quantile`` of the update norms. The noisy count is a second Gaussian
+    mechanism on the same clients; together with the update's noise of multiplier ``z_update`` they
+    spend what one Gaussian mechanism of multiplier ``z`` does, where
+    ``z^-2 = z_update^-2 + (2 * count_noise)^-2`` (the paper's Theorem 1), so the run's target epsilon
+    calibrates ``z`` as without adaptive clipping and the update's noise is raised to ``z_update``.
+
+    Args:
+        target_quantile: the share of updates to leave unclipped, in (0, 1); 0.5 (the median) by default.
+        learning_rate: how fast the clip norm moves (eta_C), > 0; 0.2 as in the paper.
+        count_noise: the count's noise; the expected number of clients a round over 20 by default (the paper's).
+    """
+
+    def __init__(
+        self, target_quantile: float = 0.5, learning_rate: float = 0.2, count_noise: Optional[float] = None
+    ) -> None:
+        if not 0 < target_quantile < 1:
+            raise ConfigError(f"AdaptiveClipping target_quantile must be in (0, 1), got {target_quantile}")
+        if not learning_rate > 0:
+            raise ConfigError(f"AdaptiveClipping learning_rate must be > 0, got {learning_rate}")
+        if count_noise is not None and not count_noise > 0:
+            raise ConfigError(f"AdaptiveClipping count_noise must be > 0, got {count_noise}")
+        self.target_quantile = target_quantile
+        self.learning_rate = learning_rate
+        self.count_noise = count_noise
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveClipping(target_quantile={self.target_quantile}, learning_rate={self.learning_rate}, "
+            f"count_noise={self.count_noise})"
+        )
+
+    def update_multiplier(self, z: float, count_noise: float) -> float:
+        """The update's noise multiplier that, beside the count's noise, spends what multiplier ``z`` does."""
+        if not 2 * count_noise > z:
+            raise ConfigError(
+                f"AdaptiveClipping count_noise {count_noise:g} is too small for noise multiplier {z:g}: the count "
+                f"alone would spend more than the budget; set count_noise above {z / 2:g}"
+            )
+        return float((z**-2 - (2 * count_noise) ** -2) ** -0.5)
+
+    def next_clip(self, clip: float, unclipped_share: float) -> float:
+        return float(clip * math.exp(-self.learning_rate * (unclipped_share - self.target_quantile)))
+
+
 class DPFedAvg(Strategy, PrivacyMechanism):
     """DP-FedAvg (McMahan et al. 2018): user-level central differential privacy.
 
@@ -434,6 +484,9 @@ class DPFedAvg(Strategy, PrivacyMechanism):
             private. Off by default (:mod:`fedpeft_pl.noise`).
         release_client_statistics: collect and log un-noised per-client statistics (the training
             loss, label histograms), which the DP guarantee does not cover. Off by default.
+        adaptive: :class:`AdaptiveClipping`: ``clip_norm`` is only where the clip norm starts, and it
+            follows a quantile of the update norms (``privacy/clip_norm``, ``privacy/unclipped_share``
+            per round, the latter noised); off by default.
 
     Every round releases a noisy aggregate, even one to which no client contributed.
 
@@ -448,11 +501,6 @@ class DPFedAvg(Strategy, PrivacyMechanism):
     is not needed.
     """
 
-    @property
-    def needs_individual_updates(self) -> bool:
-        # the sum of the clipped updates is all it needs: under secure aggregation each client clips its own
-        return False
-
     def __init__(
         self,
         clip_norm: float = 1.0,
@@ -462,6 +510,7 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         accountant: str = "rdp",
         reproducible_noise: bool = False,
         release_client_statistics: bool = False,
+        adaptive: Optional[AdaptiveClipping] = None,
     ) -> None:
         super().__init__()
         # Every round releases a noisy aggregate, also one in which no client was sampled or
@@ -483,6 +532,10 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         self._expected_clients = 1.0
         self._seed = 0
         self._buffered = False
+        self.adaptive = adaptive
+        self._clip = clip_norm  # this round's clip norm: clip_norm, or where adaptive clipping has moved it
+        self._update_multiplier: Optional[float] = None  # the update's noise beside adaptive clipping's count
+        self._unclipped_share: Optional[float] = None
 
     def setup(self, federation: Federation) -> None:
         if federation.sampling != "poisson":
@@ -507,27 +560,40 @@ class DPFedAvg(Strategy, PrivacyMechanism):
             self.noise_multiplier = _calibrated(
                 self.accountant, self.epsilon, self.delta, self._rate, federation.num_rounds
             )
+        self._update_multiplier = self.noise_multiplier
+        if self.adaptive is not None:
+            self._update_multiplier = self.adaptive.update_multiplier(self.noise_multiplier, self._count_noise)
+
+    @property
+    def _count_noise(self) -> float:
+        assert self.adaptive is not None
+        return self.adaptive.count_noise if self.adaptive.count_noise is not None else self._expected_clients / 20
 
     def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
         total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in global_state.items()}
+        clip, unclipped = self._clip, 0
         for update in updates:
             delta = {name: update.state[name].float() - global_state[name].float() for name in global_state}
             norm = torch.stack([d.norm() for d in delta.values()]).norm()
+            unclipped += int(float(norm) <= clip)
             # under secure aggregation each client clipped its own update before masking: the sum stays as it is
-            factor = 1.0 if update.aggregate_of else min(1.0, self.clip_norm / (float(norm) + 1e-12))
+            factor = 1.0 if update.aggregate_of else min(1.0, clip / (float(norm) + 1e-12))
             for name, d in delta.items():
                 total[name] += d * factor
         release = (server_round,)
         self._noise.open(release, seed=self._seed)
+        z = self._update_multiplier if self._update_multiplier is not None else self.noise_multiplier
         result = {}
         for name, current in global_state.items():
             # drawn on the CPU whatever the state's device, so reproducible noise is the same on every device
-            noise = self._noise.gaussian(
-                current.shape, self.noise_multiplier * self.clip_norm, "cpu", torch.float32, release
-            )
+            noise = self._noise.gaussian(current.shape, z * clip, "cpu", torch.float32, release)
             result[name] = (current.float() + (total[name] + noise.to(total[name].device)) / self._expected_clients).to(
                 current.dtype
             )
+        if self.adaptive is not None:  # the noisy share of unclipped updates moves the next round's clip norm
+            count = self._noise.gaussian((1,), self._count_noise, "cpu", torch.float64, release)
+            self._unclipped_share = (unclipped + float(count)) / self._expected_clients
+            self._clip = self.adaptive.next_clip(clip, self._unclipped_share)
         self._noise.close(release)
         self._history = _append(self._history, self.noise_multiplier, self._rate, 1)
         return result
@@ -541,14 +607,30 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         return _epsilon(self.accountant, self._history, self.delta)
 
     def round_metrics(self) -> dict[str, float]:
-        return {"privacy/epsilon": self.epsilon_spent()}
+        metrics = {"privacy/epsilon": self.epsilon_spent()}
+        if self.adaptive is not None:
+            metrics["privacy/clip_norm"] = self._clip
+            if self._unclipped_share is not None:  # released through the count's noise
+                metrics["privacy/unclipped_share"] = self._unclipped_share
+        return metrics
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        # the sum of the clipped updates is all it needs: under secure aggregation each client clips its own;
+        # adaptive clipping counts the updates within the clip norm, which needs each update's norm
+        return self.adaptive is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [list(h) for h in self._history], "noise_multiplier": self.noise_multiplier}
+        return {
+            "history": [list(h) for h in self._history],
+            "noise_multiplier": self.noise_multiplier,
+            "clip": self._clip,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._history = [tuple(h) for h in state["history"]]
         self.noise_multiplier = state["noise_multiplier"]
+        self._clip = state.get("clip", self.clip_norm)
 
     def privacy_plan(self, federation: Federation, buffered: bool = False) -> str:
         """What the run will spend, before it trains: the noise multiplier (given or calibrated), and the epsilon
@@ -578,6 +660,7 @@ class DPFedAvg(Strategy, PrivacyMechanism):
                 if self._buffered
                 else "Poisson client sampling)"
             )
+            + (f"; adaptive clipping from S={self.clip_norm}: {self.adaptive!r}" if self.adaptive is not None else "")
             + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )
 
