@@ -21,26 +21,30 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import replace
-from typing import Any, Optional
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loops import _FitLoop
+from lightning.pytorch.loops.progress import _ProcessedTracker, _Progress
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.loops.utilities import _select_data_fetcher
+from lightning.pytorch.plugins import Precision
+from lightning.pytorch.profilers import Profiler
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from typing_extensions import override
 
+from fedpeft_pl.aggregation import ServerAggregation
 from fedpeft_pl.availability import ClientAvailability
-from fedpeft_pl.capabilities import RunParts, check_run
+from fedpeft_pl.capabilities import PrivacyMechanism, RunParts, check_run
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession, open_session
 from fedpeft_pl.federation import (
@@ -55,16 +59,56 @@ from fedpeft_pl.federation import (
 )
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback, FederatedHooks
 from fedpeft_pl.peft import trainable_state
-from fedpeft_pl.privacy import releases_client_statistics
+from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.runners import SequentialRunner, VectorizedRunner
+from fedpeft_pl.runners.base import RunnerContext
+from fedpeft_pl.runners.choice import RunnerChoice
+from fedpeft_pl.runners.device_data import DeviceData
 from fedpeft_pl.runners.feature_cache import FEATURE_EVAL_BATCH, FeatureCache
 from fedpeft_pl.schedules import FedBuff, Synchronous, Task, Timeline
 from fedpeft_pl.seeds import client_seed, training_seed
 from fedpeft_pl.server import Server
 
+if TYPE_CHECKING:
+    from fedpeft_pl.client import FedPEFTModule
+    from fedpeft_pl.data.datamodule import FederatedDataModule
+
 log = logging.getLogger(__name__)
 
-__all__ = ["FederatedLoop", "SequentialRunner", "federated_ddp", "sample_clients"]
+__all__ = ["FederatedLoop", "RoundTrainer", "SequentialRunner", "federated_ddp", "sample_clients"]
+
+
+class RoundTrainer(pl.Trainer):
+    """The trainer a :class:`FederatedLoop` runs under, typed: what Lightning sets on it at run time, and the
+    run's server and privacy among its callbacks. :class:`~fedpeft_pl.trainer.FederatedTrainer` is one.
+
+    Attributes:
+        datamodule: the run's data module during a fit (Lightning sets it).
+        callbacks: the run's callbacks (Lightning sets them).
+        profiler: Lightning's profiler.
+    """
+
+    datamodule: FederatedDataModule
+    callbacks: list[Callback]
+    profiler: Profiler
+
+    @property
+    def privacy(self) -> Optional[LocalDP]:
+        """The local-DP callback, if the run trains privately."""
+        return next((c for c in self.callbacks if isinstance(c, LocalDP)), None)
+
+    @property
+    def aggregation(self) -> ServerAggregation:
+        """The callback that plays the server."""
+        return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
+
+
+@dataclass
+class _RoundProgress(_Progress):
+    """Lightning's epoch progress as its fit loop builds it, typed so: its trackers count processed epochs too."""
+
+    total: _ProcessedTracker = field(default_factory=_ProcessedTracker)
+    current: _ProcessedTracker = field(default_factory=_ProcessedTracker)
 
 
 def federated_ddp(strategy: Any) -> None:
@@ -128,27 +172,62 @@ class FederatedLoop(_FitLoop):
         runner: how clients run; the in-process :class:`SequentialRunner` by default.
         feature_cache: linear probing on features computed once per run
             (:class:`~fedpeft_pl.runners.feature_cache.FeatureCache`); ``auto`` by default.
+        device_data: where the vectorised runner keeps the transformed training samples
+            (:class:`~fedpeft_pl.runners.device_data.DeviceData`); none by default.
+        choice: which runner trains the clients, and why (:class:`~fedpeft_pl.runners.choice.RunnerChoice`;
+            :meth:`use_choice` builds the runner it names); the sequential runner by default.
+
+    A runner sees the loop as a :class:`~fedpeft_pl.runners.base.RunnerHost`, and the run through
+    :attr:`context` (a :class:`~fedpeft_pl.runners.base.RunnerContext`), never the trainer.
     """
+
+    trainer: RoundTrainer
+    epoch_loop: _ClientEpochLoop
+    epoch_progress: _RoundProgress
 
     def __init__(
         self,
-        trainer: pl.Trainer,
+        trainer: RoundTrainer,
         settings: dict[str, Any],
         availability: Optional[ClientAvailability] = None,
         runner: Optional[ClientRunner] = None,
         feature_cache: Optional[FeatureCache] = None,
+        device_data: Optional[DeviceData] = None,
+        choice: Optional[RunnerChoice] = None,
     ) -> None:
         super().__init__(trainer, min_epochs=0, max_epochs=settings["num_rounds"])
+        self.epoch_progress = _RoundProgress()
         self.epoch_loop = _ClientEpochLoop(trainer)
         self.settings = dict(settings)
         self.availability = availability if availability is not None else ClientAvailability()
+        self.choice = choice if choice is not None else RunnerChoice("sequential", "sequential", "set in the config")
         self.runner: ClientRunner = runner if runner is not None else SequentialRunner(self)
         self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
+        self.device_data = device_data
         self.client_states = ClientStore()
         self.timeline = Timeline()  # a buffered asynchronous run's clients in flight
         self.live: dict[str, Task] = {}  # a deployed asynchronous run's tasks in flight, by task id
         self._carried: list[tuple[Round, ClientResult]] = []  # replies that arrived after the last buffer filled
         self._federation: Optional[Federation] = None
+        self._context = _LoopContext(self)
+
+    @property
+    def context(self) -> RunnerContext:
+        """The run as a runner sees it: its module, data, device, precision and settings, read from the trainer."""
+        return self._context
+
+    def use_choice(self, choice: RunnerChoice) -> None:
+        """Train the clients on the runner ``choice`` names (the vectorised or the sequential one)."""
+        self.choice = choice
+        if choice.runner == "vectorized":
+            self.runner = VectorizedRunner(self, choice.max_parallel_clients)
+        else:
+            self.runner = SequentialRunner(self)
+
+    def use_runner(self, runner: ClientRunner) -> None:
+        """Train the clients on ``runner`` (e.g. a Flower runner), named after its class."""
+        self.runner = runner
+        self.choice = RunnerChoice.given(runner)
 
     @property
     def federation(self) -> Federation:
@@ -221,18 +300,20 @@ class FederatedLoop(_FitLoop):
             elsewhere = f"clients train on the {type(self.runner).__name__}, not in this process"
         elif trainer.world_size > 1:
             elsewhere = "several processes (DDP) would each compute every image's features; not supported yet"
-        features = self.feature_cache.features_for(trainer, elsewhere)
+        context = self.context
+        module, datamodule = context.module, context.datamodule
+        features = self.feature_cache.features_for(
+            module, datamodule, context.device, context.precision_plugin, elsewhere
+        )
         if features is None:
             yield
             return
-        module, datamodule = trainer.lightning_module, trainer.datamodule
         val_loop = self.epoch_loop.val_loop
         eval_batch_size = datamodule.eval_batch_size
-        runner, choice = (
-            self.runner,
-            (getattr(trainer, "client_runner", None), getattr(trainer, "client_runner_reason", None)),
-        )
-        images = datamodule.use_splits(replace(datamodule.splits, train=features[0], test=features[1]))
+        runner, choice = self.runner, self.choice
+        splits = datamodule.splits
+        assert splits is not None, "the features were computed from the data module's splits"
+        images = datamodule.use_splits(replace(splits, train=features[0], test=features[1]))
         try:
             val_loop._combined_loader = None  # the server evaluates on the test features (reloaded at first use)
             module.takes_features = True
@@ -242,19 +323,17 @@ class FederatedLoop(_FitLoop):
                 # arithmetic: the test features go through in batches of FEATURE_EVAL_BATCH (the same
                 # metrics up to float rounding); kept as it is where limit_val_batches counts batches
                 datamodule.eval_batch_size = max(eval_batch_size, FEATURE_EVAL_BATCH)
-            if getattr(trainer, "client_runner_setting", None) == "auto" and isinstance(runner, SequentialRunner):
-                # a classifier on features: stacked, the clients' steps are one matrix product each
-                # (3.5x the sequential runner's speed on the quickstart, benchmarks/README.md)
-                self.runner = VectorizedRunner(self, getattr(trainer, "max_parallel_clients", None))
-                trainer.client_runner, trainer.client_runner_reason = "vectorized", "auto: Head on cached features"
+            # a classifier on features: where the sequential runner would train, the choice says which instead
+            swapped = choice.with_cached_features() if isinstance(runner, SequentialRunner) else None
+            if swapped is not None:
+                self.use_choice(swapped)
             yield
         finally:
             module.takes_features = False
             datamodule.eval_batch_size = eval_batch_size
             datamodule.use_splits(images)
             val_loop._combined_loader = None
-            self.runner = runner
-            trainer.client_runner, trainer.client_runner_reason = choice
+            self.runner, self.choice = runner, choice
 
     @contextmanager
     def _kept_evaluation_split(self) -> Iterator[None]:
@@ -264,7 +343,7 @@ class FederatedLoop(_FitLoop):
         transforms again (:meth:`~fedpeft_pl.runners.device_data.DeviceData.evaluation`); the split as it was
         comes back after."""
         trainer = self.trainer
-        data = getattr(trainer, "device_data", None)
+        data = self.device_data
         datamodule = trainer.datamodule
         splits = getattr(datamodule, "splits", None)
         if (
@@ -835,6 +914,76 @@ class FederatedLoop(_FitLoop):
                 on_module(module)
 
 
+class _LoopContext:
+    """The run as a runner sees it (:class:`~fedpeft_pl.runners.base.RunnerContext`): read from the loop's
+    trainer when asked, so the runners never hold the trainer."""
+
+    def __init__(self, loop: FederatedLoop) -> None:
+        self._loop = loop
+
+    @property
+    def _trainer(self) -> RoundTrainer:
+        return self._loop.trainer
+
+    @property
+    def module(self) -> FedPEFTModule:
+        return cast("FedPEFTModule", self._trainer.lightning_module)
+
+    @property
+    def datamodule(self) -> FederatedDataModule:
+        return self._trainer.datamodule
+
+    @property
+    def device(self) -> torch.device:
+        return self._trainer.strategy.root_device
+
+    @property
+    def precision(self) -> str:
+        return str(self._trainer.precision)
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._trainer.precision_plugin
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        return self._trainer.precision_plugin.forward_context()
+
+    @property
+    def choice(self) -> RunnerChoice:
+        return self._loop.choice
+
+    @property
+    def device_data(self) -> Optional[DeviceData]:
+        return self._loop.device_data
+
+    @property
+    def releases_client_statistics(self) -> bool:
+        return releases_client_statistics(self._trainer)
+
+    @property
+    def clients_train_privately(self) -> bool:
+        return any(isinstance(c, PrivacyMechanism) and c.reports_from_clients for c in self._trainer.callbacks)
+
+    @property
+    def privacy(self) -> Optional[LocalDP]:
+        return self._trainer.privacy
+
+    @property
+    def callbacks(self) -> Sequence[Callback]:
+        return self._trainer.callbacks
+
+    @property
+    def gradient_clip_val(self) -> Optional[Union[int, float]]:
+        return self._trainer.gradient_clip_val
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self._trainer.accumulate_grad_batches
+
+    def keep_in_checkpoints(self, callback: Callback) -> None:
+        self._trainer.callbacks.append(callback)
+
+
 class _ClientJob(FederatedLoop):
     """One given client of one given round, and nothing else: what a deployed client runs per message.
 
@@ -843,7 +992,13 @@ class _ClientJob(FederatedLoop):
     """
 
     def __init__(self, parent: FederatedLoop, session: ClientSession, max_batches: Optional[int]) -> None:
-        super().__init__(parent.trainer, {**parent.settings, "num_rounds": 1}, parent.availability)
+        super().__init__(
+            parent.trainer,
+            {**parent.settings, "num_rounds": 1},
+            parent.availability,
+            device_data=parent.device_data,
+            choice=parent.choice,
+        )
         self.session = session
         self.job_batches = max_batches
 
@@ -875,7 +1030,9 @@ class _ClientJob(FederatedLoop):
 
 def _rng_state() -> dict[str, Any]:
     """Every global RNG's state, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple), "numpy gives its legacy state tuple by default"
+    kind, keys, position, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),

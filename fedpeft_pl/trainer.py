@@ -33,7 +33,7 @@ from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.export import Exported, export_checkpoint
 from fedpeft_pl.federation import ClientRunner, Federation
 from fedpeft_pl.hooks import runs_on_client
-from fedpeft_pl.loop import FederatedLoop, _ClientJob, federated_ddp
+from fedpeft_pl.loop import FederatedLoop, RoundTrainer, _ClientJob, federated_ddp
 from fedpeft_pl.privacy import LocalDP, releases_client_statistics
 from fedpeft_pl.progress import FederatedProgressBar
 from fedpeft_pl.run_folder import (
@@ -45,7 +45,8 @@ from fedpeft_pl.run_folder import (
     removed_if_failed_early,
     tensorboard_like,
 )
-from fedpeft_pl.runners import FeatureCache, VectorizedRunner, choose_client_runner
+from fedpeft_pl.runners import FeatureCache, VectorizedRunner
+from fedpeft_pl.runners.choice import RunnerChoice
 from fedpeft_pl.runners.device_data import DeviceData
 from fedpeft_pl.schedules import Schedule
 from fedpeft_pl.strategies import Strategy
@@ -70,7 +71,7 @@ NOT_IN_ROUNDS = {
 }
 
 
-class FederatedTrainer(pl.Trainer):
+class FederatedTrainer(RoundTrainer):
     """A Lightning Trainer that runs federated rounds instead of epochs.
 
     Args:
@@ -217,35 +218,48 @@ class FederatedTrainer(pl.Trainer):
                 "or auto to use what this machine has (and check trainer.devices)"
             ) from None
         federated_ddp(self.strategy)  # "ddp" as a federated run needs it: no buffer broadcast before every forward
-        self.fit_loop = FederatedLoop(self, settings, availability=availability, feature_cache=features)
-
-        if client_runner == "sequential" and max_parallel_clients is not None:
-            raise ConfigError(
-                "trainer.max_parallel_clients applies to the vectorised runner; set trainer.client_runner: vectorized"
-            )
-        if max_parallel_clients is not None and max_parallel_clients < 1:
-            raise ConfigError(f"trainer.max_parallel_clients must be >= 1, got {max_parallel_clients}")
-        self.client_runner, self.client_runner_reason = choose_client_runner(
-            client_runner, self._root_device_type(), self.world_size
+        # device_data: where the vectorised runner keeps the transformed training samples
+        self.fit_loop = FederatedLoop(
+            self, settings, availability=availability, feature_cache=features, device_data=device_data
         )
-        self.client_runner_setting = client_runner
-        self.max_parallel_clients = max_parallel_clients
-        self.device_data = device_data  # where the vectorised runner keeps the transformed training samples
-        if self.client_runner == "vectorized":
-            self.fit_loop.runner = VectorizedRunner(self.fit_loop, max_parallel_clients)
+        self.fit_loop.use_choice(
+            RunnerChoice.configured(client_runner, self._root_device_type(), self.world_size, max_parallel_clients)
+        )
+
+    @property
+    def client_runner(self) -> str:
+        """The runner that trains the clients: ``sequential``, ``vectorized`` or a given runner's name."""
+        return self.fit_loop.choice.runner
+
+    @property
+    def client_runner_reason(self) -> str:
+        """Why that runner (:class:`~fedpeft_pl.runners.choice.RunnerChoice`)."""
+        return self.fit_loop.choice.reason
+
+    @property
+    def client_runner_setting(self) -> str:
+        """``trainer.client_runner`` as given (``auto``, ``sequential``, ``vectorized``), or a given runner's name."""
+        return self.fit_loop.choice.setting
+
+    @property
+    def max_parallel_clients(self) -> Optional[int]:
+        """With the vectorised runner, at most this many clients train at once (as given)."""
+        return self.fit_loop.choice.max_parallel_clients
+
+    @property
+    def device_data(self) -> Optional[DeviceData]:
+        """Where the vectorised runner keeps the transformed training samples."""
+        return self.fit_loop.device_data
 
     def describe_client_runner(self, module: Optional[pl.LightningModule] = None) -> tuple[str, str]:
         """Which runner trains the clients and why, e.g. ``("sequential", "auto: ...")``; a
         vectorised runner that hands this run to the sequential one says so, and otherwise which
         path of the engine trains (``stacked``, ``vmap``) and why."""
-        runner = self.fit_loop.runner
-        if isinstance(runner, VectorizedRunner):
-            reason = runner.reason_not_to_vectorise(module)
-            if reason is not None:
-                return "sequential", reason
-            path, why = runner.engine_path(module)
-            return self.client_runner, f"{self.client_runner_reason}; {path} path: {why}"
-        return self.client_runner, self.client_runner_reason
+        loop = self.fit_loop
+        context = loop.context
+        return loop.choice.describe(
+            context, module if module is not None else context.module, isinstance(loop.runner, VectorizedRunner)
+        )
 
     def _root_device_type(self) -> str:
         try:
@@ -266,10 +280,7 @@ class FederatedTrainer(pl.Trainer):
 
     def use_runner(self, runner: ClientRunner) -> None:
         """Run clients with ``runner`` instead of in this process one by one (e.g. a Flower runner)."""
-        self.fit_loop.runner = runner
-        self.client_runner = type(runner).__name__.removesuffix("Runner").lower() or "custom"
-        self.client_runner_reason = "given to use_runner"
-        self.client_runner_setting = self.client_runner
+        self.fit_loop.use_runner(runner)
 
     @override
     def fit(
@@ -385,16 +396,6 @@ class FederatedTrainer(pl.Trainer):
 
     def _check_clients(self, num_clients: int) -> None:
         self.federation_of(num_clients)
-
-    @property
-    def privacy(self) -> Optional[LocalDP]:
-        """The local-DP callback, if the run trains privately."""
-        return next((c for c in self.callbacks if isinstance(c, LocalDP)), None)
-
-    @property
-    def aggregation(self) -> ServerAggregation:
-        """The callback that plays the server."""
-        return next(c for c in self.callbacks if isinstance(c, ServerAggregation))
 
     def check_parts(self, model: pl.LightningModule, secure_aggregation: bool = False, live: bool = False) -> None:
         """Refuse, in one line, a combination of this run's parts that cannot hold

@@ -1,5 +1,6 @@
-"""One client task on every in-process runner: the same ClientContext for a strategy's client hooks,
-and the same module in ``on_client_end``, whether the clients train one by one or stacked."""
+"""One client task on every runner: the same ClientContext for a strategy's client hooks, whether the
+clients train one by one, stacked or on Flower SuperNodes, and the same module in ``on_client_end``
+on every in-process runner."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from fedpeft_pl import FederatedCallback, FedPEFTModule, Scaffold
 from fedpeft_pl.peft import Bias, trainable_state
 
 RUNNERS = ("sequential", "vectorized")
+# every context any RecordingScaffold saw, also those of the strategies a deployed client builds from its config
+RECORDED: list[tuple] = []
 
 
 class RecordingScaffold(Scaffold):
@@ -19,20 +22,20 @@ class RecordingScaffold(Scaffold):
         self.seen: list[tuple] = []
 
     def _record(self, hook, context):
-        self.seen.append(
-            (
-                hook,
-                context.client,
-                context.server_round,
-                dict(context.config),
-                context.version,
-                context.steps,
-                context.lr,
-                {n: float(t.double().sum()) for n, t in context.received.items()},
-                {k: float(t.double().sum()) for k, t in context.extras.items()},
-                {k: float(t.double().sum()) for k, t in context.state.items()},
-            )
+        record = (
+            hook,
+            context.client,
+            context.server_round,
+            dict(context.config),
+            context.version,
+            context.steps,
+            context.lr,
+            {n: float(t.double().sum()) for n, t in context.received.items()},
+            {k: float(t.double().sum()) for k, t in context.extras.items()},
+            {k: float(t.double().sum()) for k, t in context.state.items()},
         )
+        self.seen.append(record)
+        RECORDED.append(record)
 
     def client_loss(self, params, context):
         self._record("loss", context)
@@ -92,17 +95,7 @@ def test_client_hooks_see_the_same_context_on_every_in_process_runner(tmp_path):
         trainer, _ = run(tmp_path, runner, strategy)
         assert trainer.client_runner == runner
         seen[runner] = by_client_and_hook(strategy.seen)
-    sequential, vectorized = seen["sequential"], seen["vectorized"]
-    assert sequential.keys() == vectorized.keys()
-    assert {key[2] for key in sequential} == {"loss", "gradient", "end"}
-    for key in sequential:
-        assert len(sequential[key]) == len(vectorized[key]), key
-        for mine, theirs in zip(sequential[key], vectorized[key]):
-            # hook, client, round, config, version, steps and lr exactly; the tensors' sums closely
-            assert mine[:7] == theirs[:7], key
-            for a, b in zip(mine[7:], theirs[7:]):
-                assert a.keys() == b.keys(), key
-                assert a == pytest.approx(b, rel=1e-5, abs=1e-5), key
+    assert_same_contexts(seen["sequential"], seen["vectorized"])
 
 
 def test_on_client_end_sees_the_clients_trained_state_in_the_module(tmp_path):
@@ -120,3 +113,78 @@ def test_on_client_end_sees_the_clients_trained_state_in_the_module(tmp_path):
     for key, (state, _) in seen["sequential"].items():
         for name, tensor in state.items():
             torch.testing.assert_close(seen["vectorized"][key][0][name], tensor, rtol=1e-5, atol=1e-5)
+
+
+def assert_same_contexts(mine, theirs, fields=(0, 1, 2, 3, 4, 5, 6)):
+    """Hook, client, round, config, version, steps and lr (those in ``fields``) exactly; the tensors' sums closely."""
+    assert mine.keys() == theirs.keys()
+    assert {key[2] for key in mine} == {"loss", "gradient", "end"}
+    for key in mine:
+        assert len(mine[key]) == len(theirs[key]), key
+        for a_record, b_record in zip(mine[key], theirs[key]):
+            assert [a_record[i] for i in fields] == [b_record[i] for i in fields], key
+            for a, b in zip(a_record[7:], b_record[7:]):
+                assert a.keys() == b.keys(), key
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_flower_client_sees_the_context_of_the_in_process_runners(tmp_path, capsys):
+    """The same config on the sequential runner, the vectorised runner and Flower SuperNodes (over the
+    loopback grid): every client hook of every client in every round sees the same ClientContext."""
+    pytest.importorskip("flwr")
+    from flower_loopback import run_loopback
+    from test_cli import QUICKSTART, REPO
+
+    from fedpeft_pl.cli import main
+
+    app = tmp_path / "app"
+    main(
+        [
+            "flower-app",
+            str(app),
+            "--config",
+            QUICKSTART,
+            "--data.num_clients",
+            "3",
+            "--trainer.num_rounds",
+            "2",
+            "--trainer.clients_per_round",
+            "2",
+            "--trainer.local_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.aggregation",
+            f"{__name__}.RecordingScaffold",
+            "--model.backbone.weights_file",
+            str(REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "deployed"),
+        ]
+    )
+    capsys.readouterr()
+    seen = {}
+    RECORDED.clear()
+    run_loopback(app, 3)
+    seen["flower"] = by_client_and_hook(RECORDED)
+    for runner in RUNNERS:
+        RECORDED.clear()
+        main(
+            [
+                "fit",
+                "--config",
+                str(app / "fedpeft.yaml"),
+                "--trainer.client_runner",
+                runner,
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / runner),
+            ]
+        )
+        seen[runner] = by_client_and_hook(RECORDED)
+    capsys.readouterr()
+    assert len(seen["sequential"]) >= 6  # two rounds of two clients, three hooks each
+    assert_same_contexts(seen["sequential"], seen["vectorized"])
+    # all but the version: the train message does not carry the global version (it would add a key to every
+    # message, and bytes to comm/wire_bytes_down), so a deployed client's context says version 0
+    assert_same_contexts(seen["sequential"], seen["flower"], fields=(0, 1, 2, 3, 5, 6))

@@ -230,10 +230,11 @@ def test_a_secure_runner_keeps_the_run_configs_node_timeout_and_query_batch():
     from fedpeft_pl.deploy.secagg import SecureFlowerRunner
 
     server = SimpleNamespace(wire=SimpleNamespace(measured=False))
-    trainer = SimpleNamespace(callbacks=[])
+    kept = []  # the callbacks the runner adds to the run (its key, into the checkpoints)
+    run = SimpleNamespace(privacy=None, keep_in_checkpoints=kept.append)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     runner = SecureFlowerRunner(
-        SimpleNamespace(trainer=trainer, server=server),
+        SimpleNamespace(context=run, server=server),
         None,
         {},
         60,
@@ -244,3 +245,4 @@ def test_a_secure_runner_keeps_the_run_configs_node_timeout_and_query_batch():
     )
     assert (runner.node_timeout, runner.query_batch, runner.reply_timeout) == (7, 2, 60)
     assert server.wire.measured, "the wire bytes are the real messages'"
+    assert kept == [runner.run_key]

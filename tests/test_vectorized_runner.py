@@ -214,7 +214,6 @@ def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
     """What the engine would skip (a module's training_step, a user callback's per-step hook, gradient
     clipping or accumulation, a non-elementwise optimizer, fp16 without a scaler) hands the run to
     the sequential runner; fedpeft's own callbacks do not."""
-    from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import Callback
 
@@ -248,8 +247,7 @@ def test_steps_that_need_lightnings_loop_go_to_the_sequential_runner(tmp_path):
         tiny_trainer(tmp_path), module(optimizer=lambda params: torch.optim.LBFGS(params))
     )
     assert lbfgs == "the optimizer LBFGS is not elementwise"
-    fp16 = SimpleNamespace(precision="16-mixed", strategy=SimpleNamespace(root_device=torch.device("cuda")))
-    assert autocast_for(fp16) is False
+    assert autocast_for("16-mixed", "cuda") is False
 
     # what the run says: the runner that will train, and why
     trainer = tiny_trainer(tmp_path, client_runner="vectorized", gradient_clip_val=1.0)

@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.comm import (
     CLIENT as _CLIENT,
 )
@@ -66,15 +67,18 @@ from fedpeft_pl.comm import (
     reply_content,
     train_content,
 )
+from fedpeft_pl.compression import Codec
 from fedpeft_pl.config import build_run
+from fedpeft_pl.data.datamodule import FederatedDataModule
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.exchange import LOCAL, open_session
-from fedpeft_pl.federation import ClientEvaluation, ClientResult, Round, RoundMessage, State
+from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
+from fedpeft_pl.federation import ClientEvaluation, ClientResult, Plan, Round, RoundMessage, State
 from fedpeft_pl.hooks import ClientDropped
-from fedpeft_pl.peft import load_trainable_state, local_names, trainable_state
-from fedpeft_pl.privacy import EPSILON_SPENT
-from fedpeft_pl.runners.base import RunnerHost, client_metrics
+from fedpeft_pl.peft import load_trainable_state, trainable_state
+from fedpeft_pl.privacy import EPSILON_SPENT, LocalDP, releases_client_statistics
+from fedpeft_pl.runners.base import ClientExecutor, RunnerHost, client_metrics
+from fedpeft_pl.strategies import Strategy
 from fedpeft_pl.trainer import FederatedTrainer
 
 try:
@@ -136,13 +140,13 @@ class FlowerRunner:
         self.query_batch = query_batch
         self._tasks: dict[str, int] = {}  # messages in flight one at a time (dispatch), by id: their client
         self.run_key = DeploymentRun()
-        loop.trainer.callbacks.append(self.run_key)  # its key goes into the checkpoints
+        loop.context.keep_in_checkpoints(self.run_key)  # its key goes into the checkpoints
         self._told: set[int] = set()  # nodes that know the run key
         self._online: set[int] = set(nodes.values())
         # wire bytes are those of the real messages below, not the server's own reckoning
         self.wire = loop.server.wire
         self.wire.measured = True
-        privacy = getattr(loop.trainer, "privacy", None)
+        privacy = loop.context.privacy
         if privacy is not None:  # each client keeps its own accountant on its SuperNode
             privacy.account_on_clients()
 
@@ -150,7 +154,7 @@ class FlowerRunner:
         message = round.message
         assert message is not None, "the server configures the round before clients run"
         self.refresh()
-        module = self.loop.trainer.lightning_module
+        module = self.loop.context.module
         peft = getattr(module, "peft", None)
         views = peft if getattr(peft, "per_client_views", False) else None
         shared = None if views is not None else _to_record(message.payload)  # the same for every client
@@ -190,7 +194,7 @@ class FlowerRunner:
         """Each client evaluates the global state (and its own local part) on its SuperNode; only metrics come back."""
         server = self.loop.server
         arrays = _to_record(server.download.encode(server.global_state))
-        update = _model_update(self.loop.trainer.lightning_module)
+        update = _model_update(self.loop.context.module)
         messages = []
         gone = [c for c in clients if self.nodes.get(c) not in self._online]
         if gone:
@@ -253,7 +257,7 @@ class FlowerRunner:
         if self.nodes.get(client) not in self._online:
             reason = f"the SuperNode of partition {client} is not connected"
             return ClientResult(client, error=RuntimeError(reason), received=False)
-        module = self.loop.trainer.lightning_module
+        module = self.loop.context.module
         peft = getattr(module, "peft", None)
         state = message.payload
         if getattr(peft, "per_client_views", False):
@@ -397,8 +401,39 @@ class DeploymentRun(Callback):
 # -- client ---------------------------------------------------------------------------------------
 
 
+class DeployedClient:
+    """What a ClientApp process holds while it lives: the module with its backbone, the data, and the run's
+    client-side parts (the strategy's client hooks, the codecs, local DP), built once from the config.
+
+    Args:
+        trainer: the run's trainer, built from the config; it trains one client per message
+            (:meth:`~fedpeft_pl.trainer.FederatedTrainer.train_client`).
+        module: the module, its backbone loaded.
+        datamodule: the data module.
+    """
+
+    def __init__(self, trainer: FederatedTrainer, module: FedPEFTModule, datamodule: FederatedDataModule) -> None:
+        self._trainer = trainer
+        self.module = module
+        self.datamodule = datamodule
+        server = trainer.aggregation
+        self.strategy: Strategy = server.strategy
+        self.upload: Codec = server.upload
+        self.download: Codec = server.download
+        self.privacy: Optional[LocalDP] = trainer.privacy
+
+    @property
+    def releases_client_statistics(self) -> bool:
+        """Whether the client may report un-noised statistics (its training loss) with its update."""
+        return releases_client_statistics(self._trainer)
+
+    def train(self, session: ClientSession, max_batches: Optional[int]) -> int:
+        """Train the client of ``session`` from the state the module holds; its number of samples."""
+        return self._trainer.train_client(self.module, self.datamodule, session, max_batches)
+
+
 @functools.lru_cache(maxsize=4)
-def _client(config: str) -> tuple[FederatedTrainer, Any, Any]:
+def _client(config: str) -> DeployedClient:
     """Built once per process: the backbone stays loaded while the process lives."""
     trainer, module, datamodule, _ = build(config, server=False)
     module.configure_model()
@@ -406,7 +441,71 @@ def _client(config: str) -> tuple[FederatedTrainer, Any, Any]:
     if privacy is not None:  # local DP-SGD on this client, accounted here (answer_train)
         privacy.attach(module, datamodule)
         privacy.on_federation_start(trainer, module, trainer.federation_of(datamodule.num_clients))
-    return trainer, module, datamodule
+    return DeployedClient(trainer, module, datamodule)
+
+
+class NodeTask:
+    """One message to a SuperNode's client as a :class:`~fedpeft_pl.runners.base.ClientHost`: the
+    :class:`~fedpeft_pl.runners.base.ClientExecutor` of the in-process runners starts and finishes it, so
+    the client's :class:`~fedpeft_pl.federation.ClientContext` is built as on every other runner.
+
+    Args:
+        node: the ClientApp's client.
+        message: the train message, as fedpeft's round message.
+        kept: what the client kept from earlier rounds (:meth:`NodeStore.load`).
+        flower_message: the Flower message (what the server sends besides the state: FLoRA's merged update).
+    """
+
+    def __init__(self, node: DeployedClient, kept: dict[str, Any], flower_message: Optional[Message] = None) -> None:
+        self.node = node
+        self.kept = kept
+        self.flower_message = flower_message
+        self.own_state: State = dict(kept["own"])
+
+    @staticmethod
+    def round(client: int, server_round: int, max_batches: int, message: Optional[RoundMessage] = None) -> Round:
+        """The round as this client sees it: itself, its step cap and the message it received."""
+        plan = Plan(dropped=False, batches=max_batches, straggler=False)
+        return Round(server_round, (client,), {client: plan}, (client,), message)
+
+    def start_client(self, round: Round, client: int) -> Optional[ClientResult]:
+        """With local DP the client checks its own budget first and declines if this round would exceed it."""
+        node = self.node
+        privacy = node.privacy
+        if privacy is not None:
+            _set_up_data(node.module, node.datamodule)  # the accountant's sampling rate needs the client's count
+            privacy.load_client_accountant(client, self.kept["accountant"])
+            try:
+                privacy.begin(client, round.number)
+            except ClientDropped as reason:
+                return ClientResult(client, dropped=str(reason), received=False)
+        if self.flower_message is not None:
+            _load_model_update(node.module, self.flower_message)
+        return None
+
+    def open_session(
+        self, round: Round, client: int, like: dict[str, torch.Tensor], local_init: dict[str, torch.Tensor]
+    ) -> ClientSession:
+        """The message holds only this client's view; its own state comes from the node."""
+        node = self.node
+        assert round.message is not None, "a train message carries the round's message"
+        return open_session(
+            node.strategy,
+            node.upload,
+            node.download,
+            round.message,
+            client,
+            round.number,
+            like,
+            self.kept["own"],
+            local_init,
+            node.module.peft,
+            view_sent=True,
+        )
+
+    def close_session(self, session: ClientSession) -> None:
+        """The client's own state, for the node to store (:class:`NodeStore`)."""
+        self.own_state = session.context.state
 
 
 class NodeStore:
@@ -485,7 +584,8 @@ def answer_query(message: Message, context: Context) -> Message:
 
 def answer_evaluate(message: Message, context: Context, config: str) -> Message:
     """Evaluate the client of this SuperNode on its own test split with the received global state."""
-    trainer, module, datamodule = _client(config)
+    node = _client(config)
+    module, datamodule = node.module, node.datamodule
     settings = message.content["config"]
     client = int(settings[_CLIENT])
     partition = int(context.node_config["partition-id"])
@@ -493,79 +593,63 @@ def answer_evaluate(message: Message, context: Context, config: str) -> Message:
         raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
     _set_up_data(module, datamodule)
     _load_model_update(module, message)
-    local = local_names(module)
-    start = trainable_state(module)
-    shared = {n: t for n, t in start.items() if n not in local}
-    received = trainer.aggregation.download.decode(message.content["arrays"].to_torch_state_dict(), like=shared)
     own = NodeStore(context, client, int(settings[_ROUND]) + 1).load()["own"]
-    mine = {n: own.get(LOCAL + n, t) for n, t in start.items() if n in local}
+    # the module's state split as every client task splits it: what travels, and a personalised method's local part
+    executor = ClientExecutor(NodeTask(node, {"own": own}), module)
+    received = node.download.decode(message.content["arrays"].to_torch_state_dict(), like=executor.shared_like)
+    mine = {n: own.get(LOCAL + n, t) for n, t in executor.local_init.items()}
     load_trainable_state(module, {**received, **mine})
     try:
         count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
     finally:
-        load_trainable_state(module, start)
+        executor.restore()
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
 
 
 def answer_train(message: Message, context: Context, config: str) -> Message:
     """Train the client of this SuperNode for one round and reply with its (encoded) update.
 
+    The client task is the in-process runners' :class:`~fedpeft_pl.runners.base.ClientExecutor`, on a
+    :class:`NodeTask`: the same start (its own view of the decoded message, the strategy's
+    :class:`~fedpeft_pl.federation.ClientContext`, its own state) and finish (encoding, the strategy's extras).
     With local DP the client checks its own budget first and declines (a reply without an update
     that says why) if this round would exceed it; it reports the epsilon it has spent with its update.
     """
     started = time.perf_counter()
-    trainer, module, datamodule = _client(config)
+    node = _client(config)
+    module = node.module
     settings = dict(message.content["config"])
     client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
     max_batches = int(settings.pop(_MAX_BATCHES))
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
-    server = trainer.aggregation
     store = NodeStore(context, client, server_round)
-    kept = store.load()
-    privacy = trainer.privacy
-    if privacy is not None:
-        _set_up_data(module, datamodule)  # the accountant's sampling rate needs the client's sample count
-        privacy.load_client_accountant(client, kept["accountant"])
-        try:
-            privacy.begin(client, server_round)
-        except ClientDropped as reason:
-            log.info(f"round {server_round}: client {client} declines: {reason}")
-            return Message(RecordDict({_DECLINED: ConfigRecord({"reason": str(reason)})}), reply_to=message)
-    _load_model_update(module, message)
+    task = NodeTask(node, store.load(), message)
     extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
     round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
     # the module holds the initial state between messages; a personalised method's local part
     # starts from it the first time and from the node's own copy afterwards
-    local = local_names(module)
-    start = trainable_state(module)
-    local_init = {n: t for n, t in start.items() if n in local}
-    session = open_session(
-        server.strategy,
-        server.upload,
-        server.download,
-        round_message,
-        client,
-        server_round,
-        {n: t for n, t in start.items() if n not in local},
-        kept["own"],
-        local_init,
-        module.peft,
-        view_sent=True,
-    )
+    executor = ClientExecutor(task, module)
+    session = executor.start(NodeTask.round(client, server_round, max_batches, round_message), client)
+    if isinstance(session, ClientResult):
+        log.info(f"round {server_round}: client {client} declines: {session.dropped}")
+        return Message(RecordDict({_DECLINED: ConfigRecord({"reason": str(session.dropped)})}), reply_to=message)
     session.load_into(module)
-    if kept["residual"] is not None:
-        server.upload.load_client_state({client: kept["residual"]})
-    num_samples = trainer.train_client(module, datamodule, session, max_batches)
-    result = session.finish(trainable_state(module), num_samples, client_metrics(trainer, module))
-    load_trainable_state(module, start)  # the next message in this process starts from the initial state
+    if task.kept["residual"] is not None:
+        node.upload.load_client_state({client: task.kept["residual"]})
+    num_samples = node.train(session, max_batches)
+    result = executor.finish(
+        session, trainable_state(module), num_samples, client_metrics(node.releases_client_statistics, module)
+    )
+    executor.restore()  # the next message in this process starts from the initial state
     accountant: dict[str, Any] = {}
+    privacy = node.privacy
     if privacy is not None:
         privacy.end(client, server_round)
         accountant = privacy.client_accountant(client)
         result.metrics[EPSILON_SPENT] = privacy.spent(client)
-    store.save(session.context.state, server.upload.client_state([client]).get(client), accountant)
+    store.save(task.own_state, node.upload.client_state([client]).get(client), accountant)
     log.info(
         f"round {server_round}: client {client} trained on {num_samples} samples in "
         f"{time.perf_counter() - started:.1f} s (this process)"

@@ -61,6 +61,7 @@ from fedpeft_pl.deploy.writer import NODE_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Round
 from fedpeft_pl.privacy import DPFedAvg
+from fedpeft_pl.runners.base import RunnerHost
 
 # a client that availability drops still joins the protocol and fails inside it (a dropout mid-protocol)
 _DROP = "fedpeft.drop"
@@ -155,7 +156,7 @@ class SecureFlowerRunner(FlowerRunner):
 
     def __init__(
         self,
-        loop: Any,
+        loop: RunnerHost,
         grid: Any,
         nodes: dict[int, int],
         reply_timeout: float,
@@ -316,12 +317,12 @@ def _train_from_fitins(
     trained = reply.content["arrays"].to_torch_state_dict()
     metrics = dict(reply.content["metrics"])
     num_examples = int(metrics.pop("num-examples"))
-    trainer, _, _ = _client(config)
-    received = trainer.aggregation.download.decode(arrays, like=trained)  # the state the client started from
+    node = _client(config)
+    received = node.download.decode(arrays, like=trained)  # the state the client started from
     update = [(trained[n].float() - received[n].float()).numpy() for n in names]
     weight_count = num_examples
-    if isinstance(trainer.aggregation.strategy, DPFedAvg):
-        update = clip_update(update, trainer.aggregation.strategy.clip_norm)
+    if isinstance(node.strategy, DPFedAvg):
+        update = clip_update(update, node.strategy.clip_norm)
         weight_count = round(settings.max_weight)  # every client weighs 1: the server needs the plain sum
     weight = weight_count / settings.max_weight
     largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0) * weight

@@ -3,24 +3,28 @@
 - :class:`SequentialRunner` (``sequential.py``): Lightning's epoch loop, client by client.
 - :class:`VectorizedRunner` (``vectorized.py``): a round's clients at once through the one frozen
   backbone.
-- :func:`choose_client_runner` (``choice.py``): what ``trainer.client_runner`` means on this
-  hardware, and why.
+- :class:`RunnerChoice` (``choice.py``): which runner trains a run and why, decided once
+  (:func:`choose_client_runner`: what ``trainer.client_runner`` means on this hardware).
 - :class:`FeatureCache` (``feature_cache.py``): linear probing on features computed once per run.
 - :class:`~fedpeft_pl.runners.device_data.DeviceData` (``device_data.py``): the vectorised engine's training
   samples, transformed once per run and kept on the device within a bound.
 
-A runner sees the loop only through :class:`RunnerHost` (``base.py``); the Flower runner lives with
-the deployment in :mod:`fedpeft_pl.deploy`.
+A runner sees the loop only through :class:`RunnerHost` (``base.py``) and the run through its
+:class:`RunnerContext`, never the trainer; the Flower runner lives with the deployment in
+:mod:`fedpeft_pl.deploy`.
 """
 
-from fedpeft_pl.runners.base import RunnerHost, client_metrics
-from fedpeft_pl.runners.choice import choose_client_runner
+from fedpeft_pl.runners.base import ClientExecutor, RunnerContext, RunnerHost, client_metrics
+from fedpeft_pl.runners.choice import RunnerChoice, choose_client_runner
 from fedpeft_pl.runners.feature_cache import FeatureCache
 from fedpeft_pl.runners.sequential import SequentialRunner
 from fedpeft_pl.runners.vectorized import VectorizedRunner
 
 __all__ = [
+    "ClientExecutor",
     "FeatureCache",
+    "RunnerChoice",
+    "RunnerContext",
     "RunnerHost",
     "SequentialRunner",
     "VectorizedRunner",

@@ -163,9 +163,17 @@ class FeatureCache:
         self.note: Optional[str] = None  # what the console was told, for this run
 
     def features_for(
-        self, trainer: Any, clients_elsewhere: Optional[str] = None
+        self,
+        module: Any,
+        datamodule: Any,
+        device: torch.device,
+        precision: Any = None,
+        clients_elsewhere: Optional[str] = None,
     ) -> Optional[tuple[TensorDataset, TensorDataset]]:
         """This run's ``(train, test)`` features, or None where the run goes through the backbone.
+
+        ``module`` and ``datamodule`` are the run's; the features are computed on ``device`` under
+        ``precision`` (Lightning's precision plugin).
 
         ``clients_elsewhere`` says why clients would not train on the cached features (another
         runner, several processes). Logs one line where a linear probe runs with or without the
@@ -174,7 +182,6 @@ class FeatureCache:
         self.note = None
         if self.mode == "off":
             return None
-        module, datamodule = trainer.lightning_module, trainer.datamodule
         reason = not_a_probe(module)
         if reason is not None:
             if self.mode == "memory":
@@ -200,8 +207,8 @@ class FeatureCache:
         splits = datamodule.splits
         settings = {
             "batch_size": datamodule.eval_batch_size,
-            "device": trainer.strategy.root_device,
-            "precision": trainer.precision_plugin,
+            "device": device,
+            "precision": precision,
             "num_workers": datamodule.num_workers,
         }
         train, test = (

@@ -25,8 +25,9 @@ class SequentialRunner:
 
     def run(self, round: Round) -> Iterator[ClientResult]:
         loop = self.loop
-        module = loop.trainer.lightning_module
-        datamodule = loop.trainer.datamodule
+        context = loop.context
+        module = context.module
+        datamodule = context.datamodule
         # the module holds the global state and, for a personalised method, the initial local part
         executor = ClientExecutor(loop, module)
         for client in round.share:
@@ -43,7 +44,7 @@ class SequentialRunner:
                     session,
                     trainable_state(module),
                     datamodule.client_num_samples(client),
-                    client_metrics(loop.trainer, module),
+                    client_metrics(context.releases_client_statistics, module),
                 )
             except Exception as error:  # one client's failure must not end the run
                 result = ClientResult(client, error=error)
@@ -55,9 +56,9 @@ class SequentialRunner:
     def evaluate(self, round: Round, clients: list[int]) -> Iterator[ClientEvaluation]:
         """Each client's model (the global state plus its own local part, if any) on its own test split."""
         loop = self.loop
-        trainer = loop.trainer
-        module = trainer.lightning_module
-        datamodule = trainer.datamodule
+        context = loop.context
+        module = context.module
+        datamodule = context.datamodule
         start = trainable_state(module)
         local_init = {n: t for n, t in start.items() if n in local_names(module)}
         try:
@@ -68,7 +69,7 @@ class SequentialRunner:
                         module, {n: own.get(LOCAL + n, t) for n, t in local_init.items()}, partial=True
                     )
                 count, metrics = module.evaluate_on(
-                    datamodule.client_test_dataloader(client), trainer.precision_plugin.forward_context()
+                    datamodule.client_test_dataloader(client), context.forward_context()
                 )
                 yield ClientEvaluation(client, count, metrics)
         finally:

@@ -42,17 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from fedpeft_pl.capabilities import PrivacyMechanism
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientContext, ClientResult
 from fedpeft_pl.peft import trainable_parameters
 from fedpeft_pl.runners.base import ClientExecutor, RunnerHost, client_metrics
-from fedpeft_pl.runners.choice import autocast_for, lightning_step_customised
+from fedpeft_pl.runners.choice import autocast_for
 from fedpeft_pl.runners.device_data import DeviceData, step_batches
 from fedpeft_pl.runners.feature_cache import HeadProbe
 from fedpeft_pl.runners.optim import check_optimizer, masked_step
 from fedpeft_pl.runners.sequential import SequentialRunner
-from fedpeft_pl.runners.stacked import engine_path, stacked_forward, stacked_forwards_of
+from fedpeft_pl.runners.stacked import stacked_forward, stacked_forwards_of
 from fedpeft_pl.seeds import LOCAL_TRAINING, client_seed, derive_seed, training_seed
 from fedpeft_pl.strategies import Strategy
 
@@ -611,7 +610,7 @@ class VectorizedRunner:
     through the same hooks as on the sequential runner.
 
     Args:
-        loop: the trainer's federated loop.
+        loop: the run's federated loop, as a runner sees it (:class:`~fedpeft_pl.runners.base.RunnerHost`).
         max_parallel_clients: at most this many clients train at once (bounds memory); all of a
             round's clients by default.
     """
@@ -623,36 +622,21 @@ class VectorizedRunner:
         self.max_parallel_clients = max_parallel_clients
         self.fallback = SequentialRunner(loop)
         self._told = False
-        self._data = DeviceData()  # where the trainer names none (a plain Lightning trainer)
+        self._data = DeviceData()  # where the run names none (a plain Lightning trainer)
 
     def _remember_chunk_size(self, size: int) -> None:
         self.max_parallel_clients = size
 
     def reason_not_to_vectorise(self, module: Any = None) -> Optional[str]:
-        """Why this run's rounds go to the sequential runner, or None (``module``: the trainer's by default)."""
-        trainer = self.loop.trainer
-        module = module if module is not None else trainer.lightning_module
-        if getattr(module, "local_first_epochs", 0):
-            return "FedRep's two-phase schedule trains on the sequential runner"
-        if getattr(getattr(module, "peft", None), "per_client_views", False):
-            return "heterogeneous LoRA ranks and FLoRA's stacking train on the sequential runner"
-        if autocast_for(trainer) is False:
-            return f"precision {trainer.precision!r} trains on the sequential runner"
-        if getattr(trainer, "client_runner_setting", None) == "auto" and trainer.strategy.root_device.type == "cpu":
-            path, why = self.engine_path(module)
-            if path == "vmap":  # end to end on the quickstart Full ran at 0.80x there (benchmarks/README.md)
-                return f"auto: on CPUs only the stacked path is measured faster, and {why}"
-        return lightning_step_customised(trainer, module)
+        """Why this run's rounds go to the sequential runner, or None (``module``: the run's by default);
+        the run's :class:`~fedpeft_pl.runners.choice.RunnerChoice` decides."""
+        context = self.loop.context
+        return context.choice.reason_not_to_vectorise(context, module if module is not None else context.module)
 
     def engine_path(self, module: Any = None) -> tuple[str, str]:
         """How the engine trains this run's clients (``stacked``, ``vmap`` or ``batched head``), and why."""
-        trainer = self.loop.trainer
-        module = module if module is not None else trainer.lightning_module
-        # a privacy mechanism that acts on the clients' steps (local DP) takes the engine's vmap path
-        private = getattr(module, "privacy", None) is not None or any(
-            isinstance(c, PrivacyMechanism) and c.reports_from_clients for c in getattr(trainer, "callbacks", [])
-        )
-        return engine_path(module, private=private, features=bool(getattr(module, "takes_features", False)))
+        context = self.loop.context
+        return context.choice.engine_path(context, module if module is not None else context.module)
 
     def run(self, round: Any) -> Iterator[Any]:
         reason = self.reason_not_to_vectorise()
@@ -669,9 +653,9 @@ class VectorizedRunner:
 
     def _run(self, round: Any) -> Iterator[Any]:
         loop = self.loop
-        trainer = loop.trainer
-        module = trainer.lightning_module
-        datamodule = trainer.datamodule
+        run = loop.context
+        module = run.module
+        datamodule = run.datamodule
         federation = loop.federation
         strategy = loop.server.strategy
         executor = ClientExecutor(loop, module)
@@ -721,12 +705,12 @@ class VectorizedRunner:
                 privacy.max_grad_norm, privacy.noise, privacy.expected_batch_size, privacy.chunk_size
             )
 
-        autocast = autocast_for(trainer)
+        autocast = autocast_for(run.precision, run.device.type)
         # with the feature cache the batches are features: the classifier alone trains on them
         network = HeadProbe(module.model) if getattr(module, "takes_features", False) else module
         # the training samples, transformed once per run where that is exact (device_data.py)
-        data = getattr(trainer, "device_data", None) or self._data
-        datamodule = data.serving(datamodule, trainer.strategy.root_device)
+        data = run.device_data or self._data
+        datamodule = data.serving(datamodule, run.device)
         outcomes = train_clients(
             network,
             datamodule,
@@ -750,7 +734,7 @@ class VectorizedRunner:
             module.begin_client(session)
             if outcome.num_samples_seen:
                 module.track_loss(torch.tensor(outcome.loss_sum, dtype=torch.float64), outcome.num_samples_seen)
-            metrics = client_metrics(trainer, module)
+            metrics = client_metrics(run.releases_client_statistics, module)
             module.end_client()
             results[session.client] = executor.finish(
                 session, outcome.state, datamodule.client_num_samples(session.client), metrics
