@@ -37,6 +37,7 @@ MIB = 2**20
 
 # keys of a train message's config that are fedpeft's; the rest is the strategy's round config
 ROUND, CLIENT, MAX_BATCHES = "fedpeft.server-round", "fedpeft.client", "fedpeft.max-batches"
+VERSION = "fedpeft.version"  # the global version the message holds: server updates before it was sent
 
 NO_FLOWER = 'wire bytes are measured with Flower\'s serialiser: pip install "fedpeft-pl[flower]"'
 
@@ -64,6 +65,7 @@ def train_content(
     client: int,
     max_batches: int,
     extras: Optional[Mapping[str, torch.Tensor]] = None,
+    version: int = 0,
 ) -> Any:
     """The content of the train message the server sends ``client``: the encoded global state, the config and any
     extras.
@@ -72,6 +74,8 @@ def train_content(
         arrays: the encoded global state, a mapping of tensors or an ArrayRecord made once per round.
         round_config: the strategy's round config.
         extras: tensors a strategy sends besides the state (SCAFFOLD's control variate); none by default.
+        version: the global version the state is (server updates before it was sent), which the client's
+            strategy hooks see as a simulation's do.
 
     Example::
 
@@ -80,7 +84,7 @@ def train_content(
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     record = arrays if isinstance(arrays, ArrayRecord) else array_record(arrays)
-    config = {**round_config, ROUND: server_round, CLIENT: client, MAX_BATCHES: max_batches}
+    config = {**round_config, ROUND: server_round, CLIENT: client, MAX_BATCHES: max_batches, VERSION: version}
     content = {"arrays": record, "config": ConfigRecord(config)}
     if extras:
         content["extras"] = extras if isinstance(extras, ArrayRecord) else array_record(extras)
@@ -231,13 +235,14 @@ class WireCounter:
         client: int,
         max_batches: int,
         extras: Mapping[str, torch.Tensor],
+        version: int = 0,
     ) -> Optional[int]:
         """One client's train message in wire bytes, without counting it; None where they are not measured here."""
         if self.bytes is None or self.measured:
             return None
         from flwr.app import ConfigRecord
 
-        content = train_content(self._arrays, round_config, server_round, client, max_batches, extras)
+        content = train_content(self._arrays, round_config, server_round, client, max_batches, extras, version)
         if "extras" in content:
             # Flower sends an object once per message, so an extra tensor equal to one of the state's
             # (zeros, at first) costs nothing more: measure the whole message
@@ -254,9 +259,10 @@ class WireCounter:
         client: int,
         max_batches: int,
         extras: Mapping[str, torch.Tensor],
+        version: int = 0,
     ) -> Optional[int]:
         """Count one client's train message; its wire bytes, or None where they are not measured here."""
-        size = self.download_size(round_config, server_round, client, max_batches, extras)
+        size = self.download_size(round_config, server_round, client, max_batches, extras, version)
         if size is not None and self.bytes is not None:
             self.bytes["down"] += size
         return size
@@ -486,8 +492,10 @@ def communication_report(
         config = round_config or {}
         try:
             first = download.encode(down_state)
-            wire_first = wire_bytes(train_content(first, config, 1, 0, max_batches, extras_down))
-            wire_down = wire_bytes(train_content(_distinct(first), config, 2, 0, max_batches, _distinct(extras_down)))
+            wire_first = wire_bytes(train_content(first, config, 1, 0, max_batches, extras_down, version=0))
+            wire_down = wire_bytes(
+                train_content(_distinct(first), config, 2, 0, max_batches, _distinct(extras_down), version=1)
+            )
             wire_up = wire_bytes(
                 reply_content(_distinct(upload.encode(up_state)), num_examples, metrics, _distinct(extras_up))
             )

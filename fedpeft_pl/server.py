@@ -206,7 +206,7 @@ class Server:
             return size + self._views.pending_download_bytes(client, round.number)
         plan = round.plans.get(client)
         wire = self.wire.download_size(
-            message.config, round.number, client, plan.batches if plan else 0, message.extras
+            message.config, round.number, client, plan.batches if plan else 0, message.extras, message.version
         )
         return wire if wire is not None else payload_bytes(message.payload) + payload_bytes(message.extras)
 
@@ -267,7 +267,7 @@ class Server:
             self.pending.task_bytes.update(dict.fromkeys(clients, size))
         plan = round.plans.get(result.client)
         wire = self.wire.download(
-            message.config, round.number, result.client, plan.batches if plan else 0, message.extras
+            message.config, round.number, result.client, plan.batches if plan else 0, message.extras, message.version
         )
         if wire is not None:  # the message as a deployment sends it: what the network carries
             self.pending.task_bytes[result.client] = wire

@@ -185,6 +185,5 @@ def test_a_flower_client_sees_the_context_of_the_in_process_runners(tmp_path, ca
     capsys.readouterr()
     assert len(seen["sequential"]) >= 6  # two rounds of two clients, three hooks each
     assert_same_contexts(seen["sequential"], seen["vectorized"])
-    # all but the version: the train message does not carry the global version (it would add a key to every
-    # message, and bytes to comm/wire_bytes_down), so a deployed client's context says version 0
-    assert_same_contexts(seen["sequential"], seen["flower"], fields=(0, 1, 2, 3, 5, 6))
+    # the version too: the train message carries the global version it holds
+    assert_same_contexts(seen["sequential"], seen["flower"])

@@ -22,7 +22,7 @@ def test_wire_bytes_are_the_bytes_flower_serialises_and_inflates_back():
     from fedpeft_pl.comm import reply_content, train_content, wire_bytes
 
     payload = Int8().encode({"a": torch.randn(300), "b": torch.randn(4, 5)})
-    content = train_content(payload, {"proximal_mu": 0.1}, server_round=3, client=2, max_batches=7)
+    content = train_content(payload, {"proximal_mu": 0.1}, server_round=3, client=2, max_batches=7, version=2)
     objects = get_all_nested_objects(content)
     serialised = {object_id: obj.deflate() for object_id, obj in objects.items()}
     assert wire_bytes(content) == sum(len(b) for b in serialised.values())
@@ -34,6 +34,7 @@ def test_wire_bytes_are_the_bytes_flower_serialises_and_inflates_back():
         "fedpeft.server-round": 3,
         "fedpeft.client": 2,
         "fedpeft.max-batches": 7,
+        "fedpeft.version": 2,
     }
     # headers, per-array metadata and the config make the message larger than its tensors
     assert wire_bytes(content) > payload_bytes(payload)

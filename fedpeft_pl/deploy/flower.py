@@ -64,6 +64,9 @@ from fedpeft_pl.comm import (
     ROUND as _ROUND,
 )
 from fedpeft_pl.comm import (
+    VERSION as _VERSION,
+)
+from fedpeft_pl.comm import (
     reply_content,
     train_content,
 )
@@ -174,7 +177,8 @@ class FlowerRunner:
             arrays = shared
             if arrays is None:  # each client is sent its own view (heterogeneous LoRA ranks, FLoRA)
                 arrays = _to_record(views.client_view(message.payload, client, round.number, upload=False))
-            content = train_content(arrays, message.config, round.number, client, round.plans[client].batches, extras)
+            batches = round.plans[client].batches
+            content = train_content(arrays, message.config, round.number, client, batches, extras, message.version)
             if update is not None:
                 content[_MODEL_UPDATE] = update
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
@@ -264,7 +268,13 @@ class FlowerRunner:
             state = peft.client_view(message.payload, client, round.number, upload=False)
         extras = _to_record(message.extras) if message.extras else None
         content = train_content(
-            _to_record(state), message.config, round.number, client, round.plans[client].batches, extras
+            _to_record(state),
+            message.config,
+            round.number,
+            client,
+            round.plans[client].batches,
+            extras,
+            message.version,
         )
         update = _model_update(module)
         if update is not None:
@@ -621,13 +631,14 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     settings = dict(message.content["config"])
     client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
     max_batches = int(settings.pop(_MAX_BATCHES))
+    version = int(settings.pop(_VERSION, 0))
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
     store = NodeStore(context, client, server_round)
     task = NodeTask(node, store.load(), message)
     extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
-    round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras)
+    round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras, version)
     # the module holds the initial state between messages; a personalised method's local part
     # starts from it the first time and from the node's own copy afterwards
     executor = ClientExecutor(task, module)
