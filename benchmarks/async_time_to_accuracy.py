@@ -96,7 +96,7 @@ MODES: dict[str, tuple[str, list[str], bool]] = {
 }
 
 
-def run(mode: str, seed: int, out: Path) -> float:
+def run(mode: str, seed: int, out: Path, method: str = "prompt") -> float:
     log_dir = out / mode / f"seed{seed}"
     shutil.rmtree(log_dir, ignore_errors=True)
     command = [
@@ -104,7 +104,7 @@ def run(mode: str, seed: int, out: Path) -> float:
         "-m",
         "fedpeft_pl.cli",
         "fit",
-        *BASE,
+        *with_method(method),
         *MODES[mode][1],
         "--seed_everything",
         str(seed),
@@ -124,6 +124,11 @@ def run(mode: str, seed: int, out: Path) -> float:
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)
     return time.perf_counter() - started
+
+
+def with_method(method: str) -> list[str]:
+    """The quickstart and its clock, with a method's overlay between them (Prompt is the quickstart's own)."""
+    return BASE if method == "prompt" else [*BASE[:2], "--config", f"configs/quickstart/{method}.yaml", *BASE[2:]]
 
 
 def finished(path: Path) -> bool:
@@ -165,10 +170,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=["sync", "deadline", "fedbuff", "fedasync"], choices=list(MODES))
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "async_time_to_accuracy")
+    parser.add_argument(
+        "--method", default="prompt", choices=["head", "bias", "adapter", "prompt", "lora", "full"],
+        help="the PEFT method (configs/quickstart/<method>.yaml); prompt is the quickstart's own",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="runs/async_time_to_accuracy[_<method>] by default")
     parser.add_argument("--reuse", action="store_true", help="read finished runs' logs instead of re-running them")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "async_time_to_accuracy.md")
+    parser.add_argument("--results", type=Path, default=None, help="benchmarks/results/async_time_to_accuracy[_<method>].md")
     args = parser.parse_args()
+    suffix = "" if args.method == "prompt" else f"_{args.method}"
+    args.out = args.out or REPO / "runs" / f"async_time_to_accuracy{suffix}"
+    args.results = args.results or REPO / "benchmarks" / "results" / f"async_time_to_accuracy{suffix}.md"
     modes = ["sync"] + [m for m in args.modes if m != "sync"]
 
     wall: dict[tuple[str, int], float] = {}
@@ -178,7 +190,7 @@ def main() -> None:
             if args.reuse and finished(path):
                 continue
             print(f"== {mode}, seed {seed}", flush=True)
-            wall[(mode, seed)] = run(mode, seed, args.out)
+            wall[(mode, seed)] = run(mode, seed, args.out, args.method)
 
     from fedpeft_pl.comm import MIB
 
@@ -194,11 +206,12 @@ def main() -> None:
 
     seeds = " ".join(map(str, args.seeds))
     lines = [
-        f"Quickstart task (Prompt, digits over 16 clients, Dirichlet(0.5), 5 local epochs) on the clock of "
+        f"Quickstart task ({args.method}, digits over 16 clients, Dirichlet(0.5), 5 local epochs) on the clock of "
         "configs/quickstart/clock.yaml: client speeds lognormal (median 50 samples/s, sigma 1), 1 MB/s up, "
         "5 MB/s down, 0.1 s latency. Target per seed: the synchronous run's final server accuracy.",
         "",
-        f"Command: `python benchmarks/async_time_to_accuracy.py --seeds {seeds} --modes {' '.join(modes)}`  ",
+        f"Command: `python benchmarks/async_time_to_accuracy.py --method {args.method} --seeds {seeds} "
+        f"--modes {' '.join(modes)}`  ",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}, "
         f"{_versions()}; simulated times do not depend on the machine",
         "",
