@@ -88,7 +88,13 @@ def arguments(mode: str, tasks: int) -> list[str]:
         "1000",
     ]
     if schedule == "sync":
-        return [*common, "--trainer.clients_per_round", str(CONCURRENCY), "--trainer.num_rounds", str(tasks // CONCURRENCY)]
+        return [
+            *common,
+            "--trainer.clients_per_round",
+            str(CONCURRENCY),
+            "--trainer.num_rounds",
+            str(tasks // CONCURRENCY),
+        ]
     updates = 1 + (tasks - CONCURRENCY) // BUFFER
     return [
         *common,

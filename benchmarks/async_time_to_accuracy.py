@@ -171,12 +171,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=["sync", "deadline", "fedbuff", "fedasync"], choices=list(MODES))
     parser.add_argument(
-        "--method", default="prompt", choices=["head", "bias", "adapter", "prompt", "lora", "full"],
+        "--method",
+        default="prompt",
+        choices=["head", "bias", "adapter", "prompt", "lora", "full"],
         help="the PEFT method (configs/quickstart/<method>.yaml); prompt is the quickstart's own",
     )
     parser.add_argument("--out", type=Path, default=None, help="runs/async_time_to_accuracy[_<method>] by default")
     parser.add_argument("--reuse", action="store_true", help="read finished runs' logs instead of re-running them")
-    parser.add_argument("--results", type=Path, default=None, help="benchmarks/results/async_time_to_accuracy[_<method>].md")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="benchmarks/results/async_time_to_accuracy[_<method>].md"
+    )
     args = parser.parse_args()
     suffix = "" if args.method == "prompt" else f"_{args.method}"
     args.out = args.out or REPO / "runs" / f"async_time_to_accuracy{suffix}"
@@ -216,7 +220,8 @@ def main() -> None:
         f"{_versions()}; simulated times do not depend on the machine",
         "",
         "| mode | target (sync final acc) per seed | simulated s to target per seed | median s | "
-        "x faster than sync (median) | simulated s to target - 1 point, per seed | median | final acc per seed | best acc per seed | simulated s of the whole run "
+        "x faster than sync (median) | simulated s to target - 1 point, per seed | median | "
+        "final acc per seed | best acc per seed | simulated s of the whole run "
         "(median) | server updates | MiB sent (both directions, median) | of which late (discarded), MiB | "
         "mean staleness |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
