@@ -606,6 +606,11 @@ class DPFedAvg(Strategy, PrivacyMechanism):
     def epsilon_spent(self) -> float:
         return _epsilon(self.accountant, self._history, self.delta)
 
+    @property
+    def current_clip_norm(self) -> float:
+        """The clip norm of the next round: ``clip_norm``, or where adaptive clipping has moved it."""
+        return self._clip
+
     def round_metrics(self) -> dict[str, float]:
         metrics = {"privacy/epsilon": self.epsilon_spent()}
         if self.adaptive is not None:
