@@ -34,7 +34,11 @@ def test_pld_of_composed_gaussians_is_the_analytic_gaussian(z, steps, delta):
     assert accounting.epsilon("pld", [(z, 1.0, steps)], delta) == pytest.approx(by_hand, rel=1e-3)
 
 
-@pytest.mark.parametrize("z, rate, steps, delta", [(1.1, 0.01, 1000, 1e-5), (1.4577, 0.5, 30, 1e-3)])
+@pytest.mark.parametrize(
+    "z, rate, steps, delta",
+    # 1,000 steps: PLD's longest composition, in the slow tier
+    [pytest.param(1.1, 0.01, 1000, 1e-5, marks=pytest.mark.slow), (1.4577, 0.5, 30, 1e-3)],
+)
 def test_opacus_and_dp_accounting_agree_within_one_percent(z, rate, steps, delta):
     spent = accounting.cross_check([(z, rate, steps)], delta)
     assert spent["rdp"] == pytest.approx(spent["rdp/dp-accounting"], rel=0.01)
@@ -42,6 +46,7 @@ def test_opacus_and_dp_accounting_agree_within_one_percent(z, rate, steps, delta
     assert spent["pld"] <= spent["rdp"], "RDP's conversion is looser than a tight accountant"
 
 
+@pytest.mark.slow  # a dozen PLD compositions
 def test_pld_calibration_spends_the_target_and_no_more():
     z = accounting.noise_multiplier("pld", 4.0, 1e-3, 0.25, 20)
     spent = accounting.epsilon("pld", [(z, 0.25, 20)], 1e-3)
@@ -56,6 +61,7 @@ def test_edge_cases_and_a_wrong_accountant():
         accounting.epsilon("moments", [(1.0, 0.5, 3)], 1e-5)
 
 
+@pytest.mark.slow  # builds the quickstart, four accountants
 def test_comm_prints_a_central_dp_runs_epsilon_before_it_trains(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 

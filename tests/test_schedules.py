@@ -164,6 +164,7 @@ def test_over_selection_aggregates_the_fastest_and_counts_the_late_in_bytes(tmp_
     assert server.round_seconds == max(server.pending.seconds.values())  # the second arrival ends it
 
 
+@pytest.mark.slow  # a run of twice the cohort
 def test_a_deadline_ends_a_round_with_whoever_has_arrived(tmp_path):
     speed = PerClient([1.0e4, 1.0])  # odd clients need minutes; even ones well under a second of compute
     trainer, _, replies = fit(tmp_path, Synchronous(over_selection=1.0, deadline=5.0), per_round=3, speed=speed)
@@ -185,6 +186,7 @@ def test_fedbuff_counts_server_updates_buffers_k_replies_and_weighs_stale_ones(t
     assert trainer.aggregation.server.simulated_seconds == pytest.approx(trainer.fit_loop.timeline.now)
 
 
+@pytest.mark.slow  # two runs
 def test_fedbuff_repeats_exactly_for_a_seed_and_leaves_the_backbone_alone(tmp_path):
     _, first, one = fit(tmp_path / "a", FedBuff(concurrency=4, buffer_size=2))
     _, second, two = fit(tmp_path / "b", FedBuff(concurrency=4, buffer_size=2))
@@ -208,6 +210,7 @@ def test_both_runners_end_in_the_same_state_under_asynchronous_schedules(tmp_pat
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow  # two runs
 def test_fedbuff_composes_with_a_server_optimizer(tmp_path):
     """FedAdam steps on each buffer's weighted mean change: its moments move and the state differs from FedAvg's."""
     trainer, adam, _ = fit(tmp_path / "adam", FedBuff(concurrency=4, buffer_size=2), aggregation=FedAdam(lr=0.01))
@@ -326,6 +329,7 @@ def test_a_buffer_holds_one_reply_per_client_even_from_a_very_fast_one(tmp_path)
     assert any(0 in accepted for accepted in replies.accepted)
 
 
+@pytest.mark.slow  # a run and the accountant
 def test_central_dp_on_fedbuffs_buffers_is_accounted_without_amplification_by_sampling(tmp_path):
     """Each server update is a Gaussian mechanism on every client (sample rate 1): by hand, RDP of order a is
     T * a / (2 z^2), converted to epsilon as opacus does (Balle et al. 2020), minimised over opacus' orders."""
@@ -344,6 +348,7 @@ def test_central_dp_on_fedbuffs_buffers_is_accounted_without_amplification_by_sa
     assert [len(a) for a in replies.accepted] == [2] * updates
 
 
+@pytest.mark.slow  # two runs
 def test_a_robust_aggregator_takes_fedbuffs_buffer(tmp_path):
     from fedpeft_pl.strategies import FedMedian
 
@@ -354,6 +359,7 @@ def test_a_robust_aggregator_takes_fedbuffs_buffer(tmp_path):
     assert all(torch.isfinite(t).all() for t in a.values()) and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # four rounds of twice the cohort
 def test_dropouts_and_stragglers_compose_with_over_selection(tmp_path):
     """A client that availability drops is sent nothing and is neither late nor aggregated."""
     from fedpeft_pl.availability import ClientAvailability
