@@ -75,6 +75,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+UNAVAILABLE = "dropped out (client availability)"  # why a client that availability drops takes no part
+
 __all__ = ["FederatedLoop", "RoundTrainer", "SequentialRunner", "federated_ddp", "sample_clients"]
 
 
@@ -469,16 +471,17 @@ class FederatedLoop(_FitLoop):
 
     def plan_round(self, number: int, clients: Optional[list[int]] = None) -> Round:
         """Round ``number``: its sampled clients (or the given ones), their plans and this process's share."""
-        federation, datamodule = self.federation, self.trainer.datamodule
+        federation = self.federation
         clients = federation.sample(number) if clients is None else clients
-        plans = {
-            c: self.availability.plan(
-                federation.seed, number, c, federation.local_epochs * datamodule.client_num_batches(c)
-            )
-            for c in clients
-        }
+        plans = {c: self._plan(number, c) for c in clients}
         share = clients[self.trainer.global_rank :: self.trainer.world_size]
         return Round(number, tuple(clients), plans, tuple(share))
+
+    def _plan(self, number: int, client: int) -> Plan:
+        """``client``'s availability in round (server update) ``number``: dropped, or how many local batches."""
+        federation = self.federation
+        planned = federation.local_epochs * self.trainer.datamodule.client_num_batches(client)
+        return self.availability.plan(federation.seed, number, client, planned)
 
     @override
     def advance(self) -> None:
@@ -586,15 +589,10 @@ class FederatedLoop(_FitLoop):
 
         def fill() -> None:
             while len(timeline) < schedule.concurrency:
-                candidates = timeline.candidates(federation.num_clients)
-                if not candidates:
+                client = timeline.draw(seed, federation.num_clients)
+                if client is None:
                     return
-                client = timeline.choose(seed, candidates)
-                timeline.sequence += 1
-                timeline.fresh.add(client)
-                plan = self.availability.plan(
-                    federation.seed, number, client, federation.local_epochs * datamodule.client_num_batches(client)
-                )
+                plan = self._plan(number, client)
                 plans[client] = plan
                 if plan.dropped:  # unavailable when its turn came: sent nothing, and another is drawn
                     dropped.append(client)
@@ -624,8 +622,7 @@ class FederatedLoop(_FitLoop):
                 round = Round(number, clients, dict(plans), clients, message)
                 self._start_round(round)
                 for client in dropped:
-                    unavailable = ClientResult(client, dropped="dropped out (client availability)", received=False)
-                    self.report(round, unavailable)
+                    self.report(round, ClientResult(client, dropped=UNAVAILABLE, received=False))
             fresh = dispatched[trained:]
             trained = len(dispatched)
             if fresh:
@@ -646,8 +643,7 @@ class FederatedLoop(_FitLoop):
         for task in buffer:  # in arrival order
             result = task.result
             if result is not None and result.ok:
-                own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
-                server.accept(own, result, device)
+                server.accept(task.round(), result, device)
         server.pending.ends = timeline.now - started
         server.in_flight = frozenset(timeline.versions())
         if failures and not any(t.result is not None and t.result.ok for t in buffer):
@@ -672,7 +668,6 @@ class FederatedLoop(_FitLoop):
         Nothing is simulated: there is no clock, and the clients' own speeds decide the order.
         """
         server, federation = self.server, self.federation
-        datamodule = self.trainer.datamodule
         timeline, live = self.timeline, self.live
         timeline.new_version()
         number = self.epoch_progress.current.processed + 1
@@ -685,18 +680,13 @@ class FederatedLoop(_FitLoop):
         def fill() -> None:
             busy = {task.client for task in live.values()}
             while len(live) < schedule.concurrency:
-                candidates = [c for c in range(federation.num_clients) if c not in busy and c not in timeline.fresh]
-                if not candidates:
+                client = timeline.draw(seed, federation.num_clients, busy)
+                if client is None:
                     return
-                client = timeline.choose(seed, candidates)
-                timeline.sequence += 1
-                timeline.fresh.add(client)
-                plan = self.availability.plan(
-                    federation.seed, number, client, federation.local_epochs * datamodule.client_num_batches(client)
-                )
+                plan = self._plan(number, client)
                 one = Round(number, (client,), {client: plan}, (client,), message)
                 if plan.dropped:  # unavailable when its turn came: sent nothing
-                    self.report(one, ClientResult(client, dropped="dropped out (client availability)", received=False))
+                    self.report(one, ClientResult(client, dropped=UNAVAILABLE, received=False))
                     continue
                 sent = runner.dispatch(one, client)
                 if isinstance(sent, ClientResult):  # not connected, or it declined: nothing in flight
@@ -719,7 +709,7 @@ class FederatedLoop(_FitLoop):
                 if task is None:
                     continue
                 result.version = task.version
-                own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
+                own = task.round()
                 timeline.fresh.add(task.client)  # not sent out again before this update
                 if result.ok:
                     self.count_steps(int(result.metrics.get("steps", 0)))
@@ -730,9 +720,8 @@ class FederatedLoop(_FitLoop):
             for task_id, task in list(live.items()):
                 if now > task.arrival:  # no reply in time: its node went away with the task
                     del live[task_id]
-                    own = Round(task.update, (task.client,), {task.client: task.plan}, (task.client,))
                     error = RuntimeError(f"no reply within {runner.reply_timeout:g} s")
-                    self.report(own, ClientResult(task.client, error=error, version=task.version))
+                    self.report(task.round(), ClientResult(task.client, error=error, version=task.version))
             if not arrived:
                 time.sleep(0.01)
         device = self.trainer.lightning_module.device
@@ -769,7 +758,7 @@ class FederatedLoop(_FitLoop):
         except ClientDropped as reason:
             return ClientResult(client, dropped=str(reason), received=False)
         if round.plans[client].dropped:  # unavailable when its round came: it is sent nothing
-            return ClientResult(client, dropped="dropped out (client availability)", received=False)
+            return ClientResult(client, dropped=UNAVAILABLE, received=False)
         return None
 
     def open_session(

@@ -39,7 +39,7 @@ import torch
 
 from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
-from fedpeft_pl.federation import ClientResult, Plan, State
+from fedpeft_pl.federation import ClientResult, Plan, Round, RoundMessage, State
 from fedpeft_pl.seeds import ASYNC_DISPATCH, derive_seed
 
 __all__ = [
@@ -299,6 +299,10 @@ class Task:
     plan: Plan
     result: Optional[ClientResult] = None
 
+    def round(self, message: Optional[RoundMessage] = None) -> Round:
+        """The task as a round of its one client: the update it was dispatched in, its plan (and ``message``)."""
+        return Round(self.update, (self.client,), {self.client: self.plan}, (self.client,), message)
+
 
 class Timeline:
     """A buffered asynchronous run's clients in flight, ordered by their arrival on the virtual clock.
@@ -328,15 +332,25 @@ class Timeline:
         """The global versions some task in flight started from."""
         return {task.version for _, _, task in self._heap}
 
-    def candidates(self, num_clients: int) -> list[int]:
+    def candidates(self, num_clients: int, busy: Iterable[int] = ()) -> list[int]:
         """Idle clients that have taken no part in the coming server update: neither dispatched from the newest
-        version nor replied into its buffer."""
-        taken = self.busy() | self.fresh
+        version nor replied into its buffer (nor in ``busy``, tasks in flight kept elsewhere)."""
+        taken = self.busy() | self.fresh | set(busy)
         return [c for c in range(num_clients) if c not in taken]
 
     def choose(self, seed: int, candidates: Sequence[int]) -> int:
         rng = np.random.default_rng(derive_seed(seed, ASYNC_DISPATCH, self.sequence))
         return int(candidates[int(rng.integers(len(candidates)))])
+
+    def draw(self, seed: int, num_clients: int, busy: Iterable[int] = ()) -> Optional[int]:
+        """The next client to dispatch from the newest version (marked as taking part), or None if none is free."""
+        candidates = self.candidates(num_clients, busy)
+        if not candidates:
+            return None
+        client = self.choose(seed, candidates)
+        self.sequence += 1
+        self.fresh.add(client)
+        return client
 
     def push(self, task: Task) -> None:
         heapq.heappush(self._heap, (task.arrival, task.sequence, task))

@@ -145,6 +145,11 @@ class Server:
         self._views: Optional[PerClientViews] = None  # set where clients exchange their own views
         self._views_state: dict[str, Any] = {}  # the method's server state from a checkpoint, until it starts
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether replies from several global versions meet in one update (FedBuff, FedAsync)."""
+        return self.schedule is not None and self.schedule.asynchronous
+
     # -- the run --------------------------------------------------------------------------------
 
     def start(self, global_state: State, peft: Optional[PEFTMethod] = None) -> None:
@@ -292,7 +297,7 @@ class Server:
 
         An update holding NaN or Inf is left out with a warning naming the client and the tensor.
         """
-        if not (self.schedule is not None and self.schedule.asynchronous):
+        if not self.asynchronous:
             self.count_download(round, result)  # an asynchronous client's was counted when it was sent
         if result.payload is None:
             raise RuntimeError(f"round {round.number}: client {result.client} reported success but sent no update")
@@ -302,7 +307,7 @@ class Server:
         upload = payload_bytes(result.payload) + payload_bytes(result.extras)
         pending.bytes["up"] += upload * max(1, len(result.aggregate_of))
         wire = self.wire.upload(result.payload, result.num_samples, result.metrics, result.extras)
-        if self.clock is not None and not (self.schedule is not None and self.schedule.asynchronous):
+        if self.clock is not None and not self.asynchronous:
             self._time_task(round, result, upload if wire is None else wire)
         pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
         sent = self.dispatch(result.version)
@@ -317,7 +322,7 @@ class Server:
                 extra={"each_process": True},  # only the process that trained the client knows
             )
             return None
-        if self.schedule is not None and self.schedule.asynchronous:
+        if self.schedule is not None and self.asynchronous:  # (the first test narrows the type)
             stale = self.version - sent.version
             state = self.schedule.reweigh(state, sent.received, self.global_state, stale)
             pending.staleness.append(stale)

@@ -479,8 +479,7 @@ class FederatedTrainer(RoundTrainer):
         plan = getattr(server.strategy, "privacy_plan", None)
         if plan is not None and num_clients is not None:  # the epsilon the run will spend, before it trains
             federation = Federation(num_clients=num_clients, **settings)
-            schedule = server.server.schedule
-            notes.append(plan(federation, buffered=bool(schedule is not None and schedule.asynchronous)))
+            notes.append(plan(federation, buffered=server.server.asynchronous))
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:
             notes.append(
