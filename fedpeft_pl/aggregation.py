@@ -17,6 +17,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from fedpeft_pl.attacks import Attack
 from fedpeft_pl.clock import VirtualClock, format_seconds
 from fedpeft_pl.comm import MIB, WireCounter
 from fedpeft_pl.compression import Codec
@@ -72,6 +73,9 @@ class ServerAggregation(FederatedCallback):
             over-selection and a deadline (``round/clients_late``, ``comm/bytes_late``), or FedBuff and
             FedAsync (``async/staleness_mean``, ``async/staleness_max``); every round waits for all of
             its clients by default. Needs a clock.
+        attack: clients that lie (:mod:`fedpeft_pl.attacks`): ``attack/malicious_updates``,
+            ``attack/malicious_weight``, ``attack/tpr`` and ``attack/fpr`` per round, and a backdoor's
+            ``attack/success_rate`` with each evaluation; none by default.
     """
 
     def __init__(
@@ -81,8 +85,9 @@ class ServerAggregation(FederatedCallback):
         download: Optional[Codec] = None,
         clock: Optional[VirtualClock] = None,
         schedule: Optional[Schedule] = None,
+        attack: Optional[Attack] = None,
     ) -> None:
-        self.server = Server(strategy, upload, download, clock, schedule)
+        self.server = Server(strategy, upload, download, clock, schedule, attack)
         self._local_init: State = {}
         self._round_started = 0.0
         self._sampled = 0
@@ -181,6 +186,31 @@ class ServerAggregation(FederatedCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
         self.server.evaluation.update({k: float(metrics[k]) for k in ("server/acc", "server/loss") if k in metrics})
+        self.server.evaluation.update(self._attack_figures(trainer, pl_module))
+
+    def _attack_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """An attack's own test sets (a backdoor's triggered images) through the global model: their accuracy is the
+        attack's figure. On images, also where the run trains the classifier on cached features."""
+        sets = self.server.attack_sets
+        if not sets or not hasattr(pl_module, "evaluate_on"):
+            return {}
+        from torch.utils.data import DataLoader
+
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        batch_size = getattr(datamodule, "eval_batch_size", 64)
+        features = getattr(pl_module, "takes_features", False)
+        figures = {}
+        try:
+            pl_module.takes_features = False  # type: ignore[assignment]
+            for name, dataset in sets.items():
+                _, result = pl_module.evaluate_on(  # type: ignore[operator]
+                    DataLoader(dataset, batch_size=batch_size), trainer.precision_plugin.forward_context()
+                )
+                if "acc" in result:
+                    figures[name] = result["acc"]
+        finally:
+            pl_module.takes_features = features  # type: ignore[assignment]
+        return figures
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -205,6 +235,7 @@ class ServerAggregation(FederatedCallback):
             **staleness_summary(server.pending.staleness),
             **evaluation,
             **server.strategy.round_metrics(),
+            **server.attack_metrics,
         }
         if server.clock is not None:
             metrics["time/round_seconds"] = server.round_seconds

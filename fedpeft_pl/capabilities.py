@@ -65,6 +65,7 @@ class RunParts:
         clock: the virtual clock (None for none).
         schedule: when the server updates (None: every round waits for all its clients).
         live: whether the clients train elsewhere in real time (a deployment), where no clock is needed.
+        attack: the clients that lie, in a simulation (None for none).
     """
 
     peft: Any = None
@@ -75,6 +76,7 @@ class RunParts:
     clock: Any = None
     schedule: Any = None
     live: bool = False
+    attack: Any = None
 
 
 def _name(part: Any) -> str:
@@ -172,7 +174,26 @@ def _schedule(parts: RunParts) -> Optional[str]:
     return None
 
 
-RULES = (_schedule, _views_with_local_dp, _secure_client_reports, _secure_strategy, _secure_upload)
+def _attack(parts: RunParts) -> Optional[str]:
+    attack = parts.attack
+    if attack is None or not getattr(attack, "omniscient", False):
+        return None
+    name = _name(attack)
+    if parts.live:
+        return (
+            f"trainer.attack {name} is omniscient (its clients know every honest update of the round), which only a "
+            "simulation can give; on a deployment make a SuperNode an attacker with its node config's attack, with a "
+            "non-omniscient attack"
+        )
+    if parts.secure_aggregation:
+        return (
+            f"trainer.attack {name} is omniscient (it crafts its update from the honest ones), but under secure "
+            "aggregation nobody sees them; use a non-omniscient attack"
+        )
+    return None
+
+
+RULES = (_schedule, _attack, _views_with_local_dp, _secure_client_reports, _secure_strategy, _secure_upload)
 """Each rule: the one-line reason a run's parts cannot run together, or None."""
 
 

@@ -15,6 +15,7 @@ from typing import Optional, TypeGuard
 import torch
 from torch import nn
 
+from fedpeft_pl.attacks import Attack
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.federation import ClientContext, ClientResult, RoundMessage, State, first_non_finite
 from fedpeft_pl.peft import PEFTMethod, PerClientViews, load_trainable_state
@@ -90,6 +91,8 @@ class ClientSession:
             empty otherwise.
         peft: the PEFT method, where clients exchange their own views of the state
             (heterogeneous LoRA ranks); None where every client exchanges all of it.
+        attack: set where this client is malicious (:mod:`fedpeft_pl.attacks`): it tampers with what
+            the client sends and the count it reports, before the upload codec, as a real client would.
     """
 
     strategy: Strategy
@@ -97,6 +100,7 @@ class ClientSession:
     context: ClientContext
     local_init: Optional[State] = None
     peft: Optional[PEFTMethod] = None
+    attack: Optional[Attack] = None
 
     def local_state(self) -> State:
         """The client's own local tensors: as it left them, or their initial values the first time."""
@@ -138,6 +142,9 @@ class ClientSession:
             for name in self.local_init:
                 self.context.state[LOCAL + name] = trained[name].detach().clone()
             trained = {name: t for name, t in trained.items() if name not in self.local_init}
+        if self.attack is not None:
+            trained = self.attack.tamper(self.context, trained)
+            num_samples = self.attack.report(self.context.client, num_samples)
         extras = self.strategy.client_end(trained, self.context)
         received = self.context.received
         if _views(self.peft):  # the client sends its own view: at its own rank
@@ -161,13 +168,15 @@ def open_session(
     local_init: Optional[State] = None,
     peft: Optional[PEFTMethod] = None,
     view_sent: bool = False,
+    attack: Optional[Attack] = None,
 ) -> ClientSession:
     """Decode the round's ``message`` for ``client``.
 
     ``like`` gives the shared tensors' names, shapes and dtypes; ``own_state`` is what the client
     kept from earlier rounds; ``local_init`` a personalised method's initial local tensors;
     ``peft`` the method, whose :meth:`~PerClientViews.client_view` says what this client exchanges;
-    ``view_sent`` that the message holds only this client's view (a deployment sends no more).
+    ``view_sent`` that the message holds only this client's view (a deployment sends no more);
+    ``attack`` the run's attack, which acts on this client's reply if the client is malicious.
     """
     if view_sent and _views(peft):
         view_like = peft.client_view(like, client, server_round, upload=False)
@@ -186,4 +195,7 @@ def open_session(
         state=dict(own_state or {}),
         version=message.version,
     )
-    return ClientSession(strategy, upload, context, dict(local_init or {}), peft if _views(peft) else None)
+    tampers = attack is not None and attack.is_malicious(client)
+    return ClientSession(
+        strategy, upload, context, dict(local_init or {}), peft if _views(peft) else None, attack if tampers else None
+    )

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from typing_extensions import override
 
 from fedpeft_pl.aggregation import ServerAggregation
+from fedpeft_pl.attacks import PoisonedData
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.capabilities import PrivacyMechanism, RunParts, check_run
 from fedpeft_pl.errors import ConfigError
@@ -275,7 +276,7 @@ class FederatedLoop(_FitLoop):
         if self.done:
             return
         self._resume_at_round_boundary()
-        with self._cached_features(), self._kept_evaluation_split():
+        with self._attacked_data(), self._cached_features(), self._kept_evaluation_split():
             self.on_run_start()
             self._secret_sampling()
             self._federated(
@@ -291,6 +292,31 @@ class FederatedLoop(_FitLoop):
                 finally:
                     self.on_iteration_done()
             self.on_run_end()
+
+    @contextmanager
+    def _attacked_data(self) -> Iterator[None]:
+        """The run's attack (:mod:`fedpeft_pl.attacks`) draws its malicious clients; one that poisons data serves
+        their training samples poisoned, to every runner and to the feature cache, until the run ends. The attack's
+        own test sets (a backdoor's triggered images) are made from the server's test images here."""
+        # a deployed client's one-client fit has no server: its SuperNode plays its attack itself (deploy/flower.py)
+        servers = [c.server for c in self.trainer.callbacks if isinstance(c, ServerAggregation)]
+        attack = servers[0].attack if servers else None
+        datamodule = self.context.datamodule
+        splits = getattr(datamodule, "splits", None)
+        if attack is None or splits is None:
+            yield
+            return
+        attack.setup(self.federation, splits.num_classes)
+        self.server.attack_sets = attack.evaluation_sets(splits.test)
+        if not attack.poisons_data or not attack.malicious:
+            yield
+            return
+        owners = PoisonedData.owners_of(datamodule.client_indices, attack.malicious)
+        clean = datamodule.use_splits(replace(splits, train=PoisonedData(splits.train, attack, owners)))
+        try:
+            yield
+        finally:
+            datamodule.use_splits(clean)
 
     @contextmanager
     def _cached_features(self) -> Iterator[None]:
@@ -412,6 +438,7 @@ class FederatedLoop(_FitLoop):
                 clock=self.server.clock,
                 schedule=self.server.schedule,
                 live=isinstance(self.runner, LiveRunner),
+                attack=self.server.attack,
             )
         )
         schedule = self.server.schedule
@@ -778,6 +805,7 @@ class FederatedLoop(_FitLoop):
             self.client_states.get(client),
             local_init,
             getattr(self.trainer.lightning_module, "peft", None),
+            attack=server.attack,
         )
 
     def close_session(self, session: ClientSession) -> None:

@@ -24,6 +24,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``CLOCK_JITTER`` ``(round, client)``: the per-round factor on that client's task time
 - ``ASYNC_DISPATCH`` ``(dispatch)``: which idle client a buffered asynchronous run (FedBuff, FedAsync)
   dispatches next, by the dispatch's sequence number
+- ``ATTACK_CLIENTS`` ``()``: which clients an attack makes malicious (:mod:`fedpeft_pl.attacks`)
+- ``ATTACK_SAMPLES`` ``(client, sample)``: whether a backdoor puts its trigger on that sample of that client
+- ``ATTACK_NOISE`` ``(round, client)``: the noise a malicious client sends (an experiment's, not a secret)
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -54,6 +57,9 @@ CLOCK_PROFILE = 13
 CLOCK_JITTER = 14
 ROBUST_NOISE = 15
 ASYNC_DISPATCH = 16
+ATTACK_CLIENTS = 17
+ATTACK_SAMPLES = 18
+ATTACK_NOISE = 19
 
 
 def derive_seed(*parts: int) -> int:

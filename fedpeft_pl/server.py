@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from fedpeft_pl.attacks import Attack
 from fedpeft_pl.clock import VirtualClock
 from fedpeft_pl.comm import WireCounter, payload_bytes
 from fedpeft_pl.compression import Codec
@@ -113,6 +114,9 @@ class Server:
         schedule: when the server updates (:mod:`fedpeft_pl.schedules`); where one is set, the loop
             hands each reply to :meth:`accept` once the schedule says it counts (on time, or arrived),
             not as the client finishes.
+        attack: the clients that lie, in a simulation (:mod:`fedpeft_pl.attacks`): an omniscient attack
+            rewrites its clients' updates before each aggregation (:meth:`update`), and every attack's
+            figures are logged with the round (:attr:`attack_metrics`); none by default.
     """
 
     def __init__(
@@ -122,8 +126,12 @@ class Server:
         download: Optional[Codec] = None,
         clock: Optional[VirtualClock] = None,
         schedule: Optional[Schedule] = None,
+        attack: Optional[Attack] = None,
     ) -> None:
         self.strategy = strategy if strategy is not None else FedAvg()
+        self.attack = attack
+        self.attack_metrics: dict[str, float] = {}
+        self.attack_sets: dict[str, Any] = {}  # the attack's own test sets, by metric (set by the loop)
         self.upload = upload if upload is not None else Codec()
         self.download = download if download is not None else Codec()
         self.clock = clock
@@ -176,6 +184,7 @@ class Server:
         """Start collecting for the next server update."""
         self.pending = Pending()
         self.evaluation = {}
+        self.attack_metrics = {}
 
     def configure(self, round: Round) -> RoundMessage:
         """The message the clients of ``round`` start from, at the current version."""
@@ -312,8 +321,19 @@ class Server:
         pending.reports.append((result.client, result.num_samples, dict(result.metrics)))
         sent = self.dispatch(result.version)
         payload = {k: v.to(device) for k, v in result.payload.items()}
-        state = decode_reply(self.upload, payload, sent.received, self._views, result.client, round.number)
         extras = {k: v.to(device) for k, v in result.extras.items()}
+        try:
+            state = decode_reply(self.upload, payload, sent.received, self._views, result.client, round.number)
+            misfit = _misfit(state, sent.received)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:  # a payload the codec cannot read
+            misfit = f"the upload codec cannot decode it ({type(err).__name__}: {err})"
+        if misfit is not None:
+            log.warning(
+                f"round {round.number}: client {result.client} sent an update that does not fit the global state "
+                f"({misfit}); its update is left out of this round",
+                extra={"each_process": True},
+            )
+            return None
         broken = first_non_finite({**state, **extras})
         if broken is not None:
             log.warning(
@@ -389,7 +409,14 @@ class Server:
         arrived = max(len(pending.updates), pending.contributors)
         moved = arrived >= self.strategy.min_clients
         if moved:
+            if self.attack is not None and self.attack.omniscient:
+                pending.updates = self._collude(pending.updates)
             state = self.strategy.aggregate_fit(round.number, self.global_state, pending.updates)
+            if self.attack is not None:
+                aggregator = self.strategy.aggregator
+                self.attack_metrics = self.attack.round_metrics(
+                    pending.updates, aggregator.client_shares(), aggregator.rejected_clients()
+                )
             if self._views is not None:
                 assert model is not None, "a method with per-client views aggregates with the model"
                 state = self._views.aggregate(model, state, pending.updates, round.number)
@@ -413,6 +440,14 @@ class Server:
             del self._dispatched[version]  # every client started from it has answered
         self._counted = {key for key in self._counted if key[0] in self.in_flight}  # sent; may yet fail
         return moved
+
+    def _collude(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The round's updates with the malicious clients' rewritten by the omniscient attack, from the honest ones."""
+        assert self.attack is not None
+        bad = [u for u in updates if self.attack.is_malicious(u.client) and not u.aggregate_of]
+        honest = [u for u in updates if not self.attack.is_malicious(u.client) or u.aggregate_of]
+        crafted = dict(zip((id(u) for u in bad), self.attack.collude(bad, honest, self.global_state)))
+        return [replace(u, state=crafted[id(u)]) if id(u) in crafted else u for u in updates]
 
     # -- what the server knows of the clients ------------------------------------------------------
 
@@ -490,6 +525,18 @@ class Server:
         self.upload.load_state_dict(state["upload"])
         self.download.load_state_dict(state["download"])
         self._views_state = dict(state.get("peft", {}))
+
+
+def _misfit(state: State, like: State) -> Optional[str]:
+    """How a decoded update differs from the state its client started from (names, shapes, dtypes), or None."""
+    missing, extra = sorted(like.keys() - state.keys()), sorted(state.keys() - like.keys())
+    if missing or extra:
+        return f"tensors missing: {missing[:3]}, unknown: {extra[:3]}"
+    for name, tensor in like.items():
+        got = state[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            return f"{name} is {tuple(got.shape)} {got.dtype}, not {tuple(tensor.shape)} {tensor.dtype}"
+    return None
 
 
 def _dispatch_state(sent: Dispatch) -> dict[str, Any]:

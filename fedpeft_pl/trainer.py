@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from fedpeft_pl.aggregation import ServerAggregation
+from fedpeft_pl.attacks import Attack
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.capabilities import RunParts, check_run
 from fedpeft_pl.clock import VirtualClock, format_seconds
@@ -95,6 +96,10 @@ class FederatedTrainer(RoundTrainer):
             ``Synchronous`` rounds with over-selection and a deadline, ``FedBuff`` (buffered
             asynchronous aggregation) or ``FedAsync``; every round waits for all of its sampled
             clients by default. Needs ``clock``.
+        attack: clients that lie, in a simulation (:mod:`fedpeft_pl.attacks`): a seeded set of malicious
+            clients poisons its data, tampers with its updates or inflates its sample counts, or
+            colludes knowing the honest updates; the figures are logged per round (``attack/*``).
+            None by default. (On a deployment a SuperNode's node config makes it an attacker.)
         client_runner: ``sequential`` (clients one after another through Lightning's epoch loop),
             ``vectorized`` (a round's clients at once through the one frozen backbone,
             :class:`~fedpeft_pl.runners.vectorized.VectorizedRunner`) or ``auto`` (vectorised on one CUDA
@@ -138,6 +143,7 @@ class FederatedTrainer(RoundTrainer):
         privacy: Optional[LocalDP] = None,
         clock: Optional[VirtualClock] = None,
         schedule: Optional[Schedule] = None,
+        attack: Optional[Attack] = None,
         client_runner: Literal["auto", "sequential", "vectorized"] = "auto",
         max_parallel_clients: Optional[int] = None,
         feature_cache: Literal["auto", "memory", "off"] = "auto",
@@ -183,13 +189,20 @@ class FederatedTrainer(RoundTrainer):
         if not any(isinstance(c, ServerAggregation) for c in callbacks):
             callbacks.append(
                 ServerAggregation(
-                    aggregation, upload=compress_upload, download=compress_download, clock=clock, schedule=schedule
+                    aggregation,
+                    upload=compress_upload,
+                    download=compress_download,
+                    clock=clock,
+                    schedule=schedule,
+                    attack=attack,
                 )
             )
-        elif any(part is not None for part in (aggregation, compress_upload, compress_download, clock, schedule)):
+        elif any(
+            part is not None for part in (aggregation, compress_upload, compress_download, clock, schedule, attack)
+        ):
             raise ConfigError(
-                "give the strategy, codecs, clock and schedule either as trainer arguments or in a ServerAggregation "
-                "callback, not both"
+                "give the strategy, codecs, clock, schedule and attack either as trainer arguments or in a "
+                "ServerAggregation callback, not both"
             )
         if kwargs.get("enable_progress_bar") is None and not any(isinstance(c, ProgressBar) for c in callbacks):
             # redirected to a file (CI, nohup, a cluster job) a bar is hundreds of lines of fragments;
@@ -413,6 +426,7 @@ class FederatedTrainer(RoundTrainer):
                 server.clock,
                 server.schedule,
                 live,
+                server.attack,
             )
         )
 

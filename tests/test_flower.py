@@ -541,3 +541,104 @@ def test_fedbuff_on_flower_keeps_its_tasks_in_flight_through_a_dying_node_and_st
     assert grid.pulled >= 4 + 2  # four buffers' replies, the stray and the duplicate
     assert "async/staleness_max" in logs
     assert (tmp_path / "deployed" / "prompt" / "version_0" / "checkpoints" / "round=4.ckpt").is_file()
+
+
+@pytest.mark.slow  # a deployment and two simulations
+def test_a_supernode_made_an_attacker_by_its_node_config_acts_as_in_the_simulation(tmp_path, capsys):
+    """A backdoor with model-replacement scaling, played by partition 0's SuperNode from its node config
+    (poisoned samples while it trains, its update scaled before it is sent): the deployment ends where the
+    simulation with ``trainer.attack`` on client 0 ends."""
+    attack = "class_path: fedpeft_pl.attacks.Backdoor\ninit_args: {target: 1, patch: 4, boost: 3.0, clients: [0]}\n"
+    (tmp_path / "attack.yaml").write_text(attack)
+    app = write_deployment(tmp_path, capsys)
+    run_loopback(app, NUM_NODES, node_configs={0: {"attack": str(tmp_path / "attack.yaml")}})
+    (tmp_path / "overlay.yaml").write_text(
+        "trainer:\n  attack:\n" + "".join(f"    {line}\n" for line in attack.split("\n"))
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            str(app / "fedpeft.yaml"),
+            "--config",
+            str(tmp_path / "overlay.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "simulated"),
+        ]
+    )
+    capsys.readouterr()
+    deployed = torch.load(tmp_path / "deployed/prompt/version_0/checkpoints/last.ckpt", weights_only=False)
+    simulated_dir = tmp_path / "simulated/prompt/version_0"
+    reference = torch.load(simulated_dir / "checkpoints/last.ckpt", weights_only=False)
+    for name, tensor in reference["state_dict"].items():
+        torch.testing.assert_close(deployed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    logged = scalars(simulated_dir)
+    assert sum(v for _, v in logged["attack/malicious_updates"]) >= 1  # client 0 took part and attacked
+    assert "attack/success_rate" in logged
+    honest = simulate(app, tmp_path / "honest", capsys)
+    clean = torch.load(honest / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(clean[n], t) for n, t in reference["state_dict"].items())
+
+
+@pytest.mark.slow  # seven SuperNodes over the loopback grid
+def test_a_deployed_server_refuses_the_replies_it_cannot_trust(tmp_path, capsys):
+    """Six of seven SuperNodes answer with a broken reply each: unknown tensors, a wrong shape, a wrong dtype, NaN,
+    an absurd sample count, an oversized message. Each is refused with one line naming the client (and, where
+    the wire check refuses it, the node), the round goes on with the honest one, and nothing of the broken
+    replies reaches the global state."""
+    import numpy as np
+    from flower_loopback import LoopbackGrid, load_app
+    from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    def arrays(reply, change):
+        return ArrayRecord({k: Array(change(np.asarray(a.numpy()))) for k, a in reply.content["arrays"].items()})
+
+    breakages = [
+        ("does not fit", lambda r: {"arrays": ArrayRecord({"evil": Array(np.zeros(3, np.float32))})}),
+        ("does not fit", lambda r: {"arrays": arrays(r, lambda a: a.reshape(-1)[:-1].copy())}),
+        ("does not fit", lambda r: {"arrays": arrays(r, lambda a: a.astype(np.float64))}),
+        ("NaN", lambda r: {"arrays": arrays(r, lambda a: np.full_like(a, np.nan))}),
+        (
+            "1,000,000,000,000 samples",
+            lambda r: {"metrics": MetricRecord({**r.content["metrics"], "num-examples": 10**12})},
+        ),
+        ("bytes, more than", lambda r: {"extras": ArrayRecord({"pad": Array(np.zeros(1 << 21, np.float64))})}),
+    ]
+    nodes = len(breakages) + 1
+    app_dir = write_deployment(tmp_path, capsys, "--data.num_clients", str(nodes), rounds=1, per_round=nodes)
+    app = load_app(app_dir)
+
+    def client(message, context):
+        reply = app.client(message, context)
+        partition = int(context.node_config["partition-id"])
+        if message.metadata.message_type != "train" or partition >= len(breakages) or reply.has_error():
+            return reply
+        content = {key: reply.content[key] for key in reply.content.keys()}
+        content.update(breakages[partition][1](reply))
+        return type(reply)(RecordDict(content), reply_to=message)
+
+    settings = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    grid = LoopbackGrid(client, nodes, None, settings)
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
+    try:
+        app.server(grid, Context(1, 0, {}, RecordDict(), settings))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    captured = capsys.readouterr()
+    console = (captured.out + captured.err).splitlines()
+    for partition, (what, _) in enumerate(breakages):
+        lines = [line for line in console if f"client {partition} " in line and "trained on" not in line]
+        assert len(lines) == 1 and what in lines[0], (partition, lines)
+        if "refused" in lines[0]:
+            assert f"SuperNode {1000 + partition}" in lines[0]
+    logged = scalars(tmp_path / "deployed" / "prompt" / "version_0")
+    assert [v for _, v in logged["round/clients_aggregated"]] == [1]
+    state = torch.load(tmp_path / "deployed/prompt/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())

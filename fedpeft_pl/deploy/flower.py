@@ -40,6 +40,8 @@ Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -53,6 +55,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fedpeft_pl.attacks import Attack, PoisonedData, load_attack
 from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.comm import (
     CLIENT as _CLIENT,
@@ -76,7 +79,7 @@ from fedpeft_pl.data.datamodule import FederatedDataModule
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
-from fedpeft_pl.federation import ClientEvaluation, ClientResult, Plan, Round, RoundMessage, State
+from fedpeft_pl.federation import ClientEvaluation, ClientResult, Federation, Plan, Round, RoundMessage, State
 from fedpeft_pl.hooks import ClientDropped
 from fedpeft_pl.peft import load_trainable_state, trainable_state
 from fedpeft_pl.privacy import EPSILON_SPENT, LocalDP, releases_client_statistics
@@ -302,14 +305,19 @@ class FlowerRunner:
         return arrived
 
     def _result(self, client: int, reply: Any) -> ClientResult:
+        """``client``'s result from its SuperNode's ``reply``: an untrusted message, checked before anything else
+        reads it (:meth:`_refused`); a reply that fails a check is the client's failure this round."""
         if reply is None or reply.has_error():
             reason = reply.error.reason if reply is not None else f"no reply within {self.reply_timeout:g} s"
             return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]}: {reason}"))
         content = reply.content
         if _DECLINED in content:  # e.g. its privacy budget is spent: the client says so itself
             return ClientResult(client, dropped=str(content[_DECLINED]["reason"]))
-        if "arrays" not in content:
-            return ClientResult(client, error=RuntimeError(f"SuperNode {self.nodes[client]} replied without an update"))
+        refused = self._refused(content)
+        if refused is not None:
+            return ClientResult(
+                client, error=UntrustedReply(f"SuperNode {self.nodes[client]} sent a reply that is refused: {refused}")
+            )
         self.wire.count("up", content)
         metrics = dict(content["metrics"])
         num_samples = int(metrics.pop("num-examples"))
@@ -320,6 +328,58 @@ class FlowerRunner:
             extras=content["extras"].to_torch_state_dict() if "extras" in content else {},
             metrics={k: float(v) for k, v in metrics.items()},
         )
+
+    def _refused(self, content: Any) -> Optional[str]:
+        """Why a train reply's content cannot be taken, or None. A SuperNode is admitted, not trusted: its reply
+        must hold an update (``arrays`` of numeric arrays), a sample count that is an integer between 0 and the
+        data set's size, numeric metrics, and at most :meth:`reply_limit` bytes. Whether the update fits the
+        global state (names, shapes, dtypes, finite values) the server checks once it is decoded
+        (:meth:`~fedpeft_pl.server.Server.accept`)."""
+        if "arrays" not in content or not isinstance(content["arrays"], ArrayRecord):
+            return "it holds no update"
+        if "metrics" not in content or not isinstance(content["metrics"], MetricRecord):
+            return "it holds no metrics"
+        records = [content["arrays"]] + ([content["extras"]] if "extras" in content else [])
+        if any(not isinstance(r, ArrayRecord) for r in records):
+            return "its extra tensors are not arrays"
+        size = sum(len(array.data) for record in records for array in record.values())
+        limit = self.reply_limit()
+        if size > limit:
+            return f"its tensors take {size:,} bytes, more than the {limit:,} any reply of this run may take"
+        for record in records:
+            for name, array in record.items():
+                if array.dtype not in _NUMERIC_DTYPES:
+                    return f"tensor {name!r} has dtype {array.dtype!r}, not a numeric one"
+        metrics = dict(content["metrics"])
+        count = metrics.get("num-examples")
+        if isinstance(count, bool) or not isinstance(count, int):
+            return f"its sample count is {count!r}, not an integer"
+        most = self.most_samples()
+        if not 0 <= count <= most:
+            return f"it claims {count:,} samples, outside 0 to {most:,} (the size of the training data)"
+        return None
+
+    def reply_limit(self) -> int:
+        """The most bytes a train reply's tensors may take: twice the global state in float64 (an update and a
+        strategy's extras of its size, in any codec), and 1 MiB more."""
+        state = self.loop.server.global_state
+        return 2 * 8 * sum(t.numel() for t in state.values()) + (1 << 20)
+
+    def most_samples(self) -> int:
+        """The largest sample count a client may report: the training data's size where the server has loaded
+        it; else 2**40."""
+        splits = getattr(self.loop.context.datamodule, "splits", None)
+        return len(splits.train) if splits is not None else 1 << 40
+
+
+class UntrustedReply(RuntimeError):
+    """A SuperNode's reply that fails the server's checks; the client is left out of the round."""
+
+
+# what an ArrayRecord's arrays may hold: numbers (Flower names numpy's dtypes)
+_NUMERIC_DTYPES = frozenset(
+    {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout: float, batch: int = 0) -> dict[int, int]:
@@ -437,6 +497,11 @@ class DeployedClient:
         """Whether the client may report un-noised statistics (its training loss) with its update."""
         return releases_client_statistics(self._trainer)
 
+    @property
+    def federation(self) -> Federation:
+        """The run's federation as the config sets it (its seed: an attack's draws)."""
+        return self._trainer.federation_of(self.datamodule.num_clients)
+
     def train(self, session: ClientSession, max_batches: Optional[int]) -> int:
         """Train the client of ``session`` from the state the module holds; its number of samples."""
         return self._trainer.train_client(self.module, self.datamodule, session, max_batches)
@@ -464,12 +529,20 @@ class NodeTask:
         message: the train message, as fedpeft's round message.
         kept: what the client kept from earlier rounds (:meth:`NodeStore.load`).
         flower_message: the Flower message (what the server sends besides the state: FLoRA's merged update).
+        attack: the attack this SuperNode plays (its node config's ``attack``), or None for an honest node.
     """
 
-    def __init__(self, node: DeployedClient, kept: dict[str, Any], flower_message: Optional[Message] = None) -> None:
+    def __init__(
+        self,
+        node: DeployedClient,
+        kept: dict[str, Any],
+        flower_message: Optional[Message] = None,
+        attack: Optional[Attack] = None,
+    ) -> None:
         self.node = node
         self.kept = kept
         self.flower_message = flower_message
+        self.attack = attack
         self.own_state: State = dict(kept["own"])
 
     @staticmethod
@@ -511,6 +584,7 @@ class NodeTask:
             local_init,
             node.module.peft,
             view_sent=True,
+            attack=self.attack,
         )
 
     def close_session(self, session: ClientSession) -> None:
@@ -636,7 +710,8 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
     store = NodeStore(context, client, server_round)
-    task = NodeTask(node, store.load(), message)
+    attack = node_attack(context, node, client)
+    task = NodeTask(node, store.load(), message, attack)
     extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
     round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras, version)
     # the module holds the initial state between messages; a personalised method's local part
@@ -649,7 +724,8 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     session.load_into(module)
     if task.kept["residual"] is not None:
         node.upload.load_client_state({client: task.kept["residual"]})
-    num_samples = node.train(session, max_batches)
+    with poisoned(node.datamodule, attack, client):
+        num_samples = node.train(session, max_batches)
     result = executor.finish(
         session, trainable_state(module), num_samples, client_metrics(node.releases_client_statistics, module)
     )
@@ -667,6 +743,39 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     )
     content = reply_content(result.payload, num_samples, result.metrics, result.extras)
     return Message(content, reply_to=message)
+
+
+def node_attack(context: Context, node: DeployedClient, client: int) -> Optional[Attack]:
+    """The attack this SuperNode plays on its client, from its node config's ``attack`` (a YAML file with
+    ``class_path`` and ``init_args``, or a class path); None for an honest node."""
+    spec = context.node_config.get("attack")
+    if not spec:
+        return None
+    attack = load_attack(str(spec))
+    if attack.omniscient:
+        raise ConfigError(
+            f"node config attack {type(attack).__name__} is omniscient (it needs every honest update of the round), "
+            "which a SuperNode never sees; give this node a non-omniscient attack"
+        )
+    _set_up_data(node.module, node.datamodule)
+    attack.setup(node.federation, node.datamodule.splits.num_classes)
+    attack.play([client])
+    return attack
+
+
+@contextlib.contextmanager
+def poisoned(datamodule: Any, attack: Optional[Attack], client: int) -> Iterator[None]:
+    """While the client trains, its training samples as ``attack`` poisons them (nothing for an honest node)."""
+    if attack is None or not attack.poisons_data:
+        yield
+        return
+    splits = datamodule.splits
+    owners = PoisonedData.owners_of(datamodule.client_indices, frozenset([client]))
+    clean = datamodule.use_splits(dataclasses.replace(splits, train=PoisonedData(splits.train, attack, owners)))
+    try:
+        yield
+    finally:
+        datamodule.use_splits(clean)
 
 
 def _set_up_data(module: Any, datamodule: Any) -> None:

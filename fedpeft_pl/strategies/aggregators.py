@@ -19,7 +19,8 @@ aggregation, where the server learns only the sum, and the run's validator refus
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import ClassVar, Optional
 
 import torch
 
@@ -52,6 +53,25 @@ class Aggregator(Component):
         """What the rule decided in its last aggregation, logged with the round."""
         return {}
 
+    def client_shares(self) -> Optional[dict[int, float]]:
+        """Each client's share of the last aggregate (summing to 1), where the rule weighs whole updates; None where
+        it works coordinate by coordinate (a median, a trimmed mean) or has not aggregated yet. The attack harness
+        reports the malicious clients' share (``attack/malicious_weight``)."""
+        return getattr(self, "_shares", None)
+
+    def rejected_clients(self) -> Optional[set[int]]:
+        """The clients a selecting rule (Krum, Bulyan) left out of its last aggregate; None for a rule that selects
+        none. The attack harness reports the selection's true and false positive rates from it."""
+        return getattr(self, "_rejected", None)
+
+    def _share(self, updates: list[ClientUpdate], weights: Sequence[float]) -> None:
+        """Record each client's share of the aggregate from the weights of ``updates`` (normalised here)."""
+        total = float(sum(weights))
+        shares: dict[int, float] = {}
+        for update, weight in zip(updates, weights):
+            shares[update.client] = shares.get(update.client, 0.0) + (float(weight) / total if total > 0 else 0.0)
+        self._shares = shares
+
 
 def weighted_average(updates: list[ClientUpdate]) -> State:
     """Average of the client states weighted by their sample counts, accumulated in float64."""
@@ -73,6 +93,7 @@ class WeightedMean(Aggregator):
     needs_individual_updates = False
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
+        self._share(updates, [u.num_samples for u in updates])
         return weighted_average(updates)
 
 

@@ -42,7 +42,7 @@ from fedpeft_pl.federation import Federation, State
 from fedpeft_pl.noise import NoiseSource
 from fedpeft_pl.seeds import ROBUST_NOISE
 from fedpeft_pl.strategies.aggregators import Aggregator, WeightedMean
-from fedpeft_pl.strategies.updates import ClientUpdate
+from fedpeft_pl.strategies.updates import ClientUpdate, apply_delta, flat_deltas
 
 __all__ = [
     "Bulyan",
@@ -73,28 +73,6 @@ def _byzantine(f: Byzantine, count: int) -> int:
     return f if isinstance(f, int) else math.floor(f * count)
 
 
-def _flat_deltas(updates: list[ClientUpdate], global_state: State) -> torch.Tensor:
-    """Each update's ``state - global_state`` over all tensors, one float64 row per update."""
-    rows = []
-    for update in updates:
-        rows.append(
-            torch.cat([(update.state[n].double() - t.double()).flatten() for n, t in global_state.items()])
-            if global_state
-            else torch.zeros(0, dtype=torch.float64)
-        )
-    return torch.stack(rows)
-
-
-def _apply(global_state: State, delta: torch.Tensor) -> State:
-    """``global_state`` plus the flat float64 ``delta``, each tensor cast back to its dtype."""
-    result, start = {}, 0
-    for name, tensor in global_state.items():
-        part = delta[start : start + tensor.numel()].view(tensor.shape).to(tensor.device)
-        result[name] = (tensor.double() + part).to(tensor.dtype)
-        start += tensor.numel()
-    return result
-
-
 def _krum_scores(vectors: torch.Tensor, f: int) -> torch.Tensor:
     """Krum's score of each row: the sum of its squared distances to its ``n - f - 2`` nearest other rows."""
     count = len(vectors)
@@ -119,6 +97,11 @@ class _Robust(Aggregator):
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self._decided)
+
+    def _select(self, updates: list[ClientUpdate], kept: list[int]) -> None:
+        """A selecting rule's last choice: each kept update weighs alike, the others are rejected."""
+        self._share(updates, [1.0 if i in kept else 0.0 for i in range(len(updates))])
+        self._rejected = {u.client for i, u in enumerate(updates) if i not in kept}
 
     def _decide(self, updates: list[ClientUpdate], kept: list[int], what: str, **figures: float) -> None:
         self._decided = {f"robust/{k}": float(v) for k, v in figures.items()}
@@ -174,10 +157,11 @@ class Krum(_Robust):
         return order[:keep].tolist()
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
-        deltas = _flat_deltas(updates, global_state)
+        deltas = flat_deltas(updates, global_state)
         kept = self.select(deltas)
         self._decide(updates, kept, "selected", selected=len(kept), rejected=len(updates) - len(kept))
-        return _apply(global_state, deltas[kept].mean(dim=0))
+        self._select(updates, kept)
+        return apply_delta(global_state, deltas[kept].mean(dim=0))
 
 
 class MultiKrum(Krum):
@@ -223,7 +207,7 @@ class Bulyan(_Robust):
             self._check_count(federation.clients_per_round, _byzantine(self.f, federation.clients_per_round))
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
-        deltas = _flat_deltas(updates, global_state)
+        deltas = flat_deltas(updates, global_state)
         f = _byzantine(self.f, len(updates))
         self._check_count(len(updates), f)
         theta = len(updates) - 2 * f
@@ -242,7 +226,8 @@ class Bulyan(_Robust):
         beta = theta - 2 * f
         nearest = (chosen - median).abs().sort(dim=0, stable=True).indices[:beta]
         self._decide(updates, sorted(picked), "selected", selected=theta, rejected=len(updates) - theta)
-        return _apply(global_state, chosen.gather(0, nearest).mean(dim=0))
+        self._select(updates, picked)
+        return apply_delta(global_state, chosen.gather(0, nearest).mean(dim=0))
 
 
 class GeometricMedian(_Robust):
@@ -271,7 +256,7 @@ class GeometricMedian(_Robust):
         self.nu = nu
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
-        deltas = _flat_deltas(updates, global_state)
+        deltas = flat_deltas(updates, global_state)
         alpha = _weights(updates).to(deltas.device)
 
         def objective(z: torch.Tensor) -> float:
@@ -287,7 +272,8 @@ class GeometricMedian(_Robust):
             if abs(previous - value) <= self.tol * value:
                 break
         self._decide(updates, list(range(len(updates))), "weighed", iterations=steps)
-        return _apply(global_state, z)
+        self._share(updates, (alpha / (deltas - z).norm(dim=1).clamp(min=self.nu)).tolist())
+        return apply_delta(global_state, z)
 
 
 class CenteredClipping(_Robust):
@@ -315,12 +301,13 @@ class CenteredClipping(_Robust):
         self._centre: Optional[torch.Tensor] = None
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
-        deltas = _flat_deltas(updates, global_state)
+        deltas = flat_deltas(updates, global_state)
         centre = self._centre
         if centre is None or centre.shape != deltas.shape[1:]:
             centre = deltas.new_zeros(deltas.shape[1])
         centre = centre.to(deltas.device, torch.float64)
         clipped = torch.zeros(len(updates), dtype=torch.bool)
+        scale = deltas.new_ones(len(updates))
         for _ in range(self.iterations):
             offsets = deltas - centre
             norms = offsets.norm(dim=1)
@@ -328,9 +315,10 @@ class CenteredClipping(_Robust):
             scale = (self.tau / norms.clamp(min=1e-300)).clamp(max=1.0)
             centre = centre + (offsets * scale[:, None]).mean(dim=0)
         self._centre = centre
+        self._share(updates, scale.tolist())  # each update's weight in the last clipping step
         kept = [i for i in range(len(updates)) if not clipped[i]]
         self._decide(updates, kept, "left unclipped", clipped=int(clipped.sum()))
-        return _apply(global_state, centre)
+        return apply_delta(global_state, centre)
 
     def state_dict(self) -> dict[str, Any]:
         return {"centre": self._centre}
@@ -375,10 +363,11 @@ class NormBound(_Robust):
             self._noise.warn_if_reproducible("NormBound")
 
     def aggregate(self, updates: list[ClientUpdate], global_state: State) -> State:
-        deltas = _flat_deltas(updates, global_state)
+        deltas = flat_deltas(updates, global_state)
         norms = deltas.norm(dim=1)
         scale = (self.bound / norms.clamp(min=1e-300)).clamp(max=1.0)
         mean = (_weights(updates).to(deltas.device) * scale) @ deltas
+        self._share(updates, (_weights(updates).to(deltas.device) * scale).tolist())
         clipped = [i for i in range(len(updates)) if norms[i] > self.bound]
         self._decide(updates, clipped, "clipped", clipped=len(clipped))
         self._updates += 1
@@ -390,7 +379,7 @@ class NormBound(_Robust):
             # drawn on the CPU in float32, as DPFedAvg's, so reproducible noise is the same on every device
             mean = mean + self._noise.gaussian(mean.shape, self.noise_std, "cpu", torch.float32, release).to(mean)
             self._noise.close(release)
-        return _apply(global_state, mean)
+        return apply_delta(global_state, mean)
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self._updates}
@@ -460,6 +449,12 @@ class SampleCounts(Aggregator):
 
     def round_metrics(self) -> dict[str, float]:
         return {**self.aggregator.round_metrics(), "robust/capped": float(self._changed)}
+
+    def client_shares(self) -> Optional[dict[int, float]]:
+        return self.aggregator.client_shares()
+
+    def rejected_clients(self) -> Optional[set[int]]:
+        return self.aggregator.rejected_clients()
 
     def state_dict(self) -> dict[str, Any]:
         return {"aggregator": self.aggregator.state_dict()}
