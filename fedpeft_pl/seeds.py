@@ -24,6 +24,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``CLOCK_JITTER`` ``(round, client)``: the per-round factor on that client's task time
 - ``ASYNC_DISPATCH`` ``(dispatch)``: which idle client a buffered asynchronous run (FedBuff, FedAsync)
   dispatches next, by the dispatch's sequence number
+- ``TREE_ORDER`` ``(tree)``: the order in which DP-FTRL deals one tree's clients out, a cohort a round
+- ``TREE_NOISE`` ``(tree, level, node)``: the noise of one node of DP-FTRL's tree, only with
+  ``reproducible_noise``
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -54,6 +57,8 @@ CLOCK_PROFILE = 13
 CLOCK_JITTER = 14
 ROBUST_NOISE = 15
 ASYNC_DISPATCH = 16
+TREE_ORDER = 17
+TREE_NOISE = 18
 
 
 def derive_seed(*parts: int) -> int:
