@@ -68,7 +68,10 @@ def epsilon(kind: str, history: History, delta: float) -> float:
 
     opacus = create_accountant(kind)
     opacus.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(opacus.get_epsilon(delta))
+    import numpy as np
+
+    with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q), -inf at q = 1, and handles it
+        return float(opacus.get_epsilon(delta))
 
 
 def noise_multiplier(kind: str, target_epsilon: float, delta: float, rate: float, steps: int) -> float:

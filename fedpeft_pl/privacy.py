@@ -928,7 +928,8 @@ class DPFTRL(Strategy, PrivacyMechanism):
             for name, d in delta.items():
                 self._sum[name] += d * factor
         assert self.noise_multiplier is not None
-        noise = self._tree_noise.prefix(tree, step, global_state, self.noise_multiplier * self.clip_norm, self._seed)
+        std = self.noise_multiplier * self.clip_norm if self.noise_multiplier > 0 else 0.0  # z 0, S inf: no noise
+        noise = self._tree_noise.prefix(tree, step, global_state, std, self._seed)
         result = {}
         for name, current in global_state.items():
             noisy = self._sum[name] + noise[name].to(self._sum[name].device)
