@@ -307,3 +307,18 @@ def test_the_experiment_config_trains_and_comm_prints_its_epsilon(tmp_path, monk
     strategy = trainer.aggregation.server.strategy
     assert isinstance(strategy, DPFTRL) and strategy.trees == [2, 1]
     assert 0 < strategy.epsilon_spent() < 5.0
+
+
+def test_the_readme_rows_are_what_the_accountants_give():
+    from test_accounting import analytic_gaussian_epsilon
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| DP-FTRL")]
+    z = accounting.tree_noise_multiplier("rdp", 5.0, 1e-3, [2] * 15)
+    settings = [(1.13, [1600], 1e-6), (8.83, [1600], 1e-6), (2.5, [100] * 4, 1e-5), (z, [2] * 15, 1e-3)]
+    assert len(rows) == len(settings)
+    for row, (z, trees, delta) in zip(rows, settings):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        spent = accounting.tree_cross_check(z, trees, delta)
+        exact = analytic_gaussian_epsilon(z / math.sqrt(accounting.tree_depth(trees)), delta)
+        expected = [spent["rdp/opacus"], spent["rdp"], spent["prv"], spent["pld"], exact]
+        assert float(cells[1]) == delta and cells[2:] == [f"{value:.3f}" for value in expected], row
