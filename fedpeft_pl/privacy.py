@@ -900,7 +900,7 @@ class DPFTRL(Strategy, PrivacyMechanism):
         """Round ``server_round``'s ``size`` clients: the next ``size`` of its tree's random order of all clients."""
         period = self._period or self.period(federation)
         tree, position = divmod(server_round - 1, period)
-        if (position + 1) * size > federation.num_clients:
+        if period * size > federation.num_clients:  # refused at the first round, before any client trains
             raise ConfigError(
                 f"DPFTRL: a tree of {period} rounds drawing {size} clients a round (over-selection included) needs "
                 f"{period * size} clients, the federation has {federation.num_clients}; set restart_every <= "

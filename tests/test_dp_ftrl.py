@@ -322,3 +322,40 @@ def test_the_readme_rows_are_what_the_accountants_give():
         exact = analytic_gaussian_epsilon(z / math.sqrt(accounting.tree_depth(trees)), delta)
         expected = [spent["rdp/opacus"], spent["rdp"], spent["prv"], spent["pld"], exact]
         assert float(cells[1]) == delta and cells[2:] == [f"{value:.3f}" for value in expected], row
+
+
+def test_synchronous_rounds_on_the_virtual_clock_draw_the_cohort_once_per_tree(tmp_path):
+    from fedpeft_pl.clock import Constant, LogNormal, VirtualClock
+    from fedpeft_pl.schedules import Synchronous
+
+    clock = VirtualClock(
+        speed=LogNormal(50.0, 1.0), upload=Constant(1.0e5), download=Constant(5.0e5), latency=Constant(0.1)
+    )
+    counter = _Participation()
+    strategy = DPFTRL(clip_norm=1.0, epsilon=None, noise_multiplier=1.0, restart_every=2)
+    # two of a cohort of three count each round (over-selection 50 %): a tree of two rounds takes all six clients
+    _fit(
+        tmp_path,
+        strategy,
+        rounds=4,
+        clients=2,
+        num_clients=6,
+        clock=clock,
+        schedule=Synchronous(over_selection=0.5),
+        callbacks=[counter],
+        check_val_every_n_epoch=4,
+    )
+    for rounds in ([1, 2], [3, 4]):
+        drawn = [c for r in rounds for c in counter.drawn[r]]
+        assert len(drawn) == len(set(drawn)) == 6
+    assert strategy.trees == [2, 2]
+    with pytest.raises(ConfigError, match=r"over-selection included.*set restart_every <= 2"):
+        _fit(
+            tmp_path / "default",
+            DPFTRL(clip_norm=1.0, epsilon=None, noise_multiplier=1.0),  # N // m = 3 rounds a tree: 9 clients
+            rounds=1,
+            clients=2,
+            num_clients=6,
+            clock=clock,
+            schedule=Synchronous(over_selection=0.5),
+        )
