@@ -11,6 +11,17 @@ form opacus' accountants keep. Three accountants read it:
 
 :func:`cross_check` gives all three for one history: opacus' RDP agrees with dp-accounting's RDP, and
 PRV with PLD, to well within 1 % on the settings of README's table (``tests/test_accounting.py``).
+DP-FTRL's tree aggregation with restarts (Kairouz et al., ICML 2021) is accounted by
+:func:`tree_epsilon`: ``trees`` lists how many rounds (leaves) each tree ran, each client in at most
+one leaf of each tree. dp-accounting's RDP accountant takes the mechanism's own event,
+``SingleEpochTreeAggregationDpEvent`` (one per tree, composed, under the "replace with the zero
+record" neighbouring relation of the paper's Definition 1.1); its RDP is that of one Gaussian
+mechanism of multiplier ``z / sqrt(sum of the trees' depths)``, the depth of a tree of ``t`` leaves
+being ``ceil(log2(t + 1))``: a client's leaf reaches that many released nodes of noise ``z * C`` each.
+dp-accounting's PLD accountant does not take the tree event; ``pld`` and ``prv`` account that
+equivalent Gaussian mechanism, which the release is (the nodes are Gaussian mechanisms composed
+adaptively, whose sensitivities do not depend on the data), so they are tight where RDP's conversion is not.
+
 The libraries are imported where accounting runs, not with this module: a plain fit imports it.
 """
 
@@ -23,7 +34,17 @@ from typing import Any
 
 from fedpeft_pl.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "cross_check", "epsilon", "noise_multiplier"]
+__all__ = [
+    "ACCOUNTANTS",
+    "cross_check",
+    "epsilon",
+    "noise_multiplier",
+    "restart_trees",
+    "tree_cross_check",
+    "tree_depth",
+    "tree_epsilon",
+    "tree_noise_multiplier",
+]
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 
@@ -47,7 +68,10 @@ def epsilon(kind: str, history: History, delta: float) -> float:
 
     opacus = create_accountant(kind)
     opacus.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(opacus.get_epsilon(delta))
+    import numpy as np
+
+    with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q), -inf at q = 1, and handles it
+        return float(opacus.get_epsilon(delta))
 
 
 def noise_multiplier(kind: str, target_epsilon: float, delta: float, rate: float, steps: int) -> float:
@@ -88,6 +112,89 @@ def cross_check(history: History, delta: float) -> dict[str, float]:
         rdp.compose(_event([(float(s), float(q), int(n)) for s, q, n in history if n > 0]))
         result["rdp/dp-accounting"] = float(rdp.get_epsilon(delta))
     return result
+
+
+def restart_trees(num_rounds: int, restart_every: int) -> list[int]:
+    """The leaves of each tree of ``num_rounds`` rounds restarted every ``restart_every`` rounds (the last may be
+    short)."""
+    full, rest = divmod(int(num_rounds), int(restart_every))
+    return [int(restart_every)] * full + ([rest] if rest else [])
+
+
+def tree_depth(trees: Sequence[int]) -> int:
+    """The released nodes a client's leaves reach at most, over trees of ``trees`` leaves: ``ceil(log2(t + 1))`` per
+    tree, as dp-accounting's RDP of ``SingleEpochTreeAggregationDpEvent`` counts them."""
+    return sum(math.ceil(math.log2(int(t) + 1)) for t in trees if t > 0)
+
+
+def tree_epsilon(kind: str, noise_multiplier: float, trees: Sequence[int], delta: float) -> float:
+    """Epsilon of DP-FTRL's tree aggregation: trees of ``trees`` leaves, noise ``noise_multiplier`` times the clip
+    norm on every node, each client in at most one leaf of each tree; 0 for no tree, inf without noise.
+
+    ``rdp``: dp-accounting's RDP accountant on the trees' own events. ``pld`` (dp-accounting) and ``prv``
+    (opacus): the equivalent Gaussian mechanism of multiplier ``z / sqrt(tree_depth(trees))``.
+    """
+    if kind not in ACCOUNTANTS:
+        raise ConfigError(f"privacy accountant must be one of {list(ACCOUNTANTS)}, got {kind!r}")
+    trees = [int(t) for t in trees if t > 0]
+    if not trees:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    if kind == "rdp":
+        accountant = _tree_rdp()
+        with _quiet_absl():
+            accountant.compose(_tree_event(noise_multiplier, trees))
+            return float(accountant.get_epsilon(delta))
+    return epsilon(kind, [(noise_multiplier / math.sqrt(tree_depth(trees)), 1.0, 1)], delta)
+
+
+def tree_noise_multiplier(kind: str, target_epsilon: float, delta: float, trees: Sequence[int]) -> float:
+    """The smallest noise multiplier per tree node with which trees of ``trees`` leaves spend at most
+    ``target_epsilon`` at ``delta`` (:func:`tree_epsilon`), by accountant ``kind``."""
+    trees = [int(t) for t in trees if t > 0]
+    if kind == "rdp":
+        import dp_accounting
+
+        # the equivalent Gaussian's multiplier from opacus brackets the search: RDP at other orders differs little
+        guess = noise_multiplier("rdp", target_epsilon, delta, 1.0, 1) * math.sqrt(tree_depth(trees))
+        with _quiet_absl():
+            return float(
+                dp_accounting.calibrate_dp_mechanism(
+                    _tree_rdp,
+                    lambda z: _tree_event(z, trees),
+                    target_epsilon,
+                    delta,
+                    bracket_interval=dp_accounting.ExplicitBracketInterval(0.5 * guess, 2.0 * guess),
+                    tol=1e-4 * guess,
+                )
+            )
+    return noise_multiplier(kind, target_epsilon, delta, 1.0, 1) * math.sqrt(tree_depth(trees))
+
+
+def tree_cross_check(noise_multiplier: float, trees: Sequence[int], delta: float) -> dict[str, float]:
+    """:func:`tree_epsilon` by every accountant, and by opacus' RDP of the equivalent Gaussian (``rdp/opacus``)."""
+    result = {kind: tree_epsilon(kind, noise_multiplier, trees, delta) for kind in ACCOUNTANTS}
+    depth = tree_depth(trees)
+    result["rdp/opacus"] = epsilon("rdp", [(noise_multiplier / math.sqrt(depth), 1.0, 1)] if depth else [], delta)
+    return result
+
+
+def _tree_rdp() -> Any:
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    # the paper's neighbouring relation: a client's contributions replaced by the zero update (Definition 1.1)
+    return rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+
+
+def _tree_event(noise_multiplier: float, trees: Sequence[int]) -> Any:
+    import dp_accounting
+
+    # one event per tree, composed: a client may be in every tree (once each); one event listing all the trees
+    # would assume each client in at most one tree of them all
+    events = [dp_accounting.SingleEpochTreeAggregationDpEvent(float(noise_multiplier), int(t)) for t in trees]
+    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
 
 
 def _pld() -> Any:

@@ -160,7 +160,8 @@ class _ClientEpochLoop(_TrainingEpochLoop):
 class FederatedLoop(_FitLoop):
     """A Lightning fit loop in which one iteration is one communication round.
 
-    Each round samples clients (:meth:`Federation.sample`), plans their availability, asks the
+    Each round draws clients (the strategy's :meth:`~fedpeft_pl.strategies.Strategy.draw_clients`: the
+    federation's sampling, :meth:`Federation.sample`, by default), plans their availability, asks the
     server (:class:`~fedpeft_pl.aggregation.ServerAggregation`) for the round's message, runs
     the clients through the runner, hands their results to the hooks, lets the server aggregate
     and evaluates the global model once. Client ``c`` of round ``r`` shuffles with its own
@@ -499,7 +500,8 @@ class FederatedLoop(_FitLoop):
     def plan_round(self, number: int, clients: Optional[list[int]] = None) -> Round:
         """Round ``number``: its sampled clients (or the given ones), their plans and this process's share."""
         federation = self.federation
-        clients = federation.sample(number) if clients is None else clients
+        if clients is None:
+            clients = self.server.strategy.draw_clients(federation, number, federation.clients_per_round)
         plans = {c: self._plan(number, c) for c in clients}
         share = clients[self.trainer.global_rank :: self.trainer.world_size]
         return Round(number, tuple(clients), plans, tuple(share))
@@ -525,7 +527,7 @@ class FederatedLoop(_FitLoop):
         if isinstance(schedule, Synchronous):  # over-selection: more clients than the round needs
             federation = self.federation
             size = schedule.cohort(federation.clients_per_round, federation.num_clients)
-            cohort = replace(federation, clients_per_round=size).sample(number)
+            cohort = self.server.strategy.draw_clients(federation, number, size)
         round = self.plan_round(number, cohort)
         self._start_round(round)
         round = replace(round, message=self.server.configure(round))

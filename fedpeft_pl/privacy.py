@@ -1,4 +1,4 @@
-"""Differential privacy with real accounting: local DP-SGD on each client, and central DP-FedAvg.
+"""Differential privacy with real accounting: local DP-SGD on each client, central DP-FedAvg and DP-FTRL.
 
 Local DP (:class:`LocalDP`) protects each record of a client's data: every local step clips
 each sample's gradient of the trainable tensors to norm ``C``, sums, adds Gaussian noise of
@@ -11,7 +11,11 @@ Central DP (:class:`DPFedAvg`, McMahan et al. 2018) protects each client's whole
 the server clips every update to norm ``S``, averages with a fixed denominator and adds
 Gaussian noise; client sampling is Poisson with rate ``q = m / N``.
 
-Both account with opacus' RDP or PRV accountant or dp-accounting's PLD accountant, and calibrate
+Central DP-FTRL (:class:`DPFTRL`, Kairouz et al. 2021) protects the same unit without any sampling
+assumption: the clipped updates' running sum is released through tree aggregation with restarts,
+and each client takes part at most once per tree, which the strategy's own client draw enforces.
+
+All account with opacus' RDP or PRV accountant or dp-accounting's PLD accountant, and calibrate
 ``sigma`` from a target ``(epsilon, delta)`` with the same accountant (:mod:`fedpeft_pl.accounting`).
 """
 
@@ -23,12 +27,13 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 from typing_extensions import override
 
-from fedpeft_pl.accounting import ACCOUNTANTS
+from fedpeft_pl.accounting import ACCOUNTANTS, restart_trees, tree_cross_check, tree_epsilon, tree_noise_multiplier
 from fedpeft_pl.accounting import epsilon as _accounted
 from fedpeft_pl.accounting import noise_multiplier as _calibrated
 from fedpeft_pl.capabilities import PrivacyMechanism
@@ -38,7 +43,7 @@ from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.noise import NOT_PRIVATE, NoiseSource
 from fedpeft_pl.peft import trainable_parameters
-from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE
+from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE, TREE_NOISE, TREE_ORDER, derive_seed
 from fedpeft_pl.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
@@ -682,3 +687,327 @@ def _append(history: list, sigma: float, rate: float, steps: int) -> list:
 def _epsilon(kind: str, history: list, delta: float) -> float:
     """Epsilon spent by a history of ``(sigma, sample_rate, steps)`` (:func:`fedpeft_pl.accounting.epsilon`)."""
     return _accounted(kind, history, delta)
+
+
+class TreeNoise:
+    """The noise of one binary tree's noisy prefix sums (tree aggregation: Dwork et al. 2010, Chan et al. 2011).
+
+    Node ``(level, k)`` of a tree covers leaves ``(k - 1) * 2**level + 1`` to ``k * 2**level`` and holds one
+    Gaussian draw of standard deviation ``std`` per tensor. The prefix sum after leaf ``t`` is released
+    with the noise of the nodes of ``t``'s binary decomposition: for every bit ``level`` set in ``t``,
+    node ``(level, t >> level)``. A node's noise is drawn once, when the prefix sums first need it, and
+    kept while they do (at most one node per level: ``log2(t) + 1`` of them). A leaf thus reaches at
+    most ``ceil(log2(T + 1))`` released nodes of a tree of ``T`` leaves, which is what the accounting
+    (:func:`fedpeft_pl.accounting.tree_epsilon`) charges.
+
+    Written here rather than taken from a library: tensorflow_privacy's ``TreeAggregator`` and TFF's
+    ``DifferentiallyPrivateFactory.tree_aggregation`` are TensorFlow, and no maintained torch library
+    keeps a tree's noise for a state dict. Each node is one release of a :class:`~fedpeft_pl.noise.NoiseSource`
+    (secret by default), drawn on the CPU in float32 so that reproducible noise is the same on every device.
+    """
+
+    def __init__(self, key: int, reproducible: bool = False) -> None:
+        self._source = NoiseSource(key, reproducible=reproducible)
+        self._nodes: dict[int, tuple[int, State]] = {}  # level -> (node index, its noise)
+
+    def reset(self) -> None:
+        """A new tree: forget every node."""
+        self._nodes = {}
+
+    def prefix(self, tree: int, step: int, like: State, std: float, seed: int) -> State:
+        """The noise of the prefix sum after leaf ``step`` (from 1) of tree ``tree``, shaped like ``like``."""
+        for level in [level for level in self._nodes if not (step >> level) & 1]:
+            del self._nodes[level]  # its bit is clear: no later prefix of this tree uses that node again
+        for level in range(step.bit_length()):
+            index = step >> level
+            if (step >> level) & 1 and self._nodes.get(level, (None,))[0] != index:
+                self._nodes[level] = (index, self._draw((tree, level, index), like, std, seed))
+        total = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in like.items()}
+        for _, noise in self._nodes.values():
+            for name in total:
+                total[name] += noise[name]
+        return total
+
+    def _draw(self, release: tuple[int, int, int], like: State, std: float, seed: int) -> State:
+        self._source.open(release, seed=seed)
+        noise = {name: self._source.gaussian(t.shape, std, "cpu", torch.float32, release) for name, t in like.items()}
+        self._source.close(release)
+        return noise
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(level): [index, dict(noise)] for level, (index, noise) in self._nodes.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._nodes = {int(level): (int(index), dict(noise)) for level, (index, noise) in state.items()}
+
+
+class DPFTRL(Strategy, PrivacyMechanism):
+    """DP-FTRL (Kairouz et al., ICML 2021): user-level central DP without sampling or shuffling.
+
+    Each round the server clips every client's update ``w_k - global`` to norm ``clip_norm`` (S) and
+    sums them: one leaf of a binary tree. The tree releases noisy prefix sums ``s_t`` (the sum of the
+    tree's leaves so far plus the noise of ``log2(t) + 1`` tree nodes, each of standard deviation
+    ``noise_multiplier * S``: :class:`TreeNoise`), and the model is follow-the-regularized-leader's with
+    momentum (DP-FTRLM, the paper's Algorithm 1 as in its federated code)::
+
+        v_t = momentum * v_{t-1} + s_t
+        global_t = global_0 + server_lr * v_t / m
+
+    where ``global_0`` is the model when the tree started and ``m`` is ``clients_per_round`` (the fixed
+    denominator). Without noise, clipping or momentum this is FedAvg with server learning rate
+    ``server_lr`` (an unweighted mean); with ``momentum`` it is FedAvgM. The tree restarts every
+    ``restart_every`` rounds (by default ``N // m``: one tree per pass over the clients, the paper's
+    restart per epoch) from the then model, with zero momentum.
+
+    **The participation bound is enforced, not assumed.** The guarantee needs each client in at most
+    one leaf of each tree, so the strategy draws each round's clients itself (:meth:`draw_clients`):
+    a tree's clients are a uniformly random permutation of all ``N`` dealt out ``m`` a round (the
+    cohort, more with over-selection), i.e. uniform sampling without replacement among the clients not
+    yet in the tree. A client that was drawn counts as taking part whether it trained, dropped out
+    (availability), failed or arrived late. The order is drawn from the run's seed: privacy does not
+    rest on it (no amplification by sampling or shuffling is used), so it needs no secret.
+
+    Accounting (:func:`fedpeft_pl.accounting.tree_epsilon`): dp-accounting's RDP accountant on one
+    ``SingleEpochTreeAggregationDpEvent`` per tree, composed (``rdp``, the default: the mechanism's own
+    accounting); ``pld`` and ``prv`` account the equivalent Gaussian mechanism, tighter. ``privacy/epsilon``
+    is logged per round for the trees so far; every round releases, also one to which no client
+    contributed (its leaf is zero).
+
+    Args:
+        clip_norm: S, the bound on each client's update norm.
+        epsilon: target budget for the run; calibrates the noise multiplier. Or give ``noise_multiplier``.
+        delta: target delta, in (0, 1).
+        noise_multiplier: z, the noise of every tree node over S, fixed instead of calibrated.
+        server_lr: the server learning rate (1 / lambda of FTRL's regulariser), > 0.
+        momentum: the momentum on the noisy prefix sums, in [0, 1); 0 by default (the paper uses 0.9).
+        restart_every: rounds per tree, at most ``N // m``; ``N // m`` by default.
+        accountant: ``rdp`` (dp-accounting's tree event), ``pld`` or ``prv``.
+        reproducible_noise: draw the noise from ``trainer.seed`` instead of a secret source, so runs
+            repeat bit for bit. Anyone with the config can then remove the noise: the run is not
+            private. Off by default (:mod:`fedpeft_pl.noise`).
+        release_client_statistics: collect and log un-noised per-client statistics (the training
+            loss, label histograms), which the DP guarantee does not cover. Off by default.
+
+    Refused in one line: Poisson client sampling (the draw is the strategy's, uniform within a tree),
+    asynchronous schedules (FedBuff, FedAsync: a buffer is not one round's cohort, and the accounting
+    of their arrivals is not worked out here), secure aggregation (the server clips each update), and
+    a ``restart_every`` whose tree needs more clients than the federation holds.
+
+    Example::
+
+        trainer:
+          aggregation:
+            class_path: fedpeft_pl.privacy.DPFTRL
+            init_args: {clip_norm: 1.0, epsilon: 5.0, delta: 1.0e-3, momentum: 0.9}
+    """
+
+    synchronous_only = (
+        "DP-FTRL's tree takes one leaf per round from a cohort dealt out without repeats, and its accounting under "
+        "asynchronous arrivals is not worked out"
+    )
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        epsilon: Optional[float] = 5.0,
+        delta: float = 1e-3,
+        noise_multiplier: Optional[float] = None,
+        server_lr: float = 1.0,
+        momentum: float = 0.0,
+        restart_every: Optional[int] = None,
+        accountant: str = "rdp",
+        reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
+    ) -> None:
+        super().__init__()
+        self.min_clients = 0  # every round releases, as DPFedAvg's: skipping one would tell it had no contributions
+        check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
+        if epsilon is None and noise_multiplier is None:
+            raise ConfigError("DPFTRL needs a target epsilon or a noise_multiplier")
+        if noise_multiplier is not None and not noise_multiplier >= 0:
+            raise ConfigError(f"DPFTRL noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not server_lr > 0:
+            raise ConfigError(f"DPFTRL server_lr must be > 0, got {server_lr}")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"DPFTRL momentum must be in [0, 1), got {momentum}")
+        if restart_every is not None and (isinstance(restart_every, bool) or int(restart_every) != restart_every):
+            raise ConfigError(f"DPFTRL restart_every must be a whole number of rounds, got {restart_every!r}")
+        if restart_every is not None and restart_every < 1:
+            raise ConfigError(f"DPFTRL restart_every must be >= 1 round, got {restart_every}")
+        self.clip_norm = clip_norm
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self.restart_every = None if restart_every is None else int(restart_every)
+        self.accountant = accountant
+        self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
+        self._tree_noise = TreeNoise(TREE_NOISE, reproducible=reproducible_noise)
+        self._period = 0  # rounds per tree, known at setup
+        self._denominator = 1.0
+        self._seed = 0
+        self._trees: list[int] = []  # the leaves of every tree so far: the accounting's events
+        self._origin: State = {}  # the model when the current tree started
+        self._sum: State = {}  # the current tree's sum of clipped updates, un-noised
+        self._velocity: State = {}
+
+    # -- the federation's shape -----------------------------------------------------------------------
+
+    def period(self, federation: Federation) -> int:
+        """Rounds per tree: ``restart_every``, or ``N // m``; refused if a tree would need more clients than N."""
+        m, n = federation.clients_per_round, federation.num_clients
+        period = self.restart_every if self.restart_every is not None else n // m
+        if period * m > n:
+            raise ConfigError(
+                f"DPFTRL restart_every {period} with {m} clients a round needs {period * m} clients per tree, the "
+                f"federation has {n}: each client takes part at most once per tree; set restart_every <= {n // m}"
+            )
+        return period
+
+    def _check(self, federation: Federation) -> None:
+        if federation.sampling != "uniform":
+            raise ConfigError(
+                "DPFTRL draws each tree's clients without repeats and takes no amplification by sampling; set "
+                "trainer.client_sampling: uniform"
+            )
+
+    def setup(self, federation: Federation) -> None:
+        self._check(federation)
+        self._period = self.period(federation)
+        self._denominator = float(federation.clients_per_round)
+        self._seed = federation.seed
+        self._tree_noise.reset()
+        self._noise_warning()
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._calibrated(federation)
+
+    def setup_buffered(self, federation: Federation, buffer_size: int) -> None:
+        raise ConfigError(f"an asynchronous schedule cannot run DPFTRL: {self.synchronous_only}")
+
+    def _noise_warning(self) -> None:
+        if self.reproducible_noise:
+            log.warning(f"DPFTRL: {NOT_PRIVATE}")
+        _announce_client_statistics("DPFTRL", self.release_client_statistics)
+
+    def _calibrated(self, federation: Federation) -> float:
+        assert self.epsilon is not None
+        trees = restart_trees(federation.num_rounds, self.period(federation))
+        return tree_noise_multiplier(self.accountant, self.epsilon, self.delta, trees)
+
+    def draw_clients(self, federation: Federation, server_round: int, size: int) -> list[int]:
+        """Round ``server_round``'s ``size`` clients: the next ``size`` of its tree's random order of all clients."""
+        period = self._period or self.period(federation)
+        tree, position = divmod(server_round - 1, period)
+        if period * size > federation.num_clients:  # refused at the first round, before any client trains
+            raise ConfigError(
+                f"DPFTRL: a tree of {period} rounds drawing {size} clients a round (over-selection included) needs "
+                f"{period * size} clients, the federation has {federation.num_clients}; set restart_every <= "
+                f"{federation.num_clients // size}"
+            )
+        seed = federation.seed if federation.sampling_seed is None else federation.sampling_seed
+        order = np.random.default_rng(derive_seed(seed, TREE_ORDER, tree)).permutation(federation.num_clients)
+        return sorted(int(c) for c in order[position * size : (position + 1) * size])
+
+    # -- the server update ----------------------------------------------------------------------------
+
+    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        assert self._period, "DPFTRL.setup runs before the first round"
+        tree, step = divmod(server_round - 1, self._period)
+        step += 1
+        if step == 1:  # a (re)start: FTRL's regulariser is centred on the model as it is now
+            self._tree_noise.reset()
+            self._origin = {name: t.detach().float().clone() for name, t in global_state.items()}
+            self._sum = {name: torch.zeros_like(t) for name, t in self._origin.items()}
+            self._velocity = {name: torch.zeros_like(t) for name, t in self._origin.items()}
+        for update in updates:
+            delta = {name: update.state[name].float() - global_state[name].float() for name in global_state}
+            norm = float(torch.stack([d.norm() for d in delta.values()]).norm())
+            factor = min(1.0, self.clip_norm / (norm + 1e-12))
+            for name, d in delta.items():
+                self._sum[name] += d * factor
+        assert self.noise_multiplier is not None
+        std = self.noise_multiplier * self.clip_norm if self.noise_multiplier > 0 else 0.0  # z 0, S inf: no noise
+        noise = self._tree_noise.prefix(tree, step, global_state, std, self._seed)
+        result = {}
+        for name, current in global_state.items():
+            noisy = self._sum[name] + noise[name].to(self._sum[name].device)
+            self._velocity[name] = self.momentum * self._velocity[name] + noisy
+            value = self._origin[name] + self.server_lr * self._velocity[name] / self._denominator
+            result[name] = value.to(current.dtype)
+        if tree == len(self._trees):
+            self._trees.append(step)
+        else:
+            self._trees[tree] = step
+        return result
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        # the server clips each update; clipping on the clients before masking is built for DPFedAvg only
+        return True
+
+    @property
+    def needs_secret_sampling(self) -> bool:
+        """No: the guarantee takes no amplification by sampling, only the bound of one participation per tree."""
+        return False
+
+    # -- accounting -----------------------------------------------------------------------------------
+
+    @property
+    def trees(self) -> list[int]:
+        """The leaves (rounds) of each tree so far."""
+        return list(self._trees)
+
+    def epsilon_spent(self) -> float:
+        assert self.noise_multiplier is not None or not self._trees
+        return tree_epsilon(self.accountant, self.noise_multiplier or 0.0, self._trees, self.delta)
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"privacy/epsilon": self.epsilon_spent()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trees": list(self._trees),
+            "noise_multiplier": self.noise_multiplier,
+            "origin": dict(self._origin),
+            "sum": dict(self._sum),
+            "velocity": dict(self._velocity),
+            "nodes": self._tree_noise.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._trees = [int(t) for t in state["trees"]]
+        self.noise_multiplier = state["noise_multiplier"]
+        self._origin = dict(state["origin"])
+        self._sum = dict(state["sum"])
+        self._velocity = dict(state["velocity"])
+        self._tree_noise.load_state_dict(state["nodes"])
+
+    def privacy_plan(self, federation: Federation, buffered: bool = False) -> str:
+        """What the run will spend, before it trains: its trees, the noise multiplier (given or calibrated), and the
+        epsilon by every accountant (:func:`fedpeft_pl.accounting.tree_cross_check`)."""
+        if buffered:
+            raise ConfigError(f"an asynchronous schedule cannot run DPFTRL: {self.synchronous_only}")
+        self._check(federation)
+        period = self.period(federation)
+        trees = restart_trees(federation.num_rounds, period)
+        z = self.noise_multiplier if self.noise_multiplier is not None else self._calibrated(federation)
+        spent = tree_cross_check(z, trees, self.delta)
+        others = ", ".join(f"{kind} {value:.3f}" for kind, value in spent.items() if kind != self.accountant)
+        return (
+            f"DP-FTRL over {federation.num_rounds} rounds in {len(trees)} tree(s) of up to {period} rounds, each "
+            f"client at most once a tree: noise multiplier {z:.4f} per tree node spends epsilon "
+            f"{spent[self.accountant]:.3f} at delta {self.delta:g} by the {self.accountant} accountant "
+            f"(cross-check: {others})"
+        )
+
+    def describe(self) -> str:
+        restart = f"every {self.restart_every} rounds" if self.restart_every is not None else "every N // m rounds"
+        return (
+            f"central DP-FTRL: update clipping S={self.clip_norm}, "
+            + (f"epsilon {self.epsilon} " if self.epsilon is not None else f"noise multiplier {self.noise_multiplier} ")
+            + f"at delta {self.delta} over the run ({self.accountant} accountant, tree aggregation restarted "
+            + f"{restart}, each client at most once a tree: no sampling assumed)"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
+        )

@@ -27,6 +27,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``ATTACK_CLIENTS`` ``()``: which clients an attack makes malicious (:mod:`fedpeft_pl.attacks`)
 - ``ATTACK_SAMPLES`` ``(client, sample)``: whether a backdoor puts its trigger on that sample of that client
 - ``ATTACK_NOISE`` ``(round, client)``: the noise a malicious client sends (an experiment's, not a secret)
+- ``TREE_ORDER`` ``(tree)``: the order in which DP-FTRL deals one tree's clients out, a cohort a round
+- ``TREE_NOISE`` ``(tree, level, node)``: the noise of one node of DP-FTRL's tree, only with
+  ``reproducible_noise``
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -60,6 +63,8 @@ ASYNC_DISPATCH = 16
 ATTACK_CLIENTS = 17
 ATTACK_SAMPLES = 18
 ATTACK_NOISE = 19
+TREE_ORDER = 20
+TREE_NOISE = 21
 
 
 def derive_seed(*parts: int) -> int:

@@ -27,6 +27,7 @@ Choose one with ``trainer.aggregation.class_path``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -115,6 +116,12 @@ class Strategy(Component):
         """:meth:`setup` for buffered asynchronous aggregation (FedBuff, FedAsync): each server update takes
         ``buffer_size`` replies, decided by their arrival rather than by sampling."""
         self.setup(federation)
+
+    def draw_clients(self, federation: Federation, server_round: int, size: int) -> list[int]:
+        """The ``size`` clients of ``server_round`` (its cohort: ``clients_per_round``, more with over-selection):
+        the federation's sampling (:meth:`~fedpeft_pl.federation.Federation.sample`) by default. A strategy whose
+        guarantee bounds how often a client takes part (DP-FTRL: once per tree) draws them itself."""
+        return replace(federation, clients_per_round=size).sample(server_round)
 
     def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
         """The state every sampled client starts from, and the config sent with it."""
