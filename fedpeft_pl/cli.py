@@ -9,6 +9,7 @@
     fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
     fedpeft fit --config configs/prompt.yaml --trainer.strategy ddp --trainer.devices 4   # several GPUs
     fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
+    fedpeft worker --config my-app/fedpeft.yaml --socket /run/fedpeft/node-0/worker.sock   # beside a SuperNode
     fedpeft report runs/quickstart --output report    # compare runs: a Markdown table and two figures
 
 The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`. This module
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "one_line"]
 
-COMMANDS = ("fit", "comm", "export", "flower-app", "report")
+COMMANDS = ("fit", "comm", "export", "flower-app", "worker", "report")
 
 USAGE = """usage: fedpeft [--verbose] [--debug] SUBCOMMAND [--config CONFIG ...] [--key value ...]
 
@@ -44,6 +45,7 @@ subcommands:
   comm         print what each client sends per round and the whole run costs; trains nothing
   export       write a trained checkpoint as one safetensors file (plain timm where the method merges)
   flower-app   write a Flower app directory to deploy a config across machines
+  worker       keep a deployment's backbone loaded beside a SuperNode and train for its thin ClientApps
   report       compare finished runs: a Markdown table and accuracy-vs-MiB and -round figures
 
 options:
@@ -86,6 +88,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         if argv[0] == "flower-app":
             _flower_app_usage(argv[1:])
+        if argv[0] == "worker":  # builds its run itself, once, and serves until stopped
+            from fedpeft_pl.deploy.worker import main as worker
+
+            worker(argv[1:])
+            return
         config = _import_config(frozen=from_command_line)  # every command from here on builds a config
         config.configure_logging(verbose)
         config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
