@@ -173,7 +173,7 @@ class Worker:
         finally:
             done.set()
             watcher.join()
-        if self._gone.is_set():  # it went away after the last step: nobody to answer
+        if self._gone.is_set() or _closed(conn):  # it went away after the last step: nobody to answer
             self.dropped += 1
             log.warning(f"dropped the reply to a {op} task of client {request.get('client')}: its ClientApp went away")
             return
@@ -236,6 +236,12 @@ class Worker:
         count, metrics = evaluate_task(self.node, own, int(request["client"]), received, update)
         values = {k: v if isinstance(v, (int, float)) else float(v) for k, v in metrics.items()}
         return {"ok": True, "count": int(count), "metrics": values}, {}
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the ClientApp has closed its end (or sent what the protocol does not allow here)."""
+    readable, _, _ = select.select([conn], [], [], 0)
+    return bool(readable)
 
 
 def _watch(conn: socket.socket, gone: threading.Event, done: threading.Event) -> None:
