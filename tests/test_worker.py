@@ -129,7 +129,7 @@ def train_message(app: Path, client: int = 0, server_round: int = 1, max_batches
     from fedpeft_pl.deploy.flower import build
     from fedpeft_pl.peft import trainable_state
 
-    trainer, module, _, _ = build(app / "fedpeft.yaml", server=False)
+    _, module, _, _ = build(app / "fedpeft.yaml", server=False)
     module.configure_model()
     content = train_content(trainable_state(module), {}, server_round, client, max_batches)
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
