@@ -508,7 +508,7 @@ class NodeTask:
             except ClientDropped as reason:
                 return ClientResult(client, dropped=str(reason), received=False)
         if self.model_update is not None:
-            node.module.peft.load_model_update(self.model_update)
+            _load_model_update(node.module, self.model_update)
         return None
 
     def open_session(
@@ -633,7 +633,7 @@ def evaluate_task(
     module, datamodule = node.module, node.datamodule
     _set_up_data(module, datamodule)
     if model_update is not None:
-        module.peft.load_model_update(model_update)
+        _load_model_update(module, model_update)
     # the module's state split as every client task splits it: what travels, and a personalised method's local part
     executor = ClientExecutor(NodeTask(node, {"own": own}), module)
     try:
@@ -703,6 +703,10 @@ def _model_update(module: Any) -> Optional[ArrayRecord]:
     """What a client needs of the server's model besides the trainable state (FLoRA's merged update)."""
     update = module.peft.model_update() if getattr(getattr(module, "peft", None), "per_client_views", False) else {}
     return _to_record(update) if update else None
+
+
+def _load_model_update(module: Any, update: State) -> None:
+    module.peft.load_model_update(update)
 
 
 def _model_update_of(message: Message) -> Optional[State]:

@@ -35,7 +35,8 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def from_record(record: ArrayRecord) -> Arrays:
+def from_record(record: Any) -> Arrays:
+    """An ArrayRecord's arrays as numpy arrays."""
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -78,7 +79,7 @@ class ArrayStore:
     def save(self, own: Arrays, residual: Optional[Arrays], accountant: dict[str, Any]) -> None:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            entry = {f"own/{k}": v for k, v in own.items()}
+            entry: dict[str, Any] = {f"own/{k}": v for k, v in own.items()}
             if residual is not None:
                 entry.update({f"residual/{k}": v for k, v in residual.items()})
                 entry["has-residual"] = np.array(True)
@@ -86,7 +87,7 @@ class ArrayStore:
             target = self.folder / f"round-{self.server_round}.npz"
             partial = self.folder / f".round-{self.server_round}.{os.getpid()}.partial"
             with open(partial, "wb") as file:
-                np.savez(file, **entry)
+                np.savez(file, allow_pickle=False, **entry)
             os.replace(partial, target)  # a reader, or a killed writer, never leaves half a file
             for path in self._files():  # files older than the one this round started from are never read again
                 if self._loaded is not None and _round_of(path) < _round_of(self._loaded):

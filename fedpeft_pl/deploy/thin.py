@@ -66,7 +66,8 @@ def falls_back(context: Context) -> bool:
 def train(message: Message, context: Context, config: Union[str, os.PathLike]) -> Message:
     """Answer a train message through the worker: the reply the ClientApp would give in its own process."""
     started = time.perf_counter()
-    settings = dict(message.content["config"])
+    received: Any = message.content  # Flower's records, typed loosely
+    settings: dict[str, Any] = dict(received["config"])
     client, server_round = int(settings[CLIENT]), int(settings[ROUND])
     _check_partition(context, client, "was sent client")
     store = ArrayStore(context, client, server_round)
@@ -81,18 +82,19 @@ def train(message: Message, context: Context, config: Union[str, os.PathLike]) -
         "accountant": kept["accountant"],
         "residual": kept["residual"] is not None,
     }
-    arrays = {"arrays": from_record(message.content["arrays"]), "own": kept["own"], "residual": kept["residual"] or {}}
-    if "extras" in message.content:
-        arrays["extras"] = from_record(message.content["extras"])
-    if MODEL_UPDATE in message.content:
-        arrays["model-update"] = from_record(message.content[MODEL_UPDATE])
+    arrays = {"arrays": from_record(received["arrays"]), "own": kept["own"], "residual": kept["residual"] or {}}
+    if "extras" in received:
+        arrays["extras"] = from_record(received["extras"])
+    if MODEL_UPDATE in received:
+        arrays["model-update"] = from_record(received[MODEL_UPDATE])
     header, out = _exchange(context, config, request, arrays)
     if header.get("declined") is not None:
         log.info(f"round {server_round}: client {client} declines: {header['declined']}")
         return Message(RecordDict({DECLINED: ConfigRecord({"reason": str(header["declined"])})}), reply_to=message)
     store.save(out.get("own", {}), out.get("residual", {}) if header["residual"] else None, header["accountant"])
-    metrics = {"num-examples": int(header["num_samples"]), **{k: float(v) for k, v in header["metrics"].items()}}
-    content = {"arrays": to_record(out.get("arrays", {})), "metrics": MetricRecord(metrics)}
+    metrics: dict[str, Any] = {"num-examples": int(header["num_samples"])}
+    metrics.update((k, float(v)) for k, v in header["metrics"].items())
+    content: dict[str, Any] = {"arrays": to_record(out.get("arrays", {})), "metrics": MetricRecord(metrics)}
     if out.get("extras"):
         content["extras"] = to_record(out["extras"])
     log.info(
@@ -104,15 +106,16 @@ def train(message: Message, context: Context, config: Union[str, os.PathLike]) -
 
 def evaluate(message: Message, context: Context, config: Union[str, os.PathLike]) -> Message:
     """Answer an evaluate message through the worker."""
-    settings = message.content["config"]
+    received: Any = message.content
+    settings = received["config"]
     client = int(settings[CLIENT])
     _check_partition(context, client, "was asked to evaluate client")
     own = ArrayStore(context, client, int(settings[ROUND]) + 1).load()["own"]
-    arrays = {"arrays": from_record(message.content["arrays"]), "own": own}
-    if MODEL_UPDATE in message.content:
-        arrays["model-update"] = from_record(message.content[MODEL_UPDATE])
+    arrays = {"arrays": from_record(received["arrays"]), "own": own}
+    if MODEL_UPDATE in received:
+        arrays["model-update"] = from_record(received[MODEL_UPDATE])
     header, _ = _exchange(context, config, {"op": "evaluate", "client": client}, arrays)
-    metrics = {"num-examples": int(header["count"]), **header["metrics"]}
+    metrics: dict[str, Any] = {"num-examples": int(header["count"]), **header["metrics"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 
