@@ -23,7 +23,6 @@ serves one task at a time, so SuperNodes that share one worker (one per GPU) tak
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -38,7 +37,7 @@ from typing import Any, Optional, Union
 from fedpeft_pl.deploy import channel
 from fedpeft_pl.deploy.node_state import CLIENT, MAX_BATCHES, ROUND, VERSION
 
-__all__ = ["TaskDropped", "Worker", "main"]
+__all__ = ["TaskDropped", "Worker", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -253,41 +252,21 @@ def _watch(conn: socket.socket, gone: threading.Event, done: threading.Event) ->
             return
 
 
-USAGE = """usage: fedpeft worker --config APP/fedpeft.yaml --socket PATH [--max-message-mib N]
+def run(config: Union[str, os.PathLike], path: Union[str, os.PathLike], max_message_bytes: int) -> None:
+    """``fedpeft worker`` (its arguments are read by :mod:`fedpeft_pl.cli`): build once, then serve until SIGTERM
+    or Ctrl-C; a path it cannot listen at is one line (ConfigError)."""
+    import signal
 
-A long-lived process beside a SuperNode (or one per GPU, shared by several SuperNodes, which take turns):
-builds the run's frozen backbone and PEFT module once and trains and evaluates for the thin ClientApps
-of SuperNodes started with --node-config '... worker-socket="PATH"'. The socket's folder is made private
-to this user (0700). README, "Deploy across machines with Flower", shows a systemd unit."""
-
-
-def main(argv: list[str]) -> None:
-    """``fedpeft worker``: build once, then serve until SIGTERM or Ctrl-C."""
     from fedpeft_pl.errors import ConfigError
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        sys.exit(0 if argv else 2)
-    parser = argparse.ArgumentParser(prog="fedpeft worker", usage=USAGE.splitlines()[0][7:], add_help=False)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--max-message-mib", type=float, default=channel.MAX_MESSAGE_BYTES / 2**20)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:
-        raise ConfigError("fedpeft worker takes --config FILE --socket PATH [--max-message-mib N]") from exit
-    if not Path(args.config).is_file():
-        raise ConfigError(f"--config {args.config}: no such file (the app's fedpeft.yaml)")
     if not hasattr(socket, "SO_PEERCRED"):
         raise ConfigError("fedpeft worker needs Linux (it checks who connects with SO_PEERCRED)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedpeft worker: %(message)s", stream=sys.stderr)
-    worker = Worker(args.config, args.socket, int(args.max_message_mib * 2**20))
+    worker = Worker(config, path, max_message_bytes)
     try:
         worker.bind()
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         worker.build()
