@@ -175,7 +175,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
     for after, victim in restarts:
         later = [
             int(p.stem.removeprefix("round-"))
-            for p in (root / f"node-{victim}").rglob("round-*.pt")
+            for p in (root / f"node-{victim}").rglob("round-*.npz")
             if int(p.stem.removeprefix("round-")) > after
         ]
         rejoined += bool(later)

@@ -9,6 +9,7 @@
     fedpeft export --config runs/prompt/version_0/config.yaml --ckpt_path last --output prompt.safetensors
     fedpeft fit --config configs/prompt.yaml --trainer.strategy ddp --trainer.devices 4   # several GPUs
     fedpeft flower-app my-app --config configs/prompt.yaml    # a Flower app for `flwr run my-app <superlink>`
+    fedpeft worker --config my-app/fedpeft.yaml --socket /run/fedpeft/node-0/worker.sock   # beside a SuperNode
     fedpeft report runs/quickstart --output report    # compare runs: a Markdown table and two figures
 
 The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`. This module
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "one_line"]
 
-COMMANDS = ("fit", "comm", "export", "flower-app", "report")
+COMMANDS = ("fit", "comm", "export", "flower-app", "worker", "report")
 
 USAGE = """usage: fedpeft [--verbose] [--debug] SUBCOMMAND [--config CONFIG ...] [--key value ...]
 
@@ -44,6 +45,7 @@ subcommands:
   comm         print what each client sends per round and the whole run costs; trains nothing
   export       write a trained checkpoint as one safetensors file (plain timm where the method merges)
   flower-app   write a Flower app directory to deploy a config across machines
+  worker       keep a deployment's backbone loaded beside a SuperNode and train for its thin ClientApps
   report       compare finished runs: a Markdown table and accuracy-vs-MiB and -round figures
 
 options:
@@ -86,6 +88,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         if argv[0] == "flower-app":
             _flower_app_usage(argv[1:])
+        if argv[0] == "worker":  # builds its run itself, once, and serves until stopped
+            _worker(argv[1:])
+            return
         config = _import_config(frozen=from_command_line)  # every command from here on builds a config
         config.configure_logging(verbose)
         config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
@@ -148,6 +153,41 @@ def _flower_app_usage(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+
+
+WORKER_USAGE = """usage: fedpeft worker --config APP/fedpeft.yaml --socket PATH [--max-message-mib N]
+
+A long-lived process beside a SuperNode (or one per GPU, shared by several SuperNodes, which take turns):
+builds the run's frozen backbone and PEFT module once and trains and evaluates for the thin ClientApps
+of SuperNodes started with --node-config '... worker-socket="PATH"'. The socket's folder is made private
+to this user (0700). README, "A warm worker beside each SuperNode", shows a systemd unit."""
+
+
+def _worker(argv: list[str]) -> None:
+    """``fedpeft worker --config ... --socket ...``: the usage and argument mistakes without importing numpy,
+    Flower or torch; then :func:`fedpeft_pl.deploy.worker.run`."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(WORKER_USAGE, file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    options = {"--config": None, "--socket": None, "--max-message-mib": "2048"}
+    rest = list(argv)
+    while rest:
+        key, _, value = rest.pop(0).partition("=")
+        if key not in options or (not value and not rest):
+            raise ConfigError("fedpeft worker takes --config FILE --socket PATH [--max-message-mib N]")
+        options[key] = value or rest.pop(0)
+    config, path, mib = options["--config"], options["--socket"], options["--max-message-mib"]
+    if config is None or path is None:
+        raise ConfigError("fedpeft worker needs --config FILE (the app's fedpeft.yaml) and --socket PATH")
+    try:
+        max_bytes = int(float(mib or "") * 2**20)
+    except ValueError as err:
+        raise ConfigError(f"--max-message-mib {mib}: not a number") from err
+    if not os.path.isfile(config):
+        raise ConfigError(f"--config {config}: no such file (the app's fedpeft.yaml)")
+    from fedpeft_pl.deploy.worker import run
+
+    run(config, path, max_bytes)
 
 
 def _flower_app(argv: list[str]) -> None:

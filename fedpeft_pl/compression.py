@@ -52,6 +52,10 @@ class Codec(Component):
     def load_client_state(self, state: dict[int, Any]) -> None:
         """Take over per-client state from :meth:`client_state` of another process."""
 
+    def drop_client_state(self, clients: list[int]) -> None:
+        """Forget the per-client state of ``clients``: a process that serves many clients' tasks in turn (a
+        deployment's worker) keeps none of it between tasks; each task loads what its node kept."""
+
 
 class _Cast(Codec):
     dtype: torch.dtype
@@ -123,6 +127,11 @@ class Int8(Codec):
 
     def load_client_state(self, state: dict[int, Any]) -> None:
         self._residuals.update(state)
+
+    def drop_client_state(self, clients: list[int]) -> None:
+        for client in clients:
+            self._residuals.pop(client, None)
+            self._staged.pop(client, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {str(client): state for client, state in self._residuals.items()}}

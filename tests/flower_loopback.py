@@ -146,14 +146,16 @@ def run_loopback(
     run_config: dict[str, Any] | None = None,
     node_configs: dict[int, dict[str, Any]] | None = None,
     stray: bool = False,
+    wrap: Any = None,
 ) -> LoopbackGrid:
     """Run the app's ServerApp to its end over a :class:`LoopbackGrid` of its ClientApp, with the run config
     of the app's ``pyproject.toml`` updated by ``run_config`` (as ``flwr run --run-config`` would); with
-    ``stray`` the first pull of replies also brings a reply to a message nobody sent and one reply twice."""
+    ``stray`` the first pull of replies also brings a reply to a message nobody sent and one reply twice; ``wrap``
+    (a function of the app module) gives the ClientApp the SuperNodes call instead of the app's own."""
     app = load_app(app_dir)
     settings = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     settings = {**settings, **(run_config or {})}
-    grid = LoopbackGrid(app.client, num_partitions, node_configs, settings)
+    grid = LoopbackGrid(app.client if wrap is None else wrap(app), num_partitions, node_configs, settings)
     grid.stray = stray
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = RUN_ID, 1, 0

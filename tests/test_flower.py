@@ -391,8 +391,8 @@ def test_a_deployment_survives_losing_a_supernode_and_its_server(tmp_path, capsy
         running.wait_for_round(checkpoints, 4, timeout=30)
     finally:
         running.down()
-    node_files = sorted(p.name for p in (running.root / "node-1").rglob("round-*.pt"))
-    assert node_files == ["round-1.pt", "round-3.pt"], node_files  # client 1 wrote rounds 1 and 3, nothing twice
+    node_files = sorted(p.name for p in (running.root / "node-1").rglob("round-*.npz"))
+    assert node_files == ["round-1.npz", "round-3.npz"], node_files  # client 1 wrote rounds 1 and 3, nothing twice
 
     simulated = fedpeft(
         "fit",
@@ -453,7 +453,7 @@ def test_a_node_keeps_each_clients_state_on_disk_by_round(tmp_path):
     assert fourth.load()["own"]["c"].tolist() == [3.0, 3.0]
     fourth.save({"c": torch.full((2,), 4.0)}, None, {})
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["abc/client-2/round-3.pt", "abc/client-2/round-4.pt"]  # round 1 is never read again
+    assert files == ["abc/client-2/round-3.npz", "abc/client-2/round-4.npz"]  # round 1 is never read again
     assert not node.state.get("fedpeft.client-state")  # on disk, not in the context
 
     memory = context(**{"partition-id": 2})  # without a state-dir: the node's context

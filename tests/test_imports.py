@@ -57,6 +57,9 @@ def run(tmp_path, *args, code=PROBE):
         (["bogus"], 2, "fedpeft: error: unknown command 'bogus'"),
         (["flower-app"], 2, "usage: fedpeft flower-app DIR"),
         (["flower-app", "--help"], 0, "usage: fedpeft flower-app DIR"),
+        (["worker", "--help"], 0, "usage: fedpeft worker --config"),
+        (["worker"], 2, "usage: fedpeft worker --config"),
+        (["worker", "--config", "no-such.yaml", "--socket", "x.sock"], 2, "fedpeft: error: --config no-such.yaml"),
     ],
 )
 def test_help_usage_and_a_mistaken_command_load_no_heavy_library(tmp_path, args, status, says):

@@ -43,13 +43,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -76,6 +75,10 @@ from fedpeft_pl.comm import (
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.config import build_run
 from fedpeft_pl.data.datamodule import FederatedDataModule
+from fedpeft_pl.deploy.node_state import DECLINED as _DECLINED
+from fedpeft_pl.deploy.node_state import MODEL_UPDATE as _MODEL_UPDATE
+from fedpeft_pl.deploy.node_state import RUN as _RUN
+from fedpeft_pl.deploy.node_state import ArrayStore, answer_query  # noqa: F401  (answer_query: re-exported)
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import LOCAL, ClientSession, open_session
@@ -94,13 +97,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('fedpeft_pl.deploy.flower needs Flower: pip install "fedpeft-pl[flower]"') from err
 
 log = logging.getLogger(__name__)
-
-_RESIDUAL, _OWN_STATE, _PRIVACY = "fedpeft.upload-codec", "fedpeft.client-state", "fedpeft.privacy"
-# a reply without an update, that says why (a spent privacy budget); what the server sends besides the
-# trainable state (FLoRA's merged update)
-_DECLINED, _MODEL_UPDATE = "fedpeft.declined", "fedpeft.model-update"
-# the key of an experiment that stays when a resumed ServerApp continues it (NodeStore's folder)
-_RUN = "fedpeft.run"
 
 
 def build(config: Union[str, os.PathLike], server: bool) -> tuple[FederatedTrainer, Any, Any, dict[str, Any]]:
@@ -506,10 +502,26 @@ class DeployedClient:
         """Train the client of ``session`` from the state the module holds; its number of samples."""
         return self._trainer.train_client(self.module, self.datamodule, session, max_batches)
 
+    def watch_cancellation(self, cancelled: threading.Event, error: type[Exception]) -> None:
+        """Stop training with ``error`` at the next step once ``cancelled`` is set (a worker whose ClientApp went
+        away); the task's :func:`train_task` then puts the module back as it found it."""
+        self._trainer.callbacks.append(_Cancellation(cancelled, error))
 
-@functools.lru_cache(maxsize=4)
-def _client(config: str) -> DeployedClient:
-    """Built once per process: the backbone stays loaded while the process lives."""
+
+class _Cancellation(Callback):
+    runs_on = "client"
+
+    def __init__(self, cancelled: threading.Event, error: type[Exception]) -> None:
+        self.cancelled = cancelled
+        self.error = error
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self.cancelled.is_set():
+            raise self.error("the task was cancelled")
+
+
+def build_client(config: str) -> DeployedClient:
+    """The client side of the experiment in ``config``: module with its backbone, data, strategy hooks, codecs."""
     trainer, module, datamodule, _ = build(config, server=False)
     module.configure_model()
     privacy = trainer.privacy
@@ -519,16 +531,21 @@ def _client(config: str) -> DeployedClient:
     return DeployedClient(trainer, module, datamodule)
 
 
+@functools.lru_cache(maxsize=4)
+def _client(config: str) -> DeployedClient:
+    """Built once per process: the backbone stays loaded while the process lives."""
+    return build_client(config)
+
+
 class NodeTask:
     """One message to a SuperNode's client as a :class:`~fedpeft_pl.runners.base.ClientHost`: the
     :class:`~fedpeft_pl.runners.base.ClientExecutor` of the in-process runners starts and finishes it, so
     the client's :class:`~fedpeft_pl.federation.ClientContext` is built as on every other runner.
 
     Args:
-        node: the ClientApp's client.
-        message: the train message, as fedpeft's round message.
+        node: the ClientApp's (or the worker's) client.
         kept: what the client kept from earlier rounds (:meth:`NodeStore.load`).
-        flower_message: the Flower message (what the server sends besides the state: FLoRA's merged update).
+        model_update: what the server sent besides the state (FLoRA's merged update), if anything.
         attack: the attack this SuperNode plays (its node config's ``attack``), or None for an honest node.
     """
 
@@ -536,12 +553,12 @@ class NodeTask:
         self,
         node: DeployedClient,
         kept: dict[str, Any],
-        flower_message: Optional[Message] = None,
+        model_update: Optional[State] = None,
         attack: Optional[Attack] = None,
     ) -> None:
         self.node = node
         self.kept = kept
-        self.flower_message = flower_message
+        self.model_update = model_update
         self.attack = attack
         self.own_state: State = dict(kept["own"])
 
@@ -562,8 +579,8 @@ class NodeTask:
                 privacy.begin(client, round.number)
             except ClientDropped as reason:
                 return ClientResult(client, dropped=str(reason), received=False)
-        if self.flower_message is not None:
-            _load_model_update(node.module, self.flower_message)
+        if self.model_update is not None:
+            _load_model_update(node.module, self.model_update)
         return None
 
     def open_session(
@@ -592,116 +609,141 @@ class NodeTask:
         self.own_state = session.context.state
 
 
-class NodeStore:
-    """What one client keeps between the rounds it trains in: its own tensors (a personalised method's local
-    part, a strategy's per-client tensors), its upload codec's residual and its DP accountant.
-
-    By default in Flower's node context, which lives as long as the SuperNode process and the Flower
-    run. With ``state-dir`` in the node config, in a file per round the client trained in
-    (``<state-dir>/<run>/client-<c>/round-<r>.pt``, written atomically), so the state survives a
-    restarted SuperNode and a resumed ServerApp (a new Flower run that continues the same
-    experiment, whose key the server sends with its partition query). A round loads the newest file
-    of an earlier round, so a round that the server repeats after a resume starts from the state
-    the first attempt started from, and writes the same file again.
-    """
-
-    def __init__(self, context: Context, client: int, server_round: int) -> None:
-        self.state = context.state
-        self.server_round = server_round
-        directory = context.node_config.get("state-dir")
-        run = str(self.state[_RUN]["key"]) if _RUN in self.state else f"flower-run-{context.run_id}"
-        self.folder = Path(str(directory)) / run / f"client-{client}" if directory else None
-        self._loaded: Optional[Path] = None
+class NodeStore(ArrayStore):
+    """:class:`~fedpeft_pl.deploy.node_state.ArrayStore` with torch tensors: what one client keeps between the
+    rounds it trains in (its own tensors, its upload codec's residual, its DP accountant), in Flower's node
+    context or, with ``state-dir`` in the node config, in one file per round on the SuperNode's disk."""
 
     def load(self) -> dict[str, Any]:
         """``{"own": State, "residual": State or None, "accountant": dict}``, as the client left them."""
-        if self.folder is not None:
-            earlier = [p for p in self._files() if _round_of(p) < self.server_round]
-            if not earlier:
-                return {"own": {}, "residual": None, "accountant": {}}
-            self._loaded = max(earlier, key=_round_of)
-            return dict(torch.load(self._loaded, weights_only=True))
-        state = self.state
+        kept = super().load()
+        residual = kept["residual"]
         return {
-            "own": state[_OWN_STATE].to_torch_state_dict() if _OWN_STATE in state else {},
-            "residual": state[_RESIDUAL].to_torch_state_dict() if _RESIDUAL in state else None,
-            "accountant": json.loads(str(state[_PRIVACY]["accountant"])) if _PRIVACY in state else {},
+            "own": to_torch(kept["own"]),
+            "residual": None if residual is None else to_torch(residual),
+            "accountant": kept["accountant"],
         }
 
-    def save(self, own: State, residual: Optional[State], accountant: dict[str, Any]) -> None:
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            entry = {
-                "own": {k: v.detach().cpu() for k, v in own.items()},
-                "residual": None if residual is None else {k: v.detach().cpu() for k, v in residual.items()},
-                "accountant": accountant,
-            }
-            target = self.folder / f"round-{self.server_round}.pt"
-            partial = self.folder / f".round-{self.server_round}.{os.getpid()}.partial"
-            torch.save(entry, partial)
-            os.replace(partial, target)  # a reader, or a killed writer, never leaves half a file
-            for path in self._files():  # files older than the one this round started from are never read again
-                if self._loaded is not None and _round_of(path) < _round_of(self._loaded):
-                    path.unlink(missing_ok=True)
-            return
-        self.state[_OWN_STATE] = _to_record(own)
-        if residual is not None:
-            self.state[_RESIDUAL] = _to_record(residual)
-        if accountant:
-            self.state[_PRIVACY] = ConfigRecord({"accountant": json.dumps(accountant)})
-
-    def _files(self) -> list[Path]:
-        return list(self.folder.glob("round-*.pt")) if self.folder is not None and self.folder.is_dir() else []
+    def save(self, own: State, residual: Optional[State], accountant: dict[str, Any]) -> None:  # type: ignore[override]
+        super().save(to_numpy(own), None if residual is None else to_numpy(residual), accountant)
 
 
-def _round_of(path: Path) -> int:
-    return int(path.stem.removeprefix("round-"))
+def to_torch(arrays: dict[str, Any]) -> State:
+    """numpy arrays (from a store or the worker's socket) as tensors, without copying writable ones."""
+    return {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in arrays.items()}
 
 
-def answer_query(message: Message, context: Context) -> Message:
-    """The partition this SuperNode plays (the server's client discovery)."""
-    if _RUN in message.content:  # the experiment's key, for the state this node keeps on disk
-        context.state[_RUN] = message.content[_RUN]
-    partition = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions")})
-    return Message(RecordDict({"partition": partition}), reply_to=message)
+def to_numpy(state: State) -> dict[str, Any]:
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What one train task of a deployed client gives: its reply (or why it declines) and what it keeps."""
+
+    declined: Optional[str] = None
+    payload: State = dataclasses.field(default_factory=dict)
+    num_samples: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    extras: State = dataclasses.field(default_factory=dict)
+    own: State = dataclasses.field(default_factory=dict)
+    residual: Optional[State] = None
+    accountant: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def train_task(
+    node: DeployedClient,
+    kept: dict[str, Any],
+    client: int,
+    server_round: int,
+    max_batches: int,
+    message: RoundMessage,
+    model_update: Optional[State] = None,
+    attack: Optional[Attack] = None,
+) -> TrainOutcome:
+    """Train ``client`` for one round from ``message`` and what it ``kept``: the task that the ClientApp runs in its
+    own process (:func:`answer_train`) and a warm worker runs for a thin ClientApp (:mod:`fedpeft_pl.deploy.worker`).
+
+    The client task is the in-process runners' :class:`~fedpeft_pl.runners.base.ClientExecutor`, on a
+    :class:`NodeTask`. The module is back in its initial state afterwards, and the upload codec holds no
+    state of the client (the node keeps it), also when training raised, so the next task starts as a
+    fresh process would. ``attack``: the attack the node plays (its node config's), which poisons the client's
+    samples while it trains and tampers with its reply.
+    """
+    module = node.module
+    task = NodeTask(node, kept, model_update, attack)
+    # the module holds the initial state between messages; a personalised method's local part
+    # starts from it the first time and from the node's own copy afterwards
+    executor = ClientExecutor(task, module)
+    try:
+        session = executor.start(NodeTask.round(client, server_round, max_batches, message), client)
+        if isinstance(session, ClientResult):
+            return TrainOutcome(declined=str(session.dropped))
+        session.load_into(module)
+        if kept["residual"] is not None:
+            node.upload.load_client_state({client: kept["residual"]})
+        with poisoned(node.datamodule, attack, client):
+            num_samples = node.train(session, max_batches)
+        result = executor.finish(
+            session, trainable_state(module), num_samples, client_metrics(node.releases_client_statistics, module)
+        )
+        accountant: dict[str, Any] = {}
+        privacy = node.privacy
+        if privacy is not None:
+            privacy.end(client, server_round)
+            accountant = privacy.client_accountant(client)
+            result.metrics[EPSILON_SPENT] = privacy.spent(client)
+        residual = node.upload.client_state([client]).get(client)
+        return TrainOutcome(
+            None, result.payload, num_samples, result.metrics, result.extras, task.own_state, residual, accountant
+        )
+    finally:
+        executor.restore()  # the next message in this process starts from the initial state
+        node.upload.drop_client_state([client])
+
+
+def evaluate_task(
+    node: DeployedClient, own: State, client: int, arrays: State, model_update: Optional[State] = None
+) -> tuple[int, dict[str, float]]:
+    """Evaluate ``client`` on its own test split with the received global state (and its own local part)."""
+    module, datamodule = node.module, node.datamodule
+    _set_up_data(module, datamodule)
+    if model_update is not None:
+        _load_model_update(module, model_update)
+    # the module's state split as every client task splits it: what travels, and a personalised method's local part
+    executor = ClientExecutor(NodeTask(node, {"own": own}), module)
+    try:
+        received = node.download.decode(arrays, like=executor.shared_like)
+        mine = {n: own.get(LOCAL + n, t) for n, t in executor.local_init.items()}
+        load_trainable_state(module, {**received, **mine})
+        count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
+    finally:
+        executor.restore()
+    return count, metrics
 
 
 def answer_evaluate(message: Message, context: Context, config: str) -> Message:
     """Evaluate the client of this SuperNode on its own test split with the received global state."""
     node = _client(config)
-    module, datamodule = node.module, node.datamodule
     settings = message.content["config"]
     client = int(settings[_CLIENT])
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was asked to evaluate client {client}")
-    _set_up_data(module, datamodule)
-    _load_model_update(module, message)
     own = NodeStore(context, client, int(settings[_ROUND]) + 1).load()["own"]
-    # the module's state split as every client task splits it: what travels, and a personalised method's local part
-    executor = ClientExecutor(NodeTask(node, {"own": own}), module)
-    received = node.download.decode(message.content["arrays"].to_torch_state_dict(), like=executor.shared_like)
-    mine = {n: own.get(LOCAL + n, t) for n, t in executor.local_init.items()}
-    load_trainable_state(module, {**received, **mine})
-    try:
-        count, metrics = module.evaluate_on(datamodule.client_test_dataloader(client))
-    finally:
-        executor.restore()
+    arrays = message.content["arrays"].to_torch_state_dict()
+    count, metrics = evaluate_task(node, own, client, arrays, _model_update_of(message))
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": count, **metrics})}), reply_to=message)
 
 
 def answer_train(message: Message, context: Context, config: str) -> Message:
-    """Train the client of this SuperNode for one round and reply with its (encoded) update.
+    """Train the client of this SuperNode for one round and reply with its (encoded) update (:func:`train_task`).
 
-    The client task is the in-process runners' :class:`~fedpeft_pl.runners.base.ClientExecutor`, on a
-    :class:`NodeTask`: the same start (its own view of the decoded message, the strategy's
-    :class:`~fedpeft_pl.federation.ClientContext`, its own state) and finish (encoding, the strategy's extras).
     With local DP the client checks its own budget first and declines (a reply without an update
     that says why) if this round would exceed it; it reports the epsilon it has spent with its update.
     """
     started = time.perf_counter()
     node = _client(config)
-    module = node.module
     settings = dict(message.content["config"])
     client, server_round = int(settings.pop(_CLIENT)), int(settings.pop(_ROUND))
     max_batches = int(settings.pop(_MAX_BATCHES))
@@ -710,38 +752,21 @@ def answer_train(message: Message, context: Context, config: str) -> Message:
     if client != partition:
         raise ConfigError(f"this SuperNode plays partition {partition} but was sent client {client}")
     store = NodeStore(context, client, server_round)
-    attack = node_attack(context, node, client)
-    task = NodeTask(node, store.load(), message, attack)
     extras = message.content["extras"].to_torch_state_dict() if "extras" in message.content else {}
     round_message = RoundMessage(message.content["arrays"].to_torch_state_dict(), settings, extras, version)
-    # the module holds the initial state between messages; a personalised method's local part
-    # starts from it the first time and from the node's own copy afterwards
-    executor = ClientExecutor(task, module)
-    session = executor.start(NodeTask.round(client, server_round, max_batches, round_message), client)
-    if isinstance(session, ClientResult):
-        log.info(f"round {server_round}: client {client} declines: {session.dropped}")
-        return Message(RecordDict({_DECLINED: ConfigRecord({"reason": str(session.dropped)})}), reply_to=message)
-    session.load_into(module)
-    if task.kept["residual"] is not None:
-        node.upload.load_client_state({client: task.kept["residual"]})
-    with poisoned(node.datamodule, attack, client):
-        num_samples = node.train(session, max_batches)
-    result = executor.finish(
-        session, trainable_state(module), num_samples, client_metrics(node.releases_client_statistics, module)
+    attack = node_attack(context, node, client)
+    outcome = train_task(
+        node, store.load(), client, server_round, max_batches, round_message, _model_update_of(message), attack
     )
-    executor.restore()  # the next message in this process starts from the initial state
-    accountant: dict[str, Any] = {}
-    privacy = node.privacy
-    if privacy is not None:
-        privacy.end(client, server_round)
-        accountant = privacy.client_accountant(client)
-        result.metrics[EPSILON_SPENT] = privacy.spent(client)
-    store.save(task.own_state, node.upload.client_state([client]).get(client), accountant)
+    if outcome.declined is not None:
+        log.info(f"round {server_round}: client {client} declines: {outcome.declined}")
+        return Message(RecordDict({_DECLINED: ConfigRecord({"reason": outcome.declined})}), reply_to=message)
+    store.save(outcome.own, outcome.residual, outcome.accountant)
     log.info(
-        f"round {server_round}: client {client} trained on {num_samples} samples in "
+        f"round {server_round}: client {client} trained on {outcome.num_samples} samples in "
         f"{time.perf_counter() - started:.1f} s (this process)"
     )
-    content = reply_content(result.payload, num_samples, result.metrics, result.extras)
+    content = reply_content(outcome.payload, outcome.num_samples, outcome.metrics, outcome.extras)
     return Message(content, reply_to=message)
 
 
@@ -790,9 +815,13 @@ def _model_update(module: Any) -> Optional[ArrayRecord]:
     return _to_record(update) if update else None
 
 
-def _load_model_update(module: Any, message: Message) -> None:
-    if _MODEL_UPDATE in message.content:
-        module.peft.load_model_update(message.content[_MODEL_UPDATE].to_torch_state_dict())
+def _load_model_update(module: Any, update: State) -> None:
+    module.peft.load_model_update(update)
+
+
+def _model_update_of(message: Message) -> Optional[State]:
+    """What the server sent besides the trainable state (FLoRA's merged update), if anything."""
+    return message.content[_MODEL_UPDATE].to_torch_state_dict() if _MODEL_UPDATE in message.content else None
 
 
 def _to_record(state: State) -> ArrayRecord:

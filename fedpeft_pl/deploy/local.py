@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,6 +33,7 @@ __all__ = ["LocalFederation", "free_port", "rounds_ended"]
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this Python
 _CONNECTED = "SuperNode ID:"  # what a SuperNode logs once the SuperLink has registered it
+_SERVING = "fedpeft worker: serving"  # what a worker prints once its module is built and it answers
 
 
 def free_port() -> int:
@@ -51,6 +54,9 @@ class LocalFederation:
             survives the SuperNode's restart and a resumed ServerApp.
         name: the federation's name for ``flwr run APP NAME``.
         env: variables added to the processes' environment (``PYTHONPATH`` for a callback the app names).
+        worker_config: an app's ``fedpeft.yaml``: start a warm worker (``fedpeft worker``) beside each SuperNode
+            and name its socket in the node's config, so its ClientApps are thin (:mod:`fedpeft_pl.deploy.thin`).
+            :meth:`kill_worker` and :meth:`start_worker` stop and restart one; nothing restarts a worker by itself.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class LocalFederation:
         state_dirs: bool = False,
         name: str = "local",
         env: Optional[dict[str, str]] = None,
+        worker_config: Union[str, os.PathLike, None] = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -79,6 +86,9 @@ class LocalFederation:
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.superlink: Optional[subprocess.Popen[bytes]] = None
         self._connected: dict[int, int] = {}  # per node: "SuperNode ID" lines in its log before its newest start
+        self.worker_config = Path(worker_config).resolve() if worker_config is not None else None
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._sockets: Optional[Path] = None  # a short private folder: a socket's path is at most 107 bytes
 
     def __enter__(self) -> LocalFederation:
         self.up()
@@ -89,10 +99,39 @@ class LocalFederation:
 
     def start(self, *command: str, log: str) -> subprocess.Popen[bytes]:
         """Start one of Flower's commands in its own process group, its output appended to ``ROOT/log``."""
+        return self._spawn([str(BIN / command[0]), *command[1:]], log)
+
+    def worker_socket(self, i: int) -> Path:
+        """Where the worker of SuperNode ``i`` listens (with ``worker_config``)."""
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix="fedpeft-workers-"))  # 0700
+        return self._sockets / f"node-{i}" / "worker.sock"
+
+    def start_worker(self, i: int, timeout: float = 300) -> None:
+        """Start (or restart) the worker of SuperNode ``i``; return once it serves (its log says so)."""
+        assert self.worker_config is not None, "LocalFederation(worker_config=...) starts workers"
+        log = self.root / f"worker-{i}.log"
+        before = log.read_text().count(_SERVING) if log.exists() else 0
+        command = [sys.executable, "-m", "fedpeft_pl.cli", "worker", "--config", str(self.worker_config)]
+        self.workers[i] = self._spawn([*command, "--socket", str(self.worker_socket(i))], log.name)
+        deadline = time.monotonic() + timeout
+        while log.read_text().count(_SERVING) <= before:
+            if self.workers[i].poll() is not None:
+                raise RuntimeError(f"the worker of SuperNode {i} exited at start:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker of SuperNode {i} did not serve within {timeout:g} s:\n{self.logs()}")
+            time.sleep(0.2)
+
+    def kill_worker(self, i: int) -> None:
+        """SIGKILL the worker of SuperNode ``i``, as one that crashes: its socket stays, nobody answers it."""
+        _signal_group(self.workers[i], signal.SIGKILL)
+        self.workers[i].wait(timeout=10)
+
+    def _spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / log, "a") as out:
             process = subprocess.Popen(
-                [str(BIN / command[0]), *command[1:]],
+                argv,
                 cwd=self.root,
                 env=self.env,
                 stdout=out,
@@ -109,6 +148,8 @@ class LocalFederation:
         config = f"partition-id={i} num-partitions={self.num_nodes}"
         if self.state_dirs:
             config += f' state-dir="{self.root / f"node-{i}"}"'
+        if self.worker_config is not None:
+            config += f' worker-socket="{self.worker_socket(i)}"'
         self.nodes[i] = self.start(
             "flower-supernode",
             "--insecure",
@@ -139,6 +180,9 @@ class LocalFederation:
             str(self.port),
             log="superlink.log",
         )
+        if self.worker_config is not None:  # each builds its module once; the SuperNodes start meanwhile
+            for i in range(self.num_nodes):
+                self.start_worker(i, timeout)
         for i in range(self.num_nodes):
             self.start_node(i)
         deadline = time.monotonic() + timeout
@@ -258,6 +302,9 @@ class LocalFederation:
         for child in descendants:
             with contextlib.suppress(Exception):
                 child.kill()
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
     def wait_for_round(self, checkpoints: Union[str, Path], number: int, timeout: float = 480) -> None:
         """Until the run whose checkpoints go to ``checkpoints`` has ended round ``number`` (:func:`rounds_ended`);
