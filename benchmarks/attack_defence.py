@@ -1,19 +1,25 @@
-"""Attacks against defences on the quickstart task: the final server accuracy of each pair, in one process.
+"""Attacks against defences on the quickstart task: the final clean accuracy of each pair, in one process.
 
-    python benchmarks/attack_defence.py                 # Head, 15 rounds, every attack x every defence
-    python benchmarks/attack_defence.py --method prompt --rounds 10 --attacks none alie --defences fedavg median
-    python benchmarks/attack_defence.py --reuse          # read finished runs back instead of re-running them
+    python benchmarks/attack_defence.py                          # LoRA, 20 clients, 20 % malicious, seed 0
+    python benchmarks/attack_defence.py --seeds 0 1 2            # the issue's three seeds
+    python benchmarks/attack_defence.py --fraction 0.1 --attacks none alie sign-flip-x10   # the 10 % slice
+    python benchmarks/attack_defence.py --method prompt --attacks none alie                # the Prompt slice
+    python benchmarks/attack_defence.py --attacks none --alpha 0.1                         # each defence's cost
+    python benchmarks/attack_defence.py --reuse                  # read finished runs back
 
-Each pair is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml`` with
-``trainer.attack`` and ``trainer.aggregation`` set as below: 16 clients, 8 a round, 4 of them malicious
-(``fraction: 0.25``, the same 4 in every pair: drawn from the seed), so a round holds two on average.
-The runs share one Python process (the imports are paid once). Logs go to ``<out>/<attack>/<defence>``;
-the table to benchmarks/results/attack_defence[-<method>].md.
+Each pair is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml`` on
+``--clients`` clients (Dirichlet ``--alpha``), every client every round (so a round holds the
+``--fraction`` of malicious clients exactly: 4 of 20 at 20 %, which Bulyan's ``n >= 4f + 3`` just
+tolerates), ``--rounds`` short rounds of ``--local-epochs``, with ``trainer.attack`` and
+``trainer.aggregation`` set as below. The malicious clients are the same in every pair of a seed (drawn
+from it). The runs share one Python process (the imports are paid once) and train on the vectorised
+engine. Logs go to ``<out>/<method>/a<alpha>-f<fraction>/seed<k>/<attack>/<defence>``; the table to
+benchmarks/results/attack_defence-<method>-a<alpha>-f<fraction>.md.
 
-Reported per pair: the final server accuracy; for the backdoor its success rate (triggered test images of
-the other classes put in the target class); the mean share of the aggregate that went to malicious clients
-(``attack/malicious_weight``, where the rule weighs whole updates); for selecting rules, the mean true and
-false positive rates of their rejections.
+Reported per pair: the final clean server accuracy (mean and spread over the seeds); for the backdoor its
+success rate (triggered test images of the other classes put in the target class); the mean share of the
+aggregate that went to malicious clients (``attack/malicious_weight``, where the rule weighs whole
+updates); for selecting rules, the mean true and false positive rates of their rejections.
 """
 
 from __future__ import annotations
@@ -28,26 +34,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FRACTION = 0.25
 ATTACKS = {
     "none": None,
-    "sign-flip": ("SignFlip", {"scale": 4.0}),
-    "label-flip": ("LabelFlip", {}),
-    "quantity-x100": ("QuantityInflation", {"factor": 100.0}),
-    "backdoor-boost4": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": 4.0}),
+    "sign-flip-x10": ("SignFlip", {"scale": 10.0}),
     "alie": ("ALIE", {}),
     "ipm-0.1": ("IPM", {"epsilon": 0.1}),
+    # model replacement: the malicious clients together boost by the clients a round (Bagdasaryan et al.:
+    # gamma = n / eta, eta = 1), each by n over their number
+    "backdoor-replace": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": "clients"}),
+    "quantity-x1000": ("QuantityInflation", {"factor": 1000.0}),
     "min-max": ("MinMax", {}),
+    "label-flip": ("LabelFlip", {}),
 }
+MAIN_ATTACKS = ["none", "sign-flip-x10", "alie", "ipm-0.1", "backdoor-replace", "quantity-x1000"]
 DEFENCES = {
     "fedavg": "fedpeft_pl.strategies.WeightedMean",
+    "count-cap": ("fedpeft_pl.strategies.SampleCounts", {"max_samples": 200}),
     "median": "fedpeft_pl.strategies.Median",
-    "trimmed-0.25": ("fedpeft_pl.strategies.TrimmedMean", {"beta": 0.25}),
-    "multikrum-f2": ("fedpeft_pl.strategies.MultiKrum", {"f": 2}),
+    "trimmed-0.2": ("fedpeft_pl.strategies.TrimmedMean", {"beta": 0.2}),
+    "multikrum": ("fedpeft_pl.strategies.MultiKrum", {"f": "malicious"}),
+    "bulyan": ("fedpeft_pl.strategies.Bulyan", {"f": "malicious"}),
     "geomed": "fedpeft_pl.strategies.GeometricMedian",
-    "cclip-1": ("fedpeft_pl.strategies.CenteredClipping", {"tau": 1.0}),
-    "normbound-1": ("fedpeft_pl.strategies.NormBound", {"bound": 1.0}),
-    "counts-uniform": ("fedpeft_pl.strategies.SampleCounts", {"uniform": True}),
+    "cclip-0.5": ("fedpeft_pl.strategies.CenteredClipping", {"tau": 0.5}),
+    "normbound-0.5": ("fedpeft_pl.strategies.NormBound", {"bound": 0.5}),
 }
 
 
@@ -57,12 +66,19 @@ def _yaml(value) -> str:
     return json.dumps(value)
 
 
-def overlay(attack: str, defence: str, rounds: int, out: Path, method: str) -> str:
+def overlay(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespace) -> str:
     spec = DEFENCES[defence]
-    path, args = (spec, {}) if isinstance(spec, str) else spec
+    path, kwargs = (spec, {}) if isinstance(spec, str) else spec
+    malicious = int(args.fraction * args.clients)
+    kwargs = {k: (max(malicious, 1) if v == "malicious" else v) for k, v in kwargs.items()}
     lines = [
+        f"seed_everything: {seed}",
         "trainer:",
-        f"  num_rounds: {rounds}",
+        f"  num_rounds: {args.rounds}",
+        f"  clients_per_round: {args.clients}",
+        f"  local_epochs: {args.local_epochs}",
+        f"  seed: {seed}",
+        "  client_runner: vectorized",
         "  enable_progress_bar: false",
         "  enable_checkpointing: false",
         "  logger:",
@@ -70,15 +86,23 @@ def overlay(attack: str, defence: str, rounds: int, out: Path, method: str) -> s
         f"    init_args: {{save_dir: {_yaml(str(out / attack))}, name: {defence}, version: 0}}",
         "  aggregation:",
         "    class_path: fedpeft_pl.strategies.FedAvg",
-        f"    init_args: {{aggregator: {{class_path: {path}, init_args: {_yaml(args)}}}}}",
+        f"    init_args: {{aggregator: {{class_path: {path}, init_args: {_yaml(kwargs)}}}}}",
+        "data:",
+        f"  num_clients: {args.clients}",
+        f"  seed: {seed}",
+        "  partition:",
+        "    class_path: fedpeft_pl.data.Dirichlet",
+        f"    init_args: {{alpha: {args.alpha}, min_samples: 10}}",
     ]
     if ATTACKS[attack] is not None:
-        name, kwargs = ATTACKS[attack]
+        name, settings = ATTACKS[attack]
+        settings = {k: (args.clients / max(malicious, 1) if v == "clients" else v) for k, v in settings.items()}
         lines += [
             "  attack:",
             f"    class_path: fedpeft_pl.attacks.{name}",
-            f"    init_args: {_yaml({**kwargs, 'fraction': FRACTION})}",
+            f"    init_args: {_yaml({**settings, 'fraction': args.fraction})}",
         ]
+        lines = lines[:2] + lines[-3:] + lines[2:-3]  # the attack under trainer:
     return "\n".join(lines) + "\n"
 
 
@@ -90,16 +114,16 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def run(attack: str, defence: str, rounds: int, out: Path, method: str, reuse: bool) -> tuple[dict, float]:
+def run(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespace) -> tuple[dict, float]:
     from fedpeft_pl.cli import main
 
     log_dir = out / attack / defence / "version_0"
-    if reuse and log_dir.is_dir():
+    if args.reuse and log_dir.is_dir():
         return scalars(log_dir), float("nan")
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.parent.mkdir(parents=True, exist_ok=True)
     config = out / attack / f"{defence}.yaml"
-    config.write_text(overlay(attack, defence, rounds, out, method))
+    config.write_text(overlay(attack, defence, out, seed, args))
     started = time.perf_counter()
     main(
         [
@@ -107,7 +131,7 @@ def run(attack: str, defence: str, rounds: int, out: Path, method: str, reuse: b
             "--config",
             str(REPO / "configs" / "quickstart.yaml"),
             "--config",
-            str(REPO / "configs" / "quickstart" / f"{method}.yaml"),
+            str(REPO / "configs" / "quickstart" / f"{args.method}.yaml"),
             "--config",
             str(config),
         ]
@@ -119,36 +143,60 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _spread(values: list[float]) -> str:
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="head")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--attacks", nargs="*", default=list(ATTACKS))
-    parser.add_argument("--defences", nargs="*", default=list(DEFENCES))
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--attacks", nargs="*", default=MAIN_ATTACKS, choices=list(ATTACKS))
+    parser.add_argument("--defences", nargs="*", default=list(DEFENCES), choices=list(DEFENCES))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "attack_defence")
     parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args()
-    out = args.out / args.method
-    results: dict[tuple[str, str], dict] = {}
+    setting = f"a{args.alpha:g}-f{args.fraction:g}"
+    results: dict[tuple[str, str], list[dict]] = {}
     seconds = []
-    total = len(args.attacks) * len(args.defences)
-    for attack in args.attacks:
-        for defence in args.defences:
-            logged, wall = run(attack, defence, args.rounds, out, args.method, args.reuse)
-            results[attack, defence] = logged
-            seconds.append(wall)
-            acc = logged.get("server/acc", [float("nan")])[-1]
-            print(f"[{len(results)}/{total}] {attack} x {defence}: server acc {acc:.4f} ({wall:.0f} s)", flush=True)
+    total = len(args.attacks) * len(args.defences) * len(args.seeds)
+    done = 0
+    for seed in args.seeds:
+        out = args.out / args.method / setting / f"seed{seed}"
+        for attack in args.attacks:
+            for defence in args.defences:
+                logged, wall = run(attack, defence, out, seed, args)
+                results.setdefault((attack, defence), []).append(logged)
+                seconds.append(wall)
+                done += 1
+                acc = logged.get("server/acc", [float("nan")])[-1]
+                print(f"[{done}/{total}] seed {seed} {attack} x {defence}: acc {acc:.4f} ({wall:.0f} s)", flush=True)
 
+    command = (
+        f"python benchmarks/attack_defence.py --method {args.method} --clients {args.clients} --fraction "
+        f"{args.fraction:g} --alpha {args.alpha:g} --rounds {args.rounds} --local-epochs {args.local_epochs} "
+        f"--seeds {' '.join(map(str, args.seeds))} --attacks {' '.join(args.attacks)}"
+    )
     lines = [
-        f"Attacks x defences on the quickstart task with {args.method}: 16 clients, 8 a round, {args.rounds} rounds, "
-        f"{int(FRACTION * 16)} malicious clients (fraction {FRACTION}, the same ones in every pair), seed 0.",
+        f"Attacks x defences on the quickstart task with {args.method}: {args.clients} clients (Dirichlet "
+        f"{args.alpha:g}), all of them every round, {int(args.fraction * args.clients)} malicious "
+        f"(fraction {args.fraction:g}), {args.rounds} rounds of {args.local_epochs} local epoch(s), seeds "
+        f"{args.seeds}.",
         "",
-        f"Command: `python benchmarks/attack_defence.py --method {args.method} --rounds {args.rounds}`  ",
+        f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, Python {platform.python_version()}; median seconds per run: "
         f"{sorted(seconds)[len(seconds) // 2]:.0f}",
         "",
-        "Final server accuracy (backdoor: accuracy / attack success rate):",
+        "Final clean server accuracy (mean ± standard deviation over the seeds; backdoor: accuracy / attack success):",
         "",
         "| attack \\ defence | " + " | ".join(args.defences) + " |",
         "|---" * (len(args.defences) + 1) + "|",
@@ -156,17 +204,17 @@ def main() -> None:
     for attack in args.attacks:
         cells = []
         for defence in args.defences:
-            logged = results[attack, defence]
-            acc = logged.get("server/acc", [float("nan")])[-1]
-            cell = f"{acc:.3f}"
-            if "attack/success_rate" in logged:
-                cell += f" / {logged['attack/success_rate'][-1]:.3f}"
+            runs = results[attack, defence]
+            cell = _spread([r.get("server/acc", [float("nan")])[-1] for r in runs])
+            if all("attack/success_rate" in r for r in runs):
+                cell += " / " + _spread([r["attack/success_rate"][-1] for r in runs])
             cells.append(cell)
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Mean share of the aggregate given to malicious clients (`attack/malicious_weight`; - where the rule "
-        "works per coordinate), and for Multi-Krum the mean true / false positive rates of its rejections:",
+        "works per coordinate), and for the selecting rules the mean true / false positive rates of their "
+        "rejections:",
         "",
         "| attack \\ defence | " + " | ".join(args.defences) + " |",
         "|---" * (len(args.defences) + 1) + "|",
@@ -176,15 +224,16 @@ def main() -> None:
             continue
         cells = []
         for defence in args.defences:
-            logged = results[attack, defence]
-            weight = logged.get("attack/malicious_weight")
+            runs = results[attack, defence]
+            weight = [v for r in runs for v in r.get("attack/malicious_weight", [])]
             cell = f"{_mean(weight):.3f}" if weight else "-"
-            if "attack/tpr" in logged:
-                cell += f" (TPR {_mean(logged['attack/tpr']):.2f}, FPR {_mean(logged.get('attack/fpr', [])):.2f})"
+            tpr = [v for r in runs for v in r.get("attack/tpr", [])]
+            if tpr:
+                fpr = [v for r in runs for v in r.get("attack/fpr", [])]
+                cell += f" (TPR {_mean(tpr):.2f}, FPR {_mean(fpr):.2f})"
             cells.append(cell)
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    suffix = "" if args.method == "head" else f"-{args.method}"
-    target = REPO / "benchmarks" / "results" / f"attack_defence{suffix}.md"
+    target = REPO / "benchmarks" / "results" / f"attack_defence-{args.method}-{setting}.md"
     target.write_text("\n".join(lines) + "\n")
     print(f"wrote {target.relative_to(REPO)}")
 
