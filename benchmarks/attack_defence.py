@@ -236,6 +236,47 @@ def main() -> None:
     target = REPO / "benchmarks" / "results" / f"attack_defence-{args.method}-{setting}.md"
     target.write_text("\n".join(lines) + "\n")
     print(f"wrote {target.relative_to(REPO)}")
+    if len(args.attacks) > 1 and len(args.defences) > 1:
+        figure = figure_of(results, args, setting)
+        print(f"wrote {figure.relative_to(REPO)}")
+
+
+def figure_of(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace, setting: str) -> Path:
+    """A heat map of the mean final clean accuracy, attacks by defences; the backdoor's cells also give its success."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    accuracy = np.array(
+        [
+            [_mean([r.get("server/acc", [float("nan")])[-1] for r in results[a, d]]) for d in args.defences]
+            for a in args.attacks
+        ]
+    )
+    figure, axes = plt.subplots(figsize=(1.1 * len(args.defences) + 2.5, 0.6 * len(args.attacks) + 1.8))
+    image = axes.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=max(0.9, float(np.nanmax(accuracy))))
+    for i, attack in enumerate(args.attacks):
+        for j, defence in enumerate(args.defences):
+            runs = results[attack, defence]
+            text = f"{accuracy[i, j]:.2f}"
+            if all("attack/success_rate" in r for r in runs):
+                text += f"\nASR {_mean([r['attack/success_rate'][-1] for r in runs]):.2f}"
+            axes.text(j, i, text, ha="center", va="center", fontsize=7)
+    axes.set_xticks(range(len(args.defences)), args.defences, rotation=35, ha="right", fontsize=8)
+    axes.set_yticks(range(len(args.attacks)), args.attacks, fontsize=8)
+    axes.set_title(
+        f"{args.method}: final clean accuracy, {int(args.fraction * 100)} % malicious, Dirichlet {args.alpha:g}, "
+        f"{len(args.seeds)} seed(s)",
+        fontsize=9,
+    )
+    figure.colorbar(image, ax=axes, fraction=0.03)
+    figure.tight_layout()
+    target = REPO / "docs" / f"attack_defence-{args.method}-{setting}.png"
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
 
 
 if __name__ == "__main__":

@@ -176,15 +176,17 @@ def _schedule(parts: RunParts) -> Optional[str]:
 
 def _attack(parts: RunParts) -> Optional[str]:
     attack = parts.attack
-    if attack is None or not getattr(attack, "omniscient", False):
+    if attack is None:
         return None
     name = _name(attack)
     if parts.live:
         return (
-            f"trainer.attack {name} is omniscient (its clients know every honest update of the round), which only a "
-            "simulation can give; on a deployment make a SuperNode an attacker with its node config's attack, with a "
-            "non-omniscient attack"
+            f"trainer.attack {name} runs in a simulation only: on a deployment the clients train on the SuperNodes; "
+            "make a SuperNode an attacker with its node config's attack (a non-omniscient one) and remove "
+            "trainer.attack"
         )
+    if not getattr(attack, "omniscient", False):
+        return None
     if parts.secure_aggregation:
         return (
             f"trainer.attack {name} is omniscient (it crafts its update from the honest ones), but under secure "

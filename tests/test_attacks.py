@@ -199,11 +199,12 @@ def test_selecting_rules_report_their_true_and_false_positive_rates():
 
 
 def test_what_cannot_hold_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"omniscient.*only a simulation"):
-        check_run(RunParts(attack=ALIE(), live=True))
+    for attack in (ALIE(), SignFlip()):  # a deployment's attackers are its SuperNodes, by their node config
+        with pytest.raises(ConfigError, match=r"simulation only.*node config's attack"):
+            check_run(RunParts(attack=attack, live=True))
     with pytest.raises(ConfigError, match=r"omniscient.*secure aggregation"):
         check_run(RunParts(attack=MinMax(), secure_aggregation=True))
-    check_run(RunParts(attack=SignFlip(), live=True))  # a non-omniscient attack runs on a deployment
+    check_run(RunParts(attack=SignFlip(), secure_aggregation=True))  # its clients tamper before masking
     spec = tmp_path / "attack.yaml"
     spec.write_text("class_path: fedpeft_pl.attacks.SignFlip\ninit_args: {scale: 2.5}\n")
     loaded = load_attack(str(spec))
