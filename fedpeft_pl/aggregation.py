@@ -96,26 +96,32 @@ class ServerAggregation(FederatedCallback):
     # the server's parts, as callers have named them
     @property
     def strategy(self) -> Strategy:
+        """The server's strategy."""
         return self.server.strategy
 
     @property
     def upload(self) -> Codec:
+        """The codec of the clients' updates."""
         return self.server.upload
 
     @property
     def download(self) -> Codec:
+        """The codec of the global state sent to clients."""
         return self.server.download
 
     @property
     def wire(self) -> WireCounter:
+        """The counter of the bytes of the messages as Flower would send them."""
         return self.server.wire
 
     @property
     def global_state(self) -> State:
+        """The server's global trainable state."""
         return self.server.global_state
 
     @property
     def cumulative_bytes(self) -> int:
+        """Bytes moved since the start of the run, both directions."""
         return self.server.cumulative_bytes
 
     @override

@@ -123,6 +123,7 @@ class Attack(Component):
         return self._malicious
 
     def is_malicious(self, client: int) -> bool:
+        """Whether ``client`` is one of the malicious clients."""
         return client in self._malicious
 
     # -- what a malicious client does -----------------------------------------------------------
@@ -213,7 +214,8 @@ class SignFlip(Attack):
 
     Args:
         scale: the factor on the reversed update, > 0.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def __init__(self, scale: float = 1.0, fraction: float = 0.2, clients: Optional[Sequence[int]] = None) -> None:
@@ -234,7 +236,8 @@ class GaussianNoise(Attack):
 
     Args:
         std: the noise's standard deviation, > 0.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def __init__(self, std: float = 1.0, fraction: float = 0.2, clients: Optional[Sequence[int]] = None) -> None:
@@ -266,7 +269,8 @@ class QuantityInflation(Attack):
 
     Args:
         factor: the multiplier on the reported count, >= 1.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def __init__(self, factor: float = 100.0, fraction: float = 0.2, clients: Optional[Sequence[int]] = None) -> None:
@@ -285,7 +289,8 @@ class LabelFlip(Attack):
 
     Args:
         target: the class every label becomes; None flips each label to ``C - 1 - y``.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     poisons_data = True
@@ -332,7 +337,8 @@ class Backdoor(Attack):
             normalisations).
         poison_fraction: the share of a malicious client's samples that carry the trigger, in (0, 1].
         boost: the factor on the malicious update, >= 1 (1: none).
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     poisons_data = True
@@ -447,7 +453,8 @@ class ALIE(_Omniscient):
 
     Args:
         z: the shift in standard deviations; None computes ``z_max`` each round.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def __init__(
@@ -478,7 +485,8 @@ class IPM(_Omniscient):
 
     Args:
         epsilon: the factor, > 0.
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def __init__(self, epsilon: float = 0.1, fraction: float = 0.2, clients: Optional[Sequence[int]] = None) -> None:
@@ -510,6 +518,7 @@ class _Optimised(_Omniscient):
         self.perturbation = perturbation
 
     def passes(self, candidate: torch.Tensor, honest: torch.Tensor) -> bool:
+        """Whether ``candidate`` passes the attack's distance test against the ``honest`` updates (rows)."""
         raise NotImplementedError
 
     def craft(self, honest: torch.Tensor, malicious: int) -> torch.Tensor:
@@ -538,7 +547,8 @@ class MinMax(_Optimised):
 
     Args:
         perturbation: ``std``, ``unit`` or ``sign`` (:class:`_Optimised`).
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def passes(self, candidate: torch.Tensor, honest: torch.Tensor) -> bool:
@@ -551,7 +561,8 @@ class MinSum(_Optimised):
 
     Args:
         perturbation: ``std``, ``unit`` or ``sign`` (:class:`_Optimised`).
-        fraction, clients: the malicious clients (:class:`Attack`).
+        fraction: the share of the federation's clients that are malicious (:class:`Attack`).
+        clients: the malicious clients by index, instead of a fraction.
     """
 
     def passes(self, candidate: torch.Tensor, honest: torch.Tensor) -> bool:

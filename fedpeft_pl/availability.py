@@ -47,6 +47,7 @@ class ClientAvailability:
         self.straggler_work = (low, high)
 
     def plan(self, seed: int, server_round: int, client: int, planned_batches: int) -> Plan:
+        """Each of ``clients``' plan for ``server_round``: whether it drops out, and its step cap if it straggles."""
         rng = np.random.default_rng(derive_seed(seed, AVAILABILITY, server_round, client))
         dropped, straggles, share = (
             rng.random() < self.dropout,

@@ -46,6 +46,7 @@ class Backbone:
 
     @property
     def loads_weights(self) -> bool:
+        """Whether building the model loads pre-trained weights (from the hub or a file), or leaves them random."""
         return self.pretrained or self.weights_file is not None
 
     def create_kwargs(self, num_classes: int) -> dict[str, Any]:

@@ -147,11 +147,13 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         self._loss_count = 0
 
     def end_client(self) -> None:
+        """The client's local training is over: the module holds no client any more."""
         self.session = None
 
     def track_loss(self, loss_sum: torch.Tensor, count: int) -> None:
         # A running sum instead of self.log: Lightning's per-step logging took about 9% of a Head
         # run's profiled time (benchmarks/overhead.py); the client reports it once, in its result.
+        """Add ``count`` samples' summed training loss ``loss_sum`` to the current client's running figure."""
         self._loss_sum = loss_sum if self._loss_sum is None else self._loss_sum + loss_sum
         self._loss_count += count
 

@@ -170,6 +170,7 @@ class TaskTime:
 
     @property
     def total(self) -> float:
+        """The task's seconds from dispatch to arrival: download, compute and upload."""
         return self.download + self.compute + self.upload + self.latency
 
 

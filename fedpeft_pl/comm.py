@@ -338,6 +338,7 @@ class CommReport:
 
     @property
     def run_bytes(self) -> int:
+        """The bytes the whole run moves, both directions, every round."""
         return self.num_rounds * self.round_bytes
 
     @property
@@ -361,6 +362,7 @@ class CommReport:
         return self.clients_per_round * per_client
 
     def format(self) -> str:
+        """The report as the lines ``fedpeft comm`` prints."""
         rows = [("method", self.method)]
         if self.data is not None:
             rows.append(("data", self.data))

@@ -17,7 +17,8 @@ class Component(ShownByArguments):
     """A server-side part that may keep state across rounds: checkpointable through :meth:`state_dict`."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The part's state across rounds, for checkpoints (empty if it keeps none)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore the state :meth:`state_dict` gave."""

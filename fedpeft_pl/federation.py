@@ -163,6 +163,7 @@ class Round:
 
     @property
     def stragglers(self) -> int:
+        """How many of the round's clients straggle (train fewer steps)."""
         return sum(plan.straggler for plan in self.plans.values())
 
 
@@ -196,6 +197,7 @@ class ClientResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the client trained and sent an update (neither dropped nor failed)."""
         return self.error is None and self.dropped is None
 
 
@@ -236,7 +238,9 @@ class ClientRunner(Protocol):
     ``on_client_end`` sees that client's state there (:class:`~fedpeft_pl.runners.base.ClientExecutor`).
     """
 
-    def run(self, round: Round) -> Iterable[ClientResult]: ...
+    def run(self, round: Round) -> Iterable[ClientResult]:
+        """Train the clients of ``round``; one result per client, in the round's order."""
+        ...
 
     def evaluate(self, round: Round, clients: list[int]) -> Iterable[ClientEvaluation]:
         """Evaluate the current global model (with each client's own local part, if personalised)

@@ -260,6 +260,7 @@ class FederatedLoop(_FitLoop):
 
     @property
     def num_rounds(self) -> int:
+        """The run's number of rounds (Lightning's ``max_epochs``)."""
         return self.max_epochs
 
     @property
@@ -272,6 +273,7 @@ class FederatedLoop(_FitLoop):
 
     @override
     def run(self) -> None:
+        """The federated run: the rounds, each one Lightning epoch, until ``num_rounds`` or a stop."""
         self._federation = None  # this fit's data module says how many clients there are
         self._check_setup()
         if self.done:

@@ -326,6 +326,7 @@ class Timeline:
         return [task for _, _, task in sorted(self._heap, key=lambda e: (e[0], e[1]))]
 
     def busy(self) -> set[int]:
+        """The clients with a task in flight."""
         return {task.client for _, _, task in self._heap}
 
     def versions(self) -> set[int]:
@@ -339,6 +340,7 @@ class Timeline:
         return [c for c in range(num_clients) if c not in taken]
 
     def choose(self, seed: int, candidates: Sequence[int]) -> int:
+        """One of the idle ``candidates``, drawn from the dispatch stream of ``seed`` and this dispatch's number."""
         rng = np.random.default_rng(derive_seed(seed, ASYNC_DISPATCH, self.sequence))
         return int(candidates[int(rng.integers(len(candidates)))])
 
@@ -353,6 +355,7 @@ class Timeline:
         return client
 
     def push(self, task: Task) -> None:
+        """Add ``task`` to the tasks in flight, ordered by its arrival time."""
         heapq.heappush(self._heap, (task.arrival, task.sequence, task))
 
     def pop(self) -> Task:
@@ -363,10 +366,12 @@ class Timeline:
         return task
 
     def new_version(self) -> None:
+        """A server update happened: the global version the next tasks start from advances."""
         self.fresh = set()
 
     # a checkpoint holds the tasks in flight with their replies, so a resumed run continues exactly
     def state_dict(self) -> dict[str, Any]:
+        """The tasks in flight and the dispatch count, for checkpoints."""
         return {
             "now": self.now,
             "sequence": self.sequence,
@@ -375,6 +380,7 @@ class Timeline:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the tasks in flight and the dispatch count :meth:`state_dict` gave."""
         self.now, self.sequence = float(state["now"]), int(state["sequence"])
         self.fresh = set(state["fresh"])
         self._heap = []

@@ -46,6 +46,7 @@ class ClientBatchSampler(Sampler[list[int]]):
         self.generator = torch.Generator()
 
     def assign(self, indices: np.ndarray, seed: int) -> None:
+        """Sample from ``indices`` (one client's samples) from now on, in the order ``seed`` gives."""
         self.indices = indices
         self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if self.secret else seed)
 
@@ -232,9 +233,11 @@ class FederatedDataModule(pl.LightningDataModule):
         return label_histogram(self.splits.train_targets, self.client_indices, self.splits.num_classes)
 
     def client_num_samples(self, client: int) -> int:
+        """The number of ``client``'s training samples."""
         return len(self.client_indices[client])
 
     def client_num_batches(self, client: int) -> int:
+        """The number of batches in one pass over ``client``'s training samples."""
         return math.ceil(self.client_num_samples(client) / self.batch_size)
 
     @property

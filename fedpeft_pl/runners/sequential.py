@@ -24,6 +24,7 @@ class SequentialRunner:
         self.loop = loop
 
     def run(self, round: Round) -> Iterator[ClientResult]:
+        """Train the round's clients one after another through Lightning's epoch loop; one result each."""
         loop = self.loop
         context = loop.context
         module = context.module

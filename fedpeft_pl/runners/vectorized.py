@@ -639,6 +639,7 @@ class VectorizedRunner:
         return context.choice.engine_path(context, module if module is not None else context.module)
 
     def run(self, round: Any) -> Iterator[Any]:
+        """Train the round's clients together, stacked through the one frozen backbone; one result each."""
         reason = self.reason_not_to_vectorise()
         if reason is not None:
             if not self._told:
@@ -649,6 +650,7 @@ class VectorizedRunner:
         yield from self._run(round)
 
     def evaluate(self, round: Any, clients: list[int]) -> Iterator[Any]:
+        """Evaluate ``clients`` on their own test splits with the global state (and their own local parts)."""
         return self.fallback.evaluate(round, clients)
 
     def _run(self, round: Any) -> Iterator[Any]:

@@ -172,8 +172,10 @@ class Strategy(Component):
         return self._server_optimizer.step(global_state, self._aggregator.aggregate(updates, global_state))
 
     def state_dict(self) -> dict[str, Any]:
+        """The strategy's server state (its aggregator's and server optimizer's), for checkpoints."""
         return {"aggregator": self._aggregator.state_dict(), "server_optimizer": self._server_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the server state :meth:`state_dict` gave."""
         self._aggregator.load_state_dict(state["aggregator"])
         self._server_optimizer.load_state_dict(state["server_optimizer"])

@@ -24,6 +24,7 @@ class ServerOptimizer(Component):
     """Base class: the next global state from the current one and the aggregate. Subclasses implement :meth:`step`."""
 
     def step(self, global_state: State, aggregate: State) -> State:
+        """The next global state from ``global_state`` and the aggregator's ``aggregate``."""
         raise NotImplementedError
 
 
@@ -79,9 +80,11 @@ class AdaptiveServerOptimizer(ServerOptimizer):
         self._v: State = {}
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The second-moment update of this optimizer (Adagrad's, Adam's or Yogi's rule)."""
         raise NotImplementedError
 
     def step(self, global_state: State, aggregate: State) -> State:
+        """One server step from ``global_state`` along the pseudo-gradient towards ``aggregate``."""
         new_state = {}
         for name, current in global_state.items():
             delta = aggregate[name].to(torch.float32) - current.to(torch.float32)
