@@ -109,7 +109,9 @@ def main() -> None:
                 }
                 results.append(result)
                 print(json.dumps(result), flush=True)
-    print("\n| SuperExec task poll | ServerApp pull interval | median round s | flwr run wall s | CPU s | idle CPU s/s |")
+    print(
+        "\n| SuperExec task poll | ServerApp pull interval | median round s | flwr run wall s | CPU s | idle CPU s/s |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         print(

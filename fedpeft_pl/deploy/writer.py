@@ -84,8 +84,11 @@ def write_app(
     (directory / "fedpeft_app.py").write_text(_APP)
     (directory / "pyproject.toml").write_text(
         _PYPROJECT.format(
-            name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT,
-            pull_interval=PULL_INTERVAL, extra=extra
+            name=name or _project_name(directory),
+            node_timeout=NODE_TIMEOUT,
+            reply_timeout=REPLY_TIMEOUT,
+            pull_interval=PULL_INTERVAL,
+            extra=extra,
         )
     )
     return directory
