@@ -642,3 +642,48 @@ def test_a_deployed_server_refuses_the_replies_it_cannot_trust(tmp_path, capsys)
     assert [v for _, v in logged["round/clients_aggregated"]] == [1]
     state = torch.load(tmp_path / "deployed/prompt/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_the_serverapp_pulls_replies_at_its_own_interval_and_gives_up_at_the_timeout():
+    """Flower's grid waits 3 s between two pulls of a round's replies; PollingGrid waits its interval."""
+    import time
+    from types import SimpleNamespace
+
+    from fedpeft_pl.deploy.polling import PollingGrid
+
+    class SlowNodes:  # replies come 0.3 s after the push, from one node only
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            self.pushed = time.monotonic()
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = time.monotonic() - self.pushed >= 0.3 and "m0" in ids
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))] if ready else []
+
+        def get_node_ids(self):
+            return [1, 2]
+
+    nodes = SlowNodes()
+    grid = PollingGrid(nodes, interval=0.05)
+    replies = grid.send_and_receive(["to node 1"], timeout=30)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert nodes.pulls >= 3  # pulled every 0.05 s; Flower's grid would have pulled twice, 3 s apart
+    replies = grid.send_and_receive(["to node 1", "to node 2"], timeout=0.5)  # m1 never comes
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert grid.get_node_ids() == [1, 2]  # the rest is Flower's grid
+    with pytest.raises(ValueError, match="pull-interval must be > 0"):
+        PollingGrid(nodes, interval=0)
+
+
+def test_a_local_federation_sets_the_superexecs_task_poll_unless_the_environment_does(tmp_path, monkeypatch):
+    from fedpeft_pl.deploy.local import TASK_POLL_ENV
+
+    monkeypatch.delenv(TASK_POLL_ENV, raising=False)
+    assert LocalFederation(tmp_path, 1).env[TASK_POLL_ENV] == "0.2"
+    assert LocalFederation(tmp_path, 1, task_poll_interval=0.05).env[TASK_POLL_ENV] == "0.05"
+    assert TASK_POLL_ENV not in LocalFederation(tmp_path, 1, task_poll_interval=None).env  # Flower's 1 s
+    assert LocalFederation(tmp_path, 1, env={TASK_POLL_ENV: "0.5"}).env[TASK_POLL_ENV] == "0.5"

@@ -81,6 +81,22 @@ def test_comm_loads_what_sizing_the_model_needs_and_nothing_a_fit_alone_uses(tmp
     assert run.last["frozen"] > 100_000 and run.last["collecting"], run.last["frozen"]
 
 
+@pytest.mark.slow  # processes that import torch and Lightning
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["fit", "--help"], "--trainer.num_rounds"),
+        (["flower-app", "{tmp}/app", "--config", "configs/quickstart.yaml"], "wrote the Flower app"),
+    ],
+)
+def test_a_fits_help_and_writing_a_flower_app_load_no_library_only_a_run_uses(tmp_path, args, says):
+    """Both read the config's signatures (Lightning, timm, torch); neither trains, deploys or reads data."""
+    exit_status, output, heavy = run(tmp_path, *(a.format(tmp=tmp_path) for a in args))
+    assert exit_status in (0, None) and says in output, output[-3000:]
+    assert {"torch", "lightning", "jsonargparse"} <= heavy, heavy
+    assert not heavy & {"flwr", "opacus", "peft", "sklearn", "pandas", "datasets"}, heavy
+
+
 def test_main_called_from_python_leaves_the_callers_garbage_collector_alone(capsys):
     """Only the command's own process freezes what the import built; a caller's objects stay collectable."""
     import gc

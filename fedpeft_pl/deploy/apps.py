@@ -33,7 +33,9 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     SuperNodes), ``reply-timeout`` (seconds to wait for a round's replies), whose defaults are
     :data:`~fedpeft_pl.deploy.writer.NODE_TIMEOUT` and :data:`~fedpeft_pl.deploy.writer.REPLY_TIMEOUT`,
     and ``query-batch`` (SuperNodes asked their partition at a time, 0 for all, the default:
-    :func:`~fedpeft_pl.deploy.flower.query_partitions`).
+    :func:`~fedpeft_pl.deploy.flower.query_partitions`) and ``pull-interval`` (seconds between the
+    ServerApp's pulls of replies, :data:`~fedpeft_pl.deploy.polling.PULL_INTERVAL` by default; Flower's
+    own grid waits 3 s: :class:`~fedpeft_pl.deploy.polling.PollingGrid`).
     ``resume = true`` continues the experiment from its newest ``last.ckpt`` (a ServerApp that
     died: ``flwr run DIR FEDERATION --run-config resume=true``).
     """
@@ -43,9 +45,11 @@ def server_app(config: Union[str, os.PathLike]) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         # imported here: a ClientApp process loads this module too, and a thin one imports no torch
         from fedpeft_pl.deploy.flower import FlowerRunner, build, discover_clients
+        from fedpeft_pl.deploy.polling import PULL_INTERVAL, PollingGrid
         from fedpeft_pl.deploy.secagg import SecureFlowerRunner
         from fedpeft_pl.deploy.writer import NODE_TIMEOUT, REPLY_TIMEOUT
 
+        grid = PollingGrid(grid, float(context.run_config.get("pull-interval", PULL_INTERVAL)))  # type: ignore[assignment]
         trainer, module, datamodule, fit_args = build(config, server=True)
         node_timeout = float(context.run_config.get("node-timeout", NODE_TIMEOUT))
         query_batch = int(context.run_config.get("query-batch", 0))

@@ -34,6 +34,8 @@ __all__ = ["LocalFederation", "free_port", "rounds_ended"]
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this Python
 _CONNECTED = "SuperNode ID:"  # what a SuperNode logs once the SuperLink has registered it
 _SERVING = "fedpeft worker: serving"  # what a worker prints once its module is built and it answers
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by every flower-superexec at its start (flwr 1.42)
+TASK_POLL_INTERVAL = 0.2  # seconds; Flower's default is 1
 
 
 def free_port() -> int:
@@ -57,6 +59,11 @@ class LocalFederation:
         worker_config: an app's ``fedpeft.yaml``: start a warm worker (``fedpeft worker``) beside each SuperNode
             and name its socket in the node's config, so its ClientApps are thin (:mod:`fedpeft_pl.deploy.thin`).
             :meth:`kill_worker` and :meth:`start_worker` stop and restart one; nothing restarts a worker by itself.
+        task_poll_interval: seconds between the SuperExecs' asks for a task to launch (Flower's
+            ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 1 s by default): the SuperLink's SuperExec starts the
+            ServerApp, each SuperNode's starts a ClientApp per message, each up to this late. None keeps
+            Flower's default; a value the environment (``env``) already sets wins. README, "What Flower's
+            polling costs", measures it.
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class LocalFederation:
         name: str = "local",
         env: Optional[dict[str, str]] = None,
         worker_config: Union[str, os.PathLike, None] = None,
+        task_poll_interval: Optional[float] = TASK_POLL_INTERVAL,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -82,6 +90,8 @@ class LocalFederation:
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),
         )
+        if task_poll_interval is not None:
+            self.env.setdefault(TASK_POLL_ENV, f"{task_poll_interval:g}")
         self.processes: list[subprocess.Popen[bytes]] = []
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.superlink: Optional[subprocess.Popen[bytes]] = None

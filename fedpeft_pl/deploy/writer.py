@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from fedpeft_pl.config import resolve_config
+from fedpeft_pl.deploy.polling import PULL_INTERVAL
 from fedpeft_pl.deploy.secure_aggregation import SecureAggregation, check_resolved_config
 
 # one default for both the written app and a ServerApp whose run config leaves them out
@@ -39,6 +40,8 @@ reply-timeout = {reply_timeout:g}
 # SuperNodes asked their partition at a time (0: all at once); each query starts a ClientApp process,
 # so many SuperNodes on one machine want a few at a time
 query-batch = 0
+# seconds between the ServerApp's pulls of a round's replies (Flower's own grid waits 3 s)
+pull-interval = {pull_interval:g}
 # true continues from the newest round checkpoint: flwr run DIR FEDERATION --run-config resume=true
 resume = false
 {extra}"""
@@ -81,7 +84,11 @@ def write_app(
     (directory / "fedpeft_app.py").write_text(_APP)
     (directory / "pyproject.toml").write_text(
         _PYPROJECT.format(
-            name=name or _project_name(directory), node_timeout=NODE_TIMEOUT, reply_timeout=REPLY_TIMEOUT, extra=extra
+            name=name or _project_name(directory),
+            node_timeout=NODE_TIMEOUT,
+            reply_timeout=REPLY_TIMEOUT,
+            pull_interval=PULL_INTERVAL,
+            extra=extra,
         )
     )
     return directory
