@@ -105,7 +105,7 @@ def test_the_accounting_is_the_gaussians_without_rounding_and_subsampling_bounds
 
 
 def test_dropouts_spend_more_and_calibration_meets_the_target():
-    kwargs = dict(clip=1.0, clients=10, dim=DIM, bits=20, beta=math.exp(-0.5), k_stddevs=4.0)
+    kwargs = {"clip": 1.0, "clients": 10, "dim": DIM, "bits": 20, "beta": math.exp(-0.5), "k_stddevs": 4.0}
     z = ddg.calibrate(4.0, rate=0.1, rounds=30, delta=1e-5, **kwargs)
     full = ddg.plan_epsilon(z, rate=0.1, rounds=30, delta=1e-5, **kwargs)
     assert 3.9 <= full <= 4.0
@@ -142,9 +142,9 @@ def test_distributed_dp_noises_every_update_and_a_reproducible_run_repeats():
 @pytest.mark.parametrize(
     "parts, message",
     [
-        (dict(privacy=(object(),)), "DistributedDP cannot run with local DP"),
-        (dict(live=True), "DistributedDP needs secure aggregation on a deployment"),
-        (dict(schedule=type("FedBuff", (), {"asynchronous": True})(), clock=object()), "FedBuff cannot run"),
+        ({"privacy": (object(),)}, "DistributedDP cannot run with local DP"),
+        ({"live": True}, "DistributedDP needs secure aggregation on a deployment"),
+        ({"schedule": type("FedBuff", (), {"asynchronous": True})(), "clock": object()}, "FedBuff cannot run"),
     ],
     ids=["local-dp", "deployed-in-the-clear", "asynchronous"],
 )
@@ -172,7 +172,7 @@ def test_distributed_dp_is_within_reach_of_central_dp_at_equal_epsilon():
     from fedpeft_pl.accounting import noise_multiplier
 
     central = noise_multiplier("rdp", 5.0, 1e-3, 0.1, 50)
-    kwargs = dict(clip=1.0, clients=10, dim=DIM, bits=16, beta=math.exp(-0.5), k_stddevs=4.0)
+    kwargs = {"clip": 1.0, "clients": 10, "dim": DIM, "bits": 16, "beta": math.exp(-0.5), "k_stddevs": 4.0}
     z = ddg.calibrate(5.0, rate=0.1, rounds=50, delta=1e-3, **kwargs)
     cond = ddg.conditioning(1.0, z, 10, DIM, 16, math.exp(-0.5), 4.0)
     distributed = math.sqrt(z**2 + 10 * cond.gamma**2 / 4)

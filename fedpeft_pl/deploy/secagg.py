@@ -203,7 +203,7 @@ class SecureFlowerRunner(FlowerRunner):
             self.settings.num_shares,
             self.settings.reconstruction_threshold,
             max_weight=self.settings.max_weight,
-            clipping_range=levels // 2,
+            clipping_range=float(levels // 2),  # Flower checks its type
             quantization_range=levels,
             modulus_range=_MODULUS,
             timeout=self.workflow.timeout,
