@@ -10,7 +10,7 @@ from fedpeft_pl import distributed_noise as ddg
 from fedpeft_pl.capabilities import RunParts, check_run
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import Federation
-from fedpeft_pl.privacy import DistributedDP, DPFedAvg
+from fedpeft_pl.privacy import DistributedDP
 from fedpeft_pl.strategies import ClientUpdate
 
 DIM, CLIENTS = 3000, 8
@@ -177,4 +177,3 @@ def test_distributed_dp_is_within_reach_of_central_dp_at_equal_epsilon():
     cond = ddg.conditioning(1.0, z, 10, DIM, 16, math.exp(-0.5), 4.0)
     distributed = math.sqrt(z**2 + 10 * cond.gamma**2 / 4)
     assert central < distributed <= 1.25 * central, (central, distributed)
-    assert isinstance(DPFedAvg(), DPFedAvg)
