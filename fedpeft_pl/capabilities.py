@@ -195,7 +195,42 @@ def _attack(parts: RunParts) -> Optional[str]:
     return None
 
 
-RULES = (_schedule, _attack, _views_with_local_dp, _secure_client_reports, _secure_strategy, _secure_upload)
+def _distributed_dp(parts: RunParts) -> Optional[str]:
+    if type(parts.strategy).__name__ != "DistributedDP":
+        return None
+    if parts.privacy:
+        return (
+            "DistributedDP cannot run with local DP (trainer.privacy): each is accounted alone, and their noise "
+            "would be spent twice; use one of them"
+        )
+    upload = parts.upload
+    if upload is not None and not getattr(upload, "identity", False):
+        return (
+            f"DistributedDP cannot use trainer.compress_upload ({_name(upload)}): its clients upload their noised "
+            "integer vectors mod 2**bits, which a codec would no longer sum exactly"
+        )
+    if parts.live and not parts.secure_aggregation:
+        return (
+            "DistributedDP needs secure aggregation on a deployment (fedpeft flower-app --secure-aggregation): "
+            "without it the server would receive each client's update before any noise"
+        )
+    if parts.attack is not None:
+        return (
+            f"DistributedDP cannot run trainer.attack {_name(parts.attack)}: its guarantee assumes every client "
+            "adds its noise share, which a malicious client need not"
+        )
+    return None
+
+
+RULES = (
+    _distributed_dp,
+    _schedule,
+    _attack,
+    _views_with_local_dp,
+    _secure_client_reports,
+    _secure_strategy,
+    _secure_upload,
+)
 """Each rule: the one-line reason a run's parts cannot run together, or None."""
 
 

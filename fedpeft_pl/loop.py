@@ -442,6 +442,7 @@ class FederatedLoop(_FitLoop):
                 schedule=self.server.schedule,
                 live=isinstance(self.runner, LiveRunner),
                 attack=self.server.attack,
+                secure_aggregation=bool(getattr(self.runner, "secure_aggregation", False)),
             )
         )
         schedule = self.server.schedule

@@ -83,6 +83,17 @@ class NoiseSource:
         release: Sequence[int],
     ) -> torch.Tensor:
         """Zero-mean Gaussian noise of standard deviation ``std`` from the stream of ``release``."""
+        device = torch.device(device)
+        generator = self.generator(release, device)
+        reference = torch.empty(tuple(shape), device=device, dtype=dtype)
+        # imported here, not with the module: a plain fit imports this module but draws no noise
+        from opacus.optimizers.optimizer import _generate_noise
+
+        return _generate_noise(std, reference, generator=generator, secure_mode=True)
+
+    def generator(self, release: Sequence[int], device: Union[str, torch.device] = "cpu") -> torch.Generator:
+        """The generator of ``release``'s stream on ``device``, for draws other than Gaussian (distributed DP's
+        discrete Gaussian and randomized rounding); secret unless reproducible, as :meth:`gaussian`'s."""
         release = tuple(release)
         if release not in self._seeds:
             if self.reproducible:
@@ -95,11 +106,7 @@ class NoiseSource:
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(self._seeds[release] + len(generators))
             generators[str(device)] = generator
-        reference = torch.empty(tuple(shape), device=device, dtype=dtype)
-        # imported here, not with the module: a plain fit imports this module but draws no noise
-        from opacus.optimizers.optimizer import _generate_noise
-
-        return _generate_noise(std, reference, generator=generator, secure_mode=True)
+        return generator
 
     def like(self, tensor: torch.Tensor, std: float, release: Sequence[int]) -> torch.Tensor:
         """Noise shaped, typed and placed like ``tensor``."""

@@ -43,7 +43,7 @@ from fedpeft_pl.federation import ClientResult, Federation, Round, State
 from fedpeft_pl.hooks import ClientDropped, FederatedCallback
 from fedpeft_pl.noise import NOT_PRIVATE, NoiseSource
 from fedpeft_pl.peft import trainable_parameters
-from fedpeft_pl.seeds import DP_NOISE, SERVER_NOISE, TREE_NOISE, TREE_ORDER, derive_seed
+from fedpeft_pl.seeds import DDP_NOISE, DP_NOISE, SERVER_NOISE, TREE_NOISE, TREE_ORDER, derive_seed
 from fedpeft_pl.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
@@ -1009,5 +1009,284 @@ class DPFTRL(Strategy, PrivacyMechanism):
             + (f"epsilon {self.epsilon} " if self.epsilon is not None else f"noise multiplier {self.noise_multiplier} ")
             + f"at delta {self.delta} over the run ({self.accountant} accountant, tree aggregation restarted "
             + f"{restart}, each client at most once a tree: no sampling assumed)"
+            + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
+        )
+
+
+class DistributedDP(Strategy, PrivacyMechanism):
+    """Distributed DP (Kairouz, Liu and Steinke, ICML 2021): every client noises its own update before secure
+    aggregation, so the server never sees an un-noised sum, and never adds noise.
+
+    Each sampled client clips its update to ``clip_norm``, rotates it (randomized Hadamard, public signs from
+    the run's seed and the round), scales it by ``1 / gamma``, rounds it to integers within the conditional
+    rounding bound, adds its share of discrete Gaussian noise and wraps it modulo ``2**bits``
+    (:mod:`fedpeft_pl.distributed_noise`). Under SecAgg+ the client masks that integer vector, and the server
+    unmasks only the sum of the vectors of the clients that finished; it decodes the sum (centred residue,
+    times ``gamma``, rotated back) and divides by the expected number of clients ``q * N``, as DP-FedAvg's
+    fixed denominator. In a simulation the server sums the clients' integer vectors itself (no masks), with
+    the same vectors: with ``reproducible_noise`` a deployment ends where its simulation does.
+
+    The noise: the clients' shares sum to central noise of standard deviation ``noise_multiplier * clip_norm``
+    when ``noise_clients`` clients (the expected number a round by default) reach the sum. A client that drops
+    out takes its share with it: a round's sum holds the noise of its survivors only. The accounting takes
+    the survivors' count (the deficit is spent, not assumed away): ``privacy/epsilon`` after each round is
+    the paper's RDP of the sum of that many discrete Gaussians (Proposition 14, with its Theorem 1's ``tau``
+    and the rounding's inflated sensitivity), subsampled by the client sample rate (Poisson sampling, Zhu and
+    Wang's general bound), composed over the rounds. ``epsilon`` calibrates ``noise_multiplier`` for
+    ``noise_clients`` survivors every round; rounds with fewer spend more than planned (``fedpeft comm`` says
+    how much with one dropout a round). The neighbouring relation is the paper's: one client's update
+    replaced, the number of noise shares fixed by who takes part.
+
+    The rounding adds error of L2 norm about ``gamma * sqrt(n D) / 2`` to the decoded sum of ``n`` updates
+    (:func:`~fedpeft_pl.distributed_noise.error_bound` states twice that); ``gamma`` keeps ``k_stddevs``
+    standard deviations of each coordinate of the noised sum inside ``2**bits`` even when all updates point
+    the same way, so a coordinate wraps around with probability at most
+    :func:`~fedpeft_pl.distributed_noise.wrap_probability`.
+
+    Args:
+        clip_norm: ``c``, the bound on each client's update norm.
+        epsilon: the run's target budget; calibrates ``noise_multiplier``. Or give ``noise_multiplier``.
+        delta: target delta, in (0, 1).
+        noise_multiplier: ``z`` of the central noise ``z * c`` that ``noise_clients`` shares make up.
+        bits: the modulus is ``2**bits`` (at most 30 under Flower's SecAgg+, and the round's clients times
+            ``2**bits`` below ``2**32``).
+        beta: conditional randomized rounding's constant in [0, 1); ``exp(-0.5)`` as in the paper.
+        k_stddevs: how many standard deviations of the noised sum the modulus holds; 4 as in the paper.
+        noise_clients: the survivors the noise is planned for; by default the expected clients a round.
+        reproducible_noise: draw each client's noise and rounding from ``trainer.seed``: NOT private.
+        release_client_statistics: collect un-noised per-client statistics, outside the guarantee.
+    """
+
+    synchronous_only = (
+        "distributed DP's noise shares and the wrap-around are sized for one cohort's sum, and a buffer's "
+        "clients are decided by their arrival, so its sampling is not Poisson"
+    )
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        epsilon: Optional[float] = 5.0,
+        delta: float = 1e-3,
+        noise_multiplier: Optional[float] = None,
+        bits: int = 20,
+        beta: float = math.exp(-0.5),
+        k_stddevs: float = 4.0,
+        noise_clients: Optional[int] = None,
+        reproducible_noise: bool = False,
+        release_client_statistics: bool = False,
+    ) -> None:
+        super().__init__()
+        self.min_clients = 0
+        check_privacy_arguments(epsilon, delta, clip_norm, "rdp", "clip_norm")
+        if epsilon is None and noise_multiplier is None:
+            raise ConfigError("DistributedDP needs a target epsilon or a noise_multiplier")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ConfigError(f"DistributedDP noise_multiplier must be > 0, got {noise_multiplier}")
+        if not 0 <= beta < 1:
+            raise ConfigError(f"DistributedDP beta must be in [0, 1), got {beta}")
+        if not k_stddevs > 0:
+            raise ConfigError(f"DistributedDP k_stddevs must be > 0, got {k_stddevs}")
+        if noise_clients is not None and not noise_clients >= 1:
+            raise ConfigError(f"DistributedDP noise_clients must be >= 1, got {noise_clients}")
+        if not isinstance(bits, int) or not 1 <= bits <= 30:
+            raise ConfigError(f"DistributedDP bits must be an int in [1, 30] (SecAgg+ carries int32), got {bits}")
+        self.clip_norm = clip_norm
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self._given_multiplier = noise_multiplier
+        self.bits = bits
+        self.beta = beta
+        self.k_stddevs = k_stddevs
+        self.noise_clients = noise_clients
+        self.reproducible_noise = reproducible_noise
+        self.release_client_statistics = release_client_statistics
+        self._noise = NoiseSource(DDP_NOISE, reproducible=reproducible_noise)
+        self._federation: Optional[Federation] = None
+        self._survivors: dict[int, int] = {}  # survivors a round -> rounds with that many
+        self._last_survivors: Optional[int] = None
+        self._dim: Optional[int] = None
+
+    # -- the mechanism, the same on the clients and the server --------------------------------------------
+
+    def _shares(self, federation: Federation) -> int:
+        return int(self.noise_clients) if self.noise_clients is not None else max(1, federation.clients_per_round)
+
+    def _rate(self, federation: Federation) -> float:
+        return federation.clients_per_round / federation.num_clients
+
+    def conditioning(self, federation: Federation, dim: int) -> Any:
+        """The round's :class:`~fedpeft_pl.distributed_noise.Conditioning` for updates of ``dim`` elements; the noise
+        multiplier calibrated for the run's target epsilon when none was given (the same on every client)."""
+        from fedpeft_pl import distributed_noise as ddg
+
+        z = self._given_multiplier
+        if z is None:
+            assert self.epsilon is not None
+            key = (federation.clients_per_round, federation.num_clients, federation.num_rounds, int(dim))
+            cached = getattr(self, "_calibrated_for", None)
+            if cached is None or cached[0] != key:
+                z = ddg.calibrate(
+                    self.epsilon,
+                    self.clip_norm,
+                    self._shares(federation),
+                    dim,
+                    self.bits,
+                    self.beta,
+                    self.k_stddevs,
+                    self._rate(federation),
+                    federation.num_rounds,
+                    self.delta,
+                )
+                self._calibrated_for = (key, z)
+            z = self._calibrated_for[1]
+        self.noise_multiplier = z
+        return ddg.conditioning(self.clip_norm, z, self._shares(federation), dim, self.bits, self.beta, self.k_stddevs)
+
+    @staticmethod
+    def flat(update: State) -> tuple[list[str], np.ndarray]:
+        """The update's tensors in one float64 vector, in the order of their sorted names (every party's order)."""
+        names = sorted(update)
+        parts = [update[n].detach().double().cpu().reshape(-1).numpy() for n in names]
+        return names, (np.concatenate(parts) if parts else np.zeros(0))
+
+    def encode_update(self, update: State, server_round: int, client: int, federation: Federation) -> np.ndarray:
+        """A client's update as the integer vector it hands to secure aggregation (already noised): int64 in
+        ``[-2**(bits-1), 2**(bits-1))``. Runs on the client."""
+        from fedpeft_pl import distributed_noise as ddg
+
+        _, vector = self.flat(update)
+        cond = self.conditioning(federation, vector.size)
+        signs = ddg.rotation_signs(federation.seed, server_round, cond.padded)
+        release = (server_round, client)
+        self._noise.open(release, seed=federation.seed)
+        try:
+            return ddg.encode(vector, cond, signs, self._noise.generator(release))
+        finally:
+            self._noise.close(release)
+
+    def decode_sum(self, total: np.ndarray, server_round: int, like: State, federation: Federation) -> State:
+        """The sum of the clients' updates, shaped like ``like``, from the sum of their integer vectors (mod
+        ``2**bits``). Runs on the server."""
+        from fedpeft_pl import distributed_noise as ddg
+
+        names = sorted(like)
+        dim = sum(like[n].numel() for n in names)
+        cond = self.conditioning(federation, dim)
+        flat = ddg.decode(total, cond, ddg.rotation_signs(federation.seed, server_round, cond.padded))
+        result, start = {}, 0
+        for name in names:
+            size = like[name].numel()
+            result[name] = torch.from_numpy(flat[start : start + size].copy()).reshape(like[name].shape)
+            start += size
+        return result
+
+    # -- the server ----------------------------------------------------------------------------------------
+
+    def setup(self, federation: Federation) -> None:
+        if federation.sampling != "poisson":
+            raise ConfigError(
+                "DistributedDP's accounting assumes Poisson client sampling; set trainer.client_sampling: poisson"
+            )
+        self._federation = federation
+        self._noise.warn_if_reproducible("DistributedDP")
+        _announce_client_statistics("DistributedDP", self.release_client_statistics)
+
+    def setup_buffered(self, federation: Federation, buffer_size: int) -> None:
+        raise ConfigError(f"buffered asynchronous aggregation cannot run DistributedDP: {self.synchronous_only}")
+
+    def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        federation = self._federation
+        assert federation is not None, "setup runs before the first round"
+        from fedpeft_pl import distributed_noise as ddg
+
+        dim = sum(t.numel() for t in global_state.values())
+        self._dim = dim
+        secure = [u for u in updates if u.aggregate_of]
+        if secure:  # SecAgg+: the runner decoded the noised sum of the survivors' vectors (decode_sum)
+            if len(updates) != 1:
+                raise RuntimeError("under secure aggregation the server gets one aggregate a round")
+            survivors = len(secure[0].aggregate_of)
+            total = {n: secure[0].state[n].double() - global_state[n].double() for n in global_state}
+        else:  # a simulation: each client encodes as on a SuperNode, the server sums the integer vectors
+            cond = self.conditioning(federation, dim)
+            integers = np.zeros(cond.padded, dtype=np.int64)
+            for update in updates:
+                delta = {n: update.state[n].float() - global_state[n].float() for n in global_state}
+                integers = ddg.wrap(
+                    integers + self.encode_update(delta, server_round, update.client, federation), cond.modulus
+                )
+            survivors = len(updates)
+            total = self.decode_sum(integers, server_round, global_state, federation)
+        expected = float(federation.clients_per_round)
+        result = {
+            n: (current.double() + total[n].to(current.device) / expected).to(current.dtype)
+            for n, current in global_state.items()
+        }
+        self._survivors[survivors] = self._survivors.get(survivors, 0) + 1
+        self._last_survivors = survivors
+        return result
+
+    @property
+    def needs_secret_sampling(self) -> bool:
+        return not self.reproducible_noise
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        return False  # the sum of the clients' integer vectors is all it needs
+
+    def epsilon_spent(self) -> float:
+        federation = self._federation
+        if federation is None or self._dim is None or not self._survivors:
+            return 0.0
+        from fedpeft_pl import distributed_noise as ddg
+
+        cond = self.conditioning(federation, self._dim)
+        rate = self._rate(federation)
+        rdp = sum(rounds * ddg.round_rdp(cond, n, rate) for n, rounds in self._survivors.items())
+        return ddg.epsilon(np.asarray(rdp), self.delta)
+
+    def round_metrics(self) -> dict[str, float]:
+        metrics = {"privacy/epsilon": self.epsilon_spent()}
+        if self._last_survivors is not None:
+            metrics["privacy/noise_clients"] = float(self._last_survivors)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"survivors": dict(self._survivors), "dim": self._dim, "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._survivors = {int(k): int(v) for k, v in state["survivors"].items()}
+        self._dim = state["dim"]
+        self.noise_multiplier = state["noise_multiplier"]
+
+    def privacy_plan(self, federation: Federation, buffered: bool = False, dimension: Optional[int] = None) -> str:
+        """What the run will spend for updates of ``dimension`` elements: the calibrated noise, the epsilon with
+        every planned client surviving, and with one fewer every round (the dropout deficit)."""
+        from fedpeft_pl import distributed_noise as ddg
+
+        if buffered:
+            return f"DistributedDP cannot run buffered asynchronous aggregation: {self.synchronous_only}"
+        if dimension is None:
+            return "distributed DP: the plan needs the update's dimension (the exchanged parameters)"
+        cond = self.conditioning(federation, dimension)
+        rate, shares, rounds = self._rate(federation), self._shares(federation), federation.num_rounds
+        full = ddg.epsilon(rounds * ddg.round_rdp(cond, shares, rate), self.delta)
+        short = ddg.epsilon(rounds * ddg.round_rdp(cond, max(shares - 1, 1), rate), self.delta)
+        return (
+            f"distributed DP over {rounds} rounds: noise multiplier {self.noise_multiplier:.4f} in {shares} "
+            f"client shares, {self.bits} bits, gamma {cond.gamma:.3g}, at client sample rate {rate:.4g} spends "
+            f"epsilon {full:.3f} at delta {self.delta:g} (rdp, the DDG's Proposition 14); with one dropout every "
+            f"round {short:.3f}. Rounding error of the sum at most {ddg.error_bound(cond, shares):.3g} (L2), a "
+            f"coordinate wraps around with probability at most {ddg.wrap_probability(cond, shares):.2g}"
+        )
+
+    def describe(self) -> str:
+        return (
+            f"distributed DP (discrete Gaussian shares added by each client before secure aggregation): update "
+            f"clipping c={self.clip_norm}, "
+            + (f"epsilon {self.epsilon} " if self.epsilon is not None else f"noise multiplier {self.noise_multiplier} ")
+            + f"at delta {self.delta} over the run, {self.bits} bits, Poisson client sampling; the server adds no "
+            "noise and accounts with the clients that survive each round"
             + (f". {NOT_PRIVATE}" if self.reproducible_noise else "")
         )

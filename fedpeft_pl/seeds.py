@@ -30,6 +30,9 @@ noise of DP-SGD, for one, must not be a function of which records Poisson sampli
 - ``TREE_ORDER`` ``(tree)``: the order in which DP-FTRL deals one tree's clients out, a cohort a round
 - ``TREE_NOISE`` ``(tree, level, node)``: the noise of one node of DP-FTRL's tree, only with
   ``reproducible_noise``
+- ``DDP_NOISE`` ``(round, client)``: a client's share of distributed DP noise and its randomized rounding, only
+  with ``reproducible_noise``
+- ``DDP_ROTATION`` ``(round)``: the public random signs of distributed DP's rotation, the same on every client
 
 Keyed by ``data.seed`` instead of the run's seed (the partition is the data's, not the run's):
 
@@ -65,6 +68,8 @@ ATTACK_SAMPLES = 18
 ATTACK_NOISE = 19
 TREE_ORDER = 20
 TREE_NOISE = 21
+DDP_NOISE = 22
+DDP_ROTATION = 23
 
 
 def derive_seed(*parts: int) -> int:

@@ -8,6 +8,7 @@ LightningCLI dispatches subcommands to them; they call into :mod:`fedpeft_pl.com
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -493,7 +494,13 @@ class FederatedTrainer(RoundTrainer):
         plan = getattr(server.strategy, "privacy_plan", None)
         if plan is not None and num_clients is not None:  # the epsilon the run will spend, before it trains
             federation = Federation(num_clients=num_clients, **settings)
-            notes.append(plan(federation, buffered=server.server.asynchronous))
+            extra = {}
+            if "dimension" in inspect.signature(plan).parameters:  # distributed DP sizes its rounding by it
+                local_names = getattr(model, "local_names", ())
+                extra["dimension"] = sum(
+                    p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in local_names
+                )
+            notes.append(plan(federation, buffered=server.server.asynchronous, **extra))
         local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
         if local:
             notes.append(

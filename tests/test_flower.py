@@ -253,6 +253,67 @@ def test_secure_aggregation_gives_the_server_only_the_mean(tmp_path, capsys):
     print(f"secure aggregation: round-1 error {error:.2e} (bound {bound:.2e})")
 
 
+@pytest.mark.slow
+def test_distributed_dp_under_secure_aggregation_equals_its_simulation_and_noises_the_sum(tmp_path, capsys):
+    """DistributedDP over the loopback grid, reproducible noise, one client dropping out mid-protocol each round.
+
+    Each client clips, rotates, rounds and noises its update into integers before SecAgg+ masks them; the server
+    is handed only the decoded noised sum of the two survivors, never one client's update: it differs from every
+    client's trained state by noise of the expected scale (the survivors' shares, ``z c sqrt(2 / 3)``); and with
+    reproducible noise the run ends where its simulation does (the same integer vectors, summed without masks).
+    """
+    from fedpeft_pl.availability import ClientAvailability
+
+    dropout, rounds, z = 0.4, 2, 0.05
+    plans = [[ClientAvailability(dropout=dropout).plan(0, r, c, 1).dropped for c in range(NUM_NODES)] for r in (1, 2)]
+    assert all(sum(p) == 1 for p in plans), plans
+    app = write_deployment(
+        tmp_path,
+        capsys,
+        "--trainer.availability",
+        "fedpeft_pl.ClientAvailability",
+        "--trainer.availability.dropout",
+        str(dropout),
+        "--trainer.client_sampling",
+        "poisson",
+        "--trainer.aggregation",
+        "fedpeft_pl.privacy.DistributedDP",
+        "--trainer.aggregation.epsilon",
+        "null",
+        "--trainer.aggregation.noise_multiplier",
+        str(z),
+        "--trainer.aggregation.reproducible_noise",
+        "true",
+        "--trainer.callbacks+=secagg_probe.RecordResults",
+        "--secure-aggregation",
+        "--num-shares",
+        "3",
+        "--reconstruction-threshold",
+        "2",
+        rounds=rounds,
+        per_round=NUM_NODES,
+    )
+    run_loopback(app, NUM_NODES)
+    deployed_dir = tmp_path / "deployed" / "prompt" / "version_0"
+    simulated_dir = simulate(app, tmp_path / "simulated", capsys)
+    seen = torch.load(deployed_dir / "results.pt")
+    individual = torch.load(simulated_dir / "results.pt")
+    assert [(r, agg) for r, _, _, agg, _ in seen] == [(1, (0, 2)), (2, (0, 1))]
+    for server_round, _, _, clients, handed in seen:
+        for r, c, _, _, trained in individual:
+            if r == server_round and c in clients:  # the noise of two of three shares, on every coordinate
+                gap = torch.cat([(handed[k].double() - trained[k].double()).flatten() for k in handed])
+                assert 0.6 * z * (2 / 3) ** 0.5 < float(gap.std()) < 1.5 * z * (2 / 3) ** 0.5 + 0.05, float(gap.std())
+    deployed = torch.load(deployed_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    reference = torch.load(simulated_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, tensor in reference.items():  # only float32 rounding of the decoded sum differs
+        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-5, msg=name)
+    deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
+    for tag in ("privacy/epsilon", "privacy/noise_clients", "round/clients_aggregated"):
+        assert deployed_logs[tag] == simulated_logs[tag], tag
+    assert [v for _, v in deployed_logs["privacy/noise_clients"]] == [2.0, 2.0]
+
+
 @pytest.fixture
 def serverapp_process(monkeypatch):
     """The task identity Flower's runtime gives a ServerApp process; Messages need it."""

@@ -60,7 +60,7 @@ from fedpeft_pl.deploy.secure_aggregation import SecureAggregation
 from fedpeft_pl.deploy.writer import NODE_TIMEOUT
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.federation import ClientResult, Round
-from fedpeft_pl.privacy import DPFedAvg
+from fedpeft_pl.privacy import DistributedDP, DPFedAvg
 from fedpeft_pl.runners.base import RunnerHost
 
 # a client that availability drops still joins the protocol and fails inside it (a dropout mid-protocol)
@@ -68,6 +68,7 @@ _DROP = "fedpeft.drop"
 log = logging.getLogger(__name__)
 
 _NAMES = "fedpeft.names"  # the order of the tensors in the FitIns parameters, one name a line
+_MODULUS = 2**32  # SecAgg+'s modulus (Flower's largest)
 _SAMPLES = "fedpeft.num-examples"  # a client's real sample count (FitRes.num_examples is its SecAgg+ weight)
 
 
@@ -178,6 +179,36 @@ class SecureFlowerRunner(FlowerRunner):
         )
         self.last_bytes = (0, 0)  # (sent, received) by the last round's protocol messages
 
+    secure_aggregation = True  # the server sees only the masked sum (capabilities.check_run)
+
+    def _workflow(self, clients: int) -> SecAggPlusWorkflow:
+        """The round's workflow: the settings' own, or under DistributedDP one that carries the clients' integer
+        vectors exactly: Flower's fixed point with ``clipping_range = 2**(bits-1)`` and ``quantization_range =
+        2**bits`` maps an integer ``v`` in ``[-2**(bits-1), 2**(bits-1))`` to ``v + 2**(bits-1)`` without rounding,
+        every client weighing 1 (``max_weight``), and the sum modulo ``2**32`` keeps it modulo ``2**bits``."""
+        strategy = self.loop.server.strategy
+        if not isinstance(strategy, DistributedDP):
+            return self.workflow
+        levels = 1 << strategy.bits
+        if clients * levels >= _MODULUS:  # Flower sums the clients' weights (levels each) modulo 2**32 too
+            raise ConfigError(
+                f"DistributedDP with {strategy.bits} bits cannot run {clients} clients a round under SecAgg+: "
+                f"{clients} * 2**{strategy.bits} must stay below 2**32; lower bits"
+            )
+        if self.settings.max_weight != round(self.settings.max_weight):
+            raise ConfigError(
+                f"DistributedDP needs an integer secure aggregation max_weight, got {self.settings.max_weight}"
+            )
+        return SecAggPlusWorkflow(
+            self.settings.num_shares,
+            self.settings.reconstruction_threshold,
+            max_weight=self.settings.max_weight,
+            clipping_range=float(levels // 2),  # Flower checks its type
+            quantization_range=levels,
+            modulus_range=_MODULUS,
+            timeout=self.workflow.timeout,
+        )
+
     def run(self, round: Round) -> Iterator[ClientResult]:
         message = round.message
         assert message is not None, "the server configures the round before clients run"
@@ -212,7 +243,7 @@ class SecureFlowerRunner(FlowerRunner):
             legacy.state = RecordDict(
                 {"config": ConfigRecord({"current_round": round.number}), "parameters": ArrayRecord()}
             )
-            self.workflow(grid, legacy)
+            self._workflow(len(instructions))(grid, legacy)
         self.last_bytes = (grid.sent, grid.received)
         log.info(
             f"round {round.number}: secure aggregation of {len(strategy.finished)} of {len(instructions)} clients; "
@@ -246,20 +277,31 @@ class SecureFlowerRunner(FlowerRunner):
     ) -> ClientResult:
         server = self.loop.server
         received = server.download.decode(round.message.payload, like=server.global_state)
+        if isinstance(server.strategy, DistributedDP):
+            # Flower hands the mean of the clients' integer vectors (each weighing 1): times their number, rounded,
+            # it is their sum modulo 2**32, hence modulo 2**bits; the strategy decodes it. Noised by every client.
+            integers = np.rint(np.asarray(mean[0], dtype=np.float64) * len(finished)).astype(np.int64)
+            total = server.strategy.decode_sum(integers, round.number, received, self.loop.federation)
+            payload = {n: (received[n].double() + total[n]).to(received[n].dtype) for n in names}
+        else:
+            payload = self._mean_payload(server, names, mean, received, len(finished))
+        total_samples = sum(count for count, _ in finished.values())
+        keys = set.intersection(*(set(m) for _, m in finished.values()))
+        metrics = {k: sum(count * float(m[k]) for count, m in finished.values()) / max(total_samples, 1) for k in keys}
+        clients = tuple(c for c in round.share if c in finished)
+        return ClientResult(clients[0], total_samples, payload=payload, metrics=metrics, aggregate_of=clients)
+
+    @staticmethod
+    def _mean_payload(server: Any, names: list[str], mean: list[np.ndarray], received: Any, finished: int) -> Any:
         # DPFedAvg's clients weigh 1 each, so the mean times their number is the sum of their clipped updates
-        scale = len(finished) if isinstance(server.strategy, DPFedAvg) else 1
-        payload = {
+        scale = finished if isinstance(server.strategy, DPFedAvg) else 1
+        return {
             n: (
                 received[n].float()
                 + scale * torch.from_numpy(np.asarray(m, dtype=np.float64)).float().reshape(received[n].shape)
             ).to(received[n].dtype)
             for n, m in zip(names, mean)
         }
-        total = sum(count for count, _ in finished.values())
-        keys = set.intersection(*(set(m) for _, m in finished.values()))
-        metrics = {k: sum(count * float(m[k]) for count, m in finished.values()) / max(total, 1) for k in keys}
-        clients = tuple(c for c in round.share if c in finished)
-        return ClientResult(clients[0], total, payload=payload, metrics=metrics, aggregate_of=clients)
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -321,6 +363,18 @@ def _train_from_fitins(
     received = node.download.decode(arrays, like=trained)  # the state the client started from
     update = [(trained[n].float() - received[n].float()).numpy() for n in names]
     weight_count = num_examples
+    if isinstance(node.strategy, DistributedDP):  # clipped, rotated, rounded and NOISED here, before the masks
+        delta = {n: torch.from_numpy(u) for n, u in zip(names, update)}
+        vector = node.strategy.encode_update(
+            delta, int(round_config[_ROUND]), int(round_config[_CLIENT]), node.federation
+        )
+        fitres = FitRes(
+            Status(Code.OK, ""),
+            ndarrays_to_parameters([vector.astype(np.float64)]),
+            round(settings.max_weight),  # weighs 1: the server needs the plain sum
+            {**metrics, _SAMPLES: num_examples},
+        )
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
     if isinstance(node.strategy, DPFedAvg):
         update = clip_update(update, node.strategy.clip_norm)
         weight_count = round(settings.max_weight)  # every client weighs 1: the server needs the plain sum
