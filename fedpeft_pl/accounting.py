@@ -10,7 +10,7 @@ form opacus' accountants keep. Three accountants read it:
   2018; Doroshenko et al. 2022), numerically tight, from a second, independent code base.
 
 :func:`cross_check` gives all three for one history: opacus' RDP agrees with dp-accounting's RDP, and
-PRV with PLD, to well within 1 % on the settings of README's table (``tests/test_accounting.py``).
+PRV with PLD, to well within 1 % on the settings of the table in docs/privacy.md (``tests/test_accounting.py``).
 DP-FTRL's tree aggregation with restarts (Kairouz et al., ICML 2021) is accounted by
 :func:`tree_epsilon`: ``trees`` lists how many rounds (leaves) each tree ran, each client in at most
 one leaf of each tree. dp-accounting's RDP accountant takes the mechanism's own event,

@@ -1,7 +1,7 @@
 """Clients that lie: attacks on federated training, as classes named by ``class_path``.
 
 An :class:`Attack` makes a seeded set of clients malicious (``fraction`` of the federation, or a
-list of ``clients``) and acts where such a client can act (README's threat model):
+list of ``clients``) and acts where such a client can act (the threat model in docs/strategies.md):
 
 - on its **local data** (:meth:`Attack.poison`: label flipping, a backdoor trigger), before it
   trains, so its update is an honest step on poisoned data;

@@ -160,7 +160,7 @@ WORKER_USAGE = """usage: fedpeft worker --config APP/fedpeft.yaml --socket PATH 
 A long-lived process beside a SuperNode (or one per GPU, shared by several SuperNodes, which take turns):
 builds the run's frozen backbone and PEFT module once and trains and evaluates for the thin ClientApps
 of SuperNodes started with --node-config '... worker-socket="PATH"'. The socket's folder is made private
-to this user (0700). README, "A warm worker beside each SuperNode", shows a systemd unit."""
+to this user (0700). docs/deploy.md, "A warm worker beside each SuperNode", shows a systemd unit."""
 
 
 def _worker(argv: list[str]) -> None:

@@ -55,3 +55,12 @@ def build_overlay(tmp_path, overlay: str, *configs: str):
     config = Path(tmp_path) / "config.yaml"
     config.write_text(resolve_config([*arguments, "--config", str(tmp_path / "overlay.yaml")]))
     return build_run(config, save_config=False)[:3]
+
+
+def manual_text() -> str:
+    """README and every page of the documentation site (``docs/``): where the YAML and commands users copy are."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]
+    return "\n".join(p.read_text() for p in pages)

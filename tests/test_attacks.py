@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import sgd, tiny_backbone, tiny_datamodule, tiny_trainer
+from helpers import manual_text, sgd, tiny_backbone, tiny_datamodule, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from fedpeft_pl import FedPEFTModule
@@ -305,7 +305,7 @@ def test_the_readme_attack_example_builds(tmp_path, monkeypatch):
     from helpers import build_overlay
 
     monkeypatch.chdir(REPO)
-    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", manual_text(), flags=re.S)
     example = next(b for b in blocks if "fedpeft_pl.attacks.ALIE" in b)
     trainer, _, _ = build_overlay(tmp_path, example)
     server = trainer.aggregation.server

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import build_overlay, tiny_datamodule, tiny_module, tiny_trainer
+from helpers import build_overlay, manual_text, tiny_datamodule, tiny_module, tiny_trainer
 
 from fedpeft_pl.peft import trainable_parameters
 
@@ -38,7 +38,7 @@ def test_contributing_peft_example_trains(tmp_path, monkeypatch):
 def test_readme_strategy_example_is_a_valid_overlay(tmp_path, capsys):
     from fedpeft_pl.cli import main
 
-    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", manual_text(), flags=re.S)
     example = next(b for b in blocks if "aggregation:" in b and "availability:" in b)
     (tmp_path / "overlay.yaml").write_text(example)
     main(["comm", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(tmp_path / "overlay.yaml")])
@@ -51,7 +51,7 @@ def test_readme_hf_peft_example_is_a_valid_overlay(tmp_path, capsys, monkeypatch
     from fedpeft_pl.cli import main
 
     monkeypatch.chdir(REPO)
-    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", manual_text(), flags=re.S)
     example = next(b for b in blocks if "fedpeft_pl.peft.HFPeft" in b)
     (tmp_path / "overlay.yaml").write_text(example)
     main(["comm", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "overlay.yaml")])
@@ -63,7 +63,7 @@ def test_readme_composed_strategy_builds_its_two_parts(tmp_path, monkeypatch):
     from fedpeft_pl.strategies import Adam, FedAvg, Median
 
     monkeypatch.chdir(REPO)
-    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", manual_text(), flags=re.S)
     example = next(b for b in blocks if "aggregator: fedpeft_pl.strategies.Median" in b)
     trainer, _, _ = build_overlay(tmp_path, example)
     strategy = trainer.aggregation.strategy

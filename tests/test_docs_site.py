@@ -82,3 +82,40 @@ def test_the_site_builds_strictly(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "reference" / "attacks" / "index.html").is_file()
     assert "class_path" in (tmp_path / "site" / "reference" / "attacks" / "index.html").read_text()
+
+
+def _shell_lines(text: str) -> list[str]:
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def test_the_commands_the_manual_shows_name_real_subcommands_and_files():
+    """Every ``fedpeft`` command in the manual's shell blocks names a subcommand the CLI has, and every config,
+    script or file of the repository it names exists (the YAML blocks are built by the tests of their features)."""
+    import re
+    import shlex
+
+    from helpers import manual_text
+
+    from fedpeft_pl.cli import COMMANDS
+
+    commands = [line for line in _shell_lines(manual_text()) for line in line.split("&&") if "fedpeft " in line]
+    assert len(commands) >= 15
+    for command in commands:
+        words = shlex.split(command.strip(), comments=True)
+        words = words[words.index("fedpeft") + 1 :]
+        words = [w for w in words if w != "--verbose"]
+        assert words and (words[0] in COMMANDS or words[0] == "--help"), command
+        for word in words:
+            if re.fullmatch(r"(configs|benchmarks|scripts)/[\w./-]+\.(yaml|py)", word):
+                assert (REPO / word).is_file(), f"{command}: {word} does not exist"
+    for path in set(re.findall(r"(?<![\w/])(configs/[\w./-]+\.yaml|benchmarks/\w+\.py|scripts/\w+\.py)", manual_text())):
+        assert (REPO / path).is_file(), f"the manual names {path}, which does not exist"

@@ -297,11 +297,11 @@ def test_readme_defence_example_builds_its_parts(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from helpers import build_overlay
+    from helpers import build_overlay, manual_text
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", manual_text(), flags=re.S)
     example = next(b for b in blocks if "fedpeft_pl.strategies.SampleCounts" in b)
     trainer, _, _ = build_overlay(tmp_path, example)
     strategy = trainer.aggregation.strategy

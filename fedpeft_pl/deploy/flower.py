@@ -33,7 +33,7 @@ With ``secure-aggregation = true`` in the run config (``fedpeft flower-app ... -
 the rounds run Flower's SecAgg+ instead and the server is handed only the weighted mean of the
 clients' updates: see :mod:`fedpeft_pl.deploy.secagg`.
 
-Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; README,
+Write an app directory with ``fedpeft flower-app DIR --config configs/quickstart.yaml``; docs/deploy.md,
 "Deploy across machines with Flower", has the commands. Flower is an optional dependency:
 ``pip install "fedpeft-pl[flower]"``.
 """

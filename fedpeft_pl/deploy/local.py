@@ -62,7 +62,7 @@ class LocalFederation:
         task_poll_interval: seconds between the SuperExecs' asks for a task to launch (Flower's
             ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 1 s by default): the SuperLink's SuperExec starts the
             ServerApp, each SuperNode's starts a ClientApp per message, each up to this late. None keeps
-            Flower's default; a value the environment (``env``) already sets wins. README, "What Flower's
+            Flower's default; a value the environment (``env``) already sets wins. docs/deploy.md, "What Flower's
             polling costs", measures it.
     """
 

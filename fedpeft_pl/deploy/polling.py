@@ -5,7 +5,7 @@ in ``send_and_receive``: a round whose last reply reaches the SuperLink just aft
 3 s more, 1.5 s on average, and so does each partition query. :class:`PollingGrid` pushes and pulls
 with the same grid calls and waits ``interval`` seconds between pulls instead; everything else goes
 to Flower's grid unchanged. What remains Flower's own cadence (the SuperNode's 3 s pull when idle, its
-0.5 s look for a finished reply, the SuperExec's task poll) is in README, "What Flower's polling costs".
+0.5 s look for a finished reply, the SuperExec's task poll) is in docs/deploy.md, "What Flower's polling costs".
 Imports nothing but the standard library: the grid is Flower's, passed in.
 """
 
