@@ -117,5 +117,57 @@ def test_the_commands_the_manual_shows_name_real_subcommands_and_files():
         for word in words:
             if re.fullmatch(r"(configs|benchmarks|scripts)/[\w./-]+\.(yaml|py)", word):
                 assert (REPO / word).is_file(), f"{command}: {word} does not exist"
-    for path in set(re.findall(r"(?<![\w/])(configs/[\w./-]+\.yaml|benchmarks/\w+\.py|scripts/\w+\.py)", manual_text())):
+    for path in set(
+        re.findall(r"(?<![\w/])(configs/[\w./-]+\.yaml|benchmarks/\w+\.py|scripts/\w+\.py)", manual_text())
+    ):
         assert (REPO / path).is_file(), f"the manual names {path}, which does not exist"
+
+
+def test_the_contributing_codec_example_sends_the_largest_entries_and_counts_fewer_bytes(tmp_path, monkeypatch):
+    import re
+
+    import torch
+    from helpers import build_overlay
+
+    from fedpeft_pl.comm import payload_bytes
+
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "class TopK(Codec)" in b)
+    (tmp_path / "my_codecs.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_codecs", None)
+    from my_codecs import TopK
+
+    update = {"w": torch.tensor([[0.1, -3.0], [0.2, 2.0]]), "b": torch.tensor([0.5, -0.01, 0.0, 0.02])}
+    codec = TopK(fraction=0.5)
+    decoded = codec.decode(codec.encode(update), like=update)
+    torch.testing.assert_close(decoded["w"], torch.tensor([[0.0, -3.0], [0.0, 2.0]]))
+    torch.testing.assert_close(decoded["b"], torch.tensor([0.5, 0.0, 0.0, 0.02]))
+    big = {"w": torch.randn(100, 100)}
+    assert payload_bytes(TopK(0.05).encode(big)) == 500 * (4 + 4) < payload_bytes(big) / 9
+    yaml_block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "my_codecs" in b)
+    monkeypatch.chdir(REPO)
+    server = build_overlay(tmp_path, yaml_block)[0].aggregation.server
+    assert type(server.upload).__name__ == "TopK" and server.upload.fraction == 0.05
+
+
+def test_the_logger_overlays_of_the_manual_build_or_name_lightnings_loggers(tmp_path, monkeypatch):
+    import re
+
+    import yaml
+    from helpers import build_overlay
+    from lightning.pytorch.loggers import CSVLogger
+
+    page = (REPO / "docs" / "logging.md").read_text()
+    blocks = {
+        yaml.safe_load(b)["trainer"]["logger"]["class_path"].rsplit(".", 1)[1]: b
+        for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S)
+        if "loggers." in b
+    }
+    assert set(blocks) == {"CSVLogger", "MLFlowLogger", "WandbLogger"}
+    import lightning.pytorch.loggers as loggers
+
+    assert all(hasattr(loggers, name) for name in blocks)  # Lightning's own classes, by these names
+    monkeypatch.chdir(REPO)
+    trainer = build_overlay(tmp_path, blocks["CSVLogger"])[0]
+    assert isinstance(trainer.logger, CSVLogger) and trainer.logger.name == "prompt"
