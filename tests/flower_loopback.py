@@ -60,7 +60,8 @@ class LoopbackGrid:
         # "delay" seconds; a node with "die-after" stops replying after that many train messages and leaves
         self._held: dict[str, tuple[float, Message]] = {}
         self._trained: dict[int, int] = {}
-        self.stray = False  # the next pull also returns a reply to a message nobody sent, and one reply twice
+        # the next pull of train replies also returns a reply to a message nobody sent, and one reply twice
+        self.stray = False
         self.pulled = 0
 
     def get_node_ids(self) -> Iterable[int]:
@@ -90,7 +91,7 @@ class LoopbackGrid:
         for message_id in message_ids:
             if message_id in self._held and self._held[message_id][0] <= now:
                 replies.append(self._held.pop(message_id)[1])
-        if self.stray and replies:
+        if self.stray and replies and replies[0].metadata.message_type == "train":
             self.stray = False
             stray = _wire(replies[0])
             stray.metadata.__dict__["_reply_to_message_id"] = str(uuid4())  # an earlier incarnation's message
@@ -150,7 +151,7 @@ def run_loopback(
 ) -> LoopbackGrid:
     """Run the app's ServerApp to its end over a :class:`LoopbackGrid` of its ClientApp, with the run config
     of the app's ``pyproject.toml`` updated by ``run_config`` (as ``flwr run --run-config`` would); with
-    ``stray`` the first pull of replies also brings a reply to a message nobody sent and one reply twice; ``wrap``
+    ``stray`` the first pull of train replies also brings a reply to a message nobody sent and one reply twice; ``wrap``
     (a function of the app module) gives the ClientApp the SuperNodes call instead of the app's own."""
     app = load_app(app_dir)
     settings = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -739,6 +739,14 @@ def test_the_serverapp_pulls_replies_at_its_own_interval_and_gives_up_at_the_tim
     with pytest.raises(ValueError, match="pull-interval must be > 0"):
         PollingGrid(nodes, interval=0)
 
+    class Echoes(SlowNodes):  # each reply twice, and a reply to a message nobody sent (an earlier ServerApp's)
+        def pull_messages(self, ids):
+            reply = lambda to: SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))  # noqa: E731
+            return [reply("m0"), reply("m0"), reply("stale"), reply("m1"), reply("m1")]
+
+    replies = PollingGrid(Echoes(), interval=0.05).send_and_receive(["to node 1", "to node 2"], timeout=5)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1"]  # each message's first reply
+
 
 def test_a_local_federation_sets_the_superexecs_task_poll_unless_the_environment_does(tmp_path, monkeypatch):
     from fedpeft_pl.deploy.local import TASK_POLL_ENV

@@ -37,14 +37,18 @@ class PollingGrid:
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: Optional[float] = None) -> list[Any]:
         """Push ``messages`` and pull their replies until all have come or ``timeout`` seconds have passed
-        (None: until all have come), as Flower's own does."""
+        (None: until all have come), as Flower's own does. Each message's first reply counts; a second copy
+        of it, or a reply to a message this call did not send, is left out."""
         waiting = set(self.grid.push_messages(messages))
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Any] = []
         while timeout is None or time.monotonic() < end:
-            arrived = list(self.grid.pull_messages(waiting))
-            replies += arrived
-            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            for reply in self.grid.pull_messages(list(waiting)):
+                answered = reply.metadata.reply_to_message_id
+                if answered not in waiting:  # a reply delivered twice, or to a message this call did not send
+                    continue
+                waiting.discard(answered)
+                replies.append(reply)
             if not waiting:
                 break
             pause = self.interval if timeout is None else min(self.interval, max(0.0, end - time.monotonic()))
