@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -193,8 +194,12 @@ def main() -> None:
         f"{args.seeds}.",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, Python {platform.python_version()}; median seconds per run: "
-        f"{sorted(seconds)[len(seconds) // 2]:.0f}",
+        f"Machine: {platform.machine()}, Python {platform.python_version()}; "
+        + (
+            f"median seconds per run: {statistics.median(timed):.0f}"
+            if (timed := [s for s in seconds if s == s])
+            else "runs read back from their logs (--reuse), not timed here"
+        ),
         "",
         "Final clean server accuracy (mean ± standard deviation over the seeds; backdoor: accuracy / attack success):",
         "",
