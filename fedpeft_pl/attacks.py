@@ -200,12 +200,20 @@ def load_attack(spec: str) -> Attack:
         raise ConfigError(f"the attack in {spec!r}: {err}") from None
 
 
-def _delta(trained: State, received: State) -> State:
-    return {n: t - received[n].to(t) for n, t in trained.items() if n in received}
+def _sent(context: ClientContext, trained: State, delta: State) -> State:
+    """What a malicious client sends: what it received plus ``delta`` (per exchanged tensor, added in float64),
+    in its trained tensors' dtypes; the tensors ``delta`` leaves out as it trained them."""
+    received = context.received
+    sent = {n: (received[n].to(torch.float64) + d.to(torch.float64)).to(trained[n].dtype) for n, d in delta.items()}
+    return {**trained, **sent}
 
 
-def _plus(received: State, delta: State, like: State) -> State:
-    return {n: (received[n].to(torch.float64) + d.to(torch.float64)).to(like[n].dtype) for n, d in delta.items()}
+def _scaled(context: ClientContext, trained: State, factor: float) -> State:
+    """What a client sends whose update (trained minus received) is multiplied by ``factor``."""
+    received = context.received
+    return _sent(
+        context, trained, {n: factor * (t - received[n].to(t)).double() for n, t in trained.items() if n in received}
+    )
 
 
 class SignFlip(Attack):
@@ -225,8 +233,7 @@ class SignFlip(Attack):
         self.scale = scale
 
     def tamper(self, context: ClientContext, trained: State) -> State:
-        delta = _delta(trained, context.received)
-        return {**trained, **_plus(context.received, {n: -self.scale * d.double() for n, d in delta.items()}, trained)}
+        return _scaled(context, trained, -self.scale)
 
 
 class GaussianNoise(Attack):
@@ -260,7 +267,7 @@ class GaussianNoise(Attack):
             for n, t in sorted(trained.items())
             if n in context.received
         }
-        return {**trained, **_plus(context.received, noise, trained)}
+        return _sent(context, trained, noise)
 
 
 class QuantityInflation(Attack):
@@ -394,8 +401,7 @@ class Backdoor(Attack):
     def tamper(self, context: ClientContext, trained: State) -> State:
         if self.boost == 1:
             return trained
-        delta = _delta(trained, context.received)
-        return {**trained, **_plus(context.received, {n: self.boost * d.double() for n, d in delta.items()}, trained)}
+        return _scaled(context, trained, self.boost)
 
     def evaluation_sets(self, test: Dataset) -> dict[str, Dataset]:
         return {"attack/success_rate": Triggered(test, self)}
