@@ -469,7 +469,32 @@ class AdaptiveClipping:
         return float(clip * math.exp(-self.learning_rate * (unclipped_share - self.target_quantile)))
 
 
-class DPFedAvg(Strategy, PrivacyMechanism):
+class _ServerPrivacy(Strategy, PrivacyMechanism):
+    """What the server's private strategies (DPFedAvg, DPFTRL, DistributedDP) share: a clip norm and noise given by
+    a target epsilon or a noise multiplier, checked alike, and a release every round."""
+
+    def __init__(
+        self,
+        clip_norm: float,
+        epsilon: Optional[float],
+        delta: float,
+        noise_multiplier: Optional[float],
+        accountant: str,
+    ) -> None:
+        super().__init__()
+        # Every round releases a noisy aggregate, also one in which no client was sampled or
+        # returned: skipping such a round would reveal that it had no contributions.
+        self.min_clients = 0
+        check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
+        if epsilon is None and noise_multiplier is None:
+            raise ConfigError(f"{type(self).__name__} needs a target epsilon or a noise_multiplier")
+        self.clip_norm = clip_norm
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+
+
+class DPFedAvg(_ServerPrivacy):
     """DP-FedAvg (McMahan et al. 2018): user-level central differential privacy.
 
     Each client's update ``w_k - global`` is clipped to norm ``clip_norm``; the server sums the
@@ -517,17 +542,7 @@ class DPFedAvg(Strategy, PrivacyMechanism):
         release_client_statistics: bool = False,
         adaptive: Optional[AdaptiveClipping] = None,
     ) -> None:
-        super().__init__()
-        # Every round releases a noisy aggregate, also one in which no client was sampled or
-        # returned: skipping such a round would reveal that it had no contributions.
-        self.min_clients = 0
-        check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
-        if epsilon is None and noise_multiplier is None:
-            raise ConfigError("DPFedAvg needs a target epsilon or a noise_multiplier")
-        self.clip_norm = clip_norm
-        self.epsilon = epsilon
-        self.delta = delta
-        self.noise_multiplier = noise_multiplier
+        super().__init__(clip_norm, epsilon, delta, noise_multiplier, accountant)
         self.accountant = accountant
         self.reproducible_noise = reproducible_noise
         self.release_client_statistics = release_client_statistics
@@ -741,7 +756,7 @@ class TreeNoise:
         self._nodes = {int(level): (int(index), dict(noise)) for level, (index, noise) in state.items()}
 
 
-class DPFTRL(Strategy, PrivacyMechanism):
+class DPFTRL(_ServerPrivacy):
     """DP-FTRL (Kairouz et al., ICML 2021): user-level central DP without sampling or shuffling.
 
     Each round the server clips every client's update ``w_k - global`` to norm ``clip_norm`` (S) and
@@ -819,11 +834,7 @@ class DPFTRL(Strategy, PrivacyMechanism):
         reproducible_noise: bool = False,
         release_client_statistics: bool = False,
     ) -> None:
-        super().__init__()
-        self.min_clients = 0  # every round releases, as DPFedAvg's: skipping one would tell it had no contributions
-        check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
-        if epsilon is None and noise_multiplier is None:
-            raise ConfigError("DPFTRL needs a target epsilon or a noise_multiplier")
+        super().__init__(clip_norm, epsilon, delta, noise_multiplier, accountant)
         if noise_multiplier is not None and not noise_multiplier >= 0:
             raise ConfigError(f"DPFTRL noise_multiplier must be >= 0, got {noise_multiplier}")
         if not server_lr > 0:
@@ -834,10 +845,6 @@ class DPFTRL(Strategy, PrivacyMechanism):
             raise ConfigError(f"DPFTRL restart_every must be a whole number of rounds, got {restart_every!r}")
         if restart_every is not None and restart_every < 1:
             raise ConfigError(f"DPFTRL restart_every must be >= 1 round, got {restart_every}")
-        self.clip_norm = clip_norm
-        self.epsilon = epsilon
-        self.delta = delta
-        self.noise_multiplier = noise_multiplier
         self.server_lr = server_lr
         self.momentum = momentum
         self.restart_every = None if restart_every is None else int(restart_every)
@@ -1013,7 +1020,7 @@ class DPFTRL(Strategy, PrivacyMechanism):
         )
 
 
-class DistributedDP(Strategy, PrivacyMechanism):
+class DistributedDP(_ServerPrivacy):
     """Distributed DP (Kairouz, Liu and Steinke, ICML 2021): every client noises its own update before secure
     aggregation, so the server never sees an un-noised sum, and never adds noise.
 
@@ -1075,11 +1082,7 @@ class DistributedDP(Strategy, PrivacyMechanism):
         reproducible_noise: bool = False,
         release_client_statistics: bool = False,
     ) -> None:
-        super().__init__()
-        self.min_clients = 0
-        check_privacy_arguments(epsilon, delta, clip_norm, "rdp", "clip_norm")
-        if epsilon is None and noise_multiplier is None:
-            raise ConfigError("DistributedDP needs a target epsilon or a noise_multiplier")
+        super().__init__(clip_norm, epsilon, delta, noise_multiplier, "rdp")
         if noise_multiplier is not None and not noise_multiplier > 0:
             raise ConfigError(f"DistributedDP noise_multiplier must be > 0, got {noise_multiplier}")
         if not 0 <= beta < 1:
@@ -1090,10 +1093,6 @@ class DistributedDP(Strategy, PrivacyMechanism):
             raise ConfigError(f"DistributedDP noise_clients must be >= 1, got {noise_clients}")
         if not isinstance(bits, int) or not 1 <= bits <= 30:
             raise ConfigError(f"DistributedDP bits must be an int in [1, 30] (SecAgg+ carries int32), got {bits}")
-        self.clip_norm = clip_norm
-        self.epsilon = epsilon
-        self.delta = delta
-        self.noise_multiplier = noise_multiplier
         self._given_multiplier = noise_multiplier
         self.bits = bits
         self.beta = beta
