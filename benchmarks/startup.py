@@ -3,7 +3,8 @@
 Each measurement is a fresh process. ``fit`` runs ``python -m fedpeft_pl.cli fit --config <config>``
 and stops it when the method line appears (printed right before round 1 starts); ``help`` runs
 ``python -m fedpeft_pl.cli --help``, ``comm`` runs ``python -m fedpeft_pl.cli comm --config <config>``
-to its end, and ``import`` runs ``python -c "import fedpeft_pl.cli"``. Each reports wall time and the
+to its end, ``import`` runs ``python -c "import fedpeft_pl.cli"`` and ``lightning`` ``python -c "import
+lightning.pytorch"``. Each reports wall time and the
 process's CPU time (user + system, read from ``/proc`` for ``fit`` and from the finished process's
 resource usage for the others: on a machine shared with other work the CPU time is the steadier
 figure). Several checkouts are measured side by side, interleaved, so that they share the machine's
@@ -13,6 +14,10 @@ state; the table gives medians.
     python benchmarks/startup.py --repeats 5 --checkout ../before --checkout .   # before and after
     python benchmarks/startup.py --measure help comm fit --checkout ../before --checkout .
     python benchmarks/startup.py --config benchmarks/configs/vit_b16.yaml --fit-args --trainer.accelerator cpu
+    python benchmarks/startup.py --measure comm fit --python .venv/bin/python --python ../plain/bin/python
+
+With several ``--python`` (environments: e.g. one with every extra installed, one with ``pip install -e .``
+alone) each checkout is measured in each environment, interleaved too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ MEASURES = {
     "help": "--help",
     "comm": "comm",
     "import": "import fedpeft_pl.cli",
+    "lightning": "import lightning.pytorch",
     "fit": "fit: command to round 1",
 }
 
@@ -49,10 +55,10 @@ def _environment(checkout: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(checkout), HF_HUB_OFFLINE="1")
 
 
-def to_round_one(checkout: Path, configs: list[str], fit_args: list[str]) -> tuple[float, float]:
+def to_round_one(checkout: Path, configs: list[str], fit_args: list[str], python: str) -> tuple[float, float]:
     """Wall and CPU seconds from the start of ``fedpeft fit`` to its method line (round 1 starts next)."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "fedpeft_pl.cli", "fit"]
+        command = [python, "-m", "fedpeft_pl.cli", "fit"]
         for config in configs:
             command += ["--config", str((REPO / config).resolve())]
         command += ["--trainer.logger.init_args.save_dir", folder, "--trainer.enable_progress_bar", "false"]
@@ -71,18 +77,16 @@ def to_round_one(checkout: Path, configs: list[str], fit_args: list[str]) -> tup
             process.wait()
 
 
-def import_time(checkout: Path) -> tuple[float, float]:
+def import_time(checkout: Path, python: str) -> tuple[float, float]:
     """Wall and CPU seconds of ``import fedpeft_pl.cli`` in a fresh process."""
-    return command_time(checkout, ["-c", "import fedpeft_pl.cli"])
+    return command_time(checkout, ["-c", "import fedpeft_pl.cli"], python)
 
 
-def command_time(checkout: Path, args: list[str]) -> tuple[float, float]:
+def command_time(checkout: Path, args: list[str], python: str) -> tuple[float, float]:
     """Wall and CPU seconds of ``python *args`` in a fresh process, run to its end."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, *args], cwd=checkout, env=_environment(checkout), capture_output=True, text=True
-    )
+    done = subprocess.run([python, *args], cwd=checkout, env=_environment(checkout), capture_output=True, text=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
@@ -96,43 +100,49 @@ def main() -> None:
     parser.add_argument("--config", action="append", help="config files of the fit (default: the quickstart)")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="further arguments of the fit")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--python", action="append", help="a Python environment to measure in (default: this one)")
     parser.add_argument(
         "--measure", nargs="+", choices=list(MEASURES), default=["import", "fit"], help="what to time, in this order"
     )
     args = parser.parse_args()
-    checkouts = [c.resolve() for c in (args.checkout or [REPO])]
+    pythons = args.python or [sys.executable]
+    checkouts = [
+        (c.resolve(), python, c.resolve().name + (f" ({python})" if len(pythons) > 1 else ""))
+        for c in (args.checkout or [REPO])
+        for python in pythons
+    ]
     configs = args.config or ["configs/quickstart.yaml"]
     config_args = [a for config in configs for a in ("--config", str((REPO / config).resolve()))]
     results: dict[tuple[Path, str], list[tuple[float, float]]] = {}
     for repeat in range(args.repeats):
-        for checkout in checkouts:  # interleaved: every checkout meets the same machine
+        for checkout, python, name in checkouts:  # interleaved: every checkout meets the same machine
             for what in args.measure:
                 if what == "import":
-                    wall, cpu = import_time(checkout)
+                    wall, cpu = import_time(checkout, python)
+                elif what == "lightning":  # what every command that builds a config imports first
+                    wall, cpu = command_time(checkout, ["-c", "import lightning.pytorch"], python)
                 elif what == "fit":
-                    wall, cpu = to_round_one(checkout, configs, args.fit_args)
+                    wall, cpu = to_round_one(checkout, configs, args.fit_args, python)
                 else:  # help, comm: the command, run to its end
                     command = ["--help"] if what == "help" else ["comm", *config_args]
-                    wall, cpu = command_time(checkout, ["-m", "fedpeft_pl.cli", *command])
-                results.setdefault((checkout, what), []).append((wall, cpu))
-                print(
-                    f"repeat {repeat + 1} {checkout.name} {what}: {wall:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr
-                )
+                    wall, cpu = command_time(checkout, ["-m", "fedpeft_pl.cli", *command], python)
+                results.setdefault((name, what), []).append((wall, cpu))
+                print(f"repeat {repeat + 1} {name} {what}: {wall:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
     print(f"configs: {' '.join(configs)} {' '.join(args.fit_args)}; {args.repeats} runs each, medians\n")
     print("| measure | checkout | wall s | CPU s |")
     print("|---|---|---|---|")
     for what in args.measure:
-        for checkout in checkouts:
-            runs = results[(checkout, what)]
+        for _, _, name in checkouts:
+            runs = results[(name, what)]
             wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
-            print(f"| {MEASURES[what]} | {checkout.name} | {wall:.2f} | {cpu:.2f} |")
+            print(f"| {MEASURES[what]} | {name} | {wall:.2f} | {cpu:.2f} |")
     if len(checkouts) == 2:
-        first, last = checkouts
+        first, last = (name for _, _, name in checkouts)
         for what in args.measure:
             for index, unit in ((0, "wall"), (1, "CPU")):
                 before = statistics.median(r[index] for r in results[(first, what)])
                 after = statistics.median(r[index] for r in results[(last, what)])
-                print(f"\n{what} {unit}: {last.name} takes {after / before:.0%} of {first.name}'s", end="")
+                print(f"\n{what} {unit}: {last} takes {after / before:.0%} of {first}'s", end="")
         print()
 
 

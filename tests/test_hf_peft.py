@@ -178,3 +178,17 @@ def test_a_checkpoint_holds_the_adapter_and_head_and_restores_them(tmp_path):
     restored.on_load_checkpoint(checkpoint)
     restored.load_state_dict(checkpoint["state_dict"], strict=False)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in restored.state_dict().items())
+
+
+def test_without_hugging_face_peft_installed_hfpeft_is_a_one_line_error_naming_the_extra(monkeypatch, capsys):
+    """Hugging Face peft is the ``hf`` extra: a config naming HFPeft without it says how to install it."""
+    import sys
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed: importing it raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "fedpeft_pl.peft.hf")
+    with pytest.raises(SystemExit) as exited:
+        main(["comm", "--config", "configs/quickstart.yaml", "--model.peft", "fedpeft_pl.peft.HFPeft"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'fedpeft-pl[hf]'" in err, err

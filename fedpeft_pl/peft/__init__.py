@@ -1,5 +1,6 @@
 """PEFT methods, one class each. Choose one in YAML with ``model.peft.class_path``."""
 
+from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.peft.adapter import Adapter
 from fedpeft_pl.peft.base import (
     STACKED_LAYERS,
@@ -56,7 +57,13 @@ __all__ = [
 def __getattr__(name: str):
     # HFPeft imports Hugging Face peft and transformers (about a second); only runs that use it pay that
     if name == "HFPeft":
-        from fedpeft_pl.peft.hf import HFPeft
-
+        try:
+            from fedpeft_pl.peft.hf import HFPeft
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.split(".")[0] not in ("peft", "transformers"):
+                raise
+            raise ConfigError(
+                "HFPeft needs Hugging Face peft, which is not installed; install it with: pip install 'fedpeft-pl[hf]'"
+            ) from None
         return HFPeft
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
