@@ -19,6 +19,23 @@ The partition queries (``--query-batch`` at a time, run config ``query-batch``) 
 messages each start a ClientApp process of about 0.6 GB on its SuperNode; with 32 SuperNodes on one
 24 GiB machine, asking all of them at once ran it out of memory (the kernel killed the ServerApp).
 
+With ``--workers`` a warm worker (``fedpeft worker``) runs beside the SuperNodes, shared by
+``--nodes-per-worker`` of them (LocalFederation's ``nodes_per_worker``), and the ClientApps are thin. As
+each round ends one random worker (never worker 0, whose memory is watched) is SIGKILLed too and the
+soak restarts it at once, as the operator's service manager would (``Restart=always``): nothing in
+Flower or fedpeft restarts a worker. The report then adds the per-message costs read from the logs:
+
+- each thin ClientApp process (its own log line): seconds from its start to its reply, its CPU
+  seconds (those before the message reached fedpeft's code are Flower's start and the imports), its
+  peak RSS, and the seconds it waited on the worker;
+- fedpeft's imports in a ClientApp process, measured apart: a fresh process imports Flower's
+  ``flwr-clientapp`` module, then the app's (CPU and wall, median of 3);
+- each worker: its build (once per start) and each task's seconds and CPU seconds (the training);
+- per round: the round's seconds less its slowest ClientApp process, which is Flower's polling and
+  the ServerApp's own work (its aggregation, its evaluation), the rest of a round;
+- peak RSS of worker 0 and of all workers together, worker 0's RSS as each round ends, and the
+  machine's load average (sampled every 0.5 s; the machine may be shared).
+
 Not part of the test suite (``tests/test_flower.py`` has the short fault test). The full soak::
 
     python benchmarks/soak.py --nodes 32 --rounds 20 --clients-per-round 8 --kill-server-after 10
@@ -26,6 +43,11 @@ Not part of the test suite (``tests/test_flower.py`` has the short fault test). 
 A reduced variant for a small machine::
 
     python benchmarks/soak.py --nodes 6 --rounds 4 --clients-per-round 3 --kill-server-after 2
+
+With workers, four SuperNodes to a worker (a worker holds about 1 GB)::
+
+    python benchmarks/soak.py --nodes 32 --rounds 20 --clients-per-round 8 --kill-server-after 10 \
+        --workers --nodes-per-worker 4
 """
 
 from __future__ import annotations
@@ -34,6 +56,8 @@ import argparse
 import json
 import os
 import random
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,13 +144,26 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
     )
     run_dir = root / "deployed" / "prompt" / "version_0"
     checkpoints = run_dir / "checkpoints"
-    deployment = LocalFederation(root, args.nodes, state_dirs=True, name="soak")
+    deployment = LocalFederation(
+        root,
+        args.nodes,
+        state_dirs=True,
+        name="soak",
+        worker_config=app / "fedpeft.yaml" if args.workers else None,
+        nodes_per_worker=args.nodes_per_worker,
+    )
     peaks = {"superlink": 0, "supernode": 0, "supernode_with_clientapps": 0}
+    if args.workers:
+        peaks |= {"worker_0": 0, "all_workers": 0}
+    worker_rss: list[float] = []  # worker 0's, as each round ends (MiB)
+    loads: list[float] = []  # the 1-minute load average, every 0.5 s
     restarts: list[tuple[int, int]] = []  # (after round, partition)
+    worker_restarts: list[tuple[int, int, float]] = []  # (after round, worker, seconds until it served again)
     server_killed_at = None
     started = time.monotonic()
     try:
         deployment.up()
+        print(f"up in {time.monotonic() - started:.1f} s", flush=True)
         # the partition queries start a ClientApp process on every SuperNode: a few at a time on one machine
         flwr_run(deployment, app, "--run-config", f"query-batch={args.query_batch}")
         done = 0
@@ -139,8 +176,15 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
             node0 = psutil.Process(deployment.nodes[0].pid)
             peaks["supernode"] = max(peaks["supernode"], _rss(node0))
             peaks["supernode_with_clientapps"] = max(peaks["supernode_with_clientapps"], _rss(node0, True))
+            loads.append(os.getloadavg()[0])
+            if args.workers:
+                rss = [_rss(psutil.Process(w.pid), True) for w in deployment.workers.values()]
+                peaks["worker_0"] = max(peaks["worker_0"], rss[0])
+                peaks["all_workers"] = max(peaks["all_workers"], sum(rss))
             for _ in range(done, rounds_ended(checkpoints)):
                 done += 1
+                if args.workers:
+                    worker_rss.append(round(_rss(psutil.Process(deployment.workers[0].pid), True) / 2**20, 1))
                 if done == args.kill_server_after and server_killed_at is None:
                     for process in deployment.serverapps():
                         process.kill()
@@ -153,6 +197,13 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
                     deployment.start_node(victim)
                     restarts.append((done, victim))
                     print(f"round {done} ended: SuperNode {victim} killed and restarted", flush=True)
+                if done < args.rounds and args.workers and deployment.num_workers > 1:
+                    victim = rng.randrange(1, deployment.num_workers)
+                    deployment.kill_worker(victim)
+                    restarted = time.monotonic()
+                    deployment.start_worker(victim)  # the operator's restart: nothing else restarts a worker
+                    worker_restarts.append((done, victim, round(time.monotonic() - restarted, 1)))
+                    print(f"round {done} ended: worker {victim} killed and restarted", flush=True)
             time.sleep(0.5)
         wall = time.monotonic() - started
         # the last round's ServerApp finishes its logs after the checkpoint
@@ -182,6 +233,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
 
     simulated_dir = root / "simulated"
     sim_started = time.monotonic()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(
         [
             str(BIN / "fedpeft"),
@@ -196,7 +248,10 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     sim_wall = time.monotonic() - sim_started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sim_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     simulated = scalars(simulated_dir / "prompt" / "version_0")
+    costs = per_message(root, args, logs) if args.workers else None
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "rounds_completed": len(logs.get("round/seconds", [])),
@@ -209,11 +264,103 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
         "seconds_per_round_simulated_median": statistics.median(v for _, v in simulated["round/seconds"]),
         "wall_seconds_deployed": round(wall, 1),
         "wall_seconds_simulated": round(sim_wall, 1),
+        "cpu_seconds_simulated": round(sim_cpu, 1),
         "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
         "every_tag_each_round_once": all(once.values()),
         "tags_not_once": sorted(t for t, ok in once.items() if not ok),
         "server_acc_deployed": logs["server/acc"][-1][1],
         "server_acc_simulated": simulated["server/acc"][-1][1],
+        "deployed_over_simulated": round(
+            statistics.median(v for _, v in logs["round/seconds"])
+            / statistics.median(v for _, v in simulated["round/seconds"]),
+            1,
+        ),
+        "load_average_1min": {
+            "min": min(loads),
+            "median": statistics.median(loads),
+            "max": max(loads),
+            "cpus": os.cpu_count(),
+        },
+        **(
+            {
+                "workers": deployment.num_workers,
+                "worker_restarts": worker_restarts,
+                "worker_0_rss_mib_by_round": worker_rss,
+                "per_message": costs,
+            }
+            if args.workers
+            else {}
+        ),
+    }
+
+
+THIN = re.compile(
+    r"round (\d+): client (\d+) trained on \d+ samples in ([\d.]+) s \(worker .*?, ([\d.]+) s of it\); this process: "
+    r"([\d.]+) s since its start, CPU ([\d.]+) s \(([\d.]+) s for the message\), peak RSS (\d+) MiB"
+)
+TASK = re.compile(r"answered a train task of client (\d+) \(round (\d+)\) in ([\d.]+) s \(CPU ([\d.]+) s\)")
+BUILT = re.compile(r"built the client of .* in ([\d.]+) s")
+
+IMPORTS = """
+import sys, time
+import flwr.supernode.cli.flwr_clientapp  # what Flower's flwr-clientapp process has loaded before the app
+wall, cpu = time.perf_counter(), time.process_time()
+sys.path.insert(0, sys.argv[1])
+import fedpeft_app  # the app: fedpeft_pl.deploy.apps, its thin ClientApp, numpy
+print(time.perf_counter() - wall, time.process_time() - cpu)
+"""
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def per_message(root: Path, args: argparse.Namespace, logs: dict[str, list[tuple[int, float]]]) -> dict:
+    """The thin ClientApps' and the workers' log lines, by round; fedpeft's imports measured apart."""
+    thin = [m.groups() for p in root.glob("supernode-*.log") for m in THIN.finditer(p.read_text())]
+    tasks = [m.groups() for p in root.glob("worker-*.log") for m in TASK.finditer(p.read_text())]
+    builds = [float(m.group(1)) for p in root.glob("worker-*.log") for m in BUILT.finditer(p.read_text())]
+    imports = []
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORTS, str(root / "app")],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+        imports.append([float(x) for x in done.stdout.split()[-2:]])
+    lifetimes: dict[int, list[float]] = {}
+    for server_round, _, _, _, age, *_ in thin:
+        lifetimes.setdefault(int(server_round), []).append(float(age))
+    seconds = dict(logs["round/seconds"])
+    rest = [seconds[r] - max(ages) for r, ages in lifetimes.items() if r in seconds]
+    return {
+        "thin_clientapp_messages": len(thin),
+        "worker_train_tasks": len(tasks),
+        "clientapp_process": {
+            "seconds_start_to_reply_median": _median([float(t[4]) for t in thin]),
+            "cpu_s_median": _median([float(t[5]) for t in thin]),
+            "cpu_s_before_the_message_median": _median([float(t[5]) - float(t[6]) for t in thin]),
+            "cpu_s_for_the_message_median": _median([float(t[6]) for t in thin]),
+            "seconds_in_train_median": _median([float(t[2]) for t in thin]),
+            "seconds_waiting_on_the_worker_median": _median([float(t[3]) for t in thin]),
+            "peak_rss_mib_median": _median([float(t[7]) for t in thin]),
+            "peak_rss_mib_max": max((float(t[7]) for t in thin), default=None),
+        },
+        "fedpeft_imports_in_a_clientapp": {
+            "wall_s_median": _median([w for w, _ in imports]),
+            "cpu_s_median": _median([c for _, c in imports]),
+        },
+        "worker": {
+            "builds": len(builds),
+            "build_s_median": _median(builds),
+            "train_task_s_median": _median([float(t[2]) for t in tasks]),
+            "train_task_cpu_s_median": _median([float(t[3]) for t in tasks]),
+            "train_task_cpu_s_total": round(sum(float(t[3]) for t in tasks), 1),
+        },
+        "round_less_slowest_clientapp_s_median": _median(rest),
+        "round_less_slowest_clientapp_s": [round(r, 2) for r in rest],
     }
 
 
@@ -230,6 +377,10 @@ def main() -> None:
         type=int,
         default=8,
         help="SuperNodes asked their partition at a time (32 at once exhausted a 24 GiB machine)",
+    )
+    parser.add_argument("--workers", action="store_true", help="warm workers beside the SuperNodes, thin ClientApps")
+    parser.add_argument(
+        "--nodes-per-worker", type=int, default=1, help="SuperNodes sharing one worker (a worker holds about 1 GB)"
     )
     parser.add_argument("--timeout", type=float, default=7200, help="give up after this many seconds")
     parser.add_argument("--output", type=Path, help="also write the report here (JSON)")

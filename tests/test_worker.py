@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flower_loopback import RUN_ID, LoopbackGrid, load_app, run_loopback
+from test_cli import scalars
 from test_flower import DEPLOYMENTS, NUM_NODES, write_deployment
 
 pytest.importorskip("flwr", reason='Flower is an optional dependency: pip install -e ".[flower]"')
@@ -377,3 +378,86 @@ def test_the_thin_clientapp_imports_flower_and_numpy_only(tmp_path, capsys, work
     assert content_bytes(message_from_proto(proto)) == content_bytes(ask(node(app), message))
     assert worker.tasks == 1
     assert RecordDict  # the Flower import the test's process shares with the thin one
+
+
+def test_supernodes_share_workers_by_number(tmp_path):
+    from fedpeft_pl.deploy.local import LocalFederation
+
+    federation = LocalFederation(tmp_path, 5, worker_config=tmp_path / "fedpeft.yaml", nodes_per_worker=2)
+    assert federation.num_workers == 3
+    assert [federation.worker_of(i) for i in range(5)] == [0, 0, 1, 1, 2]
+    sockets = [federation.worker_socket(i) for i in range(5)]
+    assert sockets[0] == sockets[1] != sockets[2] == sockets[3] != sockets[4] != sockets[0]
+    with pytest.raises(ValueError, match="workers 0 to 2, not 3"):
+        federation.start_worker(3)
+    assert LocalFederation(tmp_path, 5).num_workers == 0  # no worker_config, no workers
+    # the workers train at once: each gets its share of the cores, unless told
+    cores = os.cpu_count() or 1
+    assert federation.worker_env["OMP_NUM_THREADS"] == str(max(1, cores // 3))
+    told = LocalFederation(tmp_path, 2, worker_config=tmp_path / "fedpeft.yaml", worker_threads=4)
+    assert told.worker_env["OMP_NUM_THREADS"] == "4"
+    pinned = LocalFederation(tmp_path, 2, worker_config=tmp_path / "fedpeft.yaml", env={"OMP_NUM_THREADS": "3"})
+    assert pinned.worker_env["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(ValueError, match="nodes_per_worker must be at least 1"):
+        LocalFederation(tmp_path, 2, worker_config=tmp_path / "fedpeft.yaml", nodes_per_worker=0)
+    federation.down()  # removes the sockets' folder
+
+
+def answered(log: str) -> list[int]:
+    """The clients of the train tasks a worker's log says it answered."""
+    lines = [line for line in log.splitlines() if "answered a train task" in line]
+    return [int(line.split(" of client ")[1].split()[0]) for line in lines]
+
+
+@pytest.mark.slow  # processes: a SuperLink, three SuperNodes and two workers
+@pytest.mark.timeout(600)
+def test_a_deployment_with_shared_workers_runs_thin_and_survives_a_worker_restart(tmp_path, capsys):
+    """Real Flower processes on loopback: three SuperNodes, two workers (nodes 0 and 1 share worker 0), three
+    rounds of all three clients. Worker 1 (node 2's) is SIGKILLed as round 1 ends, with the ServerApp held
+    (SIGSTOP) until the operator (here LocalFederation.start_worker) has restarted it: round 2 may lose
+    client 2 (if its task reached the dead worker), round 3 has every client, client 2's answered by the
+    restarted worker. Every train task went through a worker (the ClientApps were thin)."""
+    import signal
+
+    from fedpeft_pl.deploy.local import LocalFederation
+
+    rounds = 3
+    # every client a straggler that makes one step (of about 19): the test is about processes, not training
+    straggle = ["--trainer.availability", "fedpeft_pl.ClientAvailability", "--trainer.availability.stragglers", "1.0"]
+    straggle += ["--trainer.availability.straggler_work", "[0.01, 0.02]"]
+    app = write_deployment(tmp_path, capsys, *straggle, rounds=rounds, per_round=NUM_NODES)
+    checkpoints = tmp_path / "deployed" / "prompt" / "version_0" / "checkpoints"
+    running = LocalFederation(
+        tmp_path / "federation", NUM_NODES, state_dirs=True, worker_config=app / "fedpeft.yaml", nodes_per_worker=2
+    )
+    try:
+        running.up()
+        assert running.num_workers == 2 and running.worker_socket(0) == running.worker_socket(1)
+        submitted = running.run(app, stream=False)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+        running.wait_for_round(checkpoints, 1)
+        servers = running.serverapps()
+        for server in servers:
+            server.send_signal(signal.SIGSTOP)
+        try:
+            running.kill_worker(1)
+            running.start_worker(1)
+        finally:
+            for server in servers:
+                server.send_signal(signal.SIGCONT)
+        running.wait_for_round(checkpoints, rounds)
+    finally:
+        running.down()
+    logs = {w: (running.root / f"worker-{w}.log").read_text() for w in range(2)}
+    assert logs[1].count("fedpeft worker: serving") == 2  # started, killed, restarted
+    before, after = logs[1].split("fedpeft worker: serving")[1:]
+    assert sorted(answered(logs[0])) == [0, 0, 0, 1, 1, 1]  # the shared worker served both of its nodes
+    assert answered(before) == [2] and answered(after) in ([2], [2, 2])  # round 3, perhaps round 2
+    failed = [v for _, v in scalars(checkpoints.parent)["round/clients_failed"]]
+    assert failed[0] == 0 and failed[2] == 0 and failed[1] == 2 - len(answered(after)), failed
+    # each trained message's ClientApp process says what it cost: thin, it never loaded torch (about 1 GiB)
+    node_logs = "".join((running.root / f"supernode-{i}.log").read_text() for i in range(NUM_NODES))
+    trained = [line for line in node_logs.splitlines() if "trained on" in line and "this process:" in line]
+    assert len(trained) == NUM_NODES * rounds - failed[1], node_logs[-3000:]
+    peaks = [float(line.split("peak RSS ")[1].split()[0]) for line in trained]
+    assert max(peaks) < 200, peaks

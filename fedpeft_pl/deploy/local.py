@@ -56,9 +56,16 @@ class LocalFederation:
             survives the SuperNode's restart and a resumed ServerApp.
         name: the federation's name for ``flwr run APP NAME``.
         env: variables added to the processes' environment (``PYTHONPATH`` for a callback the app names).
-        worker_config: an app's ``fedpeft.yaml``: start a warm worker (``fedpeft worker``) beside each SuperNode
-            and name its socket in the node's config, so its ClientApps are thin (:mod:`fedpeft_pl.deploy.thin`).
+        worker_config: an app's ``fedpeft.yaml``: start warm workers (``fedpeft worker``) beside the SuperNodes
+            and name a worker's socket in each node's config: its ClientApps are thin (:mod:`fedpeft_pl.deploy.thin`).
             :meth:`kill_worker` and :meth:`start_worker` stop and restart one; nothing restarts a worker by itself.
+        nodes_per_worker: SuperNodes that share one worker (with ``worker_config``): worker ``w`` serves
+            SuperNodes ``w * nodes_per_worker`` to ``(w + 1) * nodes_per_worker - 1``, one task at a time;
+            1 (the default) gives each SuperNode its own.
+        worker_threads: torch's threads in each worker (its ``OMP_NUM_THREADS``); None gives each worker its share
+            of this machine's cores (at least 1), since the workers train at once: each with torch's default of
+            every core made a step of the quickstart 5 to 10 times dearer on a busy 2-core machine
+            (benchmarks/README.md, "Soak"). An ``OMP_NUM_THREADS`` in ``env`` wins.
         task_poll_interval: seconds between the SuperExecs' asks for a task to launch (Flower's
             ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 1 s by default): the SuperLink's SuperExec starts the
             ServerApp, each SuperNode's starts a ClientApp per message, each up to this late. None keeps
@@ -75,9 +82,13 @@ class LocalFederation:
         env: Optional[dict[str, str]] = None,
         worker_config: Union[str, os.PathLike, None] = None,
         task_poll_interval: Optional[float] = TASK_POLL_INTERVAL,
+        nodes_per_worker: int = 1,
+        worker_threads: Optional[int] = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+        if nodes_per_worker < 1:
+            raise ValueError(f"nodes_per_worker must be at least 1, got {nodes_per_worker}")
         self.root = Path(root).resolve()  # the processes run in it: every path they are given is absolute
         self.num_nodes = num_nodes
         self.state_dirs = state_dirs
@@ -97,7 +108,13 @@ class LocalFederation:
         self.superlink: Optional[subprocess.Popen[bytes]] = None
         self._connected: dict[int, int] = {}  # per node: "SuperNode ID" lines in its log before its newest start
         self.worker_config = Path(worker_config).resolve() if worker_config is not None else None
-        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.nodes_per_worker = nodes_per_worker
+        self.num_workers = -(-num_nodes // nodes_per_worker) if worker_config is not None else 0
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}  # by worker number
+        if worker_threads is None:
+            worker_threads = max(1, (os.cpu_count() or 1) // max(1, self.num_workers))
+        threads = (env or {}).get("OMP_NUM_THREADS", str(worker_threads))
+        self.worker_env = dict(self.env, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         self._sockets: Optional[Path] = None  # a short private folder: a socket's path is at most 107 bytes
 
     def __enter__(self) -> LocalFederation:
@@ -111,39 +128,54 @@ class LocalFederation:
         """Start one of Flower's commands in its own process group, its output appended to ``ROOT/log``."""
         return self._spawn([str(BIN / command[0]), *command[1:]], log)
 
+    def worker_of(self, i: int) -> int:
+        """The number of the worker that serves SuperNode ``i`` (``i // nodes_per_worker``)."""
+        return i // self.nodes_per_worker
+
     def worker_socket(self, i: int) -> Path:
         """Where the worker of SuperNode ``i`` listens (with ``worker_config``)."""
         if self._sockets is None:
             self._sockets = Path(tempfile.mkdtemp(prefix="fedpeft-workers-"))  # 0700
-        return self._sockets / f"node-{i}" / "worker.sock"
+        return self._sockets / f"worker-{self.worker_of(i)}" / "worker.sock"
 
-    def start_worker(self, i: int, timeout: float = 300) -> None:
-        """Start (or restart) the worker of SuperNode ``i``; return once it serves (its log says so)."""
+    def start_worker(self, w: int, timeout: float = 300) -> None:
+        """Start (or restart) worker ``w`` (SuperNode ``w``'s own with one node per worker); return once it serves
+        (its log, ``ROOT/worker-<w>.log``, says so)."""
+        self._await_worker(w, self._launch_worker(w), time.monotonic() + timeout)
+
+    def _launch_worker(self, w: int) -> int:
+        """Start worker ``w``; how many times its log said it serves before."""
         assert self.worker_config is not None, "LocalFederation(worker_config=...) starts workers"
-        log = self.root / f"worker-{i}.log"
+        if not 0 <= w < self.num_workers:
+            raise ValueError(f"there are workers 0 to {self.num_workers - 1}, not {w}")
+        i = w * self.nodes_per_worker  # its first SuperNode
+        log = self.root / f"worker-{w}.log"
         before = log.read_text().count(_SERVING) if log.exists() else 0
         command = [sys.executable, "-m", "fedpeft_pl.cli", "worker", "--config", str(self.worker_config)]
-        self.workers[i] = self._spawn([*command, "--socket", str(self.worker_socket(i))], log.name)
-        deadline = time.monotonic() + timeout
+        self.workers[w] = self._spawn([*command, "--socket", str(self.worker_socket(i))], log.name, self.worker_env)
+        return before
+
+    def _await_worker(self, w: int, before: int, deadline: float) -> None:
+        log = self.root / f"worker-{w}.log"
         while log.read_text().count(_SERVING) <= before:
-            if self.workers[i].poll() is not None:
-                raise RuntimeError(f"the worker of SuperNode {i} exited at start:\n{log.read_text()[-3000:]}")
+            if self.workers[w].poll() is not None:
+                raise RuntimeError(f"worker {w} exited at start:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the worker of SuperNode {i} did not serve within {timeout:g} s:\n{self.logs()}")
+                raise RuntimeError(f"worker {w} did not serve in time:\n{self.logs()}")
             time.sleep(0.2)
 
-    def kill_worker(self, i: int) -> None:
-        """SIGKILL the worker of SuperNode ``i``, as one that crashes: its socket stays, nobody answers it."""
-        _signal_group(self.workers[i], signal.SIGKILL)
-        self.workers[i].wait(timeout=10)
+    def kill_worker(self, w: int) -> None:
+        """SIGKILL worker ``w``, as one that crashes: its socket stays, nobody answers it."""
+        _signal_group(self.workers[w], signal.SIGKILL)
+        self.workers[w].wait(timeout=10)
 
-    def _spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: list[str], log: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen[bytes]:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / log, "a") as out:
             process = subprocess.Popen(
                 argv,
                 cwd=self.root,
-                env=self.env,
+                env=self.env if env is None else env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -190,9 +222,11 @@ class LocalFederation:
             str(self.port),
             log="superlink.log",
         )
-        if self.worker_config is not None:  # each builds its module once; the SuperNodes start meanwhile
-            for i in range(self.num_nodes):
-                self.start_worker(i, timeout)
+        if self.worker_config is not None:  # each builds its module once, all at once
+            started = {w: self._launch_worker(w) for w in range(self.num_workers)}
+            deadline = time.monotonic() + timeout
+            for w, before in started.items():
+                self._await_worker(w, before, deadline)
         for i in range(self.num_nodes):
             self.start_node(i)
         deadline = time.monotonic() + timeout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from typing import Any, Optional, Union
 
@@ -40,7 +41,9 @@ from fedpeft_pl.errors import ConfigError
 
 __all__ = ["NoWorker", "evaluate", "falls_back", "train", "worker_socket"]
 
-log = logging.getLogger(__name__)
+# Flower's logger has the handler that a ClientApp process prints through (into its SuperNode's log); a
+# logger of our own would print warnings only there
+log = logging.getLogger("flwr").getChild(__name__)
 
 CONNECT_TIMEOUT = (
     10.0  # seconds to reach the socket; a task then takes as long as it takes (a dead worker's socket closes)
@@ -65,7 +68,7 @@ def falls_back(context: Context) -> bool:
 
 def train(message: Message, context: Context, config: Union[str, os.PathLike]) -> Message:
     """Answer a train message through the worker: the reply the ClientApp would give in its own process."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     received: Any = message.content  # Flower's records, typed loosely
     settings: dict[str, Any] = dict(received["config"])
     client, server_round = int(settings[CLIENT]), int(settings[ROUND])
@@ -87,7 +90,9 @@ def train(message: Message, context: Context, config: Union[str, os.PathLike]) -
         arrays["extras"] = from_record(received["extras"])
     if MODEL_UPDATE in received:
         arrays["model-update"] = from_record(received[MODEL_UPDATE])
+    asked = time.perf_counter()
     header, out = _exchange(context, config, request, arrays)
+    waited = time.perf_counter() - asked
     if header.get("declined") is not None:
         log.info(f"round {server_round}: client {client} declines: {header['declined']}")
         return Message(RecordDict({DECLINED: ConfigRecord({"reason": str(header["declined"])})}), reply_to=message)
@@ -99,13 +104,15 @@ def train(message: Message, context: Context, config: Union[str, os.PathLike]) -
         content["extras"] = to_record(out["extras"])
     log.info(
         f"round {server_round}: client {client} trained on {header['num_samples']} samples in "
-        f"{time.perf_counter() - started:.1f} s (worker {worker_socket(context)})"
+        f"{time.perf_counter() - started:.1f} s (worker {worker_socket(context)}, {waited:.3f} s of it); "
+        f"{this_process(cpu)}"
     )
     return Message(RecordDict(content), reply_to=message)
 
 
 def evaluate(message: Message, context: Context, config: Union[str, os.PathLike]) -> Message:
     """Answer an evaluate message through the worker."""
+    cpu = time.process_time()
     received: Any = message.content
     settings = received["config"]
     client = int(settings[CLIENT])
@@ -114,9 +121,32 @@ def evaluate(message: Message, context: Context, config: Union[str, os.PathLike]
     arrays = {"arrays": from_record(received["arrays"]), "own": own}
     if MODEL_UPDATE in received:
         arrays["model-update"] = from_record(received[MODEL_UPDATE])
+    asked = time.perf_counter()
     header, _ = _exchange(context, config, {"op": "evaluate", "client": client}, arrays)
+    log.info(
+        f"round {settings[ROUND]}: client {client} evaluated (worker {worker_socket(context)}, "
+        f"{time.perf_counter() - asked:.3f} s); {this_process(cpu)}"
+    )
     metrics: dict[str, Any] = {"num-examples": int(header["count"]), **header["metrics"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+def this_process(cpu_before: float) -> str:
+    """What this ClientApp process has cost so far, for its log: seconds since it started (Flower's start, the
+    imports, the message), its CPU seconds (of which those after ``cpu_before``, the message's) and its peak
+    RSS (Linux; "?" where not known)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+            age = f"{float(uptime.read().split()[0]) - ticks / os.sysconf('SC_CLK_TCK'):.2f}"
+    except (OSError, ValueError, IndexError):
+        age = "?"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    now = time.process_time()
+    return (
+        f"this process: {age} s since its start, CPU {now:.3f} s ({now - cpu_before:.3f} s for the message), "
+        f"peak RSS {peak:.0f} MiB"
+    )
 
 
 def _check_partition(context: Context, client: int, says: str) -> None:

@@ -156,6 +156,7 @@ class Worker:
             channel.send(conn, {"ok": False, "error": f"unknown operation {op!r}"})
             return
         conn.settimeout(None)
+        started, cpu = time.perf_counter(), time.process_time()
         self._gone.clear()
         done = threading.Event()
         watcher = threading.Thread(target=_watch, args=(conn, self._gone, done), daemon=True)
@@ -178,6 +179,11 @@ class Worker:
             return
         channel.send(conn, reply, out)
         self.tasks += 1
+        during = f" (round {request['round']})" if "round" in request else ""
+        log.info(
+            f"answered a {op} task of client {request.get('client')}{during} in {time.perf_counter() - started:.3f} s "
+            f"(CPU {time.process_time() - cpu:.3f} s); {self.tasks} answered, {self.dropped} dropped"
+        )
 
     def refusal(self, hello: dict[str, Any]) -> Optional[str]:
         """Why a ClientApp is refused (one line), or None."""
