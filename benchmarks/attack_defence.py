@@ -53,6 +53,11 @@ ATTACKS = {
         "Backdoor",
         {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": "clients", "boost_rounds": "last"},
     ),
+    # the probes of the backdoor (benchmarks/README.md): a 3x3 trigger (the grid's first backdoor) or a whole token,
+    # boosted every round, or not at all
+    "backdoor-3x3-every-round": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": "clients"}),
+    "backdoor-8x8-every-round": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": "clients"}),
+    "backdoor-8x8-no-boost": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5}),
     "quantity-x1000": ("QuantityInflation", {"factor": 1000.0}),
     "min-max": ("MinMax", {}),
     "label-flip": ("LabelFlip", {}),
