@@ -75,7 +75,7 @@ DEFENCES = {
     "normbound-0.5": ("fedpeft_pl.strategies.NormBound", {"bound": 0.5}),
 }
 # norm bounding's bound, swept against the backdoor (not in the default grid)
-SWEEP = {f"normbound-{b:g}": ("fedpeft_pl.strategies.NormBound", {"bound": b}) for b in (0.25, 1.0, 2.0, 4.0)}
+SWEEP = {f"normbound-{b:g}": ("fedpeft_pl.strategies.NormBound", {"bound": b}) for b in (0.1, 0.25, 1.0, 2.0, 4.0)}
 
 
 def _yaml(value) -> str:
