@@ -8,7 +8,7 @@
     python benchmarks/attack_defence.py --reuse                  # read finished runs back
     python benchmarks/attack_defence.py --seeds 0 1 2 --attacks backdoor-replace --keep-rows   # one row anew
     python benchmarks/attack_defence.py --seeds 0 1 2 --attacks backdoor-replace --defences fedavg \
-        normbound-0.25 normbound-0.5 normbound-1 normbound-2 normbound-4 --table normbound   # the bound's sweep
+        normbound-0.25 normbound-0.5 normbound-1 normbound-2 --table normbound   # the bound's sweep
 
 Each pair is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml`` on
 ``--clients`` clients (Dirichlet ``--alpha``), every client every round (so a round holds the
