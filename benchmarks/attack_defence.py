@@ -6,6 +6,9 @@
     python benchmarks/attack_defence.py --method prompt --attacks none alie                # the Prompt slice
     python benchmarks/attack_defence.py --attacks none --alpha 0.1                         # each defence's cost
     python benchmarks/attack_defence.py --reuse                  # read finished runs back
+    python benchmarks/attack_defence.py --seeds 0 1 2 --attacks backdoor-replace --keep-rows   # one row anew
+    python benchmarks/attack_defence.py --seeds 0 1 2 --attacks backdoor-replace --defences fedavg \
+        normbound-0.25 normbound-0.5 normbound-1 normbound-2 --table normbound   # the bound's sweep
 
 Each pair is ``fedpeft fit --config configs/quickstart.yaml --config configs/quickstart/<method>.yaml`` on
 ``--clients`` clients (Dirichlet ``--alpha``), every client every round (so a round holds the
@@ -14,7 +17,9 @@ tolerates), ``--rounds`` short rounds of ``--local-epochs``, with ``trainer.atta
 ``trainer.aggregation`` set as below. The malicious clients are the same in every pair of a seed (drawn
 from it). The runs share one Python process (the imports are paid once) and train on the vectorised
 engine. Logs go to ``<out>/<method>/a<alpha>-f<fraction>/seed<k>/<attack>/<defence>``; the table to
-benchmarks/results/attack_defence-<method>-a<alpha>-f<fraction>.md.
+benchmarks/results/attack_defence-<method>-a<alpha>-f<fraction>.md (``-<table>`` before ``.md`` with
+``--table``). With ``--keep-rows`` the rows of that file's attacks not run now stay as they are (with the
+command that made them), so one attack can be run again without the rest of the grid.
 
 Reported per pair: the final clean server accuracy (mean and spread over the seeds); for the backdoor its
 success rate (triggered test images of the other classes put in the target class); the mean share of the
@@ -41,8 +46,18 @@ ATTACKS = {
     "alie": ("ALIE", {}),
     "ipm-0.1": ("IPM", {"epsilon": 0.1}),
     # model replacement: the malicious clients together boost by the clients a round (Bagdasaryan et al.:
-    # gamma = n / eta, eta = 1), each by n over their number
-    "backdoor-replace": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": "clients"}),
+    # gamma = n / eta, eta = 1), each by n over their number, in the last round only (the paper's one-round
+    # replacement; boosted every round the malicious data's step overshoots back and forth); the trigger
+    # covers one whole token of the ViT (its patch size, 8 pixels)
+    "backdoor-replace": (
+        "Backdoor",
+        {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": "clients", "boost_rounds": "last"},
+    ),
+    # the probes of the backdoor (benchmarks/README.md): a 3x3 trigger (the grid's first backdoor) or a whole token,
+    # boosted every round, or not at all
+    "backdoor-3x3-every-round": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": "clients"}),
+    "backdoor-8x8-every-round": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": "clients"}),
+    "backdoor-8x8-no-boost": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5}),
     "quantity-x1000": ("QuantityInflation", {"factor": 1000.0}),
     "min-max": ("MinMax", {}),
     "label-flip": ("LabelFlip", {}),
@@ -59,6 +74,8 @@ DEFENCES = {
     "cclip-0.5": ("fedpeft_pl.strategies.CenteredClipping", {"tau": 0.5}),
     "normbound-0.5": ("fedpeft_pl.strategies.NormBound", {"bound": 0.5}),
 }
+# norm bounding's bound, swept against the backdoor (not in the default grid)
+SWEEP = {f"normbound-{b:g}": ("fedpeft_pl.strategies.NormBound", {"bound": b}) for b in (0.1, 0.25, 1.0, 2.0, 4.0)}
 
 
 def _yaml(value) -> str:
@@ -68,7 +85,7 @@ def _yaml(value) -> str:
 
 
 def overlay(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespace) -> str:
-    spec = DEFENCES[defence]
+    spec = {**DEFENCES, **SWEEP}[defence]
     path, kwargs = (spec, {}) if isinstance(spec, str) else spec
     malicious = int(args.fraction * args.clients)
     kwargs = {k: (max(malicious, 1) if v == "malicious" else v) for k, v in kwargs.items()}
@@ -98,6 +115,7 @@ def overlay(attack: str, defence: str, out: Path, seed: int, args: argparse.Name
     if ATTACKS[attack] is not None:
         name, settings = ATTACKS[attack]
         settings = {k: (args.clients / max(malicious, 1) if v == "clients" else v) for k, v in settings.items()}
+        settings = {k: ([args.rounds] if v == "last" else v) for k, v in settings.items()}
         lines += [
             "  attack:",
             f"    class_path: fedpeft_pl.attacks.{name}",
@@ -162,9 +180,11 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--attacks", nargs="*", default=MAIN_ATTACKS, choices=list(ATTACKS))
-    parser.add_argument("--defences", nargs="*", default=list(DEFENCES), choices=list(DEFENCES))
+    parser.add_argument("--defences", nargs="*", default=list(DEFENCES), choices=[*DEFENCES, *SWEEP])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "attack_defence")
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--keep-rows", action="store_true", help="keep the results file's rows of other attacks")
+    parser.add_argument("--table", default="", help="a name for the results file, after the setting")
     args = parser.parse_args()
     setting = f"a{args.alpha:g}-f{args.fraction:g}"
     results: dict[tuple[str, str], list[dict]] = {}
@@ -186,7 +206,43 @@ def main() -> None:
         f"python benchmarks/attack_defence.py --method {args.method} --clients {args.clients} --fraction "
         f"{args.fraction:g} --alpha {args.alpha:g} --rounds {args.rounds} --local-epochs {args.local_epochs} "
         f"--seeds {' '.join(map(str, args.seeds))} --attacks {' '.join(args.attacks)}"
+        + (f" --defences {' '.join(args.defences)}" if args.defences != list(DEFENCES) else "")
+        + (f" --table {args.table}" if args.table else "")
+        + (" --keep-rows" if args.keep_rows else "")
     )
+    target = (
+        REPO
+        / "benchmarks"
+        / "results"
+        / f"attack_defence-{args.method}-{setting}{'-' * bool(args.table)}{args.table}.md"
+    )
+    header = "| attack \\ defence | " + " | ".join(args.defences) + " |"
+    kept = kept_rows(target, header, args.attacks) if args.keep_rows else Kept()
+    accuracy_rows = dict(kept.accuracy)
+    weight_rows = dict(kept.weight)
+    for attack in args.attacks:
+        cells = []
+        for defence in args.defences:
+            runs = results[attack, defence]
+            cell = _spread([r.get("server/acc", [float("nan")])[-1] for r in runs])
+            if all("attack/success_rate" in r for r in runs):
+                cell += " / " + _spread([r["attack/success_rate"][-1] for r in runs])
+            cells.append(cell)
+        accuracy_rows[attack] = f"| {attack} | " + " | ".join(cells) + " |"
+        if attack == "none":
+            continue
+        cells = []
+        for defence in args.defences:
+            runs = results[attack, defence]
+            weight = [v for r in runs for v in r.get("attack/malicious_weight", [])]
+            cell = f"{_mean(weight):.3f}" if weight else "-"
+            tpr = [v for r in runs for v in r.get("attack/tpr", [])]
+            if tpr:
+                fpr = [v for r in runs for v in r.get("attack/fpr", [])]
+                cell += f" (TPR {_mean(tpr):.2f}, FPR {_mean(fpr):.2f})"
+            cells.append(cell)
+        weight_rows[attack] = f"| {attack} | " + " | ".join(cells) + " |"
+    attacks = [*kept.order, *(a for a in args.attacks if a not in kept.order)]
     lines = [
         f"Attacks x defences on the quickstart task with {args.method}: {args.clients} clients (Dirichlet "
         f"{args.alpha:g}), all of them every round, {int(args.fraction * args.clients)} malicious "
@@ -201,52 +257,87 @@ def main() -> None:
             else "runs read back from their logs (--reuse), not timed here"
         ),
         "",
+    ]
+    kept_attacks = [a for a in kept.order if a not in args.attacks]
+    if kept_attacks:
+        lines[-1:-1] = [
+            f"Rows kept from the file as it was (--keep-rows): {', '.join(kept_attacks)}; they came from:  ",
+            *(f"{line}  " for line in kept.provenance),
+        ]
+    lines += [
         "Final clean server accuracy (mean ± standard deviation over the seeds; backdoor: accuracy / attack success):",
         "",
-        "| attack \\ defence | " + " | ".join(args.defences) + " |",
+        header,
         "|---" * (len(args.defences) + 1) + "|",
-    ]
-    for attack in args.attacks:
-        cells = []
-        for defence in args.defences:
-            runs = results[attack, defence]
-            cell = _spread([r.get("server/acc", [float("nan")])[-1] for r in runs])
-            if all("attack/success_rate" in r for r in runs):
-                cell += " / " + _spread([r["attack/success_rate"][-1] for r in runs])
-            cells.append(cell)
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    lines += [
+        *(accuracy_rows[a] for a in attacks),
         "",
         "Mean share of the aggregate given to malicious clients (`attack/malicious_weight`; - where the rule "
         "works per coordinate), and for the selecting rules the mean true / false positive rates of their "
         "rejections:",
         "",
-        "| attack \\ defence | " + " | ".join(args.defences) + " |",
+        header,
         "|---" * (len(args.defences) + 1) + "|",
+        *(weight_rows[a] for a in attacks if a in weight_rows),
     ]
-    for attack in args.attacks:
-        if attack == "none":
-            continue
-        cells = []
-        for defence in args.defences:
-            runs = results[attack, defence]
-            weight = [v for r in runs for v in r.get("attack/malicious_weight", [])]
-            cell = f"{_mean(weight):.3f}" if weight else "-"
-            tpr = [v for r in runs for v in r.get("attack/tpr", [])]
-            if tpr:
-                fpr = [v for r in runs for v in r.get("attack/fpr", [])]
-                cell += f" (TPR {_mean(tpr):.2f}, FPR {_mean(fpr):.2f})"
-            cells.append(cell)
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    target = REPO / "benchmarks" / "results" / f"attack_defence-{args.method}-{setting}.md"
     target.write_text("\n".join(lines) + "\n")
     print(f"wrote {target.relative_to(REPO)}")
-    if len(args.attacks) > 1 and len(args.defences) > 1:
-        figure = figure_of(results, args, setting)
+    if len(attacks) > 1 and len(args.defences) > 1 and not args.table:
+        means = {row: _row_means(accuracy_rows[row]) for row in attacks}
+        figure = figure_of(means, attacks, args, setting)
         print(f"wrote {figure.relative_to(REPO)}")
 
 
-def figure_of(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace, setting: str) -> Path:
+class Kept:
+    """The rows of an earlier results file: each table's row by attack, in its order, and the lines that say what
+    made them."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.accuracy: dict[str, str] = {}
+        self.weight: dict[str, str] = {}
+        self.provenance: list[str] = []
+
+
+def kept_rows(target: Path, header: str, running: list[str]) -> Kept:
+    """The rows of ``target`` for the attacks not in ``running``; its tables must have the columns of ``header``."""
+    kept = Kept()
+    if not target.exists():
+        return kept
+    text = target.read_text().splitlines()
+    tables = [i for i, line in enumerate(text) if line.startswith("| attack")]
+    if any(text[i] != header for i in tables):
+        raise SystemExit(f"{target.relative_to(REPO)} has other defences than these; run its whole grid instead")
+    for index, rows in zip(tables, (kept.accuracy, kept.weight)):
+        for line in text[index + 2 :]:
+            if not line.startswith("| "):
+                break
+            attack = line.split(" | ")[0][2:]
+            if attack not in running:
+                rows[attack] = line
+            if rows is kept.accuracy:
+                kept.order.append(attack)
+    # each command with its machine line, the file's own and those of rows it kept; those that made a kept row stay
+    lines = [line.removesuffix("  ").removeprefix("- ") for line in text if line.startswith(("Command: ", "- Com"))]
+    machines = [line.removesuffix("  ").removeprefix("- ") for line in text if line.startswith(("Machine: ", "- Mac"))]
+    for command, machine in zip(lines, machines):
+        made = command.split(" --attacks ")[1].split(" --")[0].rstrip("`").split()
+        if any(attack not in running for attack in made):
+            kept.provenance += [f"- {command}", f"- {machine}"]
+    return kept
+
+
+def _row_means(row: str) -> list[tuple[float, float]]:
+    """The mean accuracy and mean attack success (nan where none) of each cell of a table row."""
+    means = []
+    for cell in row.strip("| ").split(" | ")[1:]:
+        parts = [part.split(" ± ")[0] for part in cell.split(" / ")]
+        means.append((float(parts[0]), float(parts[1]) if len(parts) > 1 else float("nan")))
+    return means
+
+
+def figure_of(
+    means: dict[str, list[tuple[float, float]]], attacks: list[str], args: argparse.Namespace, setting: str
+) -> Path:
     """A heat map of the mean final clean accuracy, attacks by defences; the backdoor's cells also give its success."""
     import matplotlib
 
@@ -254,23 +345,17 @@ def figure_of(results: dict[tuple[str, str], list[dict]], args: argparse.Namespa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    accuracy = np.array(
-        [
-            [_mean([r.get("server/acc", [float("nan")])[-1] for r in results[a, d]]) for d in args.defences]
-            for a in args.attacks
-        ]
-    )
-    figure, axes = plt.subplots(figsize=(1.1 * len(args.defences) + 2.5, 0.6 * len(args.attacks) + 1.8))
+    accuracy = np.array([[acc for acc, _ in means[a]] for a in attacks])
+    figure, axes = plt.subplots(figsize=(1.1 * len(args.defences) + 2.5, 0.6 * len(attacks) + 1.8))
     image = axes.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=max(0.9, float(np.nanmax(accuracy))))
-    for i, attack in enumerate(args.attacks):
-        for j, defence in enumerate(args.defences):
-            runs = results[attack, defence]
-            text = f"{accuracy[i, j]:.2f}"
-            if all("attack/success_rate" in r for r in runs):
-                text += f"\nASR {_mean([r['attack/success_rate'][-1] for r in runs]):.2f}"
+    for i, attack in enumerate(attacks):
+        for j, (acc, success) in enumerate(means[attack]):
+            text = f"{acc:.2f}"
+            if success == success:
+                text += f"\nASR {success:.2f}"
             axes.text(j, i, text, ha="center", va="center", fontsize=7)
     axes.set_xticks(range(len(args.defences)), args.defences, rotation=35, ha="right", fontsize=8)
-    axes.set_yticks(range(len(args.attacks)), args.attacks, fontsize=8)
+    axes.set_yticks(range(len(attacks)), attacks, fontsize=8)
     axes.set_title(
         f"{args.method}: final clean accuracy, {int(args.fraction * 100)} % malicious, Dirichlet {args.alpha:g}, "
         f"{len(args.seeds)} seed(s)",

@@ -332,18 +332,26 @@ class Backdoor(Attack):
     bottom-right corner of the transformed (normalised) image, and the label ``target``. With ``boost``
     above 1 the client scales its update by it (``delta -> boost * delta``), so that it survives averaging
     with the honest ones (model replacement: ``boost = N / eta``; Bagdasaryan et al. use the round's
-    client count for eta = 1).
+    client count for eta = 1), in every round or only in ``boost_rounds``. Bagdasaryan et al. replace
+    the model in one round (the attacker is picked once) and measure the backdoor after it; boosted in
+    every round, the malicious clients' own data gets ``boost`` times their share of each step, which
+    can overshoot back and forth from round to round (benchmarks/README.md, "Attacks against
+    defences"). In the rounds without boost the malicious clients still train on their poisoned
+    samples and send that update as it is.
 
     The server measures the attack's success rate (``attack/success_rate``): the share of its test images
     of the other classes that the model, given the trigger, puts in class ``target``.
 
     Args:
         target: the class the trigger leads to.
-        patch: the trigger square's side in pixels, >= 1.
+        patch: the trigger square's side in pixels, >= 1. Against a ViT, one the backbone's patch size covers a
+            whole token; a smaller one changes a share of one token's pixels, which a frozen backbone with a
+            small adapter learns far more slowly (on the quickstart's ViT, patch 8: benchmarks/README.md).
         value: the trigger's pixel value in the transformed image (about white after the usual
             normalisations).
         poison_fraction: the share of a malicious client's samples that carry the trigger, in (0, 1].
         boost: the factor on the malicious update, >= 1 (1: none).
+        boost_rounds: the rounds (from 1) in which the malicious updates are boosted; None: every round.
         fraction: the share of the federation's clients that are malicious (:class:`Attack`).
         clients: the malicious clients by index, instead of a fraction.
     """
@@ -357,6 +365,7 @@ class Backdoor(Attack):
         value: float = 2.5,
         poison_fraction: float = 0.5,
         boost: float = 1.0,
+        boost_rounds: Optional[Sequence[int]] = None,
         fraction: float = 0.2,
         clients: Optional[Sequence[int]] = None,
     ) -> None:
@@ -369,11 +378,16 @@ class Backdoor(Attack):
             raise ConfigError(f"Backdoor poison_fraction must be in (0, 1], got {poison_fraction}")
         if not boost >= 1:
             raise ConfigError(f"Backdoor boost must be >= 1, got {boost}")
+        if boost_rounds is not None and any(
+            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in boost_rounds
+        ):
+            raise ConfigError(f"Backdoor boost_rounds must be rounds >= 1 or null, got {list(boost_rounds)!r}")
         self.target = target
         self.patch = patch
         self.value = value
         self.poison_fraction = poison_fraction
         self.boost = boost
+        self.boost_rounds = None if boost_rounds is None else sorted(set(boost_rounds))
         self._seed = 0
 
     def setup(self, federation: Federation, num_classes: Optional[int] = None) -> None:
@@ -399,7 +413,7 @@ class Backdoor(Attack):
         return image, label
 
     def tamper(self, context: ClientContext, trained: State) -> State:
-        if self.boost == 1:
+        if self.boost == 1 or (self.boost_rounds is not None and context.server_round not in self.boost_rounds):
             return trained
         return _scaled(context, trained, self.boost)
 

@@ -119,6 +119,15 @@ def test_label_flip_and_the_backdoor_poison_their_clients_samples_only():
 
     boosted = Backdoor(boost=10.0, clients=[0]).tamper(_context(), _state([0.1, 0, 0, 0, 0]))
     torch.testing.assert_close(_flat(boosted), torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+    # boosted in the listed rounds only (a one-round model replacement); the other rounds' updates go out as trained
+    once = Backdoor(boost=10.0, boost_rounds=[3], clients=[0])
+    trained = _state([0.1, 0, 0, 0, 0])
+    torch.testing.assert_close(_flat(once.tamper(_context(0, 3), trained)), _flat(boosted), atol=1e-6, rtol=0)
+    for other in (1, 2, 4):
+        assert once.tamper(_context(0, other), trained) is trained
+    for bad in ([0], [True], [1.5]):
+        with pytest.raises(ConfigError, match="boost_rounds"):
+            Backdoor(boost=10.0, boost_rounds=bad, clients=[0])
 
 
 def _honest() -> list[ClientUpdate]:
