@@ -186,6 +186,7 @@ class Runner:
         config = log / "overlay.yaml"
         config.write_text(overlay(method, mechanism, epsilon, clip, seed, log, self.args))
         started = time.perf_counter()
+        refused = False
         try:
             main(
                 [
@@ -198,9 +199,10 @@ class Runner:
                     str(config),
                 ]
             )
-        except SystemExit as exit_:  # the CLI's one-line refusals exit; record the run as failed
+        except SystemExit as exit_:  # the CLI's one-line refusals exit; record the run as refused
             if exit_.code not in (0, None):
                 print(f"FAILED {key}: exit {exit_.code}", flush=True)
+                refused = True
         wall = time.perf_counter() - started
         row = {
             "key": key,
@@ -210,7 +212,7 @@ class Runner:
             "clip": clip,
             "seed": seed,
             "seconds": wall,
-            **(summary(scalars(log_dir)) if log_dir.is_dir() else {"acc": math.nan}),
+            **(summary(scalars(log_dir)) if log_dir.is_dir() and not refused else {"acc": math.nan}),
         }
         self.results[key] = row
         with self.jsonl.open("a") as handle:
@@ -317,6 +319,15 @@ def grid_clip(runner: Runner, args: argparse.Namespace) -> float:
     return best
 
 
+def _cell(row: dict | None) -> str:
+    """A grid cell: accuracy (epsilon spent); ``refused`` for a run the library refused before training."""
+    if row is None:
+        return "-"
+    if row["acc"] != row["acc"] and not row.get("rounds"):
+        return "refused"
+    return f"{row['acc']:.3f} ({row.get('epsilon_spent', math.nan):.2f})"
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -327,6 +338,13 @@ def _spread(values: list[float]) -> str:
 
 def _mean(values: list[float]) -> float:
     return statistics.mean(values) if values else math.nan
+
+
+def commands(args: argparse.Namespace, command: str) -> list[str]:
+    """The invocations that ran runs into ``--out`` (``<out>/commands.txt``), or this one."""
+    path = args.out / "commands.txt"
+    lines = list(dict.fromkeys(path.read_text().splitlines())) if path.is_file() else []
+    return lines or [command]
 
 
 def write_results(runner: Runner, args: argparse.Namespace, command: str) -> Path:
@@ -348,7 +366,10 @@ def write_results(runner: Runner, args: argparse.Namespace, command: str) -> Pat
         f"sample's gradient to {args.local_clip:g}. Local DP's epsilon is per record of each client, the others' "
         f"per client: the same number is a much weaker promise for local DP.",
         "",
-        f"Command: `{command}`  ",
+        "Commands, in the order they ran (`--reuse` runs only what is missing):",
+        "",
+        *[f"    {line}" for line in commands(args, command)],
+        "",
         f"Machine: {platform.machine()}, Python {platform.python_version()}, {os.cpu_count()} CPU cores; "
         "median seconds per run: "
         + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in by_mechanism.items() if v)
@@ -370,7 +391,7 @@ def write_results(runner: Runner, args: argparse.Namespace, command: str) -> Pat
             cells = []
             for mechanism in mechanisms:
                 row = r.get(method, mechanism, epsilon, clip_of(r, mechanism, args), 0)
-                cells.append("-" if row is None else f"{row['acc']:.3f} ({row.get('epsilon_spent', math.nan):.2f})")
+                cells.append(_cell(row))
             if all(c == "-" for c in cells):
                 continue
             ref = f"{reference['acc']:.3f}" if reference else "-"
@@ -471,7 +492,8 @@ def figures(runner: Runner, args: argparse.Namespace) -> list[Path]:
                 points = [(e, r.get(method, mechanism, e, clip, 0)) for e in args.epsilons]
                 points = [(e, row["acc"]) for e, row in points if row is not None]
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=mechanism)
+                    color = f"C{MECHANISMS.index(mechanism)}"  # one colour per mechanism in every panel
+                    ax.plot(*zip(*points), marker="o", color=color, label=mechanism)
             reference = r.get(method, NON_PRIVATE, 0.0, 0.0, 0)
             if reference is not None:
                 ax.axhline(reference["acc"], color="black", linestyle="--", linewidth=1, label="non-private")
@@ -482,7 +504,11 @@ def figures(runner: Runner, args: argparse.Namespace) -> list[Path]:
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("final server accuracy")
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        handles = {}  # every mechanism that has a point in some panel, in one legend
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="lower right")
         figure.suptitle(
             f"quickstart task, {args.rounds} rounds x {args.local_epochs} local epochs, 8 of 16 clients a round, "
             "seed 0",
@@ -560,8 +586,13 @@ def main() -> None:
     args.run_order = list(args.epsilons)  # the grid runs its epsilons in the order given; tables and figures sort them
     args.epsilons = sorted(args.epsilons)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/privacy_epsilon.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
+    command = "python benchmarks/privacy_epsilon.py " + " ".join(sys.argv[1:])
     runner = Runner(args)
+    if not args.reuse:
+        (args.out / "commands.txt").unlink(missing_ok=True)
+    if any(True for _ in plan(args)):
+        with (args.out / "commands.txt").open("a") as handle:
+            handle.write(command + "\n")
     current = None
     for part, (method, mechanism, epsilon, clip, seed) in plan(args):
         if part != current:
