@@ -58,6 +58,16 @@ ATTACKS = {
     "backdoor-3x3-every-round": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5, "boost": "clients"}),
     "backdoor-8x8-every-round": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": "clients"}),
     "backdoor-8x8-no-boost": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5}),
+    # the first backdoor with one change each (a white trigger, 4x4, no boost, every sample poisoned), and 8x8 at
+    # half the boost
+    "backdoor-3x3-white": (
+        "Backdoor",
+        {"target": 0, "patch": 3, "value": 1.0, "poison_fraction": 0.5, "boost": "clients"},
+    ),
+    "backdoor-4x4-every-round": ("Backdoor", {"target": 0, "patch": 4, "poison_fraction": 0.5, "boost": "clients"}),
+    "backdoor-3x3-no-boost": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 0.5}),
+    "backdoor-3x3-all-poisoned": ("Backdoor", {"target": 0, "patch": 3, "poison_fraction": 1.0, "boost": "clients"}),
+    "backdoor-8x8-boost-2.5": ("Backdoor", {"target": 0, "patch": 8, "poison_fraction": 0.5, "boost": 2.5}),
     "quantity-x1000": ("QuantityInflation", {"factor": 1000.0}),
     "min-max": ("MinMax", {}),
     "label-flip": ("LabelFlip", {}),
