@@ -144,6 +144,8 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
 
 
 def run(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespace) -> tuple[dict, float]:
+    from workloads import quickstart_fit
+
     from fedpeft_pl.cli import main
 
     log_dir = out / attack / defence / "version_0"
@@ -154,17 +156,7 @@ def run(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespac
     config = out / attack / f"{defence}.yaml"
     config.write_text(overlay(attack, defence, out, seed, args))
     started = time.perf_counter()
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "quickstart.yaml"),
-            "--config",
-            str(REPO / "configs" / "quickstart" / f"{args.method}.yaml"),
-            "--config",
-            str(config),
-        ]
-    )
+    main(quickstart_fit(args.method, config))
     return scalars(log_dir), time.perf_counter() - started
 
 

@@ -174,6 +174,8 @@ class Runner:
             self.jsonl.unlink()
 
     def run(self, method: str, mechanism: str, epsilon: float, clip: float, seed: int) -> dict:
+        from workloads import quickstart_fit
+
         from fedpeft_pl.cli import main
 
         key = key_of(method, mechanism, epsilon, clip, seed)
@@ -188,17 +190,7 @@ class Runner:
         started = time.perf_counter()
         refused = False
         try:
-            main(
-                [
-                    "fit",
-                    "--config",
-                    str(REPO / "configs" / "quickstart.yaml"),
-                    "--config",
-                    str(REPO / "configs" / "quickstart" / f"{method}.yaml"),
-                    "--config",
-                    str(config),
-                ]
-            )
+            main(quickstart_fit(method, config))
         except SystemExit as exit_:  # the CLI's one-line refusals exit; record the run as refused
             if exit_.code not in (0, None):
                 print(f"FAILED {key}: exit {exit_.code}", flush=True)

@@ -5,12 +5,21 @@ One definition, so every benchmark measures the same architecture and method set
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 from fedpeft_pl import Backbone
 from fedpeft_pl.peft import METHOD_NAMES, Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
 
-__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone"]
+__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone", "quickstart_fit"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quickstart_fit(method: str, *overlays: Union[str, Path]) -> list[str]:
+    """The arguments of ``fedpeft fit`` for the quickstart with ``method``'s overlay and then ``overlays``."""
+    configs = [REPO / "configs" / "quickstart.yaml", REPO / "configs" / "quickstart" / f"{method}.yaml", *overlays]
+    return ["fit", *(arg for config in configs for arg in ("--config", str(config)))]
 
 
 def quickstart_backbone(weights_file: Optional[str] = None) -> Backbone:
