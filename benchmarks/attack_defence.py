@@ -135,16 +135,8 @@ def overlay(attack: str, defence: str, out: Path, seed: int, args: argparse.Name
     return "\n".join(lines) + "\n"
 
 
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def run(attack: str, defence: str, out: Path, seed: int, args: argparse.Namespace) -> tuple[dict, float]:
-    from workloads import quickstart_fit
+    from workloads import quickstart_fit, scalars
 
     from fedpeft_pl.cli import main
 

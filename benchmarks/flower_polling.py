@@ -33,6 +33,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from workloads import scalars  # noqa: E402
+
 from fedpeft_pl.deploy.local import LocalFederation  # noqa: E402
 
 WEIGHTS = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
@@ -50,14 +52,6 @@ def _cpu(federation: LocalFederation) -> float:
         except psutil.NoSuchProcess:
             continue
     return total
-
-
-def round_seconds(log_dir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.value for e in events.Scalars("round/seconds")]
 
 
 def main() -> None:
@@ -97,7 +91,7 @@ def main() -> None:
                     raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:] + federation.logs())
                 # the newest run folder: each run of the app logs to a version of its own
                 newest = max((root / "runs" / "prompt").glob("version_*"), key=lambda p: p.stat().st_mtime)
-                seconds = round_seconds(newest)
+                seconds = scalars(newest)["round/seconds"]
                 result = {
                     "task_poll_s": task_poll if task_poll is not None else 1.0,
                     "pull_interval_s": pull,

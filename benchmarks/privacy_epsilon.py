@@ -130,14 +130,6 @@ def overlay(method: str, mechanism: str, epsilon: float, clip: float, seed: int,
     return "\n".join(lines) + "\n"
 
 
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def key_of(method: str, mechanism: str, epsilon: float, clip: float, seed: int) -> str:
     if mechanism == NON_PRIVATE:
         return f"{method}/{mechanism}/seed{seed}"
@@ -164,6 +156,8 @@ class Runner:
         self.results: dict[str, dict] = {}
         self.jsonl = args.out / "results.jsonl"
         if args.reuse and self.jsonl.is_file():
+            from workloads import scalars
+
             for line in self.jsonl.read_text().splitlines():
                 row = json.loads(line)
                 log_dir = args.out / row["key"] / "version_0"
@@ -174,7 +168,7 @@ class Runner:
             self.jsonl.unlink()
 
     def run(self, method: str, mechanism: str, epsilon: float, clip: float, seed: int) -> dict:
-        from workloads import quickstart_fit
+        from workloads import quickstart_fit, scalars
 
         from fedpeft_pl.cli import main
 

@@ -11,7 +11,7 @@ from typing import Optional, Union
 from fedpeft_pl import Backbone
 from fedpeft_pl.peft import METHOD_NAMES, Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
 
-__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone", "quickstart_fit"]
+__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone", "quickstart_fit", "scalars"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +42,12 @@ def peft_method(name: str, lora_rank: int = 4) -> PEFTMethod:
         "lora": lambda: LoRA(rank=lora_rank, alpha=8.0),
         "full": Full,
     }[name]()
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar a run's TensorBoard logger wrote into ``log_dir``, by tag, in the order it was logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
