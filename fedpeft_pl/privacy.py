@@ -1020,6 +1020,10 @@ class DPFTRL(_ServerPrivacy):
         )
 
 
+# the round config's key that tells a DistributedDP client how many noise shares its round has
+NOISE_SHARES = "fedpeft.noise-shares"
+
+
 class DistributedDP(_ServerPrivacy):
     """Distributed DP (Kairouz, Liu and Steinke, ICML 2021): every client noises its own update before secure
     aggregation, so the server never sees an un-noised sum, and never adds noise.
@@ -1034,15 +1038,19 @@ class DistributedDP(_ServerPrivacy):
     the same vectors: with ``reproducible_noise`` a deployment ends where its simulation does.
 
     The noise: the clients' shares sum to central noise of standard deviation ``noise_multiplier * clip_norm``
-    when ``noise_clients`` clients (the expected number a round by default) reach the sum. A client that drops
-    out takes its share with it: a round's sum holds the noise of its survivors only. The accounting takes
-    the survivors' count (the deficit is spent, not assumed away): ``privacy/epsilon`` after each round is
-    the paper's RDP of the sum of that many discrete Gaussians (Proposition 14, with its Theorem 1's ``tau``
-    and the rounding's inflated sensitivity), subsampled by the client sample rate (Poisson sampling, Zhu and
-    Wang's general bound), composed over the rounds. ``epsilon`` calibrates ``noise_multiplier`` for
-    ``noise_clients`` survivors every round; rounds with fewer spend more than planned (``fedpeft comm`` says
-    how much with one dropout a round). The neighbouring relation is the paper's: one client's update
-    replaced, the number of noise shares fixed by who takes part.
+    when every client of the round's cohort reaches the sum: the server tells each client how many shares the
+    round has (``fedpeft.noise-shares`` in the round config), the number of clients it drew, so a small
+    Poisson cohort carries the whole noise too. (``noise_clients`` fixes the number of shares instead: a round
+    with fewer clients then holds less noise.) A client that drops out takes its share with it: a round's sum
+    holds the noise of its survivors only. The accounting takes each round's shares and survivors (the
+    deficit is spent, not assumed away): ``privacy/epsilon`` after each round is the paper's RDP of the sum
+    of that many discrete Gaussians (Proposition 14, with its Theorem 1's ``tau`` and the rounding's inflated
+    sensitivity), subsampled by the client sample rate (Poisson sampling, Zhu and Wang's general bound),
+    composed over the rounds. ``epsilon`` calibrates ``noise_multiplier`` for the expected cohort surviving
+    every round; a round with another cohort size spends a little more or less through the rounding (its
+    ``gamma``), and a round with dropouts spends more than planned (``fedpeft comm`` says how much with one
+    dropout a round). The neighbouring relation is the paper's: one client's update replaced, so the cohort's
+    size does not depend on the data, and the number of noise shares is fixed by who takes part.
 
     The rounding adds error of L2 norm about ``gamma * sqrt(n D) / 2`` to the decoded sum of ``n`` updates
     (:func:`~fedpeft_pl.distributed_noise.error_bound` states twice that); ``gamma`` keeps ``k_stddevs``
@@ -1059,7 +1067,8 @@ class DistributedDP(_ServerPrivacy):
             ``2**bits`` below ``2**32``).
         beta: conditional randomized rounding's constant in [0, 1); ``exp(-0.5)`` as in the paper.
         k_stddevs: how many standard deviations of the noised sum the modulus holds; 4 as in the paper.
-        noise_clients: the survivors the noise is planned for; by default the expected clients a round.
+        noise_clients: a fixed number of noise shares for every round; by default each round's cohort (the clients
+            the server drew for it), so that the whole cohort carries the whole noise whatever its size.
         reproducible_noise: draw each client's noise and rounding from ``trainer.seed``: NOT private.
         release_client_statistics: collect un-noised per-client statistics, outside the guarantee.
     """
@@ -1102,21 +1111,48 @@ class DistributedDP(_ServerPrivacy):
         self.release_client_statistics = release_client_statistics
         self._noise = NoiseSource(DDP_NOISE, reproducible=reproducible_noise)
         self._federation: Optional[Federation] = None
-        self._survivors: dict[int, int] = {}  # survivors a round -> rounds with that many
+        # (noise shares, survivors) of a round -> rounds with those; shares None: an old checkpoint's planned shares
+        self._history: dict[tuple[Optional[int], int], int] = {}
+        self._cohorts: dict[int, int] = {}  # the server's: clients drawn for a round, while the round runs
         self._last_survivors: Optional[int] = None
+        self._last_shares: Optional[int] = None
         self._dim: Optional[int] = None
 
     # -- the mechanism, the same on the clients and the server --------------------------------------------
 
     def _shares(self, federation: Federation) -> int:
+        """The shares the noise is planned (calibrated) for: ``noise_clients``, or the expected cohort."""
         return int(self.noise_clients) if self.noise_clients is not None else max(1, federation.clients_per_round)
+
+    def round_shares(self, server_round: int, federation: Federation, config: Optional[dict[str, Any]] = None) -> int:
+        """The noise shares of ``server_round``: ``noise_clients`` if given, else the clients the server drew for the
+        round (on a client, from the round ``config`` it received), else the planned shares."""
+        if self.noise_clients is not None:
+            return int(self.noise_clients)
+        if config is not None and NOISE_SHARES in config:
+            return max(1, int(config[NOISE_SHARES]))
+        return max(1, self._cohorts.get(server_round, self._shares(federation)))
+
+    def draw_clients(self, federation: Federation, server_round: int, size: int) -> list[int]:
+        clients = super().draw_clients(federation, server_round, size)
+        self._cohorts = {server_round: len(clients)}  # the round's noise shares; the server's alone
+        return clients
+
+    def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
+        state, config = super().configure_fit(server_round, global_state)
+        if self.noise_clients is None:  # before any draw (fedpeft comm sizing the message), the planned shares
+            federation = self._federation
+            planned = self._shares(federation) if federation is not None else 1
+            config = {**config, NOISE_SHARES: self._cohorts.get(server_round, planned)}
+        return state, config
 
     def _rate(self, federation: Federation) -> float:
         return federation.clients_per_round / federation.num_clients
 
-    def conditioning(self, federation: Federation, dim: int) -> Any:
-        """The round's :class:`~fedpeft_pl.distributed_noise.Conditioning` for updates of ``dim`` elements; the noise
-        multiplier calibrated for the run's target epsilon when none was given (the same on every client)."""
+    def conditioning(self, federation: Federation, dim: int, shares: Optional[int] = None) -> Any:
+        """The :class:`~fedpeft_pl.distributed_noise.Conditioning` of a round whose noise is in ``shares`` shares (the
+        planned ones by default) for updates of ``dim`` elements; the noise multiplier calibrated for the run's
+        target epsilon when none was given (the same on every client)."""
         from fedpeft_pl import distributed_noise as ddg
 
         z = self._given_multiplier
@@ -1140,7 +1176,8 @@ class DistributedDP(_ServerPrivacy):
                 self._calibrated_for = (key, z)
             z = self._calibrated_for[1]
         self.noise_multiplier = z
-        return ddg.conditioning(self.clip_norm, z, self._shares(federation), dim, self.bits, self.beta, self.k_stddevs)
+        shares = self._shares(federation) if shares is None else int(shares)
+        return ddg.conditioning(self.clip_norm, z, shares, dim, self.bits, self.beta, self.k_stddevs)
 
     @staticmethod
     def flat(update: State) -> tuple[list[str], np.ndarray]:
@@ -1149,13 +1186,21 @@ class DistributedDP(_ServerPrivacy):
         parts = [update[n].detach().double().cpu().reshape(-1).numpy() for n in names]
         return names, (np.concatenate(parts) if parts else np.zeros(0))
 
-    def encode_update(self, update: State, server_round: int, client: int, federation: Federation) -> np.ndarray:
+    def encode_update(
+        self,
+        update: State,
+        server_round: int,
+        client: int,
+        federation: Federation,
+        config: Optional[dict[str, Any]] = None,
+    ) -> np.ndarray:
         """A client's update as the integer vector it hands to secure aggregation (already noised): int64 in
-        ``[-2**(bits-1), 2**(bits-1))``. Runs on the client."""
+        ``[-2**(bits-1), 2**(bits-1))``. Runs on the client, with the round ``config`` it received (which says
+        how many noise shares the round has)."""
         from fedpeft_pl import distributed_noise as ddg
 
         _, vector = self.flat(update)
-        cond = self.conditioning(federation, vector.size)
+        cond = self.conditioning(federation, vector.size, self.round_shares(server_round, federation, config))
         signs = ddg.rotation_signs(federation.seed, server_round, cond.padded)
         release = (server_round, client)
         self._noise.open(release, seed=federation.seed)
@@ -1171,7 +1216,7 @@ class DistributedDP(_ServerPrivacy):
 
         names = sorted(like)
         dim = sum(like[n].numel() for n in names)
-        cond = self.conditioning(federation, dim)
+        cond = self.conditioning(federation, dim, self.round_shares(server_round, federation))
         flat = ddg.decode(total, cond, ddg.rotation_signs(federation.seed, server_round, cond.padded))
         result, start = {}, 0
         for name in names:
@@ -1208,7 +1253,7 @@ class DistributedDP(_ServerPrivacy):
             survivors = len(secure[0].aggregate_of)
             total = {n: secure[0].state[n].double() - global_state[n].double() for n in global_state}
         else:  # a simulation: each client encodes as on a SuperNode, the server sums the integer vectors
-            cond = self.conditioning(federation, dim)
+            cond = self.conditioning(federation, dim, self.round_shares(server_round, federation))
             integers = np.zeros(cond.padded, dtype=np.int64)
             for update in updates:
                 delta = {n: update.state[n].float() - global_state[n].float() for n in global_state}
@@ -1222,8 +1267,10 @@ class DistributedDP(_ServerPrivacy):
             n: (current.double() + total[n].to(current.device) / expected).to(current.dtype)
             for n, current in global_state.items()
         }
-        self._survivors[survivors] = self._survivors.get(survivors, 0) + 1
+        key = (self.round_shares(server_round, federation), survivors)
+        self._history[key] = self._history.get(key, 0) + 1
         self._last_survivors = survivors
+        self._last_shares = key[0]
         return result
 
     @property
@@ -1236,26 +1283,33 @@ class DistributedDP(_ServerPrivacy):
 
     def epsilon_spent(self) -> float:
         federation = self._federation
-        if federation is None or self._dim is None or not self._survivors:
+        if federation is None or self._dim is None or not self._history:
             return 0.0
         from fedpeft_pl import distributed_noise as ddg
 
-        cond = self.conditioning(federation, self._dim)
         rate = self._rate(federation)
-        rdp = sum(rounds * ddg.round_rdp(cond, n, rate) for n, rounds in self._survivors.items())
+        rdp = sum(
+            rounds * ddg.round_rdp(self.conditioning(federation, self._dim, shares), n, rate)
+            for (shares, n), rounds in self._history.items()
+        )
         return ddg.epsilon(np.asarray(rdp), self.delta)
 
     def round_metrics(self) -> dict[str, float]:
         metrics = {"privacy/epsilon": self.epsilon_spent()}
         if self._last_survivors is not None:
             metrics["privacy/noise_clients"] = float(self._last_survivors)
+            metrics["privacy/noise_shares"] = float(self._last_shares or 0)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"survivors": dict(self._survivors), "dim": self._dim, "noise_multiplier": self.noise_multiplier}
+        history = [[shares, survivors, rounds] for (shares, survivors), rounds in self._history.items()]
+        return {"history": history, "dim": self._dim, "noise_multiplier": self.noise_multiplier}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._survivors = {int(k): int(v) for k, v in state["survivors"].items()}
+        if "history" in state:
+            self._history = {(None if s is None else int(s), int(n)): int(r) for s, n, r in state["history"]}
+        else:  # a checkpoint from before the shares followed the cohort: every round had the planned shares
+            self._history = {(None, int(k)): int(v) for k, v in state["survivors"].items()}
         self._dim = state["dim"]
         self.noise_multiplier = state["noise_multiplier"]
 
@@ -1273,8 +1327,13 @@ class DistributedDP(_ServerPrivacy):
         full = ddg.epsilon(rounds * ddg.round_rdp(cond, shares, rate), self.delta)
         short = ddg.epsilon(rounds * ddg.round_rdp(cond, max(shares - 1, 1), rate), self.delta)
         return (
-            f"distributed DP over {rounds} rounds: noise multiplier {self.noise_multiplier:.4f} in {shares} "
-            f"client shares, {self.bits} bits, gamma {cond.gamma:.3g}, at client sample rate {rate:.4g} spends "
+            f"distributed DP over {rounds} rounds: noise multiplier {self.noise_multiplier:.4f} in "
+            + (
+                f"{shares} client shares"
+                if self.noise_clients is not None
+                else f"a share for each client of a round's cohort ({shares} expected)"
+            )
+            + f", {self.bits} bits, gamma {cond.gamma:.3g}, at client sample rate {rate:.4g} spends "
             f"epsilon {full:.3f} at delta {self.delta:g} (rdp, the DDG's Proposition 14); with one dropout every "
             f"round {short:.3f}. Rounding error of the sum at most {ddg.error_bound(cond, shares):.3g} (L2), a "
             f"coordinate wraps around with probability at most {ddg.wrap_probability(cond, shares):.2g}"

@@ -177,3 +177,56 @@ def test_distributed_dp_is_within_reach_of_central_dp_at_equal_epsilon():
     cond = ddg.conditioning(1.0, z, 10, DIM, 16, math.exp(-0.5), 4.0)
     distributed = math.sqrt(z**2 + 10 * cond.gamma**2 / 4)
     assert central < distributed <= 1.25 * central, (central, distributed)
+
+
+def test_a_poisson_cohort_of_any_size_carries_the_whole_noise_and_the_run_spends_its_target():
+    """The noise shares follow the cohort the server drew, so a small Poisson round is as noised as a full one and a
+    calibrated run spends its target (with the shares fixed at the expected cohort, 16 became 14 to 21). A client
+    that knows only the round config it received encodes exactly as the server's simulation of it does."""
+    from fedpeft_pl.privacy import NOISE_SHARES
+
+    federation = Federation(num_clients=16, clients_per_round=8, num_rounds=10, sampling="poisson", seed=2)
+    global_state = {"a": torch.zeros(60, 50)}
+    dp = DistributedDP(clip_norm=1.0, epsilon=16.0, reproducible_noise=True)
+    dp.setup(federation)
+    cohorts, stds = [], {}
+    for server_round in range(1, 11):
+        cohort = dp.draw_clients(federation, server_round, federation.clients_per_round)
+        _, config = dp.configure_fit(server_round, global_state)
+        assert config[NOISE_SHARES] == len(cohort)
+        cohorts.append(len(cohort))
+        if not cohort:
+            continue
+        updates = [ClientUpdate(c, 10, {"a": torch.zeros(60, 50)}) for c in cohort]  # the sum is the noise alone
+        result = dp.aggregate_fit(server_round, global_state, updates)
+        stds[len(cohort)] = float(result["a"].std()) * federation.clients_per_round / dp.clip_norm
+        assert dp.round_metrics()["privacy/noise_shares"] == len(cohort)
+        client = DistributedDP(clip_norm=1.0, epsilon=16.0, reproducible_noise=True)  # a SuperNode's own copy
+        delta = {"a": torch.full((60, 50), 0.01)}
+        assert np.array_equal(
+            client.encode_update(delta, server_round, cohort[0], federation, config=config),
+            dp.encode_update(delta, server_round, cohort[0], federation),
+        )
+    assert len(set(cohorts)) >= 3, cohorts  # the Poisson cohort's size varied
+    for size, std in stds.items():  # z c on every coordinate (plus the rounding's), whatever the cohort's size
+        assert std == pytest.approx(dp.noise_multiplier, rel=0.1), (size, std, dp.noise_multiplier)
+    assert dp.epsilon_spent() == pytest.approx(16.0, rel=0.01)
+    cond = dp.conditioning(federation, 3000, federation.clients_per_round)  # the shares fixed at the expected 8
+    fixed = ddg.epsilon(sum(ddg.round_rdp(cond, k, 0.5) for k in cohorts), dp.delta)
+    assert abs(fixed - 16.0) > 0.5, (fixed, cohorts)
+
+
+def test_fixed_noise_clients_and_an_old_checkpoints_accounting_keep_the_planned_shares():
+    federation = Federation(num_clients=16, clients_per_round=8, num_rounds=3, sampling="poisson", seed=2)
+    dp = DistributedDP(clip_norm=1.0, noise_multiplier=1.0, noise_clients=6)
+    dp.setup(federation)
+    dp.draw_clients(federation, 1, 8)
+    assert dp.round_shares(1, federation) == 6 and "fedpeft.noise-shares" not in dp.configure_fit(1, {})[1]
+    old = DistributedDP(clip_norm=1.0, noise_multiplier=1.0)
+    old.setup(federation)
+    old.load_state_dict({"survivors": {"5": 2}, "dim": DIM, "noise_multiplier": 1.0})
+    now = DistributedDP(clip_norm=1.0, noise_multiplier=1.0)
+    now.setup(federation)
+    now.load_state_dict({"history": [[8, 5, 2]], "dim": DIM, "noise_multiplier": 1.0})
+    assert now.epsilon_spent() > 0 and old.epsilon_spent() == pytest.approx(now.epsilon_spent())
+    assert now.state_dict()["history"] == [[8, 5, 2]]

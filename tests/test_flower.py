@@ -309,7 +309,7 @@ def test_distributed_dp_under_secure_aggregation_equals_its_simulation_and_noise
     for name, tensor in reference.items():  # only float32 rounding of the decoded sum differs
         torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-5, msg=name)
     deployed_logs, simulated_logs = scalars(deployed_dir), scalars(simulated_dir)
-    for tag in ("privacy/epsilon", "privacy/noise_clients", "round/clients_aggregated"):
+    for tag in ("privacy/epsilon", "privacy/noise_clients", "privacy/noise_shares", "round/clients_aggregated"):
         assert deployed_logs[tag] == simulated_logs[tag], tag
     assert [v for _, v in deployed_logs["privacy/noise_clients"]] == [2.0, 2.0]
 

@@ -366,7 +366,7 @@ def _train_from_fitins(
     if isinstance(node.strategy, DistributedDP):  # clipped, rotated, rounded and NOISED here, before the masks
         delta = {n: torch.from_numpy(u) for n, u in zip(names, update)}
         vector = node.strategy.encode_update(
-            delta, int(round_config[_ROUND]), int(round_config[_CLIENT]), node.federation
+            delta, int(round_config[_ROUND]), int(round_config[_CLIENT]), node.federation, config=round_config
         )
         fitres = FitRes(
             Status(Code.OK, ""),
