@@ -461,3 +461,25 @@ def test_a_deployment_with_shared_workers_runs_thin_and_survives_a_worker_restar
     assert len(trained) == NUM_NODES * rounds - failed[1], node_logs[-3000:]
     peaks = [float(line.split("peak RSS ")[1].split()[0]) for line in trained]
     assert max(peaks) < 200, peaks
+
+
+def test_a_worker_that_never_serves_is_reported_with_the_seconds_waited(tmp_path, monkeypatch):
+    from fedpeft_pl.deploy.local import LocalFederation
+
+    federation = LocalFederation(tmp_path, 2, worker_config=tmp_path / "fedpeft.yaml", nodes_per_worker=2)
+    spawned = []
+
+    def spawn(argv, log, env=None):  # a worker that starts and never says it serves
+        spawned.append(argv)
+        (tmp_path / log).write_text("building\n")
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+        federation.processes.append(process)
+        return process
+
+    monkeypatch.setattr(federation, "_spawn", spawn)
+    try:
+        with pytest.raises(RuntimeError, match=r"worker 0 did not serve within 0\.5 s"):
+            federation.start_worker(0, timeout=0.5)
+        assert spawned[0][-2:] == ["--socket", str(federation.worker_socket(1))]  # its nodes' socket
+    finally:
+        federation.down()

@@ -134,34 +134,39 @@ class LocalFederation:
 
     def worker_socket(self, i: int) -> Path:
         """Where the worker of SuperNode ``i`` listens (with ``worker_config``)."""
+        return self._socket_of_worker(self.worker_of(i))
+
+    def _socket_of_worker(self, w: int) -> Path:
         if self._sockets is None:
             self._sockets = Path(tempfile.mkdtemp(prefix="fedpeft-workers-"))  # 0700
-        return self._sockets / f"worker-{self.worker_of(i)}" / "worker.sock"
+        return self._sockets / f"worker-{w}" / "worker.sock"
 
     def start_worker(self, w: int, timeout: float = 300) -> None:
         """Start (or restart) worker ``w`` (SuperNode ``w``'s own with one node per worker); return once it serves
         (its log, ``ROOT/worker-<w>.log``, says so)."""
-        self._await_worker(w, self._launch_worker(w), time.monotonic() + timeout)
+        self._await_worker(w, self._launch_worker(w), timeout)
 
     def _launch_worker(self, w: int) -> int:
         """Start worker ``w``; how many times its log said it serves before."""
         assert self.worker_config is not None, "LocalFederation(worker_config=...) starts workers"
         if not 0 <= w < self.num_workers:
             raise ValueError(f"there are workers 0 to {self.num_workers - 1}, not {w}")
-        i = w * self.nodes_per_worker  # its first SuperNode
         log = self.root / f"worker-{w}.log"
         before = log.read_text().count(_SERVING) if log.exists() else 0
         command = [sys.executable, "-m", "fedpeft_pl.cli", "worker", "--config", str(self.worker_config)]
-        self.workers[w] = self._spawn([*command, "--socket", str(self.worker_socket(i))], log.name, self.worker_env)
+        self.workers[w] = self._spawn([*command, "--socket", str(self._socket_of_worker(w))], log.name, self.worker_env)
         return before
 
-    def _await_worker(self, w: int, before: int, deadline: float) -> None:
+    def _await_worker(self, w: int, before: int, timeout: float, started: Optional[float] = None) -> None:
+        """Wait until worker ``w``'s log says it serves for the ``before + 1``-th time, at most ``timeout`` seconds
+        from ``started`` (now by default)."""
         log = self.root / f"worker-{w}.log"
+        deadline = (time.monotonic() if started is None else started) + timeout
         while log.read_text().count(_SERVING) <= before:
             if self.workers[w].poll() is not None:
                 raise RuntimeError(f"worker {w} exited at start:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {w} did not serve in time:\n{self.logs()}")
+                raise RuntimeError(f"worker {w} did not serve within {timeout:g} s:\n{self.logs()}")
             time.sleep(0.2)
 
     def kill_worker(self, w: int) -> None:
@@ -224,9 +229,9 @@ class LocalFederation:
         )
         if self.worker_config is not None:  # each builds its module once, all at once
             started = {w: self._launch_worker(w) for w in range(self.num_workers)}
-            deadline = time.monotonic() + timeout
+            since = time.monotonic()
             for w, before in started.items():
-                self._await_worker(w, before, deadline)
+                self._await_worker(w, before, timeout, since)
         for i in range(self.num_nodes):
             self.start_node(i)
         deadline = time.monotonic() + timeout
