@@ -409,8 +409,9 @@ def write_results(runner: Runner, args: argparse.Namespace, command: str) -> Pat
         "",
         f"## Adaptive clipping against a sweep of fixed clip norms: central DP at epsilon {args.sweep_epsilon:g}",
         "",
-        "Adaptive clipping (target quantile 0.5, count noise m / 20, learning rate 0.2 unless given) from each "
-        "initial clip norm, final clip norm in brackets. Seed 0 for the sweep; the best fixed norm and adaptive "
+        "Adaptive clipping (target quantile 0.5, count noise the larger of m / 20 and z / (2 sqrt(0.1)), learning "
+        "rate 0.2 unless given) from each initial clip norm, final clip norm in brackets. Seed 0 for the sweep; the "
+        "best fixed norm and adaptive "
         f"clipping {describe_adaptive(args.adaptive)} also over seeds {args.seeds} where run (the last columns).",
         "",
         "| method | "

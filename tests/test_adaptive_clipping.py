@@ -50,6 +50,23 @@ def test_the_clip_norm_follows_its_quantile_of_the_update_norms(quantile, expect
     assert strategy._update_multiplier == pytest.approx((1.0 - (2 * 50 / 20) ** -2) ** -0.5)
 
 
+@pytest.mark.parametrize("clients, z", [(8, 0.677), (8, 1.67), (200, 1.0)])
+def test_the_counts_noise_by_default_spends_at_most_a_tenth_of_the_budget(clients, z):
+    """The paper's m / 20 for a large cohort; for 8 clients a round it would take most of the budget (at z 1.67 all
+    of it: refused), so the default is raised until the update's noise rises by 5.4 % at most."""
+    strategy = DPFedAvg(epsilon=None, noise_multiplier=z, adaptive=AdaptiveClipping())
+    strategy.setup(Federation(num_clients=2 * clients, clients_per_round=clients, num_rounds=10, sampling="poisson"))
+    count = strategy._count_noise
+    assert count == pytest.approx(max(clients / 20, z / (2 * math.sqrt(0.1))))
+    assert (2 * count) ** -2 <= 0.1 * z**-2 + 1e-12  # the count's share of the RDP budget
+    assert z < strategy._update_multiplier <= z / math.sqrt(0.9) + 1e-9  # 5.4 % more at most
+    if clients == 200:
+        assert count == 10.0  # the paper's own, where it costs little
+    with pytest.raises(ConfigError, match="too small for noise multiplier"):  # a count_noise given is kept
+        given = DPFedAvg(epsilon=None, noise_multiplier=z, adaptive=AdaptiveClipping(count_noise=z / 2))
+        given.setup(Federation(num_clients=2 * clients, clients_per_round=clients, num_rounds=10, sampling="poisson"))
+
+
 def test_secure_aggregation_refuses_adaptive_clipping_in_one_line():
     with pytest.raises(ConfigError, match=r"needs (every client.s individual update|each client.s own)"):
         check_run(RunParts(strategy=DPFedAvg(adaptive=AdaptiveClipping()), secure_aggregation=True))
