@@ -689,11 +689,21 @@ class DPFedAvg(_ServerPrivacy):
             z = _calibrated(self.accountant, self.epsilon, self.delta, rate, federation.num_rounds)
         spent = cross_check([(z, rate, federation.num_rounds)], self.delta)
         others = ", ".join(f"{kind} {value:.3f}" for kind, value in spent.items() if kind != self.accountant)
-        return (
+        plan = (
             f"central DP over {federation.num_rounds} server updates: noise multiplier {z:.4f} at client sample rate "
             f"{rate:.4g} spends epsilon {spent[self.accountant]:.3f} at delta {self.delta:g} by the "
             f"{self.accountant} accountant (cross-check: {others})"
         )
+        if self.adaptive is not None and not buffered:  # buffered: m is the buffer's size, known at setup
+            given = self.adaptive.count_noise
+            count = given if given is not None else default_count_noise(federation.clients_per_round, z)
+            try:
+                update = f"the update's noise multiplier {self.adaptive.update_multiplier(z, count):.4f}"
+            except ConfigError as err:
+                update = str(err)
+            plan += f"; adaptive clipping's count noise {count:.4g}" + (" (given)" if given is not None else "")
+            plan += f" leaves {update}" if update.startswith("the") else f": {update}"
+        return plan
 
     def describe(self) -> str:
         return (

@@ -71,3 +71,19 @@ def test_secure_aggregation_refuses_adaptive_clipping_in_one_line():
     with pytest.raises(ConfigError, match=r"needs (every client.s individual update|each client.s own)"):
         check_run(RunParts(strategy=DPFedAvg(adaptive=AdaptiveClipping()), secure_aggregation=True))
     check_run(RunParts(strategy=DPFedAvg(), secure_aggregation=True))  # fixed clipping: each client clips its own
+
+
+def test_the_plan_says_the_counts_noise_and_what_it_leaves_the_update():
+    from fedpeft_pl.privacy import default_count_noise
+
+    federation = Federation(num_clients=64, clients_per_round=8, num_rounds=50, sampling="poisson")
+    strategy = DPFedAvg(clip_norm=0.1, epsilon=5.0, adaptive=AdaptiveClipping())
+    plan = strategy.privacy_plan(federation)
+    z = float(plan.split("noise multiplier ")[1].split(" ")[0])
+    count = default_count_noise(8, z)
+    assert f"count noise {count:.4g} leaves the update's noise multiplier " in plan
+    update = float(plan.rsplit("noise multiplier ", 1)[1])
+    assert update == pytest.approx(AdaptiveClipping().update_multiplier(z, count), abs=1e-4) and update > z
+    given = DPFedAvg(clip_norm=0.1, epsilon=5.0, adaptive=AdaptiveClipping(count_noise=0.2)).privacy_plan(federation)
+    assert "count noise 0.2 (given): AdaptiveClipping count_noise 0.2 is too small" in given
+    assert "count noise" not in DPFedAvg(epsilon=5.0).privacy_plan(federation)
