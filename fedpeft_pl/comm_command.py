@@ -10,9 +10,9 @@ ones the trainer makes (:mod:`fedpeft_pl.run_plan`).
 
 It runs one process on a CPU. Where the run or the machine is one whose Lightning side this module does not
 reproduce exactly (a GPU or another accelerator on the machine, several devices, a strategy, 16-bit precision,
-callbacks, a logger it does not know, any other non-default Trainer argument, local DP, which is a Lightning
-callback) and wherever parsing fails, :func:`run` answers False and the command runs through the LightningCLI
-as before, so its output and its one-line errors are the same either way.
+callbacks, a logger it does not know or one given on the command line, any other non-default Trainer argument,
+local DP, which is a Lightning callback) and wherever parsing fails, :func:`run` answers False and the command
+runs through the LightningCLI as before, so its output and its one-line errors are the same either way.
 """
 
 from __future__ import annotations
@@ -181,6 +181,8 @@ def run(argv: Sequence[str]) -> bool:
     except Exception:  # the LightningCLI says what is wrong, in its words
         return False
     lightning = {name: config.trainer[name] for name in LIGHTNING_TRAINER_DEFAULTS}
+    # the logger as the LightningCLI merges it, a later --config's init_args over an earlier one's class
+    lightning["logger"] = _logger_as_configured(argv, parsed=lightning["logger"])
     device = _plain_device(lightning)
     seed = config.seed_everything
     if (
@@ -270,6 +272,57 @@ def _plain_device(lightning: dict[str, Any]) -> Optional[str]:
     if lightning["accelerator"] in ("auto", "cpu") and lightning["devices"] in (1, "1", "auto"):
         return "cpu"
     return None
+
+
+_UNKNOWN = object()
+
+
+def _logger_as_configured(argv: Sequence[str], parsed: Any) -> Any:
+    """``trainer.logger`` as the LightningCLI merges it from the ``--config`` files: a later file's mapping over an
+    earlier one's (its ``init_args`` key by key) unless it names another ``class_path``, as :mod:`yaml_include`
+    merges ``__base__``; ``_UNKNOWN`` where the logger is given any other way (on the command line, a dotted key)
+    or the result disagrees with ``parsed``, the last file's value as this module's parser took it."""
+    value = _logger_in_files(argv)
+    if isinstance(parsed, dict) and isinstance(value, dict):
+        init_args, merged = parsed.get("init_args") or {}, value.get("init_args") or {}
+        agree = parsed.get("class_path", value.get("class_path")) == value.get("class_path") and all(
+            k in merged and merged[k] == v for k, v in init_args.items()
+        )
+    else:
+        agree = parsed == value
+    return value if agree else _UNKNOWN
+
+
+def _logger_in_files(argv: Sequence[str]) -> Any:
+    value: Any = LIGHTNING_TRAINER_DEFAULTS["logger"]
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if "logger" in arg:
+            if not arg.startswith(("--config=", "-c=")):
+                return _UNKNOWN
+        if arg in ("--config", "-c"):
+            source = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith(("--config=", "-c=")):
+            source = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            loaded = yaml_include.load_file(source) if os.path.isfile(source) else yaml_include.load(source)
+        except Exception:
+            return _UNKNOWN
+        if not isinstance(loaded, dict) or any("logger" in key for key in loaded if key != "trainer"):
+            return _UNKNOWN
+        trainer = loaded.get("trainer")
+        if not isinstance(trainer, dict) or "logger" not in trainer:
+            if isinstance(trainer, dict) and any("logger" in key for key in trainer):
+                return _UNKNOWN
+            continue
+        given = trainer["logger"]
+        if isinstance(value, dict) and isinstance(given, dict):
+            value = yaml_include.merge(value, given)
+        else:
+            value = given
+    return value
 
 
 def _integer(value: Any) -> bool:

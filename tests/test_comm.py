@@ -225,6 +225,8 @@ COMM_CASES = [
     ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/clock.yaml"],
     ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/fedbuff.yaml"],
     ["--config", "configs/paper.yaml", "--config", "configs/experiments/dp/central.yaml"],
+    # a second file that names only the logger's arguments: merged over the first file's logger class
+    ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/personal/fedrep.yaml"],
 ]
 
 
@@ -248,6 +250,9 @@ def test_comm_without_lightning_prints_what_the_lightning_cli_prints(capsys, mon
         ["--trainer.precision", "16-mixed"],  # Lightning turns it into bf16-mixed on a CPU, with a warning
         ["--trainer.num_round", "3"],  # a mistake: the LightningCLI says what is wrong
         ["--trainer.devices", "foo"],
+        ["--trainer.logger", "false"],  # the logger given on the command line
+        ["--config", "configs/quickstart/lora.yaml", "--trainer.logger.init_args.version", "3"],
+        ["--config", "configs/quickstart/dp/local-eps8.yaml"],  # local DP: a Lightning callback
         ["--help"],
     ],
 )
