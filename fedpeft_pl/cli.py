@@ -14,12 +14,14 @@
 
 The parser, the LightningCLI subclass and logging live in :mod:`fedpeft_pl.config`. This module
 imports each subcommand's code only when that subcommand runs: ``fedpeft --help``, a subcommand's
-usage and a mistaken command name answer without importing torch or Lightning.
+usage and a mistaken command name answer without importing torch or Lightning, and ``fedpeft comm``
+runs without Lightning (:mod:`fedpeft_pl.comm_command`) wherever its output is the same.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import itertools
 import os
 import sys
@@ -91,6 +93,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if argv[0] == "worker":  # builds its run itself, once, and serves until stopped
             _worker(argv[1:])
             return
+        if argv[0] == "comm" and not verbose and _comm_without_lightning(argv[1:], frozen=from_command_line):
+            return
         config = _import_config(frozen=from_command_line)  # every command from here on builds a config
         config.configure_logging(verbose)
         config._CONFIG_FILES[:] = [b for a, b in itertools.pairwise(argv) if a == "--config"] + [
@@ -115,6 +119,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
 
 
+def _comm_without_lightning(argv: list[str], frozen: bool) -> bool:
+    """``fedpeft comm`` through :mod:`fedpeft_pl.comm_command`, which imports no Lightning: True where it ran
+    (or refused the config in one line), False where the LightningCLI is to run it (see that module)."""
+    if any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")):
+        return False  # a process of a distributed job: Lightning's rank decides who speaks
+    return _imported("fedpeft_pl.comm_command", frozen).run(argv)
+
+
 def _import_config(frozen: bool) -> ModuleType:
     """:mod:`fedpeft_pl.config`, and with it Lightning, timm and torch.
 
@@ -125,19 +137,22 @@ def _import_config(frozen: bool) -> ModuleType:
     to the quickstart's round 1 (benchmarks/README.md, "Start-up"). What the import left as garbage,
     a few MiB, is never collected.
     """
-    if not frozen or "fedpeft_pl.config" in sys.modules:
-        from fedpeft_pl import config
+    return _imported("fedpeft_pl.config", frozen)
 
-        return config
+
+def _imported(name: str, frozen: bool) -> ModuleType:
+    """The module ``name``, imported as :func:`_import_config` says (without the collector where ``frozen``)."""
+    if not frozen or name in sys.modules:
+        return importlib.import_module(name)
     enabled = gc.isenabled()
     gc.disable()
     try:
-        from fedpeft_pl import config
+        module = importlib.import_module(name)
     finally:
         gc.freeze()
         if enabled:
             gc.enable()
-    return config
+    return module
 
 
 def _flower_app_usage(argv: list[str]) -> None:

@@ -13,32 +13,18 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from fedpeft_pl.backbone import Backbone, data_config, fingerprint
+from fedpeft_pl.backbone import Backbone, fingerprint
 from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.hooks import FederatedHooks
-from fedpeft_pl.peft import PEFTMethod, Prompt, trainable_parameters
+from fedpeft_pl.peft import PEFTMethod, trainable_parameters
+from fedpeft_pl.peft_model import OptimizerCallable, build_peft_model, check_optimizer
+from fedpeft_pl.peft_model import default_optimizer as default_optimizer  # imported from here by earlier code
 
-
-def _check_optimizer(factory: OptimizerCallable) -> None:
-    """Build the optimizer once on a stand-in parameter: a bad argument (a negative learning rate)
-    is refused now, in one line, not by torch after the data set-up in the first client's step."""
-    try:
-        factory([torch.nn.Parameter(torch.zeros(1))])
-    except (ValueError, TypeError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"model.optimizer: {detail[:1].lower() + detail[1:]}; fix it under model.optimizer.init_args"
-        ) from None
-
-
-def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 and weight decay 1e-4, the paper's optimizer, at lr 0.01."""
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+_check_optimizer = check_optimizer  # its old name
 
 
 class FedPEFTModule(FederatedHooks, pl.LightningModule):
@@ -65,19 +51,15 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"model.num_classes must be >= 2, got {num_classes}")
+        built = build_peft_model(num_classes, backbone, peft, optimizer)  # the network, as PEFTModel builds it
         self.num_classes = num_classes
-        self.backbone = backbone if backbone is not None else Backbone()
-        self.peft = peft if peft is not None else Prompt()
-        self.optimizer_factory = optimizer or default_optimizer
-        _check_optimizer(self.optimizer_factory)
-        self.model = self.backbone.build(num_classes)
-        self.backbone_names = list(self.model.state_dict())  # timm's names, before PEFT adds any
-        self.peft.apply(self.model)
-        relative = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        self._local_names = frozenset(f"model.{name}" for name in self.peft.local_names(relative))
-        self.data_config = data_config(self.model)
+        self.backbone = built.backbone
+        self.peft = built.peft
+        self.optimizer_factory = built.optimizer_factory
+        self.model = built.model
+        self.backbone_names = built.backbone_names  # timm's names, before PEFT adds any
+        self._local_names = built.local_names
+        self.data_config = built.data_config
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
         self.session: Optional[ClientSession] = None  # the client being trained, set by the runner

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from fedpeft_pl import yaml_include
+from fedpeft_pl import logs, yaml_include
 from fedpeft_pl.client import FedPEFTModule
 from fedpeft_pl.data import FederatedDataModule
 from fedpeft_pl.errors import ConfigError
@@ -231,16 +231,7 @@ class FedPEFTCLI(LightningCLI):
             check_checkpoint_file(ckpt_path)
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """Writes log records above any progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never raise
-            self.handleError(record)
+_TqdmHandler = logs.TqdmHandler  # its old name
 
 
 def _said_once(record: logging.LogRecord) -> bool:
@@ -259,20 +250,8 @@ def configure_logging(verbose: bool = False) -> None:
     if getattr(rank_zero_only, "rank", 0) != 0:
         # every process accounts the same gathered privacy history, so opacus' advice is rank 0's to give
         warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\b")
-    logger = logging.getLogger("fedpeft_pl")
-    if not logger.handlers:
-        handler = _TqdmHandler()
-        handler.addFilter(_said_once)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(level)
+    logs.configure(verbose, said=_said_once)
     if not verbose:
-        for category in (DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category, module=r"(lightning|torch|timm|jsonargparse)\b")
         # Lightning's advice to raise a loader's num_workers (on a many-core machine): data.num_workers is the
         # user's setting, and a test split kept as tensors needs no workers at all; the advice shows with verbose
         warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers", category=PossibleUserWarning)

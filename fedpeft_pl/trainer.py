@@ -8,11 +8,9 @@ LightningCLI dispatches subcommands to them; they call into :mod:`fedpeft_pl.com
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -26,8 +24,8 @@ from fedpeft_pl.aggregation import ServerAggregation
 from fedpeft_pl.attacks import Attack
 from fedpeft_pl.availability import ClientAvailability
 from fedpeft_pl.capabilities import RunParts, check_run
-from fedpeft_pl.clock import VirtualClock, format_seconds
-from fedpeft_pl.comm import CommReport, communication_report
+from fedpeft_pl.clock import VirtualClock
+from fedpeft_pl.comm import CommReport
 from fedpeft_pl.compression import Codec
 from fedpeft_pl.console import RunSummary
 from fedpeft_pl.errors import ConfigError
@@ -47,6 +45,7 @@ from fedpeft_pl.run_folder import (
     removed_if_failed_early,
     tensorboard_like,
 )
+from fedpeft_pl.run_plan import EPOCH_LIMITS, NOT_IN_ROUNDS, communication_plan, federation_settings, refuse_in_rounds
 from fedpeft_pl.runners import FeatureCache, VectorizedRunner
 from fedpeft_pl.runners.choice import RunnerChoice
 from fedpeft_pl.runners.device_data import DeviceData
@@ -54,23 +53,6 @@ from fedpeft_pl.schedules import Schedule
 from fedpeft_pl.strategies import Strategy
 
 log = logging.getLogger(__name__)
-
-
-# Lightning settings in epochs and steps that a federated run has no use for, with what to use
-# instead; FederatedTrainer refuses them with that advice, and --help does not list them
-NOT_IN_ROUNDS = {
-    "fast_dev_run": (
-        "for a quick check run --trainer.num_rounds 1 --trainer.clients_per_round 1 --trainer.local_epochs 1"
-    ),
-    "overfit_batches": "a client trains trainer.local_epochs over its own data",
-    "limit_train_batches": (
-        "a client trains trainer.local_epochs over its own data; cap stragglers' work with trainer.availability"
-    ),
-    "val_check_interval": (
-        "the server model is evaluated after a round: set trainer.check_val_every_n_epoch (every n rounds)"
-    ),
-    "reload_dataloaders_every_n_epochs": "each client's loader is set up anew every round",
-}
 
 
 class FederatedTrainer(RoundTrainer):
@@ -156,32 +138,11 @@ class FederatedTrainer(RoundTrainer):
     ) -> None:
         features = FeatureCache(feature_cache, feature_cache_max_gib)  # checked before Lightning starts
         device_data = DeviceData(device_data_max_gib)
-        settings = {
-            "num_rounds": num_rounds,
-            "clients_per_round": clients_per_round,
-            "local_epochs": local_epochs,
-            "sampling": client_sampling,
-            "seed": seed,
-        }
-        try:  # the same checks as at fit time, where the number of clients is known
-            Federation(num_clients=max(clients_per_round, 1) if isinstance(clients_per_round, int) else 1, **settings)
-        except ConfigError as err:
-            raise ConfigError(f"trainer.{err}") from None
-        for name in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
-            if kwargs.get(name) not in (None, -1):
-                raise ConfigError(
-                    f"FederatedTrainer counts rounds, not epochs or steps; remove trainer.{name} and set "
-                    "trainer.num_rounds"
-                )
-            kwargs.pop(name, None)
-        for name, instead in NOT_IN_ROUNDS.items():
-            value = kwargs.get(name)
-            # Lightning's "no change" values pass: 1.0 is all the batches, or one check an epoch
-            unchanged = value in (None, False, 0) or (
-                name in ("limit_train_batches", "val_check_interval") and isinstance(value, float) and value == 1.0
-            )
-            if not unchanged:
-                raise ConfigError(f"trainer.{name} does not apply to a federated run; remove it: {instead}")
+        # the same checks as at fit time, where the number of clients is known
+        settings = federation_settings(num_rounds, clients_per_round, local_epochs, seed, client_sampling)
+        # (each name popped here, where jsonargparse's reading of this signature sees it)
+        for name in (*EPOCH_LIMITS, *NOT_IN_ROUNDS):
+            refuse_in_rounds(name, kwargs.get(name))
             kwargs.pop(name, None)
         callbacks = list(callbacks or [])
         if privacy is not None:
@@ -471,83 +432,17 @@ class FederatedTrainer(RoundTrainer):
 
     def comm(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None) -> CommReport:
         """Print what one client sends per round and the whole run costs, without training or downloading."""
-        # without reading the data: natural clients (data.num_clients null) are found there when the run starts
-        if hasattr(datamodule, "known_num_clients"):
-            num_clients = datamodule.known_num_clients
-        else:
-            num_clients = getattr(datamodule, "num_clients", None)
-        if num_clients is not None:
-            self._check_clients(num_clients)
-        settings = self.fit_loop.settings
-        availability = self.fit_loop.availability
-        server = self.aggregation
-        notes = (
-            ["clients are Poisson-sampled: m is the expected number per round"]
-            if settings["sampling"] == "poisson"
-            else []
-        )
-        if availability.dropout or availability.stragglers:
-            notes.append(f"{availability!r}: dropped clients are sent nothing and send nothing")
-        runner, why = self.describe_client_runner(model)
-        notes.append(f"clients run on the {runner} runner ({why})")
-        notes += [c.describe() for c in [server.strategy, *self.callbacks] if hasattr(c, "describe")]
-        plan = getattr(server.strategy, "privacy_plan", None)
-        if plan is not None and num_clients is not None:  # the epsilon the run will spend, before it trains
-            federation = Federation(num_clients=num_clients, **settings)
-            extra = {}
-            if "dimension" in inspect.signature(plan).parameters:  # distributed DP sizes its rounding by it
-                local_names = getattr(model, "local_names", ())
-                extra["dimension"] = sum(
-                    p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in local_names
-                )
-            notes.append(plan(federation, buffered=server.server.asynchronous, **extra))
-        local = [p for n, p in model.named_parameters() if n in getattr(model, "local_names", ())]
-        if local:
-            notes.append(
-                f"{sum(p.numel() for p in local):,} further parameters are personalised: they stay on each client"
-            )
-        if type(server.upload) is not Codec or type(server.download) is not Codec:
-            notes.append(f"upload {server.upload!r}, download {server.download!r}")
-        report = communication_report(
+        # fedpeft comm runs the same plan without this trainer where it can (fedpeft_pl.comm_command)
+        report = communication_plan(
             model,
-            settings["clients_per_round"],
-            settings["num_rounds"],
-            upload=server.upload,
-            download=server.download,
-            notes=tuple(notes),
-            strategy=server.strategy,
-            round_config=server.strategy.configure_fit(1, {})[1],
-            with_loss=releases_client_statistics(self),
-            num_clients=num_clients,
+            datamodule,
+            self.fit_loop.settings,
+            self.fit_loop.availability,
+            self.aggregation.server,
+            lambda: self.describe_client_runner(model),
+            [self.aggregation.strategy, *self.callbacks],
+            releases_client_statistics(self),
         )
-        clock = server.server.clock
-        if clock is not None:
-            down = report.download_wire_bytes or report.download_bytes
-            up = report.upload_wire_bytes or report.upload_bytes
-            down_s, up_s = clock.median_transfer_seconds(down, up)
-            latency = clock.latency.median
-            transfers = down_s + up_s + latency
-            report = replace(
-                report,
-                notes=(
-                    *report.notes,
-                    f"with {clock!r}: a client task at the median bandwidths spends {format_seconds(down_s)} "
-                    f"downloading, {format_seconds(up_s)} uploading and {format_seconds(latency)} in latency, "
-                    f"{format_seconds(transfers)} a round and {format_seconds(transfers * settings['num_rounds'])} "
-                    f"a run besides its compute (its samples times local epochs at a median "
-                    f"{clock.speed.median:g} samples/s)",
-                ),
-            )
-        dataset = getattr(datamodule, "dataset", None)
-        if dataset is not None:
-            partition = getattr(datamodule, "partition", None)
-            if num_clients is not None:
-                data = f"{dataset!r}, {num_clients} clients split by {partition!r}"
-            else:
-                data = (
-                    f"{dataset!r}, a client for each partition {partition!r} finds in the data (data.num_clients null)"
-                )
-            report = replace(report, data=data)
         print(report.format())
         return report
 

@@ -172,3 +172,112 @@ def test_comm_prints_that_a_run_with_reproducible_noise_is_not_private(capsys, m
         outputs[reproducible] = capsys.readouterr().out
     assert "NOT private" in outputs[True]
     assert "NOT private" not in outputs[False]
+
+
+def test_comms_lightning_free_classes_take_the_arguments_of_the_lightning_ones():
+    """``fedpeft comm`` parses ``model``, ``data`` and ``trainer`` with Lightning-free stand-ins
+    (fedpeft_pl.comm_command): each takes exactly the arguments, types and defaults of its Lightning class."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from fedpeft_pl.comm_command import LIGHTNING_TRAINER_DEFAULTS, CommTrainer
+    from fedpeft_pl.data import FederatedDataModule
+    from fedpeft_pl.data.spec import FederatedData
+    from fedpeft_pl.peft_model import PEFTModel
+    from fedpeft_pl.trainer import FederatedTrainer
+
+    def parameters(function):
+        return [(p.name, p.default, p.annotation) for p in inspect.signature(function).parameters.values()]
+
+    assert parameters(PEFTModel.__init__) == parameters(FedPEFTModule.__init__)
+    assert parameters(FederatedData.__init__) == parameters(FederatedDataModule.__init__)
+    ours = {name: (default, annotation) for name, default, annotation in parameters(CommTrainer.__init__)}
+    theirs = {name: (default, annotation) for name, default, annotation in parameters(FederatedTrainer.__init__)}
+    assert theirs.pop("kwargs")[1] == "Any"
+    for name in ("privacy", "callbacks"):  # Lightning callbacks: taken as given, never built
+        assert ours.pop(name)[0] is theirs.pop(name)[0] is None
+    assert ours == theirs
+    lightning = {p.name: p.default for p in inspect.signature(Trainer.__init__).parameters.values()}
+    assert {k: v for k, v in lightning.items() if k not in ("self", *theirs, "callbacks")} == LIGHTNING_TRAINER_DEFAULTS
+
+
+def test_comms_parser_has_every_key_and_default_of_the_lightning_cli(monkeypatch):
+    from fedpeft_pl.comm_command import comm_parser
+    from fedpeft_pl.config import FedPEFTCLI
+
+    monkeypatch.chdir(REPO)
+    cli = FedPEFTCLI(args=["--config", "configs/quickstart.yaml"], run=False)
+
+    def keys(parser):
+        return {
+            a.dest: a.default
+            for a in parser._actions
+            if a.dest.split(".")[0] in ("trainer", "model", "data", "seed_everything") and not a.dest.endswith(".help")
+        }
+
+    assert keys(comm_parser()) == keys(cli.parser)
+
+
+COMM_CASES = [
+    ["--config", "configs/quickstart.yaml"],
+    ["--config", "configs/prompt.yaml", "--trainer.client_sampling", "poisson"],
+    ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/clock.yaml"],
+    ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/fedbuff.yaml"],
+    ["--config", "configs/paper.yaml", "--config", "configs/experiments/dp/central.yaml"],
+    # a second file that names only the logger's arguments: merged over the first file's logger class
+    ["--config", "configs/quickstart.yaml", "--config", "configs/quickstart/personal/fedrep.yaml"],
+]
+
+
+@pytest.mark.parametrize("args", COMM_CASES)
+def test_comm_without_lightning_prints_what_the_lightning_cli_prints(capsys, monkeypatch, args):
+    from fedpeft_pl.comm_command import run
+    from fedpeft_pl.config import FedPEFTCLI
+
+    monkeypatch.chdir(REPO)
+    assert run(args)
+    ours = capsys.readouterr()
+    FedPEFTCLI(args=["comm", *args])
+    theirs = capsys.readouterr()
+    assert ours.out == theirs.out and "per client per direction" in ours.out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--trainer.accelerator", "cpu", "--trainer.devices", "2"],  # several processes: Lightning's to launch
+        ["--trainer.precision", "16-mixed"],  # Lightning turns it into bf16-mixed on a CPU, with a warning
+        ["--trainer.num_round", "3"],  # a mistake: the LightningCLI says what is wrong
+        ["--trainer.devices", "foo"],
+        ["--trainer.logger", "false"],  # the logger given on the command line
+        ["--config", "configs/quickstart/lora.yaml", "--trainer.logger.init_args.version", "3"],
+        ["--config", "configs/quickstart/dp/local-eps8.yaml"],  # local DP: a Lightning callback
+        ["--help"],
+    ],
+)
+def test_comm_leaves_to_lightning_what_only_lightning_does_exactly(capsys, monkeypatch, extra):
+    from fedpeft_pl.comm_command import run
+
+    monkeypatch.chdir(REPO)
+    assert not run(["--config", "configs/quickstart.yaml", *extra])
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_optimizers_type_is_lightnings():
+    """Its parser errors name it, and the one-line condenser (fedpeft_pl.config.one_line) reads them."""
+    from lightning.pytorch.cli import OptimizerCallable
+
+    from fedpeft_pl.peft_model import OptimizerCallable as Ours
+
+    assert Ours == OptimizerCallable and str(Ours) == str(OptimizerCallable)
+
+
+def test_comm_on_a_machine_with_a_gpu_goes_through_lightning(capsys, monkeypatch):
+    """There Lightning chooses the device, and says on stderr when a config leaves the GPU unused."""
+    from fedpeft_pl.comm_command import run
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not run(["--config", "configs/quickstart.yaml"])
+    assert capsys.readouterr() == ("", "")

@@ -72,11 +72,13 @@ def test_help_usage_and_a_mistaken_command_load_no_heavy_library(tmp_path, args,
 def test_comm_loads_what_sizing_the_model_needs_and_nothing_a_fit_alone_uses(tmp_path):
     exit_status, output, heavy = run(tmp_path, "comm", "--config", "configs/quickstart.yaml")
     assert exit_status == 0 and "per client per direction" in output, output[-3000:]
-    assert {"torch", "timm", "flwr"} <= heavy  # the model, built to count its tensors; Flower's wire bytes
-    # Lightning (with torchmetrics, and transformers, which torchmetrics loads where it is installed) builds
-    # the config and says which client runner trains; local DP (opacus), Hugging Face peft (HFPeft) and the
-    # data set's own libraries are a fit's alone
-    assert not heavy & {"opacus", "peft", "sklearn", "pandas", "datasets"}, heavy
+    assert {"torch", "timm", "flwr", "jsonargparse"} <= heavy  # the model, built to count its tensors; Flower's wire
+    # bytes; the config, parsed as a fit parses it. Lightning (with torchmetrics, and transformers, which
+    # torchmetrics loads where it is installed) builds a fit's trainer and module, never comm's
+    # (fedpeft_pl.comm_command); local DP (opacus), Hugging Face peft (HFPeft) and the data set's own libraries
+    # are a fit's alone
+    assert not heavy & {"lightning", "torchmetrics", "transformers", "opacus", "peft", "sklearn", "pandas", "datasets"}
+    assert "lightning_utilities" not in run.last["loaded"], heavy
     # what the import built is kept out of the garbage collector's way, which collects again afterwards
     assert run.last["frozen"] > 100_000 and run.last["collecting"], run.last["frozen"]
 

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from importlib import import_module
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -16,9 +15,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 from typing_extensions import override
 
-from fedpeft_pl.data.datasets import Digits, ImageDataset, ResidentSamples, Splits, evaluation_loader, image_transform
+from fedpeft_pl.data.datasets import ImageDataset, ResidentSamples, Splits, evaluation_loader, image_transform
 from fedpeft_pl.data.flower import FlowerPartition
-from fedpeft_pl.data.partition import IID, Partitioner, label_histogram
+from fedpeft_pl.data.partition import Partitioner, label_histogram
+from fedpeft_pl.data.spec import data_arguments, partitioner
 from fedpeft_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,20 +107,12 @@ class FederatedDataModule(pl.LightningDataModule):
         client_test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= client_test_fraction < 1.0:
-            raise ConfigError(f"data.client_test_fraction must be in [0, 1), got {client_test_fraction}")
-        if num_clients is not None and num_clients < 1:
-            raise ConfigError(f"data.num_clients must be >= 1, got {num_clients}")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.dataset = dataset if dataset is not None else Digits()
-        self.partition = _partitioner(partition)
-        if isinstance(self.partition, FlowerPartition):
-            self._num_clients = self.partition.check(num_clients)
-        else:
-            self._num_clients = num_clients if num_clients is not None else 16
+        checked = data_arguments(  # the checks FederatedData makes, which fedpeft comm reads
+            dataset, num_clients, partition, batch_size, eval_batch_size, num_workers, client_test_fraction
+        )
+        self.dataset = checked.dataset
+        self.partition = checked.partition
+        self._num_clients = checked.num_clients
         self._clients_note = ""
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -420,21 +412,4 @@ class _DistributedBatches(UnrepeatedDistributedSampler):
         return math.ceil(super().__len__() / self.batch_size)
 
 
-def _partitioner(value: Union[Partitioner, dict[str, Any], None]) -> Union[Partitioner, FlowerPartition]:
-    """``data.partition`` as given: one of ours, or a Flower Datasets partitioner by class path."""
-    if value is None:
-        return IID()
-    if not isinstance(value, dict):
-        return value
-    if "class_path" not in value:
-        raise ConfigError("data.partition needs a class_path, e.g. flwr_datasets.partitioner.DirichletPartitioner")
-    class_path, init_args = str(value["class_path"]), dict(value.get("init_args") or {})
-    module_name, _, name = class_path.rpartition(".")
-    ours = getattr(import_module("fedpeft_pl.data"), name, None) if module_name.startswith("fedpeft_pl") else None
-    if not (isinstance(ours, type) and issubclass(ours, Partitioner)):
-        return FlowerPartition(class_path, init_args)
-    # one of ours that jsonargparse could not build: say why in one line
-    try:
-        return ours(**init_args)
-    except TypeError as err:
-        raise ConfigError(f"data.partition {name}: {err}; fix data.partition.init_args") from None
+_partitioner = partitioner  # its old name

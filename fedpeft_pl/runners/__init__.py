@@ -12,13 +12,21 @@
 A runner sees the loop only through :class:`RunnerHost` (``base.py``) and the run through its
 :class:`RunnerContext`, never the trainer; the Flower runner lives with the deployment in
 :mod:`fedpeft_pl.deploy`.
+
+The names below are imported on first use: the runner choice (``fedpeft comm`` describes it) needs no Lightning.
 """
 
-from fedpeft_pl.runners.base import ClientExecutor, RunnerContext, RunnerHost, client_metrics
-from fedpeft_pl.runners.choice import RunnerChoice, choose_client_runner
-from fedpeft_pl.runners.feature_cache import FeatureCache
-from fedpeft_pl.runners.sequential import SequentialRunner
-from fedpeft_pl.runners.vectorized import VectorizedRunner
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedpeft_pl.runners.base import ClientExecutor, RunnerContext, RunnerHost, client_metrics
+    from fedpeft_pl.runners.choice import RunnerChoice, choose_client_runner
+    from fedpeft_pl.runners.feature_cache import FeatureCache
+    from fedpeft_pl.runners.sequential import SequentialRunner
+    from fedpeft_pl.runners.vectorized import VectorizedRunner
 
 __all__ = [
     "ClientExecutor",
@@ -31,3 +39,25 @@ __all__ = [
     "choose_client_runner",
     "client_metrics",
 ]
+
+# the module of each public name, imported when the name is first read
+_WHERE = {
+    "ClientExecutor": "base",
+    "RunnerContext": "base",
+    "RunnerHost": "base",
+    "client_metrics": "base",
+    "RunnerChoice": "choice",
+    "choose_client_runner": "choice",
+    "FeatureCache": "feature_cache",
+    "SequentialRunner": "sequential",
+    "VectorizedRunner": "vectorized",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fedpeft_pl.runners.{module}"), name)
+    globals()[name] = value
+    return value

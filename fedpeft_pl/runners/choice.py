@@ -10,6 +10,7 @@ before each round, and the console and ``fedpeft comm`` describe it; none of the
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Protocol, Union
@@ -109,17 +110,17 @@ def lightning_step_customised(settings: StepSettings, module: Any) -> Optional[s
     hook of a module subclass, a user callback's per-step hook, gradient clipping, gradient
     accumulation and an optimizer that is not elementwise would be skipped or wrong there.
     """
-    from lightning.pytorch.callbacks import Callback
-
-    from fedpeft_pl.client import FedPEFTModule
-
-    if isinstance(module, FedPEFTModule):
+    # a FedPEFTModule exists only where its module was imported (fedpeft comm sizes a PEFTModel, without Lightning)
+    client = sys.modules.get("fedpeft_pl.client")
+    if client is not None and isinstance(module, client.FedPEFTModule):
         for name in ("training_step", "optimizer_step", "configure_gradient_clipping", *_BATCH_HOOKS):
-            if getattr(type(module), name) is not getattr(FedPEFTModule, name):
+            if getattr(type(module), name) is not getattr(client.FedPEFTModule, name):
                 return f"{type(module).__name__} overrides {name}, which only Lightning's loop calls"
     for callback in settings.callbacks:
         if type(callback).__module__.startswith("fedpeft_pl."):
             continue  # fedpeft's own callbacks know the engine
+        from lightning.pytorch.callbacks import Callback
+
         for name in _BATCH_HOOKS:
             if getattr(type(callback), name, None) is not getattr(Callback, name):
                 return f"callback {type(callback).__name__} has {name}, which only Lightning's loop calls"
