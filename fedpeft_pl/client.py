@@ -21,13 +21,13 @@ from fedpeft_pl.errors import ConfigError
 from fedpeft_pl.exchange import ClientSession
 from fedpeft_pl.hooks import FederatedHooks
 from fedpeft_pl.peft import PEFTMethod, trainable_parameters
-from fedpeft_pl.peft_model import OptimizerCallable, build_peft_model, check_optimizer
+from fedpeft_pl.peft_model import OptimizerCallable, PersonalParts, build_peft_model, check_optimizer
 from fedpeft_pl.peft_model import default_optimizer as default_optimizer  # imported from here by earlier code
 
 _check_optimizer = check_optimizer  # its old name
 
 
-class FedPEFTModule(FederatedHooks, pl.LightningModule):
+class FedPEFTModule(FederatedHooks, PersonalParts, pl.LightningModule):
     """A timm ViT with a PEFT method attached; only the method's tensors train.
 
     Args:
@@ -51,15 +51,8 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
-        built = build_peft_model(num_classes, backbone, peft, optimizer)  # the network, as PEFTModel builds it
-        self.num_classes = num_classes
-        self.backbone = built.backbone
-        self.peft = built.peft
-        self.optimizer_factory = built.optimizer_factory
-        self.model = built.model
-        self.backbone_names = built.backbone_names  # timm's names, before PEFT adds any
-        self._local_names = built.local_names
-        self.data_config = built.data_config
+        # the network, as PEFTModel builds it
+        self.adopt(num_classes, build_peft_model(num_classes, backbone, peft, optimizer))
         self._weights_loaded = not self.backbone.loads_weights
         self._fingerprint: Optional[str] = None
         self.session: Optional[ClientSession] = None  # the client being trained, set by the runner
@@ -82,16 +75,6 @@ class FedPEFTModule(FederatedHooks, pl.LightningModule):
             self._weights_loaded = True
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model, self.backbone_names)
-
-    @property
-    def local_names(self) -> frozenset[str]:
-        """Trainable tensors (module names) that stay on each client; empty unless the method is personalised."""
-        return self._local_names
-
-    @property
-    def local_first_epochs(self) -> int:
-        """FedRep's schedule: epochs that train the local part alone before the shared part trains (0: together)."""
-        return int(getattr(self.peft, "local_epochs", 0)) if self._local_names else 0
 
     @contextmanager
     def training_only(self, names: Collection[str]) -> Iterator[None]:

@@ -77,7 +77,35 @@ def build_peft_model(
     return BuiltModel(backbone, peft, factory, model, backbone_names, local, data_config(model))
 
 
-class PEFTModel(nn.Module):
+class PersonalParts:
+    """What a model with a PEFT method says of its personalised part (``FedPEFTModule`` and :class:`PEFTModel`)."""
+
+    peft: PEFTMethod
+    _local_names: frozenset[str]
+
+    def adopt(self, num_classes: int, built: BuiltModel) -> None:
+        """Take the parts :func:`build_peft_model` built as this model's attributes."""
+        self.num_classes = num_classes
+        self.backbone = built.backbone
+        self.peft = built.peft
+        self.optimizer_factory = built.optimizer_factory
+        self.model = built.model
+        self.backbone_names = built.backbone_names  # timm's names, before PEFT adds any
+        self._local_names = built.local_names
+        self.data_config = built.data_config
+
+    @property
+    def local_names(self) -> frozenset[str]:
+        """Trainable tensors (module names) that stay on each client; empty unless the method is personalised."""
+        return self._local_names
+
+    @property
+    def local_first_epochs(self) -> int:
+        """FedRep's schedule: epochs that train the local part alone before the shared part trains (0: together)."""
+        return int(getattr(self.peft, "local_epochs", 0)) if self._local_names else 0
+
+
+class PEFTModel(PersonalParts, nn.Module):
     """The network of a :class:`~fedpeft_pl.client.FedPEFTModule` with the same arguments, without Lightning:
     what ``fedpeft comm`` sizes. Its parameters carry the module's names (``model.*``).
 
@@ -96,24 +124,6 @@ class PEFTModel(nn.Module):
         optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
-        built = build_peft_model(num_classes, backbone, peft, optimizer)
-        self.num_classes = num_classes
-        self.backbone = built.backbone
-        self.peft = built.peft
-        self.optimizer_factory = built.optimizer_factory
-        self.model = built.model
-        self.backbone_names = built.backbone_names
-        self._local_names = built.local_names
-        self.data_config = built.data_config
+        self.adopt(num_classes, build_peft_model(num_classes, backbone, peft, optimizer))
         self.takes_features = False
         self.privacy: Optional[Any] = None
-
-    @property
-    def local_names(self) -> frozenset[str]:
-        """Trainable tensors (module names) that stay on each client; empty unless the method is personalised."""
-        return self._local_names
-
-    @property
-    def local_first_epochs(self) -> int:
-        """FedRep's schedule: epochs that train the local part alone before the shared part trains (0: together)."""
-        return int(getattr(self.peft, "local_epochs", 0)) if self._local_names else 0
