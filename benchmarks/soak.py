@@ -23,7 +23,8 @@ With ``--workers`` a warm worker (``fedpeft worker``) runs beside the SuperNodes
 ``--nodes-per-worker`` of them (LocalFederation's ``nodes_per_worker``), and the ClientApps are thin. As
 each round ends one random worker (never worker 0, whose memory is watched) is SIGKILLed too and the
 soak restarts it at once, as the operator's service manager would (``Restart=always``): nothing in
-Flower or fedpeft restarts a worker. The report then adds the per-message costs read from the logs:
+Flower or fedpeft restarts a worker. The report then adds the per-message costs read from the logs
+(``--no-faults`` kills nothing at all, to measure what a round costs without recovering from faults):
 
 - each thin ClientApp process (its own log line): seconds from its start to its reply, its CPU
   seconds (those before the message reached fedpeft's code are Flower's start and the imports), its
@@ -185,6 +186,8 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
                 done += 1
                 if args.workers:
                     worker_rss.append(round(_rss(psutil.Process(deployment.workers[0].pid), True) / 2**20, 1))
+                if args.no_faults:
+                    continue
                 if done == args.kill_server_after and server_killed_at is None:
                     for process in deployment.serverapps():
                         process.kill()
@@ -377,6 +380,11 @@ def main() -> None:
         type=int,
         default=8,
         help="SuperNodes asked their partition at a time (32 at once exhausted a 24 GiB machine)",
+    )
+    parser.add_argument(
+        "--no-faults",
+        action="store_true",
+        help="kill nothing (no SuperNode, worker or ServerApp): what the deployment costs a round by itself",
     )
     parser.add_argument("--workers", action="store_true", help="warm workers beside the SuperNodes, thin ClientApps")
     parser.add_argument(
