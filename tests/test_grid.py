@@ -68,7 +68,13 @@ def test_every_experiment_overlay_composes_with_a_method_config(overlay, capsys,
     if "settings/n64" in overlay or "datasets" in overlay:
         assert "per round (8 clients" in printed
     if "dp/" in overlay:
-        kind = {"local": "local DP-SGD", "central": "central DP-FedAvg", "ftrl": "central DP-FTRL"}[Path(overlay).stem]
+        kind = {
+            "local": "local DP-SGD",
+            "central": "central DP-FedAvg",
+            "adaptive": "adaptive clipping from S=0.1",
+            "ftrl": "central DP-FTRL",
+            "distributed": "distributed DP (discrete Gaussian shares",
+        }[Path(overlay).stem]
         assert kind in printed
         assert "epsilon 5.0" in printed and "delta 0.001" in printed
     if "compression/int8" in overlay:
