@@ -472,6 +472,13 @@ class AdaptiveClipping:
             )
         return float((z**-2 - (2 * count_noise) ** -2) ** -0.5)
 
+    def count_noise_for(self, expected_clients: float, noise_multiplier: float) -> float:
+        """The count's noise for ``expected_clients`` a round at noise multiplier ``z``: ``count_noise`` if given, else
+        :func:`default_count_noise`."""
+        if self.count_noise is not None:
+            return self.count_noise
+        return default_count_noise(expected_clients, noise_multiplier)
+
     def next_clip(self, clip: float, unclipped_share: float) -> float:
         return float(clip * math.exp(-self.learning_rate * (unclipped_share - self.target_quantile)))
 
@@ -604,10 +611,8 @@ class DPFedAvg(_ServerPrivacy):
     @property
     def _count_noise(self) -> float:
         assert self.adaptive is not None
-        if self.adaptive.count_noise is not None:
-            return self.adaptive.count_noise
         assert self.noise_multiplier is not None, "calibrated before the first round"
-        return default_count_noise(self._expected_clients, self.noise_multiplier)
+        return self.adaptive.count_noise_for(self._expected_clients, self.noise_multiplier)
 
     def aggregate_fit(self, server_round: int, global_state: State, updates: list[ClientUpdate]) -> State:
         total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in global_state.items()}
@@ -695,14 +700,13 @@ class DPFedAvg(_ServerPrivacy):
             f"{self.accountant} accountant (cross-check: {others})"
         )
         if self.adaptive is not None and not buffered:  # buffered: m is the buffer's size, known at setup
-            given = self.adaptive.count_noise
-            count = given if given is not None else default_count_noise(federation.clients_per_round, z)
+            count = self.adaptive.count_noise_for(federation.clients_per_round, z)
+            plan += f"; adaptive clipping's count noise {count:.4g}"
+            plan += " (given)" if self.adaptive.count_noise is not None else ""
             try:
-                update = f"the update's noise multiplier {self.adaptive.update_multiplier(z, count):.4f}"
+                plan += f" leaves the update's noise multiplier {self.adaptive.update_multiplier(z, count):.4f}"
             except ConfigError as err:
-                update = str(err)
-            plan += f"; adaptive clipping's count noise {count:.4g}" + (" (given)" if given is not None else "")
-            plan += f" leaves {update}" if update.startswith("the") else f": {update}"
+                plan += f": {err}"
         return plan
 
     def describe(self) -> str:
@@ -1170,10 +1174,10 @@ class DistributedDP(_ServerPrivacy):
 
     def configure_fit(self, server_round: int, global_state: State) -> tuple[State, dict[str, Any]]:
         state, config = super().configure_fit(server_round, global_state)
-        if self.noise_clients is None:  # before any draw (fedpeft comm sizing the message), the planned shares
+        if self.noise_clients is None:  # before setup (fedpeft comm sizing the message) one share stands in
             federation = self._federation
-            planned = self._shares(federation) if federation is not None else 1
-            config = {**config, NOISE_SHARES: self._cohorts.get(server_round, planned)}
+            shares = self.round_shares(server_round, federation) if federation is not None else 1
+            config = {**config, NOISE_SHARES: shares}
         return state, config
 
     def _rate(self, federation: Federation) -> float:

@@ -123,8 +123,8 @@ def communication_plan(
         num_clients = datamodule.known_num_clients
     else:
         num_clients = getattr(datamodule, "num_clients", None)
-    if num_clients is not None:
-        Federation(num_clients=num_clients, **settings)
+    # checked before anything is said: the settings must fit N where it is known
+    federation = Federation(num_clients=num_clients, **settings) if num_clients is not None else None
     notes = (
         ["clients are Poisson-sampled: m is the expected number per round"] if settings["sampling"] == "poisson" else []
     )
@@ -134,8 +134,7 @@ def communication_plan(
     notes.append(f"clients run on the {runner} runner ({why})")
     notes += [c.describe() for c in parts if hasattr(c, "describe")]
     plan = getattr(server.strategy, "privacy_plan", None)
-    if plan is not None and num_clients is not None:  # the epsilon the run will spend, before it trains
-        federation = Federation(num_clients=num_clients, **settings)
+    if plan is not None and federation is not None:  # the epsilon the run will spend, before it trains
         extra = {}
         if "dimension" in inspect.signature(plan).parameters:  # distributed DP sizes its rounding by it
             local_names = getattr(model, "local_names", ())
