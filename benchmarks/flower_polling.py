@@ -14,6 +14,10 @@ federation's processes (SuperLink, SuperNodes, SuperExecs, workers, apps) spent 
 the idle federation spends in ``--idle`` seconds (the SuperExecs' and SuperNodes' polling alone)::
 
     python benchmarks/flower_polling.py --nodes 3 --rounds 5
+
+``--idle-only`` reads only the idle federation's CPU, for each task poll (no app, no run)::
+
+    python benchmarks/flower_polling.py --nodes 32 --idle 60 --idle-only
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle federation to read the CPU of")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--idle-only", action="store_true", help="only the idle federation's CPU, each task poll (no workers, no run)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="flower-polling-"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -68,20 +75,25 @@ def main() -> None:
     fit += ["--trainer.num_rounds", str(args.rounds), "--trainer.clients_per_round", str(args.nodes)]
     fit += ["--trainer.local_epochs", "1", "--trainer.enable_progress_bar", "false"]
     fit += ["--model.backbone.weights_file", str(WEIGHTS), "--trainer.logger.init_args.save_dir", str(root / "runs")]
-    subprocess.run(
-        [sys.executable, "-m", "fedpeft_pl.cli", "flower-app", str(app), *fit], check=True, env=env, cwd=REPO
-    )
+    if not args.idle_only:
+        subprocess.run(
+            [sys.executable, "-m", "fedpeft_pl.cli", "flower-app", str(app), *fit], check=True, env=env, cwd=REPO
+        )
     results = []
     for task_poll in (None, 0.2):  # Flower's 1 s, LocalFederation's default
         federation = LocalFederation(
             root / f"federation-{task_poll}", args.nodes, name="polling", env={"PYTHONPATH": str(REPO)},
-            worker_config=app / "fedpeft.yaml", task_poll_interval=task_poll,
+            worker_config=None if args.idle_only else app / "fedpeft.yaml", task_poll_interval=task_poll,
         )  # fmt: skip
         with federation:
-            time.sleep(3)  # the SuperExecs start after the SuperNodes connect
+            time.sleep(3 + 0.5 * args.nodes)  # the SuperExecs start after the SuperNodes connect (each imports Flower)
             before, started = _cpu(federation), time.monotonic()
             time.sleep(args.idle)
             idle = (_cpu(federation) - before) / (time.monotonic() - started)
+            if args.idle_only:
+                results.append({"task_poll_s": task_poll if task_poll is not None else 1.0, "idle_cpu_s_per_s": idle})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             for pull in (3.0, 0.1):  # Flower's grid, fedpeft's PollingGrid default
                 before, started = _cpu(federation), time.monotonic()
                 done = federation.run(app, "--run-config", f"pull-interval={pull}", timeout=900)
@@ -103,6 +115,10 @@ def main() -> None:
                 }
                 results.append(result)
                 print(json.dumps(result), flush=True)
+    if args.idle_only:
+        if args.output:
+            args.output.write_text(json.dumps({"nodes": args.nodes, "idle_s": args.idle, "runs": results}, indent=2))
+        return
     print(
         "\n| SuperExec task poll | ServerApp pull interval | median round s | flwr run wall s | CPU s | idle CPU s/s |"
     )

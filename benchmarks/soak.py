@@ -37,6 +37,16 @@ Flower or fedpeft restarts a worker. The report then adds the per-message costs 
 - peak RSS of worker 0 and of all workers together, worker 0's RSS as each round ends, and the
   machine's load average (sampled every 0.5 s; the machine may be shared).
 
+Every run also reports the deployment's CPU seconds by process kind (``cpu_seconds_deployed_by_kind``:
+SuperLink, SuperNodes, their SuperExecs, ServerApp, workers, and what each SuperExec reaped of its finished
+ClientApps or ServerApp), read as the last round ends; a killed process takes its CPU with it, so the split
+is complete only with ``--no-faults``. ``--task-poll-interval`` sets the SuperExecs' task poll
+(``LocalFederation``'s ``task_poll_interval``, 0.2 s by default; Flower's own is 1 s, the better choice for
+32 SuperNodes on one machine: benchmarks/README.md, "Flower's task poll on 32 SuperNodes")::
+
+    python benchmarks/soak.py --nodes 32 --rounds 20 --clients-per-round 8 --workers --nodes-per-worker 4 \
+        --no-faults --task-poll-interval 1
+
 Not part of the test suite (``tests/test_flower.py`` has the short fault test). The full soak::
 
     python benchmarks/soak.py --nodes 32 --rounds 20 --clients-per-round 8 --kill-server-after 10
@@ -73,7 +83,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft_pl.deploy.local import LocalFederation, rounds_ended  # noqa: E402
+from fedpeft_pl.deploy.local import TASK_POLL_INTERVAL, LocalFederation, rounds_ended  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WEIGHTS = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
@@ -93,6 +103,13 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
+def _status(process: psutil.Process) -> str:
+    try:
+        return process.status()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def _rss(process: psutil.Process, with_children: bool = False) -> int:
     try:
         total = process.memory_info().rss
@@ -105,6 +122,58 @@ def _rss(process: psutil.Process, with_children: bool = False) -> int:
         return total
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+KINDS = (  # what a deployment's processes are, by their command line
+    ("flwr-clientapp", "clientapp"),
+    ("flwr-serverapp", "serverapp"),
+    ("flower-superexec", "superexec"),
+    ("flower-supernode", "supernode"),
+    ("flower-superlink", "superlink"),
+    ("worker", "worker"),
+)
+
+
+def cpu_by_kind(deployment: LocalFederation) -> dict[str, float]:
+    """CPU seconds (user + system) of the deployment's live processes by kind, each with the children it
+    has reaped (a SuperExec's include its finished ClientApp or ServerApp processes: reported apart as
+    ``reaped_by_<kind>``). A process killed during the run takes its CPU with it, so this is complete
+    only without faults (``--no-faults``)."""
+    roots = [deployment.superlink, *deployment.nodes.values(), *deployment.workers.values()]
+    seen: dict[int, psutil.Process] = {}
+    for root in roots:
+        if root is None:
+            continue
+        try:
+            tree = psutil.Process(root.pid)
+            for process in [tree, *tree.children(recursive=True)]:
+                seen[process.pid] = process
+        except psutil.NoSuchProcess:
+            continue
+    totals: dict[str, float] = {}
+    for process in seen.values():
+        line = " ".join(_cmdline(process))
+        kind = next((k for marker, k in KINDS if marker in line), None)
+        if kind is None and _status(process) == psutil.STATUS_ZOMBIE:
+            kind = "exited_not_yet_reaped"  # a ClientApp that has replied, its SuperExec not yet waited on it
+        if kind is None:
+            words = [Path(w).name for w in _cmdline(process)[:3] if not w.startswith("-")]
+            kind = "other (" + " ".join(words) + ")"
+        elif kind == "superexec":  # the SuperLink's starts the ServerApp, a SuperNode's its ClientApps
+            try:
+                parent = " ".join(_cmdline(process.parent())) if process.parent() else ""
+            except psutil.NoSuchProcess:
+                parent = ""
+            kind = "superexec_of_superlink" if "flower-superlink" in parent else "superexec_of_supernode"
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        totals[kind] = totals.get(kind, 0.0) + times.user + times.system
+        reaped = times.children_user + times.children_system
+        if reaped:
+            totals[f"reaped_by_{kind}"] = totals.get(f"reaped_by_{kind}", 0.0) + reaped
+    return {k: round(v, 1) for k, v in sorted(totals.items())}
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -152,6 +221,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
         name="soak",
         worker_config=app / "fedpeft.yaml" if args.workers else None,
         nodes_per_worker=args.nodes_per_worker,
+        task_poll_interval=args.task_poll_interval,
     )
     peaks = {"superlink": 0, "supernode": 0, "supernode_with_clientapps": 0}
     if args.workers:
@@ -209,6 +279,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
                     print(f"round {done} ended: worker {victim} killed and restarted", flush=True)
             time.sleep(0.5)
         wall = time.monotonic() - started
+        cpu = cpu_by_kind(deployment)
         # the last round's ServerApp finishes its logs after the checkpoint
         end = time.monotonic() + 60
         while deployment.serverapps() and time.monotonic() < end:
@@ -278,6 +349,7 @@ def soak(args: argparse.Namespace, root: Path) -> dict:
             / statistics.median(v for _, v in simulated["round/seconds"]),
             1,
         ),
+        "cpu_seconds_deployed_by_kind": cpu,
         "load_average_1min": {
             "min": min(loads),
             "median": statistics.median(loads),
@@ -389,6 +461,13 @@ def main() -> None:
     parser.add_argument("--workers", action="store_true", help="warm workers beside the SuperNodes, thin ClientApps")
     parser.add_argument(
         "--nodes-per-worker", type=int, default=1, help="SuperNodes sharing one worker (a worker holds about 1 GB)"
+    )
+    parser.add_argument(
+        "--task-poll-interval",
+        type=float,
+        default=TASK_POLL_INTERVAL,
+        help="seconds between the SuperExecs' asks for a task (LocalFederation's task_poll_interval; "
+        "Flower's own default is 1)",
     )
     parser.add_argument("--timeout", type=float, default=7200, help="give up after this many seconds")
     parser.add_argument("--output", type=Path, help="also write the report here (JSON)")
