@@ -15,9 +15,12 @@ state; the table gives medians.
     python benchmarks/startup.py --measure help comm fit --checkout ../before --checkout .
     python benchmarks/startup.py --config benchmarks/configs/vit_b16.yaml --fit-args --trainer.accelerator cpu
     python benchmarks/startup.py --measure comm fit --python .venv/bin/python --python ../plain/bin/python
+    python benchmarks/startup.py --paired --checkout ../before --python ../old/bin/python \
+        --checkout . --python ../new/bin/python
 
 With several ``--python`` (environments: e.g. one with every extra installed, one with ``pip install -e .``
-alone) each checkout is measured in each environment, interleaved too.
+alone) each checkout is measured in each environment, interleaved too; with ``--paired`` the i-th checkout only in the
+i-th environment (the code before in the install it had, against the code now in today's).
 """
 
 from __future__ import annotations
@@ -104,13 +107,19 @@ def main() -> None:
     parser.add_argument(
         "--measure", nargs="+", choices=list(MEASURES), default=["import", "fit"], help="what to time, in this order"
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="the i-th checkout in the i-th environment only (e.g. the code before in the install it had, and the "
+        "code now in today's install), not every checkout in every environment",
+    )
     args = parser.parse_args()
     pythons = args.python or [sys.executable]
-    checkouts = [
-        (c.resolve(), python, c.resolve().name + (f" ({python})" if len(pythons) > 1 else ""))
-        for c in (args.checkout or [REPO])
-        for python in pythons
-    ]
+    chosen = [c.resolve() for c in (args.checkout or [REPO])]
+    if args.paired and len(chosen) != len(pythons):
+        parser.error(f"--paired needs as many --python as --checkout, got {len(pythons)} and {len(chosen)}")
+    pairs = list(zip(chosen, pythons)) if args.paired else [(c, python) for c in chosen for python in pythons]
+    checkouts = [(c, python, c.name + (f" ({python})" if len(pythons) > 1 else "")) for c, python in pairs]
     configs = args.config or ["configs/quickstart.yaml"]
     config_args = [a for config in configs for a in ("--config", str((REPO / config).resolve()))]
     results: dict[tuple[Path, str], list[tuple[float, float]]] = {}

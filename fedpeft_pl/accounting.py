@@ -27,6 +27,7 @@ The libraries are imported where accounting runs, not with this module: a plain 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Sequence
@@ -47,6 +48,30 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
+
+# the libraries that differential privacy runs on (opacus, dp-accounting, SciPy): the `dp` extra, not the default
+# install, since torchmetrics (which Lightning imports) imports scipy.signal whenever SciPy is installed, about 0.6 s
+# of CPU at the start of every command (benchmarks/README.md, "Start-up")
+DP_LIBRARIES = {"opacus": "opacus", "dp_accounting": "dp-accounting", "scipy": "scipy"}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules: deliberately not importable
+        return False
+
+
+def require_dp_libraries(what: str) -> None:
+    """Stop, in one line naming the extra, where ``what`` (a privacy mechanism) lacks the libraries it runs on."""
+    missing = [name for module, name in DP_LIBRARIES.items() if not _installed(module)]
+    if missing:
+        names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        raise ConfigError(
+            f"{what} needs {names}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+            "install differential privacy's libraries with: pip install 'fedpeft-pl[dp]'"
+        )
+
 
 History = Sequence[tuple[float, float, int]]
 

@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 from typing_extensions import override
 
-from fedpeft_pl.accounting import ACCOUNTANTS, restart_trees, tree_cross_check, tree_epsilon, tree_noise_multiplier
+from fedpeft_pl.accounting import (
+    ACCOUNTANTS,
+    require_dp_libraries,
+    restart_trees,
+    tree_cross_check,
+    tree_epsilon,
+    tree_noise_multiplier,
+)
 from fedpeft_pl.accounting import epsilon as _accounted
 from fedpeft_pl.accounting import noise_multiplier as _calibrated
 from fedpeft_pl.capabilities import PrivacyMechanism
@@ -174,6 +181,7 @@ class LocalDP(FederatedCallback, PrivacyMechanism):
         reproducible_noise: bool = False,
         release_client_statistics: bool = False,
     ) -> None:
+        require_dp_libraries("LocalDP")
         check_privacy_arguments(epsilon, delta, max_grad_norm, accountant, "max_grad_norm")
         if epsilon is None and noise_multiplier is None:
             raise ConfigError("LocalDP needs a target epsilon or a noise_multiplier")
@@ -509,6 +517,7 @@ class _ServerPrivacy(Strategy, PrivacyMechanism):
         # Every round releases a noisy aggregate, also one in which no client was sampled or
         # returned: skipping such a round would reveal that it had no contributions.
         self.min_clients = 0
+        require_dp_libraries(type(self).__name__)
         check_privacy_arguments(epsilon, delta, clip_norm, accountant, "clip_norm")
         if epsilon is None and noise_multiplier is None:
             raise ConfigError(f"{type(self).__name__} needs a target epsilon or a noise_multiplier")

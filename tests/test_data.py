@@ -1,3 +1,6 @@
+import math
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,48 @@ def test_without_a_logger_no_histogram_file_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_trainer(tmp_path).fit(tiny_module(Head()), datamodule=tiny_datamodule())
     assert not list(tmp_path.rglob("client_label_histogram.csv"))
+
+
+def test_the_shipped_digits_are_scikit_learns_and_their_split_is_scikit_learns_index_for_index():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fedpeft_pl.data.datasets import DIGITS_FILE, _stratified_split
+
+    digits = load_digits()
+    with np.load(DIGITS_FILE) as shipped:
+        assert np.array_equal(shipped["images"].astype(np.float64), digits.images)
+        assert np.array_equal(shipped["targets"], digits.target)
+    rng = np.random.default_rng(0)
+    cases = [(digits.target, fraction, seed) for fraction in (0.1, 0.2, 0.33, 0.5, 0.75) for seed in (0, 1, 7)]
+    for _ in range(20):  # unbalanced classes of other sizes, where the largest-remainder ties decide
+        k = int(rng.integers(2, 9))
+        labels = np.concatenate([rng.integers(0, k, int(rng.integers(3 * k, 120))), np.repeat(np.arange(k), 2)])
+        cases.append((labels, float(rng.uniform(0.1, 0.6)), int(rng.integers(0, 2**31))))
+    compared = 0
+    for targets, fraction, seed in cases:
+        if min(math.ceil(fraction * len(targets)), len(targets) - math.ceil(fraction * len(targets))) < len(
+            np.unique(targets)
+        ):
+            continue  # scikit-learn refuses those too (below)
+        train, test = _stratified_split(targets, fraction, seed)
+        theirs = train_test_split(np.arange(len(targets)), test_size=fraction, stratify=targets, random_state=seed)
+        assert np.array_equal(train, np.sort(theirs[0])) and np.array_equal(test, np.sort(theirs[1]))
+        compared += 1
+    assert compared >= 30
+
+
+@pytest.mark.parametrize(
+    "targets, fraction, says",
+    [
+        (np.array([0, 0, 1, 1, 2]), 0.4, "at least 2 samples of each class"),
+        (np.array([0, 0, 1, 1, 2, 2, 3, 3]), 0.2, "each split needs at least one sample a class"),
+        (np.array([0, 0, 1, 1]), 1.0, "test_fraction must be in (0, 1)"),
+    ],
+)
+def test_a_stratified_split_that_cannot_be_made_is_refused_in_one_line(targets, fraction, says):
+    from fedpeft_pl.data.datasets import _stratified_split
+
+    with pytest.raises(ConfigError, match=re.escape(says)) as caught:
+        _stratified_split(targets, fraction, 0)
+    assert "\n" not in str(caught.value)

@@ -283,3 +283,51 @@ def test_a_private_run_logs_no_per_client_statistics_unless_asked(tmp_path, capl
     assert {"train/loss", "clients/acc_mean"} <= _logged(tmp_path / "flag")
     assert list((tmp_path / "flag").rglob("client_label_histogram.csv"))
     assert any(r.levelname == "WARNING" and "un-noised per-client statistics" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("overlay", ["central", "local", "ftrl", "distributed", "adaptive"])
+@pytest.mark.parametrize("hidden", ["opacus", "dp_accounting", "scipy"])
+def test_without_the_dp_extra_a_private_config_is_a_one_line_error_naming_it(overlay, hidden, monkeypatch, capsys):
+    """opacus, dp-accounting and SciPy are the ``dp`` extra: a DP config without one of them says how to install it,
+    before anything is built or trained."""
+    import sys
+    from pathlib import Path
+
+    from fedpeft_pl.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if not installed
+    config = ["--config", "configs/quickstart.yaml", "--config", f"configs/experiments/dp/{overlay}.yaml"]
+    with pytest.raises(SystemExit) as exited:
+        main(["comm", *config])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    name = {"dp_accounting": "dp-accounting"}.get(hidden, hidden)
+    assert len(err.splitlines()) == 1 and "pip install 'fedpeft-pl[dp]'" in err and name in err, err
+
+
+def test_the_default_install_pulls_in_no_scipy():
+    """torchmetrics imports scipy.signal at every start where SciPy is installed: no default dependency may bring it
+    (read from the installed distributions' metadata, the extras' requirements left out)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    closure, todo = set(), ["fedpeft-pl"]
+    while todo:
+        name = todo.pop()
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in needs:
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            dependency = canonicalize_name(requirement.name)
+            if dependency not in closure:
+                closure.add(dependency)
+                todo.append(dependency)
+    assert {"torch", "lightning", "timm", "torchmetrics"} <= closure, closure
+    assert not closure & {"scipy", "scikit-learn", "opacus", "dp-accounting", "transformers"}, closure

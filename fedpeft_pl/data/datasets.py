@@ -6,11 +6,13 @@ labels (for partitioning) and the number of classes. Downloads happen in :meth:`
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -20,6 +22,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 from fedpeft_pl.component import ShownByArguments
 from fedpeft_pl.errors import ConfigError
+
+DIGITS_FILE = Path(__file__).resolve().parents[1] / "assets" / "digits.npz"
 
 Transform = Callable[[Any], torch.Tensor]
 
@@ -155,13 +159,61 @@ class ImageDataset(ShownByArguments, ABC):
 
 
 def _stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    """Sorted train and test indices, stratified by ``targets``, the share ``test_fraction`` held out.
 
+    The same split, index for index, as scikit-learn's ``train_test_split(indices, test_size=test_fraction,
+    stratify=targets, random_state=seed)`` (its ``StratifiedShuffleSplit``; tests/test_data.py holds the two
+    equal over seeds, fractions and class balances). Written here so that the default install needs no
+    scikit-learn: it requires SciPy, and torchmetrics (which Lightning imports) imports ``scipy.signal``
+    whenever SciPy is installed, about 0.6 s of CPU at every start (benchmarks/README.md, "Start-up").
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    indices = np.arange(len(targets))
-    train, test = train_test_split(indices, test_size=test_fraction, stratify=targets, random_state=seed)
-    return np.sort(train), np.sort(test)
+    n = len(targets)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_indices, class_counts = np.unique(targets, return_inverse=True, return_counts=True)
+    if class_counts.min() < 2:
+        raise ConfigError(
+            f"a stratified split needs at least 2 samples of each class; classes {classes[class_counts < 2].tolist()} "
+            "have 1: lower test_fraction's demands or merge those classes"
+        )
+    if n_train < len(classes) or n_test < len(classes):
+        raise ConfigError(
+            f"test_fraction {test_fraction} leaves {n_train} training and {n_test} test samples for {len(classes)} "
+            "classes: each split needs at least one sample a class; choose a test_fraction nearer 0.5"
+        )
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        members = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
+    # scikit-learn shuffles both lists once more, which draws from the same stream; the order is sorted away,
+    # the draws are kept so that nothing after them would differ either
+    return np.sort(rng.permutation(train)), np.sort(rng.permutation(test))
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Samples a class of ``n_draws`` stratified draws, as scikit-learn's ``utils.extmath._approximate_mode``: each
+    class's share floored, the rest given by largest remainder, ties broken by ``rng``."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add_now = min(len(tied), need_to_add)
+            floored[rng.choice(tied, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _in_memory(images: torch.Tensor, targets: np.ndarray, transform: Transform) -> TensorDataset:
@@ -180,12 +232,12 @@ class Digits(ImageDataset):
         self.test_fraction = test_fraction
 
     def load(self, transform: Transform, seed: int) -> Splits:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        # scikit-learn's load_digits(), saved as it gives them (scripts/make_digits_asset.py): the default
+        # install needs no scikit-learn (see _stratified_split)
+        with np.load(DIGITS_FILE) as digits:
+            grey, targets = digits["images"].astype(np.float64), digits["targets"].astype(np.int64)
         # 17 grey levels (0..16) as uint8, like every other source
-        images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
-        targets = digits.target.astype(np.int64)
+        images = torch.from_numpy(grey * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
         train, test = _stratified_split(targets, self.test_fraction, seed)
         return Splits(
             train=_in_memory(images[train], targets[train], transform),
