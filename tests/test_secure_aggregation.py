@@ -1,7 +1,7 @@
 """Secure aggregation settings and refusals (fast; the deployment itself is tested in test_flower.py)."""
 
 import pytest
-from test_cli import QUICKSTART, fedpeft
+from test_cli import QUICKSTART
 
 from fedpeft_pl.deploy.secure_aggregation import (
     SecureAggregation,
@@ -118,12 +118,14 @@ def test_wrong_settings_are_one_clear_error(argv, message):
     ],
     ids=["median", "int8", "shares"],
 )
-def test_flower_app_refuses_with_one_line_and_exit_2(tmp_path, extra, message):
-    result = fedpeft(
-        "flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--secure-aggregation", *extra, cwd=tmp_path
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
+def test_flower_app_refuses_with_one_line_and_exit_2(tmp_path, extra, message, monkeypatch, capsys):
+    from fedpeft_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)  # in this process (tests/test_cli.py runs the console script's exit status)
+    with pytest.raises(SystemExit) as exited:
+        main(["flower-app", str(tmp_path / "app"), "--config", QUICKSTART, "--secure-aggregation", *extra])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fedpeft: error: secure aggregation") and message in last, last
     assert not (tmp_path / "app").exists()
 
