@@ -37,7 +37,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workloads import scalars  # noqa: E402
+from workloads import live_processes, scalars  # noqa: E402
 
 from fedpeft_pl.deploy.local import LocalFederation  # noqa: E402
 
@@ -47,14 +47,12 @@ WEIGHTS = REPO / "fedpeft_pl" / "assets" / "vit_pico_mnist.safetensors"
 def _cpu(federation: LocalFederation) -> float:
     """User + system CPU seconds of every process the federation started and their descendants, alive now."""
     total = 0.0
-    for started in federation.processes:
+    for process in live_processes(started.pid for started in federation.processes):
         try:
-            root = psutil.Process(started.pid)
-            for process in [root, *root.children(recursive=True)]:
-                times = process.cpu_times()
-                total += times.user + times.system + times.children_user + times.children_system
+            times = process.cpu_times()
         except psutil.NoSuchProcess:
             continue
+        total += times.user + times.system + times.children_user + times.children_system
     return total
 
 

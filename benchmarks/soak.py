@@ -83,6 +83,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from workloads import live_processes  # noqa: E402
+
 from fedpeft_pl.deploy.local import TASK_POLL_INTERVAL, LocalFederation, rounds_ended  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -140,18 +142,8 @@ def cpu_by_kind(deployment: LocalFederation) -> dict[str, float]:
     ``reaped_by_<kind>``). A process killed during the run takes its CPU with it, so this is complete
     only without faults (``--no-faults``)."""
     roots = [deployment.superlink, *deployment.nodes.values(), *deployment.workers.values()]
-    seen: dict[int, psutil.Process] = {}
-    for root in roots:
-        if root is None:
-            continue
-        try:
-            tree = psutil.Process(root.pid)
-            for process in [tree, *tree.children(recursive=True)]:
-                seen[process.pid] = process
-        except psutil.NoSuchProcess:
-            continue
     totals: dict[str, float] = {}
-    for process in seen.values():
+    for process in live_processes(root.pid for root in roots if root is not None):
         line = " ".join(_cmdline(process))
         kind = next((k for marker, k in KINDS if marker in line), None)
         if kind is None and _status(process) == psutil.STATUS_ZOMBIE:

@@ -5,13 +5,14 @@ One definition, so every benchmark measures the same architecture and method set
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from fedpeft_pl import Backbone
 from fedpeft_pl.peft import METHOD_NAMES, Adapter, Bias, Full, Head, LoRA, PEFTMethod, Prompt
 
-__all__ = ["METHOD_NAMES", "peft_method", "quickstart_backbone", "quickstart_fit", "scalars"]
+__all__ = ["METHOD_NAMES", "live_processes", "peft_method", "quickstart_backbone", "quickstart_fit", "scalars"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +52,19 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def live_processes(pids: Iterable[int]) -> list[Any]:
+    """The live processes (``psutil.Process``) of the trees rooted at ``pids``, each once: what a deployment's
+    started processes (a SuperLink, SuperNodes, workers) and their descendants are now."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                found[process.pid] = process
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
